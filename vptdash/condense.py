@@ -50,9 +50,7 @@ only read.
 
 from __future__ import annotations
 
-import os
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -330,14 +328,10 @@ def execute_condense(store, run_id: int, *, echo: Callable[[dict], None] | None 
     Scores the parent's prompts, keeps the global top k, writes the final configuration into the
     row, fine-tunes the kept prompts and stores the artifact. Never raises for a failing job: the
     run is marked failed with the error, and the row returned. The parent is only read."""
-    from .jobs import USER_ERRORS, _ProgressWriter
+    from .jobs import _ProgressWriter, claim_job, fail_job
     from .train import build_model, run_training
 
-    row = store.get_run(run_id)
-    if row is None:
-        raise KeyError(f"no run {run_id}")
-    if row["status"] == "queued":
-        store.mark_running(run_id, pid=os.getpid())
+    row = claim_job(store, run_id)
     emit = _ProgressWriter(store, run_id, echo)
     cancelled = lambda: store.is_cancel_requested(run_id)  # noqa: E731
     spec = row["config"]
@@ -387,12 +381,8 @@ def execute_condense(store, run_id: int, *, echo: Callable[[dict], None] | None 
             info["accuracy_pruned"] = before["accuracy"]
             info["balanced_accuracy_pruned"] = before["balanced_accuracy"]
         result = run_training(config, on_event=emit, should_cancel=cancelled, initial_state=state)
-    except USER_ERRORS as exc:
-        store.finish_run(run_id, "failed", error=str(exc))
-        return store.get_run(run_id)
-    except Exception as exc:  # a bug or an environment problem: keep the traceback for the history
-        store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
-        return store.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - stored with the run, never kills the worker
+        return fail_job(store, run_id, exc)
     if result.trainable_state:
         names = result.class_names or class_names
         store.save_artifact(run_id, result.trainable_state, metadata={"class_names": ",".join(names)})

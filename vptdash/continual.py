@@ -46,7 +46,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import traceback
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -707,28 +706,17 @@ def submit_continual(store: RunStore, config: ContinualConfig, *, source: str = 
 
 def execute_continual(store: RunStore, run_id: int, *, echo: Callable[[dict], None] | None = None) -> dict:
     """Run a stored continual job to its end; never raises for a failing run (stored as failed)."""
-    from .jobs import USER_ERRORS, _ProgressWriter
+    from .jobs import _ProgressWriter, claim_job, fail_job
 
-    row = store.get_run(run_id)
-    if row is None:
-        raise KeyError(f"no run {run_id}")
-    if row["status"] == "queued":
-        store.mark_running(run_id, pid=os.getpid())
+    row = claim_job(store, run_id)
     try:
         config = ContinualConfig.from_dict(row["config"])
         result = run_continual(config, on_event=_ProgressWriter(store, run_id, echo),
                                should_cancel=lambda: store.is_cancel_requested(run_id))
-    except USER_ERRORS as exc:
-        error = str(exc)
-    except Exception as exc:  # a bug or an environment problem: keep the traceback for the history
-        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
-    else:
-        error = None
+    except Exception as exc:  # noqa: BLE001 - stored with the run, never kills the worker
+        return fail_job(store, run_id, exc)
     if store.get_run(run_id) is None:  # deleted while it ran (another tab): nothing left to store into
         return {"id": run_id, "status": "deleted"}
-    if error is not None:
-        store.finish_run(run_id, "failed", error=error)
-        return store.get_run(run_id)
     if result.trainable_state:
         store.save_artifact(run_id, result.trainable_state, metadata={"class_names": ",".join(result.class_names)})
     store.finish_run(run_id, result.status, metrics=result.metrics, timings=result.timings)

@@ -53,6 +53,32 @@ class _ProgressWriter:
         self.store.append_progress(self.run_id, event)
 
 
+def claim_job(store: RunStore, run_id: int) -> dict:
+    """The stored row of a job about to run in this process, marked running if it was still queued."""
+    row = store.get_run(run_id)
+    if row is None:
+        raise KeyError(f"no run {run_id}")
+    if row["status"] == "queued":
+        store.mark_running(run_id, pid=os.getpid())
+    return row
+
+
+def job_error(exc: BaseException) -> str:
+    """What a failed job stores: a user error's own message (it says what to change); anything else
+    (a bug, the environment) with its traceback, kept for the history. Call it inside `except`."""
+    if isinstance(exc, USER_ERRORS):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+
+
+def fail_job(store: RunStore, run_id: int, exc: BaseException) -> dict:
+    """Store a job as failed with `job_error(exc)`; a job deleted meanwhile (another tab) stays deleted."""
+    if store.get_run(run_id) is None:
+        return {"id": run_id, "status": "deleted"}
+    store.finish_run(run_id, "failed", error=job_error(exc))
+    return store.get_run(run_id)
+
+
 def execute_run(store: RunStore, run_id: int, *, echo: Callable[[dict], None] | None = None) -> dict:
     """Run a stored (queued or claimed) job to its end and store everything it produced.
 
@@ -72,8 +98,7 @@ def execute_run(store: RunStore, run_id: int, *, echo: Callable[[dict], None] | 
         from .continual import execute_continual
 
         return execute_continual(store, run_id, echo=echo)
-    if row["status"] == "queued":
-        store.mark_running(run_id, pid=os.getpid())
+    claim_job(store, run_id)
     config = RunConfig.from_dict(row["config"])
     try:
         result = run_training(
@@ -81,12 +106,8 @@ def execute_run(store: RunStore, run_id: int, *, echo: Callable[[dict], None] | 
             on_event=_ProgressWriter(store, run_id, echo),
             should_cancel=lambda: store.is_cancel_requested(run_id),
         )
-    except USER_ERRORS as exc:
-        store.finish_run(run_id, "failed", error=str(exc))
-        return store.get_run(run_id)
-    except Exception as exc:  # a bug or an environment problem: keep the traceback for the history
-        store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
-        return store.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - every failure is stored with the run, none kills the worker
+        return fail_job(store, run_id, exc)
     if store.get_run(run_id) is None:  # deleted while it ran (another tab): nothing left to store into
         return {"id": run_id, "status": "deleted"}
     if result.trainable_state:

@@ -37,9 +37,7 @@ trained model and must not appear on the accuracy-vs-cost charts.
 from __future__ import annotations
 
 import math
-import os
 import time
-import traceback
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -435,13 +433,9 @@ def submit_skip_search(store, config: RunConfig, k: int, method: str = "greedy",
 def execute_skip_search(store, run_id: int, *, echo: Callable[[dict], None] | None = None) -> dict:
     """Run a stored search to its end (the worker's path, via `jobs.execute_run`). Never raises for a
     failing search: the row is marked failed with the error, and returned."""
-    from .jobs import USER_ERRORS, _ProgressWriter
+    from .jobs import _ProgressWriter, claim_job, fail_job
 
-    row = store.get_run(run_id)
-    if row is None:
-        raise KeyError(f"no run {run_id}")
-    if row["status"] == "queued":
-        store.mark_running(run_id, pid=os.getpid())
+    row = claim_job(store, run_id)
     emit = _ProgressWriter(store, run_id, echo)
     last = [0.0]
 
@@ -457,12 +451,8 @@ def execute_skip_search(store, run_id: int, *, echo: Callable[[dict], None] | No
         result = search(RunConfig.from_dict(row["config"]), int(spec["k"] or 0), spec["method"] or "greedy",
                         candidates=spec["candidates"], steps=int(spec["steps"] or DEFAULT_STEPS), on_event=thinned,
                         should_cancel=lambda: store.is_cancel_requested(run_id))
-    except USER_ERRORS as exc:
-        store.finish_run(run_id, "failed", error=str(exc))
-        return store.get_run(run_id)
-    except Exception as exc:  # a bug or an environment problem: keep the traceback for the history
-        store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
-        return store.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - stored with the run, never kills the worker
+        return fail_job(store, run_id, exc)
     store.append_progress(run_id, {"phase": "result", "skip_search": result.to_dict()})
     status = "cancelled" if result.stopped == "cancelled" else "done"
     store.finish_run(run_id, status, timings={"search_seconds": result.seconds, "evaluations": result.evaluations,
