@@ -69,17 +69,7 @@ def results() -> None:
         event = st.dataframe(
             shown, key="budget_table", on_select="rerun", selection_mode="multi-row", hide_index=True,
             width="stretch", height=700,
-            column_config={
-                "id": st.column_config.NumberColumn("Run", format="%d", width="small"),
-                "label": "Configuration", "family": "Family",
-                "seed": st.column_config.NumberColumn("Seed", format="%d", width="small"),
-                "accuracy": st.column_config.NumberColumn("Accuracy", format="percent"),
-                "balanced_accuracy": st.column_config.NumberColumn("Balanced", format="percent"),
-                "gmacs": st.column_config.NumberColumn("GMACs", format="%.3f"),
-                "latency_ms_b1": st.column_config.NumberColumn("ms / image", format="%.2f"),
-                "params_trainable": st.column_config.NumberColumn("Trainable", format="compact"),
-                "source": "Source",
-            })
+            column_config=ui.run_table_columns())
         selected = [int(shown.iloc[i]["id"]) for i in (event.selection.rows if event else [])
                     if i < len(shown)]
     with chart_col:
@@ -188,12 +178,8 @@ with st.expander("Plan a sweep: estimated cost before anything runs", expanded=n
     n_runs = len(configs)
     if st.button(f"Queue {n_runs} run{'s' if n_runs != 1 else ''}", type="primary", key="budget_queue",
                  disabled=not configs, icon=":material/playlist_add:"):
-        try:
-            sweep_id, run_ids = jobs.submit_sweep(store, configs)
-        except ConfigError as exc:
-            st.error(f"Not queued: {exc}")
-        else:
-            ui.start_worker(store)
+        sweep_id = ui.queue_sweep(store, configs, "Not queued")
+        if sweep_id:
             st.session_state["last_sweep_id"] = sweep_id
             st.rerun()
 

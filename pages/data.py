@@ -23,6 +23,21 @@ def use_dataset(spec: str, cell_type: str | None = None) -> None:
         st.session_state.pop(key, None)
 
 
+def save_and_use(save) -> None:
+    """Save an upload (checking every image) and make it the active data set; a bad upload is
+    explained in the page and nothing is kept."""
+    try:
+        with st.spinner("Checking every image..."):
+            info = save()
+    except data.DatasetError as exc:
+        st.error(f"That upload cannot be used: {exc}")
+        return
+    use_dataset(uploads.upload_spec(info.slug))
+    st.session_state["data_saved_pick"] = info.slug
+    st.session_state["data_upload_message"] = (info.name, info.n_images, len(info.skipped))
+    st.rerun()
+
+
 def upload_title(info: uploads.UploadInfo) -> str:
     classes = ", ".join(f"{name} ({count})" for name, count in info.classes.items())
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created_at))
@@ -116,16 +131,7 @@ else:
             zip_name = st.text_input("Name", key="data_zip_name", placeholder="defaults to the file name")
             if st.button("Save and use", key="data_zip_save", type="primary", disabled=zip_file is None):
                 name = zip_name.strip() or Path(zip_file.name).stem
-                try:
-                    with st.spinner("Checking every image..."):
-                        info = uploads.save_zip_upload(name, zip_file.getvalue())
-                except data.DatasetError as exc:
-                    st.error(f"That upload cannot be used: {exc}")
-                else:
-                    use_dataset(uploads.upload_spec(info.slug))
-                    st.session_state["data_saved_pick"] = info.slug
-                    st.session_state["data_upload_message"] = (info.name, info.n_images, len(info.skipped))
-                    st.rerun()
+                save_and_use(lambda: uploads.save_zip_upload(name, zip_file.getvalue()))
         with files_tab:
             st.caption("Drop the images of each class under its name; two classes at least.")
             n_groups = st.number_input("Number of classes", min_value=2, max_value=12, value=2, step=1,
@@ -147,16 +153,7 @@ else:
                     st.error(f"Give class {', '.join(map(str, missing))} a name.")
                 else:
                     triples = [(f.name, f.getvalue(), name) for name, files in groups for f in files]
-                    try:
-                        with st.spinner("Checking every image..."):
-                            info = uploads.save_files_upload(files_name.strip() or "my images", triples)
-                    except data.DatasetError as exc:
-                        st.error(f"That upload cannot be used: {exc}")
-                    else:
-                        use_dataset(uploads.upload_spec(info.slug))
-                        st.session_state["data_saved_pick"] = info.slug
-                        st.session_state["data_upload_message"] = (info.name, info.n_images, len(info.skipped))
-                        st.rerun()
+                    save_and_use(lambda: uploads.save_files_upload(files_name.strip() or "my images", triples))
 
 message = st.session_state.pop("data_upload_message", None)
 if message:

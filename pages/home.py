@@ -4,8 +4,7 @@ import json
 
 import streamlit as st
 
-from vptdash import backbones, jobs, ui
-from vptdash.train import ConfigError
+from vptdash import backbones, ui
 
 store = ui.get_store()
 setup = ui.active_setup()
@@ -55,25 +54,23 @@ with right:
     demo_keys = {json.dumps(config.to_dict(), sort_keys=True) for config in demo}
     pending = [run for run in store.list_runs(status=["queued", "running"])
                if json.dumps(run["config"], sort_keys=True) in demo_keys]
+
+    def watch_demo() -> None:  # the Budget explorer, set to the demo's data, where its points appear
+        ui.set_active(dataset=first.dataset, cell_type=first.cell_type, backbone=first.backbone,
+                      resolution=first.resolution, shots=first.shots)
+        st.switch_page("pages/budget.py")
+
     if pending:  # a second click in a meeting must not queue the demo twice
         st.info(f"The demo is under way: {len(pending)} of its runs still to finish.", icon=":material/schedule:")
         if st.button("Watch it on the Budget explorer", type="primary", icon=":material/insights:",
                      key="demo_watch", width="stretch"):
-            ui.set_active(dataset=first.dataset, cell_type=first.cell_type, backbone=first.backbone,
-                          resolution=first.resolution, shots=first.shots)
-            st.switch_page("pages/budget.py")
+            watch_demo()
     elif st.button("Run the meeting demo", type="primary", icon=":material/play_arrow:", key="demo_button",
                    width="stretch"):
-        try:
-            sweep_id, run_ids = jobs.submit_sweep(store, demo)
-        except ConfigError as exc:
-            st.error(f"The demo preset is not valid: {exc}")
-        else:
-            ui.start_worker(store)
-            ui.set_active(dataset=first.dataset, cell_type=first.cell_type, backbone=first.backbone,
-                          resolution=first.resolution, shots=first.shots)
+        sweep_id = ui.queue_sweep(store, demo, "The demo preset is not valid")
+        if sweep_id:
             st.session_state["last_sweep_id"] = sweep_id
-            st.switch_page("pages/budget.py")
+            watch_demo()
 
     done = store.list_runs(status="done", limit=1)
     status = ui.reference_status()

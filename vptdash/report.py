@@ -70,35 +70,32 @@ def _date(value: Any) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.gmtime(float(value))) if _finite(value) else "–"
 
 
-_AGG_COLUMNS: list[tuple[str, str, Callable[[Any], str], bool]] = [
-    # (column, header, formatter, is_text)
-    ("label", "configuration", _text, True),
-    ("family", "family", _text, True),
-    ("dataset_name", "dataset", _text, True),
+Column = tuple[str, str, Callable[[Any], str], bool]  # (column, header, formatter, is_text)
+_WHAT: list[Column] = [("label", "configuration", _text, True), ("family", "family", _text, True),
+                       ("dataset_name", "dataset", _text, True)]
+_COSTS: list[Column] = [("gmacs", "GMACs / image", _num("{:.3f}"), False),
+                        ("latency_ms_b1", "latency ms (b=1)", _num("{:.2f}"), False),
+                        ("params_trainable", "trainable params", _int, False)]
+_AGG_COLUMNS: list[Column] = [
+    *_WHAT,
     ("n_seeds", "seeds", _int, False),
     ("accuracy_mean", "accuracy %", _pp, False),
     ("accuracy_std", "± (std)", _pp, False),
     ("balanced_accuracy_mean", "balanced acc. %", _pp, False),
-    ("gmacs", "GMACs / image", _num("{:.3f}"), False),
-    ("latency_ms_b1", "latency ms (b=1)", _num("{:.2f}"), False),
-    ("params_trainable", "trainable params", _int, False),
+    *_COSTS,
     ("sources", "source", _text, True),
     ("run_ids", "run ids", _ids, True),
 ]
-_RUN_COLUMNS: list[tuple[str, str, Callable[[Any], str], bool]] = [
+_RUN_COLUMNS: list[Column] = [
     ("id", "id", _int, False),
-    ("label", "configuration", _text, True),
-    ("family", "family", _text, True),
-    ("dataset_name", "dataset", _text, True),
+    *_WHAT,
     ("backbone", "backbone", _text, True),
     ("resolution", "px", _int, False),
     ("shots", "shots", _int, False),
     ("seed", "seed", _int, False),
     ("accuracy", "accuracy", _pct, False),
     ("balanced_accuracy", "balanced acc.", _pct, False),
-    ("gmacs", "GMACs / image", _num("{:.3f}"), False),
-    ("latency_ms_b1", "latency ms (b=1)", _num("{:.2f}"), False),
-    ("params_trainable", "trainable params", _int, False),
+    *_COSTS,
     ("train_seconds", "train s", _num("{:.1f}"), False),
     ("source", "source", _text, True),
     ("created_at", "created (UTC)", _date, True),

@@ -20,7 +20,7 @@ import streamlit as st
 
 from vptdash import backbones, data, paths, worker
 from vptdash.store import RunStore
-from vptdash.train import RunConfig
+from vptdash.train import ConfigError, RunConfig
 
 # The offline defaults every session starts from (README: "works with no network").
 DEFAULT_SETUP: dict[str, Any] = {
@@ -391,6 +391,34 @@ def progress_of(run: dict, event: dict | None, now: float | None = None) -> tupl
 def start_worker(store: RunStore) -> None:
     """Queue consumers call this after submitting: start the background worker if none runs."""
     worker.ensure_worker(store)
+
+
+def queue_sweep(store: RunStore, configs: list[RunConfig], failure: str) -> str | None:
+    """Queue a sweep and start the worker; the sweep id, or None after showing `failure: reason`."""
+    from vptdash import jobs
+
+    try:
+        sweep_id, _ = jobs.submit_sweep(store, configs)
+    except ConfigError as exc:
+        st.error(f"{failure}: {exc}")
+        return None
+    start_worker(store)
+    return sweep_id
+
+
+def run_table_columns() -> dict[str, Any]:
+    """Column settings shared by every run table (Budget explorer, Runs), so they read the same."""
+    number = st.column_config.NumberColumn
+    return {
+        "id": number("Run", format="%d", width="small"),
+        "label": "Configuration", "family": "Family", "source": "Source",
+        "seed": number("Seed", format="%d", width="small"),
+        "accuracy": number("Accuracy", format="percent"),
+        "balanced_accuracy": number("Balanced", format="percent"),
+        "gmacs": number("GMACs", format="%.3f"),
+        "latency_ms_b1": number("ms / image", format="%.2f"),
+        "params_trainable": number("Trainable", format="compact"),
+    }
 
 
 def sidebar(store: RunStore) -> None:
