@@ -17,28 +17,25 @@ import argparse
 import io
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-PAGES = [("home", ""), ("data", "data"), ("train", "train"), ("budget", "budget"), ("runs", "runs")]
-LINKS = {"home": "Home", "data": "Data", "train": "Train", "budget": "Budget explorer", "runs": "Runs"}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests import browser_support  # noqa: E402
+from tests.browser_support import (CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, start_server,  # noqa: E402
+                                   stop_all, wait_healthy)
+
+# every page of the app, in its navigation order: (file name, the link's text)
+PAGES = [("home", "Home"), ("data", "Data"), ("train", "Train"), ("budget", "Budget explorer"),
+         ("levers", "Cost levers"), ("attention", "Attention"), ("continual", "Continual"), ("runs", "Runs")]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def wait_idle(page) -> None:
+    browser_support.wait_idle(page, settle_ms=800)  # let charts finish drawing
 
 
 def tiny_zip(n_per_class: int = 24, size: int = 48) -> bytes:
@@ -107,55 +104,6 @@ def use_tiny_setup(page) -> None:
     page.locator(".st-key-train_shots input[type='range']").focus()
     page.keyboard.press("ArrowLeft")  # 16 -> 8 shots
     wait_idle(page)
-
-
-def start_server(home: Path, port: int, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "VPTDASH_HOME": str(home), "PYTHONPATH": str(ROOT)}
-    log = open(log_path, "wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
-         str(port), "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as reply:
-                if reply.read().decode().strip() == "ok":
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError("streamlit did not become healthy")
-
-
-def wait_idle(page, timeout_ms: int = 60_000) -> None:
-    page.wait_for_timeout(300)
-    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=timeout_ms)
-    page.wait_for_timeout(800)  # let charts finish drawing
-
-
-def stop(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def worker_pids(home: Path) -> set[int]:
-    sys.path.insert(0, str(ROOT))
-    from vptdash.store import RunStore
-
-    path = home / "data" / "runs.sqlite"
-    return {r["worker_pid"] for r in RunStore(path).list_runs() if r["worker_pid"]} if path.exists() else set()
 
 
 def queue_text(page) -> str:
@@ -233,9 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             wait_idle(page)
             if args.tiny or args.use_tiny:
                 use_tiny_setup(page)
-            for name, _ in PAGES:
-                page.locator("[data-testid='stSidebarNav']").get_by_role("link", name=LINKS[name],
-                                                                         exact=True).click()
+            for name, link in PAGES:
+                page.locator("[data-testid='stSidebarNav']").get_by_role("link", name=link, exact=True).click()
                 wait_idle(page)
                 page.wait_for_timeout(1500)  # plotly finishes drawing
                 page.screenshot(path=str(args.out / f"{name}.png"))
@@ -243,12 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             compare_runs(page, args.out / "runs-compare.png")
             browser.close()
     finally:
-        stop(server)
-        for pid in worker_pids(home):
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
+        stop_all(server, home)
     return 0
 
 

@@ -9,13 +9,7 @@ cannot be downloaded here) through Playwright's Python package.
 from __future__ import annotations
 
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -23,20 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+from tests.browser_support import (CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, start_server, stop_all, wait_healthy,
+                                   wait_idle)
+
 ARTIFACTS = ROOT / "test-artifacts"
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 
 pytestmark = pytest.mark.browser
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tiny_zip() -> bytes:
@@ -52,49 +38,6 @@ def tiny_zip() -> bytes:
     return buffer.getvalue()
 
 
-def wait_healthy(port: int, server: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"streamlit exited with code {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as reply:
-                if reply.read().decode().strip() == "ok":
-                    return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError("the streamlit server did not become healthy")
-
-
-def kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    for _ in range(50):
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def worker_pids(home: Path) -> set[int]:
-    """Workers of this test's store: every pid recorded on a run (the worker runs in its own session)."""
-    store_path = home / "data" / "runs.sqlite"
-    if not store_path.exists():
-        return set()
-    sys.path.insert(0, str(ROOT))
-    from vptdash.store import RunStore
-
-    return {run["worker_pid"] for run in RunStore(store_path).list_runs() if run["worker_pid"]}
-
-
 @pytest.fixture
 def server(tmp_path):
     chromium = Path(CHROMIUM)
@@ -103,25 +46,12 @@ def server(tmp_path):
     pytest.importorskip("playwright.sync_api")
     home = tmp_path / "home"
     port = free_port()
-    log = open(tmp_path / "streamlit.log", "wb")
-    env = {**os.environ, "VPTDASH_HOME": str(home), "PYTHONPATH": str(ROOT), "VPTDASH_NO_WARMUP": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
-         str(port), "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = start_server(home, port, tmp_path / "streamlit.log", VPTDASH_NO_WARMUP="1")
     try:
         wait_healthy(port, process)
         yield f"http://127.0.0.1:{port}"
     finally:
-        kill_group(process.pid)
-        for pid in worker_pids(home):  # the worker is detached (start_new_session): stop it too
-            kill_group(pid)
-        log.close()
-
-
-def wait_idle(page, timeout_ms: int = 60_000) -> None:
-    page.wait_for_timeout(300)  # let a rerun that was just triggered start
-    page.wait_for_selector(IDLE, timeout=timeout_ms)
+        stop_all(process, home)  # the worker is detached (start_new_session): stopped too
 
 
 def test_upload_train_and_see_the_result(server, tmp_path):
