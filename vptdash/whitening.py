@@ -240,5 +240,5 @@ def burstiness_figure(result: Burstiness | dict, title: str | None = None):
                              line={"color": "#444", "dash": "dot", "width": 2}))
     fig.update_layout(barmode="overlay")
     fig.update_yaxes(type="log", title="entries (log scale)")
-    fig.update_xaxes(title="entry of W_q W_k^T X^T, in standard deviations")
+    fig.update_xaxes(title="entry of W<sub>q</sub> W<sub>k</sub><sup>T</sup> X<sup>T</sup>, in standard deviations")
     return _layout(fig, title or f"Burstiness at block {r['block']}: {r['n_entries']:,} entries, {r['n_images']} images")
