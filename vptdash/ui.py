@@ -347,10 +347,20 @@ def number(value: Any) -> float | None:
 
 
 def run_label(run: dict) -> str:
+    """What a stored job is, in words: its run configuration's label, or for the job kinds that are not
+    one trained model, what they do (a continual experiment, a search for blocks to skip)."""
+    config = run.get("config") or {}
     try:
-        config = RunConfig.from_dict(run.get("config") or {})
-        return config.label()
-    except Exception:  # noqa: BLE001
+        kind = run.get("kind")
+        if kind == "continual":
+            return (f"continual {config.get('method', '?')}: {config.get('tasks', '?')} tasks, "
+                    f"{config.get('num_prompts', '?')} prompts ({config.get('placement', '?')})")
+        label = RunConfig.from_dict(config).label()
+        if kind == "skip-search":
+            return (f"skip search ({config.get('skip_search_method') or 'greedy'}, "
+                    f"{config.get('skip_search_k')} blocks) for {label}")
+        return label
+    except Exception:  # noqa: BLE001 - a label must never break a page
         return "run"
 
 
