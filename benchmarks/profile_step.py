@@ -18,7 +18,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from vptdash import data  # noqa: E402
 from vptdash.bench import _engine_batches  # noqa: E402
 from vptdash.prompts import PromptedViT  # noqa: E402
-from vptdash.train import load_backbone  # noqa: E402
+from vptdash.train import load_backbone, training_precision  # noqa: E402
+
+
+def profile_table(precision: str = "bf16", placement: str = "deep", steps: int = 3, rows: int = 15) -> str:
+    """The profiler's operator table (self CPU time) over `steps` training steps after one warm-up."""
+    image_set = data.load_image_set("elpv-binary", 112)
+    images, labels = image_set.images[:32], image_set.labels[:32]
+    model = PromptedViT(load_backbone("dinov2_s14", None, 112), 2, num_prompts=10, placement=placement, seed=0)
+    encoded = _engine_batches(model, images, precision)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+
+    def step():
+        with training_precision(model, precision):  # exactly the engine's step numerics
+            logits = model.forward_from_frozen(encoded)
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def main() -> None:
@@ -28,27 +51,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
-
-    image_set = data.load_image_set("elpv-binary", 112)
-    images, labels = image_set.images[:32], image_set.labels[:32]
-    model = PromptedViT(load_backbone("dinov2_s14", None, 112), 2, num_prompts=10, placement=args.placement, seed=0)
-    encoded = _engine_batches(model, images, args.precision)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
-    def step():
-        with autocast:
-            logits = model.forward_from_frozen(encoded)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    step()  # warm-up
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(args.steps):
-            step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    print(profile_table(args.precision, args.placement, args.steps, args.rows))
 
 
 if __name__ == "__main__":

@@ -111,3 +111,23 @@ def test_config_round_trip_and_labels():
     assert RunConfig(tuning="linear").family() == "linear probe"
     assert RunConfig(num_prompts=0).family() == "linear probe"
     assert RunConfig(placement="0,5").family() == "custom blocks"
+
+
+def test_bf16_training_steps_use_explicit_attention_and_restore_it():
+    """bf16 steps route attention through explicit matmuls (the CPU flash-attention backward in bf16 is
+    slow); the backbone's fused setting comes back after the step, and the outputs agree with fp32."""
+    from vptdash.prompts import PromptedViT
+    from vptdash.train import load_backbone, training_precision
+
+    model = PromptedViT(load_backbone("tiny-random", None, 32), 2, num_prompts=3, placement="deep", seed=0)
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
+    assert fused, "timm attention modules expected"
+    x = torch.randn(2, 3, 32, 32)
+    with training_precision(model, "fp32"):
+        assert all(m.fused_attn for m in fused)
+        reference = model(x)
+    with training_precision(model, "bf16"):
+        assert not any(m.fused_attn for m in fused)
+        approx = model(x)
+    assert all(m.fused_attn for m in fused)
+    assert torch.allclose(approx.float(), reference, atol=5e-2, rtol=5e-2)

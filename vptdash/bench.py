@@ -24,7 +24,7 @@ from torch import nn
 from . import data
 from .cost import unfused_attention
 from .prompts import PromptedViT
-from .train import RunConfig, load_backbone
+from .train import RunConfig, load_backbone, training_precision
 
 STANDARD = dict(backbone="dinov2_s14", dataset="elpv-binary", resolution=112, num_prompts=10, placement="deep",
                 batch_size=32)
@@ -67,11 +67,10 @@ def time_engine_steps(model: PromptedViT, encoded: torch.Tensor, labels: torch.T
                       steps: int) -> float:
     """Seconds per step of the engine's inner loop (as in train._train_loop)."""
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
     times = []
     for step in range(steps + 1):
         start = time.perf_counter()
-        with autocast:
+        with training_precision(model, precision):
             logits = model.forward_from_frozen(encoded)
         loss = nn.functional.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
