@@ -605,8 +605,9 @@ def _visible_children(folder: Path) -> tuple[list[Path], list[Path]]:
     return dirs, files
 
 
-def _unwrap(root: Path) -> Path:
-    """Descend through single wrapper folders (zip of "dataset/<class>/...")."""
+def unwrap_wrapper_folders(root: Path) -> Path:
+    """Descend through single wrapper folders (zip of "dataset/<class>/..."); uploads use it too, so an
+    upload's classes are exactly what the loader will see."""
     base = root
     for _ in range(4):
         dirs, files = _visible_children(base)
@@ -635,7 +636,7 @@ class _Budget:
 
 
 def _scan_folder(root: Path, limits: Limits) -> _Listing:
-    base = _unwrap(root)
+    base = unwrap_wrapper_folders(root)
     budget = _Budget(root, limits)
     digest = hashlib.sha256()
     skipped: list[tuple[str, str]] = []

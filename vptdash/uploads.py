@@ -96,25 +96,6 @@ def _remove_stale_staging(root: Path) -> None:
             pass
 
 
-def _unwrap(root: Path) -> Path:
-    """Descend through single wrapper folders ("dataset/<class>/..."), as the loader does."""
-    def visible(folder: Path) -> tuple[list[Path], list[Path]]:
-        dirs, files = [], []
-        for child in folder.iterdir():
-            if child.name.startswith(".") or child.name in ("__MACOSX", "Thumbs.db", "desktop.ini"):
-                continue
-            (dirs if child.is_dir() and not child.is_symlink() else files).append(child)
-        return dirs, files
-
-    base = root
-    for _ in range(4):
-        dirs, files = visible(base)
-        if len(dirs) != 1 or files or not visible(dirs[0])[0]:
-            break
-        base = dirs[0]
-    return base
-
-
 def _finish(name: str, staging: Path, dataset_dir: Path) -> UploadInfo:
     """Validate `dataset_dir` (inside `staging`), write the metadata, rename it into place under a
     free slug, and remove the staging folder whatever happens."""
@@ -169,7 +150,7 @@ def save_zip_upload(name: str, zip_bytes: bytes) -> UploadInfo:
         archive.write_bytes(zip_bytes)
         extracted = data.extract_zip_safely(archive, staging / "extracted")
         archive.unlink()
-        base = _unwrap(extracted)
+        base = data.unwrap_wrapper_folders(extracted)
         dataset_dir = staging / "dataset"
         os.rename(base, dataset_dir)
     except BaseException:
