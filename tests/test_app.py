@@ -19,10 +19,11 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from vptdash import jobs, uploads, worker
+from vptdash import jobs, reference, uploads, worker
 from vptdash.store import RunStore
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
+REAL_REFERENCE = reference.REFERENCE_FILE
 PAGES = ["pages/home.py", "pages/data.py", "pages/train.py", "pages/budget.py", "pages/levers.py",
          "pages/attention.py", "pages/continual.py", "pages/runs.py"]
 TIMEOUT = 30
@@ -47,6 +48,9 @@ def tiny_zip(n_per_class: int = 12, size: int = 40) -> bytes:
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("VPTDASH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("VPTDASH_NO_WARMUP", "1")  # no background ELPV / DINOv2 loading in tests
+    # a store without the shipped reference sweep, so that tests count only their own runs
+    # (test_a_fresh_store_gets_the_shipped_reference_sweep checks the real file)
+    monkeypatch.setattr(reference, "REFERENCE_FILE", tmp_path / "no-reference-sweep.json")
     started = []
     monkeypatch.setattr(worker, "ensure_worker", lambda store, **kw: started.append(store.path) or True)
     return started
@@ -128,6 +132,23 @@ def test_pages_render_with_runs_and_an_upload(home, store):
 
 
 # ------------------------------------------------------------------------------------ home
+def test_a_fresh_store_gets_the_shipped_reference_sweep(home, store, monkeypatch):
+    """First start: the precomputed ELPV sweep is in the history, labelled, with how it was made."""
+    monkeypatch.setattr(reference, "REFERENCE_FILE", REAL_REFERENCE)
+    meta = reference.reference_info()
+    assert meta and meta["command"].startswith("python -m vptdash sweep") and meta["date"]
+    at = app()
+    assert not at.exception
+    runs = store.list_runs(status="done")
+    assert len(runs) == meta["n_runs"] >= 33
+    assert {r["source"] for r in runs} == {"precomputed"}
+    counts = {(r["config"]["num_prompts"], r["config"]["placement"]) for r in runs}
+    assert {(10, "shallow"), (10, "deep"), (100, "deep")} <= counts
+    goto(at, "pages/budget.py")
+    assert not at.exception
+    assert "precomputed" in texts(at.caption)
+
+
 def test_demo_button_queues_the_preset_and_opens_the_budget_explorer(home, store):
     from vptdash import ui
 

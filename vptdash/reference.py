@@ -27,19 +27,19 @@ def _read(path: Path) -> dict | None:
     return content
 
 
-def load_reference(store: RunStore, path: Path = REFERENCE_FILE) -> int:
+def load_reference(store: RunStore, path: Path | None = None) -> int:
     """Import the reference runs into `store` as source "precomputed"; returns how many were new
     (0 when the file is missing or every run is already there)."""
-    content = _read(path)
+    content = _read(REFERENCE_FILE if path is None else path)  # looked up at call time
     if content is None:
         return 0
     runs = content.get("runs") or []
     return store.import_runs(runs, source="precomputed") if runs else 0
 
 
-def reference_info(path: Path = REFERENCE_FILE) -> dict | None:
+def reference_info(path: Path | None = None) -> dict | None:
     """The file's "meta" dict (command, machine, date, note) plus "n_runs"; None without a file."""
-    content = _read(path)
+    content = _read(REFERENCE_FILE if path is None else path)  # looked up at call time
     if content is None:
         return None
     meta = dict(content.get("meta") or {})
