@@ -12,10 +12,9 @@ the trained prompts + head.
 from __future__ import annotations
 
 import os
-import traceback
 from typing import Any, Callable, Protocol, Sequence
 
-from .jobs import USER_ERRORS, kind_of, run_now
+from .jobs import job_error, kind_of, run_now
 from .store import RunStore
 from .train import RunConfig, run_training
 
@@ -45,10 +44,8 @@ def train_remotely(config_dict: dict[str, Any]) -> dict[str, Any]:
     config = RunConfig.from_dict(config_dict)
     try:
         result = run_training(config)
-    except USER_ERRORS as exc:
-        return {"status": "failed", "error": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - reported to the driver with its traceback
-        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"}
+    except Exception as exc:  # noqa: BLE001 - reported to the driver as data, as a local job stores it
+        return {"status": "failed", "error": job_error(exc)}
     return {
         "status": result.status, "metrics": result.metrics, "costs": result.costs, "timings": result.timings,
         "curve": result.curve, "class_names": result.class_names,
