@@ -50,7 +50,7 @@ with right:
         f"{first.shots} images per class, `{first.backbone}` at {first.resolution} px, "
         f"{first.epochs} epochs: {', '.join(config.label() for config in demo)}. "
         "Points appear on the Budget explorer as each run finishes: the first in about 20 s, all in about "
-        "two minutes on 2 CPU cores."
+        "a minute and a half on 2 CPU cores."
     )
     demo_keys = {json.dumps(config.to_dict(), sort_keys=True) for config in demo}
     pending = [run for run in store.list_runs(status=["queued", "running"])
@@ -78,4 +78,4 @@ with right:
     if status.get("error"):
         st.warning(f"The precomputed reference sweep could not be loaded: {status['error']}")
     elif not done:
-        st.info("No finished runs yet: the demo button fills the charts in about two minutes.")
+        st.info("No finished runs yet: the demo button fills the charts in about a minute and a half.")

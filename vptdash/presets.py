@@ -14,7 +14,7 @@ from .train import RunConfig
 DEMO_DATASET = "elpv-binary"
 DEMO_SHOTS = 16
 DEMO_EPOCHS = 20  # 16 shots x 2 classes at batch 8: 80 optimiser steps
-# The demo answers "where" live (no prompts vs 10 shallow vs 10 deep, one seed: 121 s on 2 cores, worker start
+# The demo answers "where" live (no prompts vs 10 shallow vs 10 deep, one seed: 96 s on 2 cores, worker start
 # included, the first point after about 20 s);
 # the shipped reference sweep beside it answers "how many" with 3 seeds. Measured (3 seeds): 16-shot
 # runs need the 20 epochs; at 10 epochs deep prompts collapsed to the majority class on one seed.
@@ -29,7 +29,7 @@ def demo_base() -> RunConfig:
 
 
 def demo_configs() -> list[RunConfig]:
-    """The one-click meeting demo: the linear probe, 10 shallow and 10 deep prompts (about two minutes, 2 cores)."""
+    """The one-click meeting demo: the linear probe, 10 shallow and 10 deep prompts (about 1.5 minutes, 2 cores)."""
     return sweep_configs(demo_base(), list(DEMO_COUNTS), list(DEMO_PLACEMENTS), [0])
 
 
