@@ -34,8 +34,11 @@ PAGES = [("home", "Home"), ("data", "Data"), ("train", "Train"), ("budget", "Bud
          ("levers", "Cost levers"), ("attention", "Attention"), ("continual", "Continual"), ("runs", "Runs")]
 
 
+SETTLE_MS = 800  # let charts finish drawing before a screenshot
+
+
 def wait_idle(page) -> None:
-    browser_support.wait_idle(page, settle_ms=800)  # let charts finish drawing
+    browser_support.wait_idle(page, settle_ms=SETTLE_MS)
 
 
 def tiny_zip(n_per_class: int = 24, size: int = 48) -> bytes:
@@ -87,20 +90,12 @@ def seed_tiny_runs(home: Path) -> str:
 
 def use_tiny_setup(page) -> None:
     """In the browser, like a user: pick the generated upload, the tiny backbone, 32 px, 8 shots."""
-    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Data", exact=True).click()
-    wait_idle(page)
+    browser_support.open_page(page, "Data", SETTLE_MS)
     page.get_by_text("My own images").click()
     wait_idle(page)
     page.locator(".st-key-data_use_saved").get_by_role("button").click()
     wait_idle(page)
-    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Train", exact=True).click()
-    wait_idle(page)
-    page.locator(".st-key-train_backbone [role='combobox']").click()
-    page.get_by_role("option", name="tiny-random", exact=False).click()
-    wait_idle(page)
-    page.locator(".st-key-train_resolution input[type='range']").focus()
-    page.keyboard.press("Home")
-    wait_idle(page)
+    browser_support.train_on_tiny_backbone(page, SETTLE_MS)
     page.locator(".st-key-train_shots input[type='range']").focus()
     page.keyboard.press("ArrowLeft")  # 16 -> 8 shots
     wait_idle(page)
@@ -182,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.tiny or args.use_tiny:
                 use_tiny_setup(page)
             for name, link in PAGES:
-                page.locator("[data-testid='stSidebarNav']").get_by_role("link", name=link, exact=True).click()
-                wait_idle(page)
+                browser_support.open_page(page, link, SETTLE_MS)
                 page.wait_for_timeout(1500)  # plotly finishes drawing
                 page.screenshot(path=str(args.out / f"{name}.png"))
                 print(f"saved {args.out / f'{name}.png'}")

@@ -96,3 +96,20 @@ def wait_idle(page, timeout_ms: int = 60_000, settle_ms: int = 0) -> None:
     page.wait_for_selector(IDLE, timeout=timeout_ms)
     if settle_ms:
         page.wait_for_timeout(settle_ms)  # let charts finish drawing
+
+
+def open_page(page, link: str, settle_ms: int = 0) -> None:
+    """Click a page in the app's sidebar navigation and wait until it has rendered."""
+    page.locator("[data-testid='stSidebarNav']").get_by_role("link", name=link, exact=True).click()
+    wait_idle(page, settle_ms=settle_ms)
+
+
+def train_on_tiny_backbone(page, settle_ms: int = 0) -> None:
+    """On the Train page, like a user: the tiny random backbone at the smallest resolution (32 px)."""
+    open_page(page, "Train", settle_ms)
+    page.locator(".st-key-train_backbone [role='combobox']").click()
+    page.get_by_role("option", name="tiny-random", exact=False).click()
+    wait_idle(page, settle_ms=settle_ms)
+    page.locator(".st-key-train_resolution input[type='range']").focus()
+    page.keyboard.press("Home")
+    wait_idle(page, settle_ms=settle_ms)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.browser_support import (CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, start_server, stop_all, wait_healthy,
-                                   wait_idle)
+from tests.browser_support import (CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, open_page, start_server, stop_all,
+                                   train_on_tiny_backbone, wait_healthy, wait_idle)
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -69,8 +69,7 @@ def test_upload_train_and_see_the_result(server, tmp_path):
             assert page.get_by_text("How many visual prompts").count()
 
             # Data: upload a zip of class folders and make it the active data set
-            page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Data", exact=True).click()
-            wait_idle(page)
+            open_page(page, "Data")
             page.get_by_text("My own images").click()
             wait_idle(page)
             page.locator(".st-key-data_zip input[type=file]").set_input_files(
@@ -82,14 +81,7 @@ def test_upload_train_and_see_the_result(server, tmp_path):
             assert page.locator("[data-testid='stImage']").count() >= 2, "thumbnails per class"
 
             # Train: tiny backbone, 32 px, 3 epochs
-            page.locator("[data-testid='stSidebarNav']").get_by_role("link", name="Train", exact=True).click()
-            wait_idle(page)
-            page.locator(".st-key-train_backbone [role='combobox']").click()
-            page.get_by_role("option", name="tiny-random", exact=False).click()
-            wait_idle(page)
-            page.locator(".st-key-train_resolution input[type='range']").focus()
-            page.keyboard.press("Home")  # the smallest resolution: 32 px
-            wait_idle(page)
+            train_on_tiny_backbone(page)  # 32 px
             epochs = page.locator(".st-key-train_epochs input")
             epochs.fill("3")
             epochs.press("Enter")
