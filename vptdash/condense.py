@@ -317,7 +317,7 @@ def _evaluate(model: PromptedViT, config: RunConfig, split_name: str) -> dict[st
     index = getattr(split, split_name)
     mean, std = model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"]
     inputs = _Inputs(model, config, image_set, index, mean, std)
-    predictions = _predict(inputs, config.precision, 256)
+    predictions = _predict(inputs, config.precision)
     return classification_metrics(predictions, image_set.labels[index], len(image_set.class_names))
 
 

@@ -129,6 +129,27 @@ def measure_latency(
 
 
 # ---------------------------------------------------------------------------------------- all together
+def latency_costs(model: PromptedViT, resolution: int, *, precision: str = "fp32") -> dict[str, Any]:
+    """The latency figures stored with a run: batch 1 and batch 32, median and quartiles, ms per image.
+
+    It depends on the architecture only (not on trained values, seed or data), so a sweep may measure
+    it once per budget on a quiet machine (`executors.LocalExecutor` with several processes)."""
+    b1 = measure_latency(model, resolution, batch_size=1, repeats=20, precision=precision)
+    # Batch 32: at least 3 timed batches, more only within 1 s (with 100 prompts one fp32 batch takes
+    # 1.5 s here; a sweep measures a dozen architectures and latency was a sixth of its time).
+    b32 = measure_latency(model, resolution, batch_size=32, warmup=1, repeats=5, max_seconds=1.0, precision=precision)
+    return {
+        "latency_ms_b1": b1["median_ms_per_image"],
+        "latency_ms_b1_p25": b1["p25_ms_per_image"],
+        "latency_ms_b1_p75": b1["p75_ms_per_image"],
+        "latency_ms_b32": b32["median_ms_per_image"],
+        "latency_ms_b32_p25": b32["p25_ms_per_image"],
+        "latency_ms_b32_p75": b32["p75_ms_per_image"],
+        "latency_threads": b1["threads"],
+        "latency_precision": precision,
+    }
+
+
 def run_costs(model: PromptedViT, resolution: int, *, measure: bool = True, precision: str = "fp32") -> dict[str, Any]:
     """Every cost figure of one trained model, flat, as stored with the run."""
     costs: dict[str, Any] = count_parameters(model)
@@ -136,17 +157,5 @@ def run_costs(model: PromptedViT, resolution: int, *, measure: bool = True, prec
     costs["gmacs_analytic"] = analytic_gmacs(model, resolution)
     costs["tokens_per_block"] = model.tokens_per_block((resolution // patch_size_of(model.backbone)) ** 2)
     if measure:
-        b1 = measure_latency(model, resolution, batch_size=1, repeats=20, precision=precision)
-        b32 = measure_latency(model, resolution, batch_size=32, warmup=1, repeats=5, precision=precision)
-        costs.update({
-            "latency_ms_b1": b1["median_ms_per_image"],
-            "latency_ms_b1_p25": b1["p25_ms_per_image"],
-            "latency_ms_b1_p75": b1["p75_ms_per_image"],
-            "latency_ms_b32": b32["median_ms_per_image"],
-            "latency_ms_b32_p25": b32["p25_ms_per_image"],
-            "latency_ms_b32_p75": b32["p75_ms_per_image"],
-            "latency_threads": b1["threads"],
-            "latency_precision": precision,
-        })
+        costs.update(latency_costs(model, resolution, precision=precision))
     return costs
-

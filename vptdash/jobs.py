@@ -79,10 +79,12 @@ def fail_job(store: RunStore, run_id: int, exc: BaseException) -> dict:
     return store.get_run(run_id)
 
 
-def execute_run(store: RunStore, run_id: int, *, echo: Callable[[dict], None] | None = None) -> dict:
+def execute_run(store: RunStore, run_id: int, *, echo: Callable[[dict], None] | None = None,
+                measure_latency: bool | None = None) -> dict:
     """Run a stored (queued or claimed) job to its end and store everything it produced.
 
-    Never raises for a failing run: the run is marked failed with the error, and the row returned."""
+    Never raises for a failing run: the run is marked failed with the error, and the row returned.
+    `measure_latency=False`: a training job stores no latency (the caller measures it; see run_training)."""
     row = store.get_run(run_id)
     if row is None:
         raise KeyError(f"no run {run_id}")
@@ -105,6 +107,7 @@ def execute_run(store: RunStore, run_id: int, *, echo: Callable[[dict], None] | 
             config,
             on_event=_ProgressWriter(store, run_id, echo),
             should_cancel=lambda: store.is_cancel_requested(run_id),
+            measure_latency=measure_latency,
         )
     except Exception as exc:  # noqa: BLE001 - every failure is stored with the run, none kills the worker
         return fail_job(store, run_id, exc)

@@ -35,6 +35,9 @@ MAX_PROMPTS = 1000  # beyond this the sequence is mostly prompts and a CPU run t
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
 ENCODE_BATCH = 64
+# Inference batch. Measured here (docs/performance.md): with 50-100 prompts, batches of 256 run at half
+# the per-image speed of batches of 32 (the attention working set falls out of cache); 32 is never slower.
+EVAL_BATCH = 32
 
 
 class ConfigError(ValueError):
@@ -342,7 +345,7 @@ class _Inputs:
 
 
 @torch.inference_mode()
-def _predict(inputs: _Inputs, precision: str, batch_size: int) -> torch.Tensor:
+def _predict(inputs: _Inputs, precision: str, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     predictions = []
     with _autocast(precision):
         for start in range(0, len(inputs), batch_size):
@@ -359,6 +362,7 @@ def run_training(
     should_cancel: CancelCheck | None = None,
     compute_costs: bool = True,
     initial_state: dict[str, torch.Tensor] | None = None,
+    measure_latency: bool | None = None,
 ) -> RunResult:
     """Train one configuration and evaluate it on held-out images.
 
@@ -366,6 +370,8 @@ def run_training(
     val_accuracy, elapsed_s, eta_s. Cancelling (should_cancel() -> True, checked between steps)
     returns status "cancelled" with the curve so far and no test metrics. `initial_state` (prompts and
     head of an earlier run, e.g. the prompts kept by condensation) replaces the fresh initialisation.
+    `measure_latency=False` leaves latency to the caller (a parallel sweep measures it on a quiet
+    machine); None follows the config.
     """
     emit = on_event or (lambda event: None)
     cancelled = should_cancel or (lambda: False)
@@ -408,15 +414,14 @@ def run_training(
         metrics = {**common, "val_accuracy": last_val.get("val_accuracy")}
         return RunResult("cancelled", metrics, {}, timings, curve, model.trainable_state(), image_set.class_names)
 
-    test_predictions = _predict(inputs["test"], config.precision, 256)
+    test_predictions = _predict(inputs["test"], config.precision)
     test = classification_metrics(test_predictions, labels["test"], num_classes)
-    val_predictions = _predict(inputs["val"], config.precision, 256)
-    val = classification_metrics(val_predictions, labels["val"], num_classes)
+    final_val = curve[-1]  # the last epoch is always validated (_validate_after): no second pass over val
     metrics = {
         **common,
         **test,
-        "val_accuracy": val["accuracy"],
-        "val_balanced_accuracy": val["balanced_accuracy"],
+        "val_accuracy": final_val["val_accuracy"],
+        "val_balanced_accuracy": final_val["val_balanced_accuracy"],
     }
     emit({"phase": "test", "accuracy": test["accuracy"], "balanced_accuracy": test["balanced_accuracy"],
           "elapsed_s": time.perf_counter() - started})
@@ -426,7 +431,8 @@ def run_training(
         from . import cost  # fvcore is slow to import: only when costs are asked for
 
         emit({"phase": "cost", "message": "counting GMACs and measuring latency", "elapsed_s": time.perf_counter() - started})
-        costs = cost.run_costs(model, config.resolution, measure=config.measure_latency)
+        measure = config.measure_latency if measure_latency is None else measure_latency
+        costs = cost.run_costs(model, config.resolution, measure=measure)
     return RunResult("done", metrics, costs, timings, curve, model.trainable_state(), image_set.class_names)
 
 
@@ -474,7 +480,7 @@ def _train_loop(config, model, inputs, labels, num_classes, emit, cancelled, sta
         epoch_seconds.append(time.perf_counter() - epoch_started)
         if not _validate_after(epoch + 1, config):
             continue
-        val_predictions = _predict(inputs["val"], config.precision, 256)
+        val_predictions = _predict(inputs["val"], config.precision)
         val = classification_metrics(val_predictions, labels["val"], num_classes)
         point = {"phase": "val", "epoch": epoch + 1, "step": step, "val_accuracy": val["accuracy"],
                  "val_balanced_accuracy": val["balanced_accuracy"], "loss": float(loss),
