@@ -37,3 +37,49 @@ def test_unknown_executor_is_refused():
 
     with pytest.raises(ValueError, match="local or ray"):
         get_executor("spark")
+
+
+def test_two_local_processes_store_the_same_runs_with_latency_measured_once_per_architecture(image_folder, tmp_path):
+    store_path = tmp_path / "parallel.sqlite"
+    args = [a for a in TINY if a != "--no-latency"]
+    assert cli.main(["sweep", "--dataset", str(image_folder), *args, "--seeds", "0,1", "--store", str(store_path),
+                     "--processes", "2"]) == 0
+    rows = RunStore(store_path).list_runs()
+    assert len(rows) == 10 and all(r["status"] == "done" for r in rows)  # (probe + 4 prompt budgets) x 2 seeds
+    assert all(r["artifact_path"] and r["metrics"]["accuracy"] is not None for r in rows)
+    by_budget = {}
+    for row in rows:
+        costs = row["costs"]
+        assert costs["latency_ms_b1"] > 0 and costs["gmacs"] > 0
+        config = row["config"]
+        by_budget.setdefault((config["num_prompts"], config["placement"]), []).append(costs["latency_ms_b1"])
+    # measured once per architecture, before the workers started, then written into both seeds' runs
+    assert all(len(v) == 2 and v[0] == v[1] for v in by_budget.values())
+    assert len({v[0] for v in by_budget.values()}) == len(by_budget)
+
+
+def test_a_failing_run_fails_alone_in_a_parallel_sweep(image_folder, tmp_path):
+    from vptdash.executors import LocalExecutor
+
+    store = RunStore(tmp_path / "s.sqlite")
+    good = RunConfig(backbone="tiny-random", dataset=str(image_folder), resolution=32, epochs=1, batch_size=8,
+                     shots=None, num_prompts=1, measure_latency=False)
+    bad = RunConfig.from_dict({**good.to_dict(), "dataset": str(tmp_path / "vanished")})
+    rows = LocalExecutor(processes=2).run(store, [good, bad], sweep_id="s")
+    assert [r["status"] for r in rows] == ["done", "failed"]
+    assert "vanished" in rows[1]["error"] and "Traceback" not in rows[1]["error"]  # a user error, said plainly
+
+
+def test_architecture_key_ignores_what_only_changes_training():
+    from vptdash.executors import architecture_key
+
+    base = RunConfig(num_prompts=10, placement="deep")
+    assert architecture_key(base) == architecture_key(RunConfig(num_prompts=10, placement="deep", seed=3, lr=0.1,
+                                                                shots=4, precision="bf16"))
+    assert architecture_key(base) != architecture_key(RunConfig(num_prompts=5, placement="deep"))
+    assert architecture_key(base) != architecture_key(RunConfig(num_prompts=10, placement="shallow"))
+
+
+def test_zero_processes_are_refused(image_folder, capsys):
+    assert cli.main(["sweep", "--dataset", str(image_folder), *TINY, "--processes", "0"]) == 2
+    assert "--processes" in capsys.readouterr().err

@@ -1,20 +1,26 @@
-"""Where a sweep's runs execute: here, one after the other (local), or on a Ray cluster (ray).
+"""Where a sweep's runs execute: on this machine (local: one after the other, or in a few worker
+processes that share the cores), or on a Ray cluster (ray).
 
 Either way the results land in the same run store, so the dashboard reads Ray runs like local ones.
 With Ray, the remote tasks only train and evaluate (a cluster node cannot see this machine's SQLite
 file); the driver stores each result as it arrives: metrics, costs, timings, the progress curve and
 the trained prompts + head.
 
+    python -m vptdash sweep ... --processes 2                  # two local worker processes, 1 thread each
     python -m vptdash sweep ... --executor ray                 # a local single-node Ray cluster
     python -m vptdash sweep ... --executor ray --ray-address auto   # an existing cluster
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import types
+from contextlib import contextmanager
 from typing import Any, Callable, Protocol, Sequence
 
-from .jobs import job_error, kind_of, run_now
+from .jobs import fail_job, job_error, kind_of, run_now
 from .store import RunStore
 from .train import RunConfig, run_training
 
@@ -27,16 +33,126 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """One run after the other in this process (the default; what the dashboard's worker does too)."""
+    """Runs on this machine, results in the store as each finishes.
+
+    processes=1 (the default, and what the dashboard's worker does): one run after the other in this
+    process. processes=N: N spawned worker processes with the threads split between them.
+    Why: few-shot runs multiply small matrices, which two threads share badly. Measured here
+    (docs/performance.md) on 2 cores: two 1-thread runs side by side train 1.4x faster in total than one
+    2-thread run. Latency must not be measured beside another run, so with N > 1 it is measured first,
+    once per architecture, on the still quiet machine, and written into each run of that architecture."""
+
+    def __init__(self, processes: int = 1):
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        self.processes = processes
 
     def run(self, store, configs, *, sweep_id, source="cli", on_done=None):
-        rows = []
-        for config in configs:
-            row = run_now(store, config, source=source, sweep_id=sweep_id)
-            rows.append(row)
-            if on_done:
+        if self.processes == 1 or len(configs) < 2:
+            rows = []
+            for config in configs:
+                row = run_now(store, config, source=source, sweep_id=sweep_id)
+                rows.append(row)
+                if on_done:
+                    on_done(row)
+            return rows
+        return _run_in_processes(store, list(configs), self.processes, sweep_id=sweep_id, source=source,
+                                 on_done=on_done)
+
+
+def architecture_key(config: RunConfig) -> str:
+    """What latency depends on: every setting except those that only change training or data."""
+    training_only = {"weights", "shots", "test_fraction", "val_fraction", "split_seed", "prompt_dropout", "epochs",
+                     "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "eval_every", "seed",
+                     "precision", "measure_latency"}
+    return json.dumps({k: v for k, v in config.to_dict().items() if k not in training_only}, sort_keys=True)
+
+
+def _latency_by_architecture(configs: Sequence[RunConfig]) -> dict[str, dict]:
+    """Latency once per distinct architecture, measured with every thread of this process."""
+    from .cost import latency_costs
+    from .data import load_image_set
+    from .train import build_model
+
+    measured: dict[str, dict] = {}
+    for config in configs:
+        key = architecture_key(config)
+        if key in measured or not config.measure_latency:
+            continue
+        classes = load_image_set(config.dataset, config.resolution, cell_type=config.cell_type).class_names
+        measured[key] = latency_costs(build_model(config, len(classes)), config.resolution)
+    return measured
+
+
+def _expected_work(config: RunConfig) -> float:
+    prompts = 0 if config.is_linear_probe else max(config.prompt_counts or [config.num_prompts])
+    return config.epochs * (1 + prompts) if not config.is_linear_probe else 0.0
+
+
+def _worker_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _execute_without_latency(store_path: str, run_id: int) -> None:
+    from .jobs import execute_run
+
+    execute_run(RunStore(store_path), run_id, measure_latency=False)
+
+
+@contextmanager
+def _spawning_without_main_module():
+    """Spawned workers need only vptdash. By default spawn re-runs the parent's `__main__` in each child,
+    which breaks when that is a script without a main guard (a Streamlit page under AppTest, a notebook
+    export). Processes started inside this block see a blank `__main__` instead."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _run_in_processes(store: RunStore, configs: list[RunConfig], processes: int, *, sweep_id: str, source: str,
+                      on_done: Callable[[dict], None] | None) -> list[dict]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    import torch
+
+    for config in configs:
+        config.validate()
+    try:
+        latency = _latency_by_architecture(configs)
+    except Exception:  # noqa: BLE001 - a config that cannot even be built fails below, as its own run
+        latency = {}
+    # Created 'running' (with this process's pid) so a dashboard worker sharing the store never claims them.
+    run_ids = [store.create_run(c.to_dict(), status="running", kind=kind_of(c), source=source, sweep_id=sweep_id)
+               for c in configs]
+    threads = max(1, torch.get_num_threads() // processes)
+    # spawn, not fork: a forked child would inherit this process's OpenMP thread pool in a broken state.
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_threads, initargs=(threads,)) as pool:
+        # Longest first (prompt count is the proxy: tokens per block), so the last runs to finish are short
+        # ones and neither process idles long at the end.
+        by_work = sorted(zip(run_ids, configs), key=lambda pair: -_expected_work(pair[1]))
+        with _spawning_without_main_module():  # the workers start on the first submissions
+            futures = {pool.submit(_execute_without_latency, str(store.path), run_id): (run_id, config)
+                       for run_id, config in by_work}
+        for future in as_completed(futures):
+            run_id, config = futures[future]
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. the worker process was killed: that run fails, others go on
+                fail_job(store, run_id, exc)
+            row = store.get_run(run_id)
+            if row and row["status"] == "done" and architecture_key(config) in latency:
+                store.update_results(run_id, costs=latency[architecture_key(config)])
+                row = store.get_run(run_id)
+            if on_done and row:
                 on_done(row)
-        return rows
+    return [row for row in (store.get_run(run_id) for run_id in run_ids) if row]
 
 
 def train_remotely(config_dict: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +230,7 @@ def _store_remote_result(store: RunStore, run_id: int, result: dict[str, Any]) -
 
 def get_executor(name: str, **options) -> Executor:
     if name == "local":
-        return LocalExecutor()
+        return LocalExecutor(**options)
     if name == "ray":
         return RayExecutor(**options)
     raise ValueError(f"unknown executor {name!r}: choose local or ray")
