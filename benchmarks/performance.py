@@ -6,7 +6,8 @@
    and the linear probe, 3 seeds each, test accuracy in both precisions.
 3. The profile of one engine training step (bf16 and fp32): where the remaining time goes.
 
-    python benchmarks/performance.py            # about 20 minutes on 2 CPU cores
+    python benchmarks/performance.py               # about 20 minutes on 2 CPU cores
+    python benchmarks/performance.py --only-bench  # section 1 only, about 8 minutes
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--only-bench", action="store_true", help="rerun the bench command only (its section)")
     args = parser.parse_args()
     header = f"Produced by `python benchmarks/performance.py` on {today()}; machine: {machine()}."
     if not args.skip_bench:
@@ -91,6 +93,8 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         write_section("## `python -m vptdash bench --json --sweep`", f"{header}\n\n{bench_markdown(result)}\n\n"
                       f"Raw JSON (the command's last line):\n\n```json\n{json.dumps(result)}\n```", PERFORMANCE_MD)
+    if args.only_bench:
+        return
     rows = precision_parity([int(s) for s in args.seeds.split(",")])
     write_section("## bf16 autocast vs fp32 on ELPV", f"{header} Recipe: the meeting demo's (binary ELPV, 16 shots "
                   "per class, 112 px, 20 epochs, batch 8, AdamW lr 1e-2); test = the stratified 25% (656 images)."
