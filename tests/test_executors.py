@@ -63,10 +63,11 @@ def test_a_failing_run_fails_alone_in_a_parallel_sweep(image_folder, tmp_path):
 
     store = RunStore(tmp_path / "s.sqlite")
     good = RunConfig(backbone="tiny-random", dataset=str(image_folder), resolution=32, epochs=1, batch_size=8,
-                     shots=None, num_prompts=1, measure_latency=False)
+                     shots=None, num_prompts=1)
     bad = RunConfig.from_dict({**good.to_dict(), "dataset": str(tmp_path / "vanished")})
     rows = LocalExecutor(processes=2).run(store, [good, bad], sweep_id="s")
     assert [r["status"] for r in rows] == ["done", "failed"]
+    assert rows[0]["costs"]["latency_ms_b1"] > 0  # the bad config did not cost the good one its latency
     assert "vanished" in rows[1]["error"] and "Traceback" not in rows[1]["error"]  # a user error, said plainly
 
 

@@ -79,8 +79,11 @@ def _latency_by_architecture(configs: Sequence[RunConfig]) -> dict[str, dict]:
         key = architecture_key(config)
         if key in measured or not config.measure_latency:
             continue
-        classes = load_image_set(config.dataset, config.resolution, cell_type=config.cell_type).class_names
-        measured[key] = latency_costs(build_model(config, len(classes)), config.resolution)
+        try:
+            classes = load_image_set(config.dataset, config.resolution, cell_type=config.cell_type).class_names
+            measured[key] = latency_costs(build_model(config, len(classes)), config.resolution)
+        except Exception:  # noqa: BLE001 - a config that cannot even be built fails as its own run, later
+            continue
     return measured
 
 
@@ -123,10 +126,7 @@ def _run_in_processes(store: RunStore, configs: list[RunConfig], processes: int,
 
     for config in configs:
         config.validate()
-    try:
-        latency = _latency_by_architecture(configs)
-    except Exception:  # noqa: BLE001 - a config that cannot even be built fails below, as its own run
-        latency = {}
+    latency = _latency_by_architecture(configs)
     # Created 'running' (with this process's pid) so a dashboard worker sharing the store never claims them.
     run_ids = [store.create_run(c.to_dict(), status="running", kind=kind_of(c), source=source, sweep_id=sweep_id)
                for c in configs]
