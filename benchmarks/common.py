@@ -62,18 +62,13 @@ def budget_key(config: RunConfig) -> tuple:
 
 def measure_latencies(store: RunStore) -> None:
     """Latency does not depend on the seed or the data: measure it once per budget, after training,
-    and write it into every run of that budget (fp32 inference, batch 1 and 32)."""
+    and write it into every run of that budget (fp32 inference, batch 1 and 32: cost.latency_costs)."""
     measured: dict[tuple, dict] = {}
     for row in store.list_runs(status="done"):
         config = RunConfig.from_dict(row["config"])
         key = budget_key(config)
         if key not in measured:
-            model = build_model(config, num_classes=2)
-            b1 = cost.measure_latency(model, config.resolution, batch_size=1, repeats=30)
-            b32 = cost.measure_latency(model, config.resolution, batch_size=32, warmup=1, repeats=5)
-            measured[key] = {"latency_ms_b1": b1["median_ms_per_image"], "latency_ms_b1_p25": b1["p25_ms_per_image"],
-                             "latency_ms_b1_p75": b1["p75_ms_per_image"], "latency_ms_b32": b32["median_ms_per_image"],
-                             "latency_threads": b1["threads"], "latency_precision": "fp32"}
-            print(f"latency {config.label()}: {b1['median_ms_per_image']:.1f} ms (b1), "
-                  f"{b32['median_ms_per_image']:.2f} ms/image (b32)", flush=True)
+            measured[key] = cost.latency_costs(build_model(config, num_classes=2), config.resolution)
+            print(f"latency {config.label()}: {measured[key]['latency_ms_b1']:.1f} ms (b1), "
+                  f"{measured[key]['latency_ms_b32']:.2f} ms/image (b32)", flush=True)
         store.update_results(row["id"], costs=measured[key])

@@ -88,8 +88,9 @@ def _latency_by_architecture(configs: Sequence[RunConfig]) -> dict[str, dict]:
 
 
 def _expected_work(config: RunConfig) -> float:
-    prompts = 0 if config.is_linear_probe else max(config.prompt_counts or [config.num_prompts])
-    return config.epochs * (1 + prompts) if not config.is_linear_probe else 0.0
+    if config.is_linear_probe:
+        return 0.0
+    return config.epochs * (1 + max(config.prompt_counts or [config.num_prompts]))
 
 
 def _worker_threads(threads: int) -> None:
