@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import platform
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from vptdash import cost
+from vptdash.executors import architecture_key, latency_by_architecture
 from vptdash.store import RunStore
-from vptdash.train import RunConfig, build_model
+from vptdash.train import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "docs" / "results.md"
@@ -56,19 +57,16 @@ def pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
-def budget_key(config: RunConfig) -> tuple:
-    return (0, "none") if config.is_linear_probe else (config.num_prompts, config.placement)
-
-
 def measure_latencies(store: RunStore) -> None:
-    """Latency does not depend on the seed or the data: measure it once per budget, after training,
-    and write it into every run of that budget (fp32 inference, batch 1 and 32: cost.latency_costs)."""
-    measured: dict[tuple, dict] = {}
-    for row in store.list_runs(status="done"):
-        config = RunConfig.from_dict(row["config"])
-        key = budget_key(config)
-        if key not in measured:
-            measured[key] = cost.latency_costs(build_model(config, num_classes=2), config.resolution)
-            print(f"latency {config.label()}: {measured[key]['latency_ms_b1']:.1f} ms (b1), "
-                  f"{measured[key]['latency_ms_b32']:.2f} ms/image (b32)", flush=True)
-        store.update_results(row["id"], costs=measured[key])
+    """Latency does not depend on the seed or the data: measure it once per architecture, after training,
+    and write it into every run of that architecture (as parallel sweeps do: executors.latency_by_architecture)."""
+    rows = store.list_runs(status="done")
+    configs = [RunConfig.from_dict(row["config"]) for row in rows]
+    # their sweeps ran with --no-latency: measure here all the same
+    measured = latency_by_architecture([dataclasses.replace(c, measure_latency=True) for c in configs])
+    for row, config in zip(rows, configs):
+        latency = measured.get(architecture_key(config))
+        if latency:
+            store.update_results(row["id"], costs=latency)
+            print(f"latency {config.label()} (run {row['id']}): {latency['latency_ms_b1']:.1f} ms (b1), "
+                  f"{latency['latency_ms_b32']:.2f} ms/image (b32)", flush=True)

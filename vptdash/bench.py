@@ -24,7 +24,7 @@ from torch import nn
 from . import data
 from .cost import unfused_attention
 from .prompts import PromptedViT
-from .train import RunConfig, load_backbone, training_precision
+from .train import RunConfig, _autocast, load_backbone, training_precision
 
 STANDARD = dict(backbone="dinov2_s14", dataset="elpv-binary", resolution=112, num_prompts=10, placement="deep",
                 batch_size=32)
@@ -58,8 +58,7 @@ def step_flops(model: PromptedViT, batch: torch.Tensor, labels: torch.Tensor, *,
 def _engine_batches(model: PromptedViT, images: torch.Tensor, precision: str):
     """What the engine trains on: the frozen prefix encoded once (patch embedding for block-0 prompts)."""
     mean, std = model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
-    with autocast:
+    with _autocast(precision):
         return model.encode_frozen(data.normalize(images, mean, std)).float()
 
 

@@ -68,7 +68,7 @@ def architecture_key(config: RunConfig) -> str:
     return json.dumps({k: v for k, v in config.to_dict().items() if k not in training_only}, sort_keys=True)
 
 
-def _latency_by_architecture(configs: Sequence[RunConfig]) -> dict[str, dict]:
+def latency_by_architecture(configs: Sequence[RunConfig]) -> dict[str, dict]:
     """Latency once per distinct architecture, measured with every thread of this process."""
     from .cost import latency_costs
     from .data import load_image_set
@@ -127,7 +127,7 @@ def _run_in_processes(store: RunStore, configs: list[RunConfig], processes: int,
 
     for config in configs:
         config.validate()
-    latency = _latency_by_architecture(configs)
+    latency = latency_by_architecture(configs)
     # Created 'running' (with this process's pid) so a dashboard worker sharing the store never claims them.
     run_ids = [store.create_run(c.to_dict(), status="running", kind=kind_of(c), source=source, sweep_id=sweep_id)
                for c in configs]

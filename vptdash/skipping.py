@@ -39,14 +39,13 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-from .train import ConfigError, RunConfig
+from .train import ConfigError, RunConfig, _autocast
 
 SKIP_METHODS = ("greedy", "das")
 DEFAULT_STEPS = 300
@@ -97,10 +96,6 @@ class SkipSearchResult:
 
 
 # ---------------------------------------------------------------------------------------- evaluator
-def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
 def fit_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float = HEAD_L2,
                     iterations: int = 200) -> nn.Linear:
     """Multinomial logistic regression (mean cross-entropy + l2 * |W|^2), L-BFGS, deterministic."""
