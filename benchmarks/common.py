@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
+from vptdash.cost import run_costs
 from vptdash.executors import architecture_key, latency_by_architecture
 from vptdash.store import RunStore
-from vptdash.train import RunConfig
+from vptdash.train import RunConfig, build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "docs" / "results.md"
@@ -70,3 +71,20 @@ def measure_latencies(store: RunStore) -> None:
             store.update_results(row["id"], costs=latency)
             print(f"latency {config.label()} (run {row['id']}): {latency['latency_ms_b1']:.1f} ms (b1), "
                   f"{latency['latency_ms_b32']:.2f} ms/image (b32)", flush=True)
+
+
+def recount_costs(runs: list[dict]) -> None:
+    """Re-count, in place, the cost figures of exported runs (GMACs, token and row counts, latency) with
+    today's graph. They depend on the architecture only, not on training, so a change in what the
+    forward pass computes (vptdash.rows) does not need the runs trained again."""
+    configs = [RunConfig.from_dict(run["config"]) for run in runs]
+    latency = latency_by_architecture([dataclasses.replace(c, measure_latency=True) for c in configs])
+    counted: dict[str, dict] = {}
+    for run, config in zip(runs, configs):
+        key = architecture_key(config)
+        if key not in counted:
+            model = build_model(config, len(run["metrics"]["class_names"]))
+            counted[key] = {**run_costs(model, config.resolution, measure=False), **latency.get(key, {})}
+            print(f"costs {config.label()}: {counted[key]['gmacs']:.3f} GMACs, "
+                  f"{counted[key].get('latency_ms_b1', float('nan')):.1f} ms (b1)", flush=True)
+        run["costs"] = {**run["costs"], **counted[key]}

@@ -4,7 +4,8 @@ It is the project's own sweep command in the meeting-demo setting (binary ELPV, 
 112 px, the offline DINOv2 ViT-S/14), 3 seeds, followed by one quiet latency measurement per budget;
 then the finished runs are exported with the command, machine and date that produced them.
 
-    python benchmarks/make_reference.py            # about 15 minutes on 2 CPU cores
+    python benchmarks/make_reference.py                   # about 15 minutes on 2 CPU cores
+    python benchmarks/make_reference.py --recount-costs   # only GMACs and latency again (about a minute)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, measure_latencies, today  # noqa: E402
+from benchmarks.common import machine, measure_latencies, recount_costs, today  # noqa: E402
 from vptdash import cli, paths, presets  # noqa: E402
 from vptdash.reference import REFERENCE_FILE  # noqa: E402
 from vptdash.store import RunStore  # noqa: E402
@@ -37,7 +38,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--store", default=str(paths.data_dir() / "reference-sweep.sqlite"))
     parser.add_argument("--export-only", action="store_true")
+    parser.add_argument("--recount-costs", action="store_true",
+                        help="re-count GMACs and latency of the shipped file's runs (no training)")
     args = parser.parse_args()
+    if args.recount_costs:
+        recount_shipped_costs()
+        return
     store = RunStore(args.store)
     argv = sweep_argv(args.seeds, args.store)
     if not args.export_only:
@@ -56,6 +62,15 @@ def main() -> None:
     REFERENCE_FILE.parent.mkdir(parents=True, exist_ok=True)
     REFERENCE_FILE.write_text(json.dumps({"meta": meta, "runs": rows}, indent=None, separators=(",", ":")))
     print(f"wrote {len(rows)} runs to {REFERENCE_FILE} ({REFERENCE_FILE.stat().st_size / 1024:.0f} KiB)")
+
+
+def recount_shipped_costs() -> None:
+    reference = json.loads(REFERENCE_FILE.read_text())
+    recount_costs(reference["runs"])
+    reference["meta"]["costs"] = (f"GMACs and latency re-counted on {today()} ({machine()}) with "
+                                  "benchmarks/make_reference.py --recount-costs; accuracies from the sweep")
+    REFERENCE_FILE.write_text(json.dumps(reference, indent=None, separators=(",", ":")))
+    print(f"re-counted the costs of {len(reference['runs'])} runs in {REFERENCE_FILE}")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ with st.expander("Plan a sweep: estimated cost before anything runs", expanded=n
             grid = budget.estimate_grid(
                 shape["depth"], shape["embed_dim"], shape["mlp_dim"], shape["num_patches"], shape["patch_size"],
                 n_classes, [int(x) for x in counts], grid_placements or ["shallow"],
-                num_prefix_tokens=shape["num_prefix_tokens"])
+                num_prefix_tokens=shape["num_prefix_tokens"], has_class_token=shape["has_class_token"],
+                row_selection=shape["row_selection"])
             configs = jobs.sweep_configs(ui.base_config(epochs=int(epochs)), [int(x) for x in counts],
                                          grid_placements or ["shallow"], list(range(int(n_seeds))))
             for config in configs:
@@ -174,7 +175,9 @@ with st.expander("Plan a sweep: estimated cost before anything runs", expanded=n
                     "params_trainable": st.column_config.NumberColumn("Trainable", format="compact"),
                 })
             st.caption("Analytic count of multiply-adds per image: grows with the tokens prompts add. "
-                       "Shallow and deep cost the same compute; deep trains many more parameters.")
+                       "Deep prompts are only read by the block they are written to (the next block "
+                       "replaces them), so at the same count they cost less compute than shallow ones, "
+                       "while training many more parameters.")
     n_runs = len(configs)
     if st.button(f"Queue {n_runs} run{'s' if n_runs != 1 else ''}", type="primary", key="budget_queue",
                  disabled=not configs, icon=":material/playlist_add:"):

@@ -54,7 +54,7 @@ def test_bilinear_parameter_count_is_m_c_plus_c_d(m, c):
 def test_bilinear_prompts_are_z_times_w_in_the_sequence():
     model = PromptedViT(tiny_vit(), 3, num_prompts=5, placement="shallow", prompt_type="bilinear", prompt_rank=3, seed=0)
     seen = []
-    model.backbone.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    model.backbone.blocks[0].norm1.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
     model(images(2))
     expected = model.prompts.z[0].detach() @ model.prompts.w[0].detach()
     assert seen[0].shape[1] == 1 + 5 + 16

@@ -128,7 +128,13 @@ def test_estimate_grid_shapes_and_relations():
     shallow = grid[grid["placement"] == "shallow"].set_index("num_prompts")
     deep = grid[grid["placement"] == "deep"].set_index("num_prompts")
     assert shallow["gmacs_analytic"].is_monotonic_increasing and shallow["gmacs_analytic"].is_unique
-    assert np.allclose(shallow["gmacs_analytic"], deep["gmacs_analytic"])
+    assert deep["gmacs_analytic"].is_monotonic_increasing and deep["gmacs_analytic"].is_unique
+    # deep prompts are keys/values only (the next block overwrites them); shallow ones run through every block
+    assert (deep["gmacs_analytic"] < shallow["gmacs_analytic"]).all()
+    whole = budget.estimate_grid(depth=12, embed_dim=384, mlp_dim=1536, num_patches=64, patch_size=14, num_classes=2,
+                                 counts=[10], placements=["shallow", "deep"], row_selection=False)
+    assert np.allclose(whole["gmacs_analytic"].iloc[0], whole["gmacs_analytic"].iloc[1])  # the textbook graph
+    assert (whole["gmacs_analytic"] > grid[grid["num_prompts"] == 10]["gmacs_analytic"].to_numpy()).all()
     for n in (1, 10, 50):
         assert shallow.loc[n, "params_trainable"] == n * 384 + head
         assert deep.loc[n, "params_trainable"] - head == 12 * (shallow.loc[n, "params_trainable"] - head)

@@ -38,19 +38,6 @@ def snapshot(store, run_id):
     return {k: row[k] for k in ("status", "config", "metrics", "costs", "timings", "kind", "parent_id")}, digest
 
 
-def blocks_gmacs(model) -> float:
-    """fvcore's count of the transformer blocks alone (no patch embedding, final norm or head)."""
-    from fvcore.nn import FlopCountAnalysis
-
-    model.eval()
-    with cost.unfused_attention(model), torch.no_grad():
-        analysis = FlopCountAnalysis(model, torch.zeros(1, 3, 32, 32))
-        analysis.unsupported_ops_warnings(False)
-        analysis.uncalled_modules_warnings(False)
-        modules = analysis.by_module()
-    return sum(modules[f"backbone.blocks.{i}"] for i in range(DEPTH)) / 1e9
-
-
 def fresh_gmacs(config: RunConfig, num_classes: int = 3) -> float:
     return cost.fvcore_gmacs(build_model(config, num_classes), config.resolution)
 
@@ -88,22 +75,19 @@ def test_deep_condensed_run_costs_what_its_per_block_counts_cost(trained):
     # exactly the GMACs of a fresh run with the same per-block counts
     same = RunConfig(**trained["base"], num_prompts=max(counts), placement="deep", prompt_counts=counts)
     assert row["costs"]["gmacs"] == pytest.approx(fresh_gmacs(same), rel=1e-12)
-    # vs a fresh uniform deep run with 8 / 4 = 2 per block: the same prompt tokens in total, so inside
-    # the blocks only the quadratic attention term differs (2 T^2 d per block), never downwards; outside
-    # them, the final LayerNorm runs on the tokens leaving the last block (fvcore: 5 per element)
+    # vs a fresh uniform deep run with 8 / 4 = 2 per block: the same prompt tokens in total. Deep prompts
+    # are only keys and values (their own rows are never computed: vptdash.rows), so each block's cost is
+    # linear in its prompt count, 2 d^2 + 2 R d per prompt with R its computed rows: R = prefix + patches,
+    # except the last block, whose single CLS row makes each of its prompts 2 d (R - 1) MACs cheaper.
     uniform = RunConfig(**trained["base"], num_prompts=2, placement="deep")
     tokens = row["costs"]["tokens_per_block"]
-    uniform_model = build_model(uniform, 3)
-    uniform_tokens = uniform_model.tokens_per_block(4)
-    assert sum(tokens) == sum(uniform_tokens)
-    quadratic = 2 * DIM * (sum(t * t for t in tokens) - sum(t * t for t in uniform_tokens)) / 1e9
-    assert quadratic >= 0
-    condensed_model = build_model(same, 3)
-    assert blocks_gmacs(condensed_model) - blocks_gmacs(uniform_model) == pytest.approx(quadratic, abs=1e-15)
+    uniform_model, condensed_model = build_model(uniform, 3), build_model(same, 3)
+    assert sum(tokens) == sum(uniform_model.tokens_per_block(4))
+    assert row["costs"]["rows_per_block"] == condensed_model.rows_per_block(4) == [1 + 4] * (DEPTH - 1) + [1]
+    expected = -2 * DIM * (1 + 4 - 1) * (counts[-1] - 2) / 1e9
     assert cost.analytic_gmacs(condensed_model, 32) - cost.analytic_gmacs(uniform_model, 32) == pytest.approx(
-        quadratic, abs=1e-15)
-    final_norm = 5 * DIM * (tokens[-1] - uniform_tokens[-1]) / 1e9
-    assert row["costs"]["gmacs"] - fresh_gmacs(uniform) == pytest.approx(quadratic + final_norm, abs=1e-15)
+        expected, abs=1e-15)
+    assert row["costs"]["gmacs"] - fresh_gmacs(uniform) == pytest.approx(expected, abs=1e-15)
     assert snapshot(store, parent) == before
 
 

@@ -19,9 +19,11 @@ def images(n=3, seed=1):
 
 
 def record_block_inputs(model: PromptedViT) -> list[int]:
+    """Sequence length entering each block that runs. Hooked on `norm1`, which sees the block's whole
+    input on both paths (a block computing selected rows is not called as a module: `vptdash.rows`)."""
     seen = []
     for block in model.backbone.blocks:
-        block.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+        block.norm1.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
     return seen
 
 
@@ -67,14 +69,14 @@ def test_deep_overwrites_prompt_slots_each_block():
     model = PromptedViT(tiny_vit(), 3, num_prompts=3, placement="deep", seed=0)
     inputs = []
     for block in model.backbone.blocks:
-        block.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach().clone()))
+        block.norm1.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach().clone()))
     model(images())
     for index, tokens in enumerate(inputs):
         assert torch.equal(tokens[:, 1:4], model.prompts.tensors[index].detach().expand(3, -1, -1))
     shallow = PromptedViT(tiny_vit(), 3, num_prompts=3, placement="shallow", seed=0)
     inputs.clear()
     for block in shallow.backbone.blocks:
-        block.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach().clone()))
+        block.norm1.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach().clone()))
     shallow(images())
     # shallow prompts pass through block 0 like ordinary tokens: block 1 sees block 0's outputs
     assert not torch.equal(inputs[1][:, 1:4], shallow.prompts.tensors[0].detach().expand(3, -1, -1))
@@ -115,7 +117,8 @@ def test_zero_prompts_is_the_linear_probe_graph():
     assert [n for n, p in prompt0.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
     x = images()
     assert torch.equal(prompt0(x), linear(x))
-    assert torch.equal(prompt0.forward_features(x), prompt0.backbone.forward_features(x)[:, 0])
+    # the same numbers as timm's own forward (up to rounding: the last block computes the CLS row only)
+    assert torch.allclose(prompt0.forward_features(x), prompt0.backbone.forward_features(x)[:, 0], atol=1e-5)
 
 
 def test_deep_with_one_block_equals_shallow():
@@ -143,7 +146,7 @@ def test_skipped_blocks_never_run():
     model = PromptedViT(tiny_vit(), 3, num_prompts=2, placement="shallow", skip_blocks=[1, 2])
     calls = [0] * DEPTH
     for i, block in enumerate(model.backbone.blocks):
-        block.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+        block.norm1.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
     model(images())
     assert calls == [1, 0, 0, 1]
     assert model.tokens_per_block() == [19, 0, 0, 19]

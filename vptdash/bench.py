@@ -3,13 +3,15 @@
 In one process it measures
   - the machine's matmul peak (fp32 and bf16),
   - the training throughput of a standard configuration with the project's engine (bf16 autocast,
-    frozen layers encoded once, data decoded once),
+    frozen layers encoded once, data decoded once, only the block output rows something reads:
+    `vptdash.rows`),
   - the same configuration with a naive reference loop written here (eager fp32, images decoded and
-    resized from disk every step, the whole network recomputed every step, as the official VPT code
-    does),
+    resized from disk every step, the whole network recomputed every step with every block computing
+    every token, as the official VPT code does),
   - optionally, the standard meeting sweep end to end.
 Achieved GFLOP/s counts what the step really executes (torch's FlopCounterMode over forward and
-backward, attention unfused so that it is counted), divided by the measured step time.
+backward, attention unfused so that it is counted), divided by the measured step time; the FLOPs of
+both steps are reported (`engine_step_gflop`, `naive_step_gflop`): work not done is not counted.
 """
 
 from __future__ import annotations
@@ -44,22 +46,30 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 2.
     return best
 
 
-def step_flops(model: PromptedViT, batch: torch.Tensor, labels: torch.Tensor, *, from_frozen: bool) -> float:
+def step_flops(model: PromptedViT, batch: torch.Tensor, labels: torch.Tensor, *, from_frozen: bool,
+               row_selection: bool = True) -> float:
     """FLOPs (2 per multiply-add) of one training step, forward and backward, as executed."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with unfused_attention(model), FlopCounterMode(display=False) as counter:
-        logits = model.forward_from_frozen(batch) if from_frozen else model(batch)
-        nn.functional.cross_entropy(logits, labels).backward()
+    model.row_selection = row_selection
+    try:
+        with unfused_attention(model), FlopCounterMode(display=False) as counter:
+            logits = model.forward_from_frozen(batch) if from_frozen else model(batch)
+            nn.functional.cross_entropy(logits, labels).backward()
+    finally:
+        model.row_selection = True
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
 
+def _normalized(model: PromptedViT, images: torch.Tensor) -> torch.Tensor:
+    return data.normalize(images, model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"])
+
+
 def _engine_batches(model: PromptedViT, images: torch.Tensor, precision: str):
     """What the engine trains on: the frozen prefix encoded once (patch embedding for block-0 prompts)."""
-    mean, std = model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"]
     with _autocast(precision):
-        return model.encode_frozen(data.normalize(images, mean, std)).float()
+        return model.encode_frozen(_normalized(model, images)).float()
 
 
 def time_engine_steps(model: PromptedViT, encoded: torch.Tensor, labels: torch.Tensor, *, precision: str,
@@ -96,7 +106,11 @@ def time_naive_steps(model: PromptedViT, files: list[str], labels: torch.Tensor,
                 grey = image.convert("RGB").resize((resolution, resolution), Image.BILINEAR)
                 batch.append(torch.from_numpy(__import__("numpy").asarray(grey).copy()).permute(2, 0, 1))
         images = (torch.stack(batch).float() / 255 - mean) / std
-        loss = nn.functional.cross_entropy(model(images), labels)
+        model.row_selection = False  # every block whole, discarded prompt outputs included
+        try:
+            loss = nn.functional.cross_entropy(model(images), labels)
+        finally:
+            model.row_selection = True
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -136,6 +150,9 @@ def run_bench(*, backbone: str = "dinov2_s14", resolution: int = 112, batch: int
         engine_s = time_engine_steps(model, encoded, labels, precision="bf16", steps=steps)
         naive_s = time_naive_steps(model, files, labels, config.resolution, steps=steps)  # medians of equal counts
         flops = step_flops(model, encoded, labels, from_frozen=True)
+        naive_flops = step_flops(model, _normalized(model, images), labels, from_frozen=False, row_selection=False)
+        result[f"engine_step_gflop{suffix}"] = flops / 1e9
+        result[f"naive_step_gflop{suffix}"] = naive_flops / 1e9
         result[f"engine_images_per_s{suffix}"] = batch / engine_s
         result[f"naive_images_per_s{suffix}"] = batch / naive_s
         result[f"speedup_vs_naive{suffix}"] = naive_s / engine_s

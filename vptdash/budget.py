@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .cost import block_macs
-from .prompts import parse_placement, placement_label
+from .prompts import parse_placement, placement_label, tokens_and_rows
 from .train import RunConfig
 
 FAMILY_ORDER = ["linear probe", "shallow", "deep", "custom blocks", "full fine-tune"]
@@ -365,26 +365,25 @@ def recommend(frame: pd.DataFrame, tolerance_points: float = 1.0, *, cost: str =
 # ---------------------------------------------------------------------------------------- estimates
 def estimate_grid(depth: int, embed_dim: int, mlp_dim: int, num_patches: int, patch_size: int, num_classes: int,
                   counts: list[int], placements: list[str], *, num_prefix_tokens: int = 1,
-                  in_chans: int = 3) -> pd.DataFrame:
+                  in_chans: int = 3, has_class_token: bool = True, row_selection: bool = True) -> pd.DataFrame:
     """Analytic cost of every (prompt count, placement) before anything runs.
 
-    GMACs follow `cost.analytic_gmacs`: blocks with their real sequence lengths (prompts join at
-    the first placed block and keep the same length after it, deep prompts overwrite their slots)
-    + patch embedding + head. So shallow and deep cost the same GMACs per image; deep trains
-    `depth` times more prompt parameters. A count of 0 is the linear probe (one row).
-    Raises `PromptConfigError` for a placement that does not fit `depth`."""
+    GMACs follow `cost.analytic_gmacs`: blocks with their real sequence lengths and computed rows
+    (`prompts.tokens_and_rows`: prompts join at the first placed block; deep prompts are overwritten
+    by the next block, so only their keys and values are ever computed; the last block computes the
+    CLS row) + patch embedding + head. So at the same count deep prompts cost fewer GMACs per image
+    than shallow ones, while training `depth` times more prompt parameters. A count of 0 is the
+    linear probe (one row). Raises `PromptConfigError` for a placement that does not fit `depth`."""
     base_tokens = num_prefix_tokens + num_patches
     fixed = num_patches * in_chans * patch_size * patch_size * embed_dim + embed_dim * num_classes
     head_params = embed_dim * num_classes + num_classes
 
-    def gmacs(prompts: int, first_block: int | None) -> float:
-        total = fixed
-        for index in range(depth):
-            tokens = base_tokens + (prompts if first_block is not None and index >= first_block else 0)
-            total += block_macs(tokens, embed_dim, mlp_dim)
-        return total / 1e9
+    def gmacs(prompts: int, blocks: tuple[int, ...]) -> float:
+        tokens, rows = tokens_and_rows(depth, {b: prompts for b in blocks}, (), base_tokens, has_class_token,
+                                       row_selection)
+        return (fixed + sum(block_macs(t, embed_dim, mlp_dim, r) for t, r in zip(tokens, rows))) / 1e9
 
-    zero = gmacs(0, None)
+    zero = gmacs(0, ())
     records, seen = [], set()
     for count in counts:
         count = int(count)
@@ -399,7 +398,7 @@ def estimate_grid(depth: int, embed_dim: int, mlp_dim: int, num_patches: int, pa
                 continue
             seen.add((count, name))
             config = RunConfig(tuning="prompt", num_prompts=count, placement=name if count else "shallow")
-            value = gmacs(count, blocks[0] if blocks else None)
+            value = gmacs(count, blocks)
             prompt_params = count * embed_dim * len(blocks)
             records.append({
                 "num_prompts": count,
@@ -426,6 +425,7 @@ def backbone_shape(backbone) -> dict:
     """depth, embed_dim, mlp_dim, patch_size, num_prefix_tokens, in_chans of a timm ViT: the keyword
     arguments of `estimate_grid` (add num_patches = (resolution // patch_size) ** 2 and num_classes)."""
     from .prompts import patch_size_of
+    from .rows import supports_row_selection
 
     first = backbone.blocks[0]
     return {
@@ -435,4 +435,6 @@ def backbone_shape(backbone) -> dict:
         "patch_size": patch_size_of(backbone),
         "num_prefix_tokens": int(getattr(backbone, "num_prefix_tokens", 1)),
         "in_chans": int(backbone.patch_embed.proj.in_channels),
+        "has_class_token": getattr(backbone, "cls_token", None) is not None,
+        "row_selection": all(supports_row_selection(block) for block in backbone.blocks),
     }

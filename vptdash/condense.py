@@ -25,9 +25,12 @@ Ranking is global across blocks: all prompt vectors of all placed blocks are sor
 * For a deep run (N per block, depth D, N*D vectors) the kept vectors are spread unevenly over the
   blocks; the condensed run is stored with per-block `prompt_counts` (family "condensed"). Its GMACs
   equal those of a fresh run with the same `prompt_counts`. Compared with a fresh *uniform* deep run
-  with keep/D prompts per block, the total prompt tokens processed (sum over blocks) is the same, so
-  inside the blocks every linear term (qkv, proj, MLP, LayerNorms) is identical and only the attention
-  term 2*T_l^2*d differs, never downwards for uneven counts (a sum of squares is smallest when equal).
+  with keep/D prompts per block, the total prompt tokens (sum over blocks) is the same. Deep prompts
+  are only keys and values (the next block overwrites their outputs, so they are never computed:
+  `vptdash.rows`), which makes each block's cost linear in its prompt count, 2d^2 + 2Rd MACs per
+  prompt with R the rows it computes (prefix + patches; 1 in the last block, which computes the CLS
+  row only). So the two differ only through the last block: each prompt kept there is 2d(R-1) MACs
+  cheaper than one kept earlier.
   Outside the blocks, the final LayerNorm runs on the tokens leaving the last block, so it costs less
   when the last block kept fewer prompts than keep/D. Both differences are tiny (a few MACs per token);
   `tests/test_condense.py` checks them exactly.

@@ -422,13 +422,15 @@ class NullSpaceMemory:
             return hook
 
         handles = [model.backbone.blocks[b].register_forward_pre_hook(hook_for(b)) for b in self.blocks]
+        was_training, row_selection = model.training, model.row_selection
+        model.row_selection = False  # every block called as a module, so the hooks fire
         try:
-            was_training = model.training
             model.eval()
             for start in range(0, len(encoded), batch_size):
                 model.forward_from_frozen(encoded[start : start + batch_size])
-            model.train(was_training)
         finally:
+            model.train(was_training)
+            model.row_selection = row_selection
             for handle in handles:
                 handle.remove()
         for b in self.blocks:
@@ -620,7 +622,7 @@ def _features(model: PromptedViT, encoded: torch.Tensor, precision: str) -> torc
     chunks = []
     with train._autocast(precision):
         for start in range(0, len(encoded), EVAL_BATCH):
-            tokens, prompts_in_x = model.run_blocks(encoded[start : start + EVAL_BATCH], model.first_prompt_block)
+            tokens, prompts_in_x = model.run_blocks(encoded[start : start + EVAL_BATCH], model.first_prompt_block, pooled=True)
             chunks.append(model.pool(tokens, prompts_in_x).float())
     return torch.cat(chunks) if chunks else torch.empty(0, model.embed_dim)
 

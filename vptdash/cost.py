@@ -4,6 +4,10 @@ Units: fvcore counts one multiply-add as one "flop", i.e. MACs. Every figure her
 image (1 GMAC = 2 GFLOPs). fvcore does not count `scaled_dot_product_attention`, so the count is
 taken with timm's fused attention switched off: the attention matmuls then appear as plain matmuls
 and are counted, which matters because they grow quadratically with the prompt count.
+
+The graph counted is the one that runs: blocks compute only the output rows something reads
+(`vptdash.rows`: deep prompts are keys and values only, the last block computes the CLS row), and
+`analytic_gmacs` follows the same rows (`PromptedViT.rows_per_block`).
 """
 
 from __future__ import annotations
@@ -64,9 +68,13 @@ def fvcore_gmacs(model: PromptedViT, resolution: int) -> float:
     return total / 1e9
 
 
-def block_macs(tokens: int, dim: int, mlp_dim: int) -> int:
-    """One transformer block on N tokens: qkv + proj (4 N d^2), MLP (2 N d m), QK^T and AV (2 N^2 d)."""
-    return tokens * (4 * dim * dim + 2 * dim * mlp_dim) + 2 * tokens * tokens * dim
+def block_macs(tokens: int, dim: int, mlp_dim: int, rows: int | None = None) -> int:
+    """One transformer block on N tokens computing R output rows (R = N: the whole block).
+
+    Keys and values for every token (2 N d^2); query + proj (2 R d^2), MLP (2 R d m) and QK^T, AV
+    (2 R N d) for the computed rows only (`vptdash.rows`)."""
+    rows = tokens if rows is None else rows
+    return 2 * tokens * dim * dim + rows * (2 * dim * dim + 2 * dim * mlp_dim) + 2 * rows * tokens * dim
 
 
 def analytic_gmacs(model: PromptedViT, resolution: int) -> float:
@@ -77,7 +85,8 @@ def analytic_gmacs(model: PromptedViT, resolution: int) -> float:
     in_chans = backbone.patch_embed.proj.in_channels
     mlp_dim = backbone.blocks[0].mlp.fc1.out_features
     dim = model.embed_dim
-    blocks = sum(block_macs(n, dim, mlp_dim) for n in model.tokens_per_block(num_patches) if n)
+    tokens, rows = model.tokens_per_block(num_patches), model.rows_per_block(num_patches)
+    blocks = sum(block_macs(n, dim, mlp_dim, r) for n, r in zip(tokens, rows) if n)
     patch_embed = num_patches * in_chans * patch * patch * dim
     head = dim * model.head.out_features
     return (blocks + patch_embed + head) / 1e9
@@ -155,7 +164,9 @@ def run_costs(model: PromptedViT, resolution: int, *, measure: bool = True, prec
     costs: dict[str, Any] = count_parameters(model)
     costs["gmacs"] = fvcore_gmacs(model, resolution)
     costs["gmacs_analytic"] = analytic_gmacs(model, resolution)
-    costs["tokens_per_block"] = model.tokens_per_block((resolution // patch_size_of(model.backbone)) ** 2)
+    num_patches = (resolution // patch_size_of(model.backbone)) ** 2
+    costs["tokens_per_block"] = model.tokens_per_block(num_patches)
+    costs["rows_per_block"] = model.rows_per_block(num_patches)
     if measure:
         costs.update(latency_costs(model, resolution, precision=precision))
     return costs

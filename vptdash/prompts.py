@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
+from .rows import block_rows, supports_row_selection
+
 TUNING_MODES = ("prompt", "linear", "full")
 PROMPT_TYPES = ("standard", "bilinear", "bilinear-whitened")
 # BPT recipes (methods.md, section 3): rank c for one placed block (shallow) and for several (deep).
@@ -132,6 +134,43 @@ def patch_size_of(backbone: VisionTransformer) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def rows_read_after(index: int, end: int, pooled: bool, placed, skipped, has_class_token: bool) -> str:
+    """Which output rows of block `index` anything reads, when blocks [index+1, end) run next:
+    "all"; "no-prompts" (the next event is a prompt write, which discards the prompt slots, or the
+    patch-mean pool); "cls" (pooled=True and nothing but the head reads on)."""
+    for later in range(index + 1, end):
+        if later in placed:
+            return "no-prompts"
+        if later not in skipped:
+            return "all"
+    if not pooled:
+        return "all"  # the caller receives every token
+    return "cls" if has_class_token else "no-prompts"
+
+
+def tokens_and_rows(depth: int, counts_by_block: dict[int, int], skipped, base_tokens: int, has_class_token: bool,
+                    row_selection: bool = True) -> tuple[list[int], list[int]]:
+    """Per block of a forward pass: the sequence length entering it and the output rows it computes
+    (both 0 for a skipped block). `base_tokens` = prefix + patch tokens. The one place that knows how
+    prompt writes and row selection shape the sequence: costs, estimates and the model all use it."""
+    tokens, prompts_in_x, lengths, rows = base_tokens, 0, [], []
+    for index in range(depth):
+        if index in counts_by_block:
+            tokens += counts_by_block[index] - prompts_in_x
+            prompts_in_x = counts_by_block[index]
+        if index in skipped:
+            lengths.append(0)
+            rows.append(0)
+            continue
+        lengths.append(tokens)
+        read = rows_read_after(index, depth, True, counts_by_block, skipped, has_class_token)
+        if not row_selection or read == "all" or (read == "no-prompts" and not prompts_in_x):
+            rows.append(tokens)
+        else:
+            rows.append(1 if read == "cls" else tokens - prompts_in_x)
+    return lengths, rows
+
+
 class PromptedViT(nn.Module):
     """A frozen ViT + prompts + a linear head on the CLS output.
 
@@ -194,6 +233,9 @@ class PromptedViT(nn.Module):
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
         self.prompt_dropout = nn.Dropout(prompt_dropout)
+        # Compute only the block output rows that are read later (`vptdash.rows`); False runs every
+        # block whole, as the official VPT code does (the benchmark's naive reference, tests).
+        self.row_selection = True
 
         for param in self.backbone.parameters():
             param.requires_grad_(tuning == "full")
@@ -281,17 +323,36 @@ class PromptedViT(nn.Module):
         patches = x[:, self.num_prefix_tokens + prompts_in_x :]
         return torch.cat([prefix, fresh, patches], dim=1), fresh.shape[1]
 
-    def run_blocks(self, x: torch.Tensor, start: int = 0, end: int | None = None, prompts_in_x: int = 0):
-        """Run blocks [start, end) with prompt writes and skips; returns (tokens, prompts in them)."""
+    def run_blocks(
+        self, x: torch.Tensor, start: int = 0, end: int | None = None, prompts_in_x: int = 0, *, pooled: bool = False
+    ):
+        """Run blocks [start, end) with prompt writes and skips; returns (tokens, prompts in them).
+
+        pooled=True (the caller passes the result straight to `pool`; needs end = depth): every block
+        computes only the output rows that are read later (`rows_read_after`), so the returned tokens
+        may hold just the CLS token, or no prompt slots. Otherwise every row of every block is computed."""
         end = self.depth if end is None else end
+        if pooled and end != self.depth:
+            raise ValueError("pooled=True needs the blocks to run to the end")
         prompt_list = self.prompts() if self.placement else []
         for index in range(start, end):
             if index in self.block_to_slot:
                 x, prompts_in_x = self._write_prompts(x, index, prompts_in_x, prompt_list)
             if index in self.skip_blocks:
                 continue
-            x = self.backbone.blocks[index](x)
+            read = rows_read_after(index, end, pooled, self.block_to_slot, self.skip_blocks, self.has_class_token)
+            x, prompts_in_x = self._run_block(index, x, prompts_in_x, read)
         return x, prompts_in_x
+
+    def _run_block(self, index: int, x: torch.Tensor, prompts_in_x: int, rows: str) -> tuple[torch.Tensor, int]:
+        block = self.backbone.blocks[index]
+        whole = rows == "all" or (rows == "no-prompts" and not prompts_in_x)
+        if whole or not self.row_selection or not supports_row_selection(block):
+            return block(x), prompts_in_x
+        if rows == "cls":
+            return block_rows(block, x, [slice(0, 1)]), 0
+        prefix = self.num_prefix_tokens
+        return block_rows(block, x, [slice(0, prefix), slice(prefix + prompts_in_x, None)]), 0
 
     def pool(self, tokens: torch.Tensor, prompts_in_x: int) -> torch.Tensor:
         """Final norm, then the CLS token (or the mean of the patch tokens for class-token-free ViTs)."""
@@ -301,7 +362,7 @@ class PromptedViT(nn.Module):
         return tokens[:, self.num_prefix_tokens + prompts_in_x :].mean(dim=1)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        tokens, prompts_in_x = self.run_blocks(self.embed(images))
+        tokens, prompts_in_x = self.run_blocks(self.embed(images), pooled=True)
         return self.pool(tokens, prompts_in_x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -315,30 +376,37 @@ class PromptedViT(nn.Module):
         training computes it once and reuses it every epoch."""
         if self.tuning == "full":
             raise PromptConfigError("full fine-tuning has no frozen prefix to cache")
-        tokens, _ = self.run_blocks(self.embed(images), 0, self.first_prompt_block)
         if self.first_prompt_block == self.depth:
-            return self.pool(tokens, 0)
+            return self.pool(*self.run_blocks(self.embed(images), pooled=True))
+        tokens, _ = self.run_blocks(self.embed(images), 0, self.first_prompt_block)
         return tokens
 
     def forward_from_frozen(self, encoded: torch.Tensor) -> torch.Tensor:
         """Logits from ``encode_frozen``'s output: only the trainable part runs (with autograd)."""
         if self.first_prompt_block == self.depth:
             return self.head(encoded)
-        tokens, prompts_in_x = self.run_blocks(encoded, self.first_prompt_block)
+        tokens, prompts_in_x = self.run_blocks(encoded, self.first_prompt_block, pooled=True)
         return self.head(self.pool(tokens, prompts_in_x))
 
     # ----------------------------------------------------------------- bookkeeping
-    def tokens_per_block(self, num_patches: int | None = None) -> list[int]:
-        """Sequence length entering each block (0 for skipped blocks, which never run)."""
+    def _tokens_and_rows(self, num_patches: int | None) -> tuple[list[int], list[int]]:
         if num_patches is None:
             num_patches = int(self.backbone.patch_embed.num_patches)
-        tokens, prompts_in_x, lengths = self.num_prefix_tokens + num_patches, 0, []
-        for index in range(self.depth):
-            if index in self.block_to_slot:
-                tokens += self.prompt_counts[self.block_to_slot[index]] - prompts_in_x
-                prompts_in_x = self.prompt_counts[self.block_to_slot[index]]
-            lengths.append(0 if index in self.skip_blocks else tokens)
-        return lengths
+        counts = {block: self.prompt_counts[slot] for block, slot in self.block_to_slot.items()}
+        selectable = self.row_selection and all(supports_row_selection(b) for b in self.backbone.blocks)
+        return tokens_and_rows(self.depth, counts, self.skip_blocks, self.num_prefix_tokens + num_patches,
+                               self.has_class_token, selectable)
+
+    def tokens_per_block(self, num_patches: int | None = None) -> list[int]:
+        """Sequence length entering each block (0 for skipped blocks, which never run)."""
+        return self._tokens_and_rows(num_patches)[0]
+
+    def rows_per_block(self, num_patches: int | None = None) -> list[int]:
+        """Output rows each block computes in a forward pass (its queries; 0 for skipped blocks).
+
+        Equal to `tokens_per_block` for a block run whole; smaller where `run_blocks(pooled=True)` drops
+        rows nobody reads: the prompt slots before a prompt write, everything but CLS in the last block."""
+        return self._tokens_and_rows(num_patches)[1]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -1,0 +1,93 @@
+"""Row selection (vptdash.rows): blocks compute only the output rows something reads, with the same
+logits and gradients as running every block whole."""
+
+import pytest
+import torch
+from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
+
+from vptdash.prompts import PromptedViT
+from vptdash.rows import supports_row_selection
+
+DIM, IMG, PATCH, DEPTH = 32, 32, 8, 4  # 16 patches
+
+
+def vit(**kw) -> VisionTransformer:
+    torch.manual_seed(0)
+    options = dict(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=4, mlp_ratio=2,
+                   num_classes=0, init_values=0.1)
+    return VisionTransformer(**{**options, **kw}).eval()
+
+
+def logits_and_grads(model: PromptedViT, images: torch.Tensor, row_selection: bool):
+    model.row_selection = row_selection
+    model.zero_grad(set_to_none=True)
+    logits = model(images)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.row_selection = True
+    return logits.detach(), grads
+
+
+CASES = [
+    ({}, "deep", ()), ({}, "shallow", ()), ({}, "0,2", (1,)), ({}, "deep", (3,)), ({}, "1,3", (3,)),
+    ({}, "3", ()), ({"reg_tokens": 2}, "deep", ()),
+    ({"class_token": False, "global_pool": "avg"}, "deep", ()),
+    ({"class_token": False, "global_pool": "avg"}, "shallow", (2,)),
+    ({"qkv_bias": False, "qk_norm": True}, "deep", ()),
+]
+
+
+@pytest.mark.parametrize("options,placement,skip", CASES)
+def test_selected_rows_give_the_whole_blocks_logits_and_gradients(options, placement, skip):
+    model = PromptedViT(vit(**options), 3, num_prompts=5, placement=placement, skip_blocks=skip, seed=0)
+    images = torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+    fast, fast_grads = logits_and_grads(model, images, True)
+    whole, whole_grads = logits_and_grads(model, images, False)
+    assert torch.allclose(fast, whole, atol=1e-5)
+    for name, grad in whole_grads.items():
+        assert torch.allclose(fast_grads[name], grad, atol=1e-5, rtol=1e-4), name
+    assert model.rows_per_block() != model.tokens_per_block()  # something was really left out
+
+
+def test_cached_training_path_selects_rows_too():
+    model = PromptedViT(vit(), 3, num_prompts=5, placement="2,3", seed=0)
+    images = torch.randn(3, 3, IMG, IMG)
+    encoded = model.encode_frozen(images)
+    assert encoded.shape[1] == 1 + 16  # the frozen prefix hands on every token
+    fast = model.forward_from_frozen(encoded)
+    model.row_selection = False
+    assert torch.allclose(fast, model.forward_from_frozen(encoded), atol=1e-5)
+
+
+@pytest.mark.parametrize("placement,skip,expected", [
+    ("deep", (), [17, 17, 17, 1]),  # prompt outputs are overwritten by the next block's prompts
+    ("shallow", (), [22, 22, 22, 1]),  # shallow prompts carry on: only the last block shrinks
+    ("0,2", (), [22, 17, 22, 1]),  # block 0's prompts feed block 1; block 1's outputs are overwritten
+    ("0,1,2", (3,), [17, 17, 1, 0]),  # the last block that runs computes the CLS row
+])
+def test_rows_per_block(placement, skip, expected):
+    model = PromptedViT(vit(), 3, num_prompts=5, placement=placement, skip_blocks=skip)
+    assert model.rows_per_block() == expected
+
+
+def test_without_a_class_token_the_last_block_keeps_the_patches():
+    model = PromptedViT(vit(class_token=False, global_pool="avg"), 3, num_prompts=5, placement="deep")
+    assert model.rows_per_block() == [16, 16, 16, 16]
+
+
+def test_other_block_types_run_whole():
+    backbone = vit(block_fn=ParallelScalingBlock)
+    assert not supports_row_selection(backbone.blocks[0])
+    model = PromptedViT(backbone, 3, num_prompts=5, placement="deep")
+    assert model.rows_per_block() == model.tokens_per_block()
+    assert model(torch.randn(2, 3, IMG, IMG)).shape == (2, 3)
+
+
+def test_bf16_autocast_stays_close_to_whole_blocks():
+    model = PromptedViT(vit(), 3, num_prompts=5, placement="deep", seed=0)
+    images = torch.randn(3, 3, IMG, IMG)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = model(images).float()
+        model.row_selection = False
+        whole = model(images).float()
+    assert torch.allclose(fast, whole, atol=5e-2)

@@ -1,0 +1,77 @@
+"""Run a timm ViT block for only the output rows somebody will read.
+
+In VPT-deep, the prompt tokens a block outputs are thrown away: the next block overwrites the prompt
+slots with its own fresh prompts. Prompts still matter as *keys and values* (every other token
+attends to them), but their own queries, attention output, projection and MLP are pure waste. Likewise
+the last block feeds only the CLS token to the head. With 10 deep prompts at 112 px (75 tokens, 65
+kept) that is ~15% of a forward+backward pass; with 100 prompts (165 tokens) about half.
+
+`block_rows` computes exactly ``block(x)[:, rows]`` (up to float rounding): layer norm and the
+key/value projection over every token, the query and everything after it over the kept rows only.
+It reads the block's own submodules and weights (nothing is patched or copied), so fvcore counts
+what really runs; with ``fused_attn`` off (the GMAC counter's switch) attention is explicit matmuls.
+
+Only timm's plain `Block` + `Attention` take this path (`supports_row_selection`); any other block
+type runs whole, as before. A block on this path is not called as a module, so hooks registered on it
+do not fire: code that reads block inputs or outputs through hooks switches `PromptedViT.row_selection`
+off first (continual learning does). Hooks are deliberately not a reason to fall back: fvcore hooks
+every module while it counts, and it must count the path that really runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+
+
+def supports_row_selection(block: nn.Module) -> bool:
+    """A plain timm block with plain attention: the structure `block_rows` reproduces."""
+    return type(block) is Block and type(getattr(block, "attn", None)) is Attention
+
+
+def _split_qkv(attn: Attention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Views of the fused qkv weight: the query rows and the key/value rows (and their biases)."""
+    width = attn.qkv.out_features // 3
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    q_bias = bias[:width] if bias is not None else None
+    kv_bias = bias[width:] if bias is not None else None
+    return weight[:width], weight[width:], q_bias, kv_bias
+
+
+def _attention_rows(attn: Attention, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """timm `Attention.forward` with queries from `queries` (B, R, C) and keys/values from `tokens` (B, N, C)."""
+    batch, rows, _ = queries.shape
+    length = tokens.shape[1]
+    q_weight, kv_weight, q_bias, kv_bias = _split_qkv(attn)
+    gate_layer = getattr(attn, "gate", None)  # older timm releases have no gate / norm / attn_dim
+    gate = gate_layer(queries).sigmoid() if gate_layer is not None else None
+    q = F.linear(queries, q_weight, q_bias).reshape(batch, rows, attn.num_heads, attn.head_dim).transpose(1, 2)
+    kv = F.linear(tokens, kv_weight, kv_bias).reshape(batch, length, 2, attn.num_heads, attn.head_dim)
+    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = attn.attn_drop(weights) @ v
+    out = out.transpose(1, 2).reshape(batch, rows, attn.num_heads * attn.head_dim)
+    out = attn.norm(out) if hasattr(attn, "norm") else out
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
+def block_rows(block: Block, x: torch.Tensor, keep: list[slice]) -> torch.Tensor:
+    """``block(x)`` restricted to the token rows in `keep` (slices of dim 1, concatenated in order)."""
+    normed = block.norm1(x)
+    if len(keep) == 1:
+        queries, residual = normed[:, keep[0]], x[:, keep[0]]
+    else:
+        # One gather, not a cat of slices: its backward scatters into one zero tensor instead of one per slice.
+        index = torch.cat([torch.arange(x.shape[1])[s] for s in keep]).to(x.device)
+        queries, residual = normed.index_select(1, index), x.index_select(1, index)
+    out = residual + block.drop_path1(block.ls1(_attention_rows(block.attn, queries, normed)))
+    return out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
