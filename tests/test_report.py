@@ -66,4 +66,12 @@ def test_reference_sweep_import_is_idempotent(tmp_path, monkeypatch):
     assert reference.load_reference(store, path) == 0
     stored = store.list_runs()
     assert {r["source"] for r in stored} == {"precomputed"}
+    # a re-counted file (make_reference.py --recount-costs) updates the costs of runs imported before
+    content = json.loads(path.read_text())
+    for run in content["runs"]:
+        run["costs"] = {**run["costs"], "gmacs": 0.123}
+    path.write_text(json.dumps(content))
+    assert reference.load_reference(store, path) == 0
+    assert [r["costs"]["gmacs"] for r in store.list_runs()] == [0.123, 0.123]
+    assert len(store.list_runs()) == 2
     assert "precomputed" in set(budget.runs_table(stored)["source"])

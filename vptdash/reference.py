@@ -29,12 +29,13 @@ def _read(path: Path) -> dict | None:
 
 def load_reference(store: RunStore, path: Path | None = None) -> int:
     """Import the reference runs into `store` as source "precomputed"; returns how many were new
-    (0 when the file is missing or every run is already there)."""
+    (0 when the file is missing or every run is already there). Runs imported earlier take the file's
+    current costs (`benchmarks/make_reference.py --recount-costs` re-counts them without retraining)."""
     content = _read(REFERENCE_FILE if path is None else path)  # looked up at call time
     if content is None:
         return 0
     runs = content.get("runs") or []
-    return store.import_runs(runs, source="precomputed") if runs else 0
+    return store.import_runs(runs, source="precomputed", refresh_costs=True) if runs else 0
 
 
 def reference_info(path: Path | None = None) -> dict | None:

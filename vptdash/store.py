@@ -580,7 +580,7 @@ class RunStore:
 
     # ---------------------------------------------------------------- bulk import / export
 
-    def import_runs(self, rows: list[dict], *, source: str = "precomputed") -> int:
+    def import_runs(self, rows: list[dict], *, source: str = "precomputed", refresh_costs: bool = False) -> int:
         """Insert finished runs (e.g. the reference sweep shipped with the app); return how
         many were new.
 
@@ -589,7 +589,9 @@ class RunStore:
         "created_at", "started_at", "finished_at", "progress" (list of events), "dedupe_key",
         "parent_key" (the dedupe_key of the parent run, resolved to its id here).
         Idempotent: rows whose dedupe_key is already stored are skipped; without an explicit
-        key it is `dedupe_key(source, kind, sweep_id, config, created_at)`.
+        key it is `dedupe_key(source, kind, sweep_id, config, created_at)`. With refresh_costs, an
+        already stored row of the same source takes the file's "costs" (a shipped file whose GMACs and
+        latency were re-counted after the graph changed: otherwise old and new figures would mix).
         All rows go in one transaction: an invalid row imports nothing.
         """
         now = time.time()
@@ -598,6 +600,9 @@ class RunStore:
             for row in rows:
                 run_id = self._insert_imported(conn, row, source, now)
                 if run_id is None:
+                    if refresh_costs and row.get("costs") and row.get("dedupe_key"):
+                        conn.execute("UPDATE runs SET costs = ? WHERE dedupe_key = ? AND source = ?",
+                                     (_dumps(row["costs"]), row["dedupe_key"], source))
                     continue
                 inserted += 1
                 if row.get("parent_key"):
