@@ -10,6 +10,8 @@ placed block never see prompts, which is what lets training cache their output (
 
 The backbone's own modules (patch_embed, _pos_embed, blocks, norm) are called as they are: nothing in
 the backbone is patched, so any timm ``VisionTransformer`` works, and its weights stay bit-identical.
+Where part of a block's output is never read (prompt slots the next block overwrites, everything but
+CLS after the last block), `vptdash.rows` runs that block's own submodules for the read rows only.
 """
 
 from __future__ import annotations
