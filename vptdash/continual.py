@@ -622,7 +622,8 @@ def _features(model: PromptedViT, encoded: torch.Tensor, precision: str) -> torc
     chunks = []
     with train._autocast(precision):
         for start in range(0, len(encoded), EVAL_BATCH):
-            tokens, prompts_in_x = model.run_blocks(encoded[start : start + EVAL_BATCH], model.first_prompt_block, pooled=True)
+            batch = encoded[start : start + EVAL_BATCH]
+            tokens, prompts_in_x = model.run_blocks(batch, model.first_prompt_block, pooled=True)
             chunks.append(model.pool(tokens, prompts_in_x).float())
     return torch.cat(chunks) if chunks else torch.empty(0, model.embed_dim)
 

@@ -4,7 +4,8 @@ In VPT-deep, the prompt tokens a block outputs are thrown away: the next block o
 slots with its own fresh prompts. Prompts still matter as *keys and values* (every other token
 attends to them), but their own queries, attention output, projection and MLP are pure waste. Likewise
 the last block feeds only the CLS token to the head. With 10 deep prompts at 112 px (75 tokens, 65
-kept) that is ~15% of a forward+backward pass; with 100 prompts (165 tokens) about half.
+kept) that is 18% of a training step's FLOPs (5-9% of its time, measured); with 100 deep prompts (165
+tokens) about half of both (docs/performance.md).
 
 `block_rows` computes exactly ``block(x)[:, rows]`` (up to float rounding): layer norm and the
 key/value projection over every token, the query and everything after it over the kept rows only.
