@@ -75,6 +75,16 @@ def test_without_a_class_token_the_last_block_keeps_the_patches():
     assert model.rows_per_block() == [16, 16, 16, 16]
 
 
+def test_whole_blocks_restores_the_previous_setting():
+    model = PromptedViT(vit(), 3, num_prompts=5, placement="deep")
+    with model.whole_blocks():
+        assert model.rows_per_block() == model.tokens_per_block()
+        with model.whole_blocks():
+            pass
+        assert not model.row_selection  # the inner one restored the outer's setting, not True
+    assert model.row_selection and model.rows_per_block() == [17, 17, 17, 1]
+
+
 def test_other_block_types_run_whole():
     backbone = vit(block_fn=ParallelScalingBlock)
     assert not supports_row_selection(backbone.blocks[0])

@@ -16,10 +16,11 @@ prompts change where attention goes. This module measures that on a trained run:
 How the probabilities are obtained (exact, and the backbone is never modified): the blocks are run
 one by one exactly as `PromptedViT.run_blocks` does (same prompt writes, same skips), and before each
 block its attention probabilities are recomputed from the block's own modules on the block's own
-input (blocks run whole here, every query row included, since the maps show what prompts themselves
-attend to; `run_blocks` skips rows nobody reads, `vptdash.rows`, with the same logits up to rounding): `q, k = q_norm/k_norm(qkv(norm1(x)))`, `softmax(q * scale @ k^T)`. That is the expression
+input: `q, k = q_norm/k_norm(qkv(norm1(x)))`, `softmax(q * scale @ k^T)`. That is the expression
 timm's `Attention` evaluates on its unfused path (its fused path computes the same softmax inside
-`scaled_dot_product_attention` without materialising it). Nothing is patched, no hook is
+`scaled_dot_product_attention` without materialising it). Blocks run whole here, every query row
+included, since the maps show what prompts themselves attend to (`run_blocks` leaves out rows nobody
+reads, `vptdash.rows`, with the same logits up to rounding). Nothing is patched, no hook is
 registered and `fused_attn` is never switched, so a backbone shared with a training thread or a
 latency measurement is not disturbed: training and latency keep the fused kernel. The cost is one
 extra `qkv` projection per block, for analysis only. `tests/test_attention.py` checks that

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -51,13 +52,10 @@ def step_flops(model: PromptedViT, batch: torch.Tensor, labels: torch.Tensor, *,
     """FLOPs (2 per multiply-add) of one training step, forward and backward, as executed."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model.row_selection = row_selection
-    try:
-        with unfused_attention(model), FlopCounterMode(display=False) as counter:
-            logits = model.forward_from_frozen(batch) if from_frozen else model(batch)
-            nn.functional.cross_entropy(logits, labels).backward()
-    finally:
-        model.row_selection = True
+    rows = nullcontext() if row_selection else model.whole_blocks()
+    with rows, unfused_attention(model), FlopCounterMode(display=False) as counter:
+        logits = model.forward_from_frozen(batch) if from_frozen else model(batch)
+        nn.functional.cross_entropy(logits, labels).backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
@@ -106,11 +104,8 @@ def time_naive_steps(model: PromptedViT, files: list[str], labels: torch.Tensor,
                 grey = image.convert("RGB").resize((resolution, resolution), Image.BILINEAR)
                 batch.append(torch.from_numpy(__import__("numpy").asarray(grey).copy()).permute(2, 0, 1))
         images = (torch.stack(batch).float() / 255 - mean) / std
-        model.row_selection = False  # every block whole, discarded prompt outputs included
-        try:
+        with model.whole_blocks():  # discarded prompt outputs computed too
             loss = nn.functional.cross_entropy(model(images), labels)
-        finally:
-            model.row_selection = True
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -422,15 +422,14 @@ class NullSpaceMemory:
             return hook
 
         handles = [model.backbone.blocks[b].register_forward_pre_hook(hook_for(b)) for b in self.blocks]
-        was_training, row_selection = model.training, model.row_selection
-        model.row_selection = False  # every block called as a module, so the hooks fire
+        was_training = model.training
         try:
             model.eval()
-            for start in range(0, len(encoded), batch_size):
-                model.forward_from_frozen(encoded[start : start + batch_size])
+            with model.whole_blocks():  # every block called as a module, so the hooks fire
+                for start in range(0, len(encoded), batch_size):
+                    model.forward_from_frozen(encoded[start : start + batch_size])
         finally:
             model.train(was_training)
-            model.row_selection = row_selection
             for handle in handles:
                 handle.remove()
         for b in self.blocks:

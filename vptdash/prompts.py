@@ -17,7 +17,7 @@ CLS after the last block), `vptdash.rows` runs that block's own submodules for t
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Iterable, Sequence
 
 import torch
@@ -150,6 +150,11 @@ def rows_read_after(index: int, end: int, pooled: bool, placed, skipped, has_cla
     return "cls" if has_class_token else "no-prompts"
 
 
+def drops_rows(read: str, prompts_in_x: int) -> bool:
+    """Whether a block whose readers are `read` (see rows_read_after) can leave some output rows out."""
+    return read == "cls" or (read == "no-prompts" and prompts_in_x > 0)
+
+
 def tokens_and_rows(depth: int, counts_by_block: dict[int, int], skipped, base_tokens: int, has_class_token: bool,
                     row_selection: bool = True) -> tuple[list[int], list[int]]:
     """Per block of a forward pass: the sequence length entering it and the output rows it computes
@@ -166,7 +171,7 @@ def tokens_and_rows(depth: int, counts_by_block: dict[int, int], skipped, base_t
             continue
         lengths.append(tokens)
         read = rows_read_after(index, depth, True, counts_by_block, skipped, has_class_token)
-        if not row_selection or read == "all" or (read == "no-prompts" and not prompts_in_x):
+        if not row_selection or not drops_rows(read, prompts_in_x):
             rows.append(tokens)
         else:
             rows.append(1 if read == "cls" else tokens - prompts_in_x)
@@ -330,9 +335,10 @@ class PromptedViT(nn.Module):
     ):
         """Run blocks [start, end) with prompt writes and skips; returns (tokens, prompts in them).
 
-        pooled=True (the caller passes the result straight to `pool`; needs end = depth): every block
-        computes only the output rows that are read later (`rows_read_after`), so the returned tokens
-        may hold just the CLS token, or no prompt slots. Otherwise every row of every block is computed."""
+        Every block computes only the output rows read later (`rows_read_after`): prompt slots that a
+        later write in [start, end) overwrites are left out. pooled=True (the caller passes the result
+        straight to `pool`; needs end = depth) also leaves out what `pool` does not read, so the returned
+        tokens may hold just the CLS token. Without it, the tokens leaving block end - 1 are complete."""
         end = self.depth if end is None else end
         if pooled and end != self.depth:
             raise ValueError("pooled=True needs the blocks to run to the end")
@@ -346,10 +352,19 @@ class PromptedViT(nn.Module):
             x, prompts_in_x = self._run_block(index, x, prompts_in_x, read)
         return x, prompts_in_x
 
+    @contextmanager
+    def whole_blocks(self):
+        """Every block computes every row inside this block (as the official VPT code does), and every
+        block is called as a module, so hooks on blocks fire; the previous setting comes back after."""
+        previous, self.row_selection = self.row_selection, False
+        try:
+            yield self
+        finally:
+            self.row_selection = previous
+
     def _run_block(self, index: int, x: torch.Tensor, prompts_in_x: int, rows: str) -> tuple[torch.Tensor, int]:
         block = self.backbone.blocks[index]
-        whole = rows == "all" or (rows == "no-prompts" and not prompts_in_x)
-        if whole or not self.row_selection or not supports_row_selection(block):
+        if not drops_rows(rows, prompts_in_x) or not self.row_selection or not supports_row_selection(block):
             return block(x), prompts_in_x
         if rows == "cls":
             return block_rows(block, x, [slice(0, 1)]), 0

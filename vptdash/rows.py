@@ -14,9 +14,9 @@ what really runs; with ``fused_attn`` off (the GMAC counter's switch) attention 
 
 Only timm's plain `Block` + `Attention` take this path (`supports_row_selection`); any other block
 type runs whole, as before. A block on this path is not called as a module, so hooks registered on it
-do not fire: code that reads block inputs or outputs through hooks switches `PromptedViT.row_selection`
-off first (continual learning does). Hooks are deliberately not a reason to fall back: fvcore hooks
-every module while it counts, and it must count the path that really runs.
+do not fire: code that reads block inputs or outputs through hooks runs inside
+`PromptedViT.whole_blocks()` (continual learning does). Hooks are deliberately not a reason to fall
+back: fvcore hooks every module while it counts, and it must count the path that really runs.
 """
 
 from __future__ import annotations
