@@ -6,6 +6,7 @@ import torch
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 
 from vptdash.prompts import PromptedViT
+from vptdash import rows
 from vptdash.rows import supports_row_selection
 
 DIM, IMG, PATCH, DEPTH = 32, 32, 8, 4  # 16 patches
@@ -101,3 +102,55 @@ def test_bf16_autocast_stays_close_to_whole_blocks():
         model.row_selection = False
         whole = model(images).float()
     assert torch.allclose(fast, whole, atol=5e-2)
+
+
+def bf16_step(model: PromptedViT, images: torch.Tensor):
+    """One bf16 autocast forward + backward: the logits and the trainable parameters' gradients."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images)
+    torch.nn.functional.cross_entropy(logits.float(), torch.tensor([0, 1, 2])).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_frozen_weights_cast_once_give_autocasts_own_results_bit_for_bit(monkeypatch):
+    model = PromptedViT(vit(), 3, num_prompts=5, placement="deep", seed=0)
+    images = torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+    cached, cached_grads = bf16_step(model, images)
+    monkeypatch.setattr(rows, "autocast_weight", lambda weight: weight)  # autocast casts on every call
+    plain, plain_grads = bf16_step(model, images)
+    assert torch.equal(cached, plain)
+    for name, grad in plain_grads.items():
+        assert torch.equal(cached_grads[name], grad), name
+
+
+def test_a_frozen_weight_is_cast_once_and_trainable_ones_never():
+    layer = torch.nn.Linear(4, 4)
+    layer.weight.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = rows.autocast_weight(layer.weight)
+        assert first.dtype == torch.bfloat16 and rows.autocast_weight(layer.weight) is first
+        assert rows.autocast_weight(layer.bias) is layer.bias  # trainable: autocast's own business
+    assert rows.autocast_weight(layer.weight) is layer.weight  # no autocast, no cast
+
+
+def test_changing_a_frozen_weight_in_place_refreshes_its_cast_copy():
+    model = PromptedViT(vit(), 3, num_prompts=5, placement="deep", seed=0)
+    images = torch.randn(3, 3, IMG, IMG)
+    before, _ = bf16_step(model, images)
+    other = vit()
+    torch.manual_seed(5)
+    torch.nn.init.normal_(other.blocks[1].mlp.fc1.weight)
+    model.backbone.load_state_dict(other.state_dict())  # copies in place: same tensors, new versions
+    after, _ = bf16_step(model, images)
+    fresh, _ = bf16_step(PromptedViT(other, 3, num_prompts=5, placement="deep", seed=0), images)
+    assert not torch.equal(before, after) and torch.equal(after, fresh)
+
+
+def test_a_copy_cast_during_evaluation_serves_training():
+    model = PromptedViT(vit(), 3, num_prompts=5, placement="deep", seed=0)
+    images = torch.randn(3, 3, IMG, IMG)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images)
+    _, grads = bf16_step(model, images)  # inference tensors could not be saved for backward
+    assert all(grad.abs().sum() > 0 for grad in grads.values())

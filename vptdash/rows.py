@@ -17,6 +17,12 @@ type runs whole, as before. A block on this path is not called as a module, so h
 do not fire: code that reads block inputs or outputs through hooks runs inside
 `PromptedViT.whole_blocks()` (continual learning does). Hooks are deliberately not a reason to fall
 back: fvcore hooks every module while it counts, and it must count the path that really runs.
+
+Under autocast, the path's matmuls take frozen weights already cast to the autocast dtype
+(`autocast_weight`): autocast itself casts every weight on every call, because its own cast cache only
+keeps tensors that require grad. The cast is the same round-to-nearest autocast does, so results are
+bit-identical; a bf16 training step was about 4% faster (dinov2_s14, 112 px, 10 deep prompts, batch 32:
+0.339 s instead of 0.353, median of 8 interleaved timings).
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import Attention
+from torch.utils.weak import WeakIdKeyDictionary
+from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import Block
 
 
@@ -33,10 +40,49 @@ def supports_row_selection(block: nn.Module) -> bool:
     return type(block) is Block and type(getattr(block, "attn", None)) is Attention
 
 
+# frozen weight -> (its version, autocast dtype, the cast copy); entries go when the weight goes.
+_CAST_WEIGHTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def autocast_weight(weight: torch.Tensor | None) -> torch.Tensor | None:
+    """`weight` as autocast would cast it for a matmul, cast once while it stays frozen and unchanged.
+
+    Trainable weights go through untouched (autocast caches those itself). An in-place change of a
+    frozen weight (``load_state_dict``, ``copy_``) bumps its version and so invalidates the copy."""
+    if weight is None or weight.requires_grad or not weight.is_floating_point():
+        return weight
+    device = weight.device.type
+    if not torch.is_autocast_enabled(device) or weight.dtype == torch.get_autocast_dtype(device):
+        return weight
+    key = (weight._version, torch.get_autocast_dtype(device))
+    cached = _CAST_WEIGHTS.get(weight)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    # Outside inference mode: a copy made during evaluation must still be usable by a training step.
+    with torch.inference_mode(False), torch.no_grad():
+        cast = weight.to(key[1])
+    _CAST_WEIGHTS[weight] = (key, cast)
+    return cast
+
+
+def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a plain `nn.Linear`, with its frozen weights cast once under autocast."""
+    if type(layer) is not nn.Linear:
+        return layer(x)
+    return F.linear(x, autocast_weight(layer.weight), autocast_weight(layer.bias))
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm `Mlp.forward` through `_linear`; any other MLP type is called as it is."""
+    if type(mlp) is not Mlp:
+        return mlp(x)
+    return mlp.drop2(_linear(mlp.fc2, mlp.norm(mlp.drop1(mlp.act(_linear(mlp.fc1, x))))))
+
+
 def _split_qkv(attn: Attention) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Views of the fused qkv weight: the query rows and the key/value rows (and their biases)."""
     width = attn.qkv.out_features // 3
-    weight, bias = attn.qkv.weight, attn.qkv.bias
+    weight, bias = autocast_weight(attn.qkv.weight), autocast_weight(attn.qkv.bias)
     q_bias = bias[:width] if bias is not None else None
     kv_bias = bias[width:] if bias is not None else None
     return weight[:width], weight[width:], q_bias, kv_bias
@@ -62,7 +108,7 @@ def _attention_rows(attn: Attention, queries: torch.Tensor, tokens: torch.Tensor
     out = attn.norm(out) if hasattr(attn, "norm") else out
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out))
+    return attn.proj_drop(_linear(attn.proj, out))
 
 
 def block_rows(block: Block, x: torch.Tensor, keep: list[slice]) -> torch.Tensor:
@@ -75,4 +121,4 @@ def block_rows(block: Block, x: torch.Tensor, keep: list[slice]) -> torch.Tensor
         index = torch.cat([torch.arange(x.shape[1])[s] for s in keep]).to(x.device)
         queries, residual = normed.index_select(1, index), x.index_select(1, index)
     out = residual + block.drop_path1(block.ls1(_attention_rows(block.attn, queries, normed)))
-    return out + block.drop_path2(block.ls2(block.mlp(block.norm2(out))))
+    return out + block.drop_path2(block.ls2(_mlp(block.mlp, block.norm2(out))))
