@@ -19,8 +19,9 @@ def images(n=3, seed=1):
 
 
 def record_block_inputs(model: PromptedViT) -> list[int]:
-    """Sequence length entering each block that runs. Hooked on `norm1`, which sees the block's whole
-    input on both paths (a block computing selected rows is not called as a module: `vptdash.rows`)."""
+    """Sequence length entering each block that runs, hooked on `norm1`. The sequence is only assembled
+    when blocks run whole: run the model inside ``model.whole_blocks()`` (the row-selected path computes
+    the same logits without building it, tests/test_rows.py)."""
     seen = []
     for block in model.backbone.blocks:
         block.norm1.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
@@ -50,7 +51,8 @@ def test_parse_placement():
 def test_token_counts_per_block(placement, prompts, expected):
     model = PromptedViT(tiny_vit(), 3, num_prompts=prompts, placement=placement)
     seen = record_block_inputs(model)
-    model(images())
+    with model.whole_blocks():
+        model(images())
     assert seen == expected
     assert model.tokens_per_block() == expected
 
@@ -59,7 +61,8 @@ def test_register_tokens_stay_in_front_of_prompts():
     model = PromptedViT(tiny_vit(reg_tokens=2), 3, num_prompts=4, placement="deep")
     assert model.num_prefix_tokens == 3
     seen = record_block_inputs(model)
-    model(images())
+    with model.whole_blocks():
+        model(images())
     assert seen == [3 + 4 + 16] * DEPTH
 
 
@@ -70,14 +73,16 @@ def test_deep_overwrites_prompt_slots_each_block():
     inputs = []
     for block in model.backbone.blocks:
         block.norm1.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach().clone()))
-    model(images())
+    with model.whole_blocks():  # the sequence is only assembled there
+        model(images())
     for index, tokens in enumerate(inputs):
         assert torch.equal(tokens[:, 1:4], model.prompts.tensors[index].detach().expand(3, -1, -1))
     shallow = PromptedViT(tiny_vit(), 3, num_prompts=3, placement="shallow", seed=0)
     inputs.clear()
     for block in shallow.backbone.blocks:
         block.norm1.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].detach().clone()))
-    shallow(images())
+    with shallow.whole_blocks():
+        shallow(images())
     # shallow prompts pass through block 0 like ordinary tokens: block 1 sees block 0's outputs
     assert not torch.equal(inputs[1][:, 1:4], shallow.prompts.tensors[0].detach().expand(3, -1, -1))
 
@@ -146,7 +151,8 @@ def test_skipped_blocks_never_run():
     model = PromptedViT(tiny_vit(), 3, num_prompts=2, placement="shallow", skip_blocks=[1, 2])
     calls = [0] * DEPTH
     for i, block in enumerate(model.backbone.blocks):
-        block.norm1.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+        # norm2 runs once per executed block on every path (a prompted block calls norm1 twice: rows.py)
+        block.norm2.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
     model(images())
     assert calls == [1, 0, 0, 1]
     assert model.tokens_per_block() == [19, 0, 0, 19]
@@ -195,7 +201,8 @@ def test_trainable_state_round_trip():
 def test_per_block_counts_for_condensed_prompts():
     model = PromptedViT(tiny_vit(), 3, num_prompts=[2, 0, 5, 1], placement="deep")
     seen = record_block_inputs(model)
-    model(images())
+    with model.whole_blocks():
+        model(images())
     assert seen == [19, 17, 22, 18]
 
 

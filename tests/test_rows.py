@@ -7,6 +7,7 @@ from timm.models.vision_transformer import ParallelScalingBlock, VisionTransform
 
 from vptdash.prompts import PromptedViT
 from vptdash import rows
+from vptdash.cost import unfused_attention
 from vptdash.rows import supports_row_selection
 
 DIM, IMG, PATCH, DEPTH = 32, 32, 8, 4  # 16 patches
@@ -154,3 +155,49 @@ def test_a_copy_cast_during_evaluation_serves_training():
         model(images)
     _, grads = bf16_step(model, images)  # inference tensors could not be saved for backward
     assert all(grad.abs().sum() > 0 for grad in grads.values())
+
+
+def test_condensed_counts_with_empty_blocks_match_whole_blocks():
+    model = PromptedViT(vit(), 3, num_prompts=[2, 0, 5, 1], placement="deep", seed=0)
+    images = torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+    fast, fast_grads = logits_and_grads(model, images, True)
+    whole, whole_grads = logits_and_grads(model, images, False)
+    assert torch.allclose(fast, whole, atol=1e-5)
+    for name, grad in whole_grads.items():
+        assert torch.allclose(fast_grads[name], grad, atol=1e-5, rtol=1e-4), name
+
+
+def forward_flops(placement: str, batch: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = PromptedViT(vit(), 3, num_prompts=5, placement=placement, seed=0)
+    with unfused_attention(model), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(batch, 3, IMG, IMG))
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("placement,blocks,with_queries", [("deep", 4, False), ("2,3", 2, False), ("shallow", 1, True)])
+def test_prompt_projections_run_once_per_batch(placement, blocks, with_queries):
+    """A batch of 4 costs 4 images less 3 copies of each written block's prompt projections: keys and
+    values (2 x 5 prompts x d x 2d FLOPs), and queries too where the prompt rows are kept (shallow)."""
+    per_block = 2 * 5 * DIM * (3 * DIM if with_queries else 2 * DIM)
+    assert forward_flops(placement, 4) == 4 * forward_flops(placement, 1) - 3 * blocks * per_block
+
+
+def test_cached_tokens_are_not_differentiated_at_the_first_prompted_block():
+    """Trained from cached tokens (no gradient), the first prompted block leaves out exactly what a
+    gradient for the tokens would cost: the input gradients of their query and key/value projections
+    and the query side of attention scores, 2 B d (R d + T 2d + R N) FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def step_flops(tokens_need_grad: bool) -> int:
+        model = PromptedViT(vit(), 3, num_prompts=5, placement="deep", seed=0)
+        encoded = model.encode_frozen(torch.randn(4, 3, IMG, IMG)).requires_grad_(tokens_need_grad)
+        with unfused_attention(model), FlopCounterMode(display=False) as counter:
+            logits = model.forward_from_frozen(encoded)
+            torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0])).backward()
+        return counter.get_total_flops()
+
+    rows = tokens = 1 + 16  # block 0's kept rows: CLS and patches (deep: the prompt outputs are not read)
+    length = tokens + 5
+    assert step_flops(True) - step_flops(False) == 2 * 4 * DIM * (rows * DIM + tokens * 2 * DIM + rows * length)

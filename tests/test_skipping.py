@@ -27,8 +27,8 @@ def small_vit():
 def count_calls(model: PromptedViT) -> list[int]:
     calls = [0] * len(model.backbone.blocks)
     for index, block in enumerate(model.backbone.blocks):
-        # on norm1: a block computing selected rows is not called as a module, its norm1 always is
-        block.norm1.register_forward_hook(lambda *args, i=index: calls.__setitem__(i, calls[i] + 1))
+        # on norm2: a block computing selected rows is not called as a module; its norm2 always runs, once
+        block.norm2.register_forward_hook(lambda *args, i=index: calls.__setitem__(i, calls[i] + 1))
     return calls
 
 

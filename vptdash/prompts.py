@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from .rows import block_rows, supports_row_selection
+from .rows import block_rows, prompted_block_rows, supports_row_selection
 
 TUNING_MODES = ("prompt", "linear", "full")
 PROMPT_TYPES = ("standard", "bilinear", "bilinear-whitened")
@@ -322,13 +322,21 @@ class PromptedViT(nn.Module):
         x = bb.patch_drop(x)
         return bb.norm_pre(x)
 
+    def _fresh_prompts(self, block: int, prompt_list, dtype: torch.dtype) -> torch.Tensor:
+        """This block's prompts (count, d), as inserted: after prompt dropout, in the tokens' dtype."""
+        return self.prompt_dropout(prompt_list[self.block_to_slot[block]]).to(dtype)
+
+    def _without_prompts(self, x: torch.Tensor, prompts_in_x: int) -> torch.Tensor:
+        if not prompts_in_x:
+            return x
+        return torch.cat([x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens + prompts_in_x :]], dim=1)
+
     def _write_prompts(self, x: torch.Tensor, block: int, prompts_in_x: int, prompt_list) -> tuple[torch.Tensor, int]:
         """Drop the current prompt slots (if any) and insert this block's fresh prompts."""
-        fresh = self.prompt_dropout(prompt_list[self.block_to_slot[block]])
-        fresh = fresh.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-        prefix = x[:, : self.num_prefix_tokens]
-        patches = x[:, self.num_prefix_tokens + prompts_in_x :]
-        return torch.cat([prefix, fresh, patches], dim=1), fresh.shape[1]
+        fresh = self._fresh_prompts(block, prompt_list, x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        tokens = self._without_prompts(x, prompts_in_x)
+        prefix = self.num_prefix_tokens
+        return torch.cat([tokens[:, :prefix], fresh, tokens[:, prefix:]], dim=1), fresh.shape[1]
 
     def run_blocks(
         self, x: torch.Tensor, start: int = 0, end: int | None = None, prompts_in_x: int = 0, *, pooled: bool = False
@@ -344,12 +352,16 @@ class PromptedViT(nn.Module):
             raise ValueError("pooled=True needs the blocks to run to the end")
         prompt_list = self.prompts() if self.placement else []
         for index in range(start, end):
-            if index in self.block_to_slot:
+            runs = index not in self.skip_blocks
+            if index in self.block_to_slot and not (runs and self._selects_rows(index)):
                 x, prompts_in_x = self._write_prompts(x, index, prompts_in_x, prompt_list)
-            if index in self.skip_blocks:
+            if not runs:
                 continue
             read = rows_read_after(index, end, pooled, self.block_to_slot, self.skip_blocks, self.has_class_token)
-            x, prompts_in_x = self._run_block(index, x, prompts_in_x, read)
+            if index in self.block_to_slot and self._selects_rows(index):
+                x, prompts_in_x = self._run_prompted_block(index, x, prompts_in_x, read, prompt_list)
+            else:
+                x, prompts_in_x = self._run_block(index, x, prompts_in_x, read)
         return x, prompts_in_x
 
     @contextmanager
@@ -362,9 +374,21 @@ class PromptedViT(nn.Module):
         finally:
             self.row_selection = previous
 
+    def _selects_rows(self, index: int) -> bool:
+        return self.row_selection and supports_row_selection(self.backbone.blocks[index])
+
+    def _run_prompted_block(self, index: int, x: torch.Tensor, prompts_in_x: int, rows: str,
+                            prompt_list) -> tuple[torch.Tensor, int]:
+        """A block that receives fresh prompts, on the row-selected path (`rows.prompted_block_rows`):
+        the prompts are never written into the sequence, the block inserts their keys and values."""
+        fresh = self._fresh_prompts(index, prompt_list, x.dtype)
+        tokens = self._without_prompts(x, prompts_in_x)
+        out = prompted_block_rows(self.backbone.blocks[index], tokens, fresh, self.num_prefix_tokens, rows)
+        return out, fresh.shape[0] if rows == "all" else 0
+
     def _run_block(self, index: int, x: torch.Tensor, prompts_in_x: int, rows: str) -> tuple[torch.Tensor, int]:
         block = self.backbone.blocks[index]
-        if not drops_rows(rows, prompts_in_x) or not self.row_selection or not supports_row_selection(block):
+        if not drops_rows(rows, prompts_in_x) or not self._selects_rows(index):
             return block(x), prompts_in_x
         if rows == "cls":
             return block_rows(block, x, [slice(0, 1)]), 0
