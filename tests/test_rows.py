@@ -167,23 +167,6 @@ def test_condensed_counts_with_empty_blocks_match_whole_blocks():
         assert torch.allclose(fast_grads[name], grad, atol=1e-5, rtol=1e-4), name
 
 
-def forward_flops(placement: str, batch: int) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = PromptedViT(vit(), 3, num_prompts=5, placement=placement, seed=0)
-    with unfused_attention(model), FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randn(batch, 3, IMG, IMG))
-    return counter.get_total_flops()
-
-
-@pytest.mark.parametrize("placement,blocks,with_queries", [("deep", 4, False), ("2,3", 2, False), ("shallow", 1, True)])
-def test_prompt_projections_run_once_per_batch(placement, blocks, with_queries):
-    """A batch of 4 costs 4 images less 3 copies of each written block's prompt projections: keys and
-    values (2 x 5 prompts x d x 2d FLOPs), and queries too where the prompt rows are kept (shallow)."""
-    per_block = 2 * 5 * DIM * (3 * DIM if with_queries else 2 * DIM)
-    assert forward_flops(placement, 4) == 4 * forward_flops(placement, 1) - 3 * blocks * per_block
-
-
 def test_cached_tokens_are_not_differentiated_at_the_first_prompted_block():
     """Trained from cached tokens (no gradient), the first prompted block leaves out exactly what a
     gradient for the tokens would cost: the input gradients of their query and key/value projections
