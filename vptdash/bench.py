@@ -122,7 +122,7 @@ def _elpv_files(image_set: data.ImageSet, count: int) -> list[str]:
     return [str(root / name) for name in image_set.files[:count]]
 
 
-def run_bench(*, backbone: str = "dinov2_s14", resolution: int = 112, batch: int = 32, steps: int = 5,
+def run_bench(*, backbone: str = "dinov2_s14", resolution: int = 112, batch: int = 32, steps: int = 10,
               peak_seconds: float = 2.0, sweep: bool = False, late_blocks: str | None = None) -> dict[str, Any]:
     """All figures of `python -m vptdash bench`, in one process (see the module docstring)."""
     config = RunConfig(**{**STANDARD, "backbone": backbone, "resolution": resolution, "batch_size": batch})

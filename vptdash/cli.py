@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="engine speed against the machine's peak and a naive reference loop")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--sweep", action="store_true", help="also time the standard meeting sweep end to end")
-    bench.add_argument("--steps", type=int, default=5)
+    bench.add_argument("--steps", type=int, default=10, help="timed steps per loop (median; the first, warm-up step is not timed)")
     bench.add_argument("--backbone", default="dinov2_s14")
     bench.add_argument("--resolution", type=int, default=112)
     worker = sub.add_parser("worker", help="the dashboard's background worker: runs queued jobs one at a time")
