@@ -73,12 +73,13 @@ def measure_latencies(store: RunStore) -> None:
                   f"{latency['latency_ms_b32']:.2f} ms/image (b32)", flush=True)
 
 
-def recount_costs(runs: list[dict]) -> None:
+def recount_costs(runs: list[dict], *, latency: bool = True) -> None:
     """Re-count, in place, the cost figures of exported runs (GMACs, token and row counts, latency) with
     today's graph. They depend on the architecture only, not on training, so a change in what the
-    forward pass computes (vptdash.rows) does not need the runs trained again."""
+    forward pass computes (vptdash.rows) does not need the runs trained again. latency=False keeps
+    the stored latency (for scripts that measure their own, side by side)."""
     configs = [RunConfig.from_dict(run["config"]) for run in runs]
-    latency = latency_by_architecture([dataclasses.replace(c, measure_latency=True) for c in configs])
+    latency = latency_by_architecture([dataclasses.replace(c, measure_latency=True) for c in configs]) if latency else {}
     counted: dict[str, dict] = {}
     for run, config in zip(runs, configs):
         key = architecture_key(config)
@@ -88,3 +89,11 @@ def recount_costs(runs: list[dict]) -> None:
             print(f"costs {config.label()}: {counted[key]['gmacs']:.3f} GMACs, "
                   f"{counted[key].get('latency_ms_b1', float('nan')):.1f} ms (b1)", flush=True)
         run["costs"] = {**run["costs"], **counted[key]}
+
+
+def recount_store_costs(store: RunStore, *, latency: bool = True) -> None:
+    """`recount_costs` for every finished run of a benchmark's store, written back into the store."""
+    rows = store.list_runs(status="done")
+    recount_costs(rows, latency=latency)
+    for row in rows:
+        store.update_results(row["id"], costs=row["costs"])
