@@ -212,3 +212,16 @@ def test_run_pull_on_a_stored_run(trained):
     assert 0 <= result["cls_pull"] <= 1 and result["uniform"] == pytest.approx(4 / (1 + 4 + 4))
     fig = attention_charts.pull_vs_count_figure([result])
     assert len(fig.data) == 2
+
+
+def test_benchmark_recount_restores_every_stored_runs_gmacs(trained):
+    """benchmarks/condense_elpv.py --recount-costs: GMACs of stored runs (condensed ones included, whose
+    per-block counts live in their configuration) counted again from the configuration alone."""
+    from benchmarks.common import recount_store_costs
+
+    store = trained["store"]
+    truth = {row["id"]: row["costs"]["gmacs"] for row in store.list_runs(status="done")}
+    for run_id in truth:
+        store.update_results(run_id, costs={"gmacs": 99.0})  # as if counted on another graph
+    recount_store_costs(store, latency=False)
+    assert {row["id"]: row["costs"]["gmacs"] for row in store.list_runs(status="done")} == pytest.approx(truth)

@@ -144,12 +144,14 @@ def prompted_block_rows(block: Block, tokens: torch.Tensor, prompts: torch.Tenso
     is differentiated through their norm and projections (autograd used to compute that gradient and
     throw it away), and no rows are gathered. The prompts' layer norm runs once per batch (fp32).
 
-    Their projections run per image on purpose. Computed once per batch and broadcast, the projection's
-    gradient is summed over the batch in bf16 under autocast, before its matmul; per image, each image's
-    gradient is summed in fp32 afterwards, as when the prompts sat in the sequence. The once-per-batch
-    version saved 2% of the step's FLOPs and cost bf16 training accuracy: on ELPV's full training split
-    (10 deep prompts, 5 epochs) three seeds ended 1.5, 1.8 and 7.7 points below the per-image version
-    (seed 2: 78.7 % against 86.7 %), while one step's gradients were as close to fp32 as before."""
+    Their projections run per image on purpose. Computed once per batch and broadcast (2% fewer FLOPs),
+    the projection's gradient is summed over the batch in bf16 under autocast before its matmul; per
+    image, each image's gradient is summed in fp32 afterwards, as when the prompts sat in the sequence.
+    With the once-per-batch version, bf16 training on ELPV's full split (10 deep prompts, 5 epochs)
+    ended 2.3, 0.8 and 6.7 points below fp32 over three seeds; per image, seed 2 reached 86.7 % instead
+    of 78.7 %. Such runs are chaotic (rounding-level changes move one seed by up to 2 points in fp32
+    too: docs/performance.md), so the cause is not proven, but 8 points is beyond that spread and 2% is
+    not worth the risk."""
     batch = tokens.shape[0]
 
     def with_prompts(per_token: torch.Tensor, per_prompt: torch.Tensor) -> torch.Tensor:
