@@ -42,13 +42,17 @@ CASES = [
 @pytest.mark.parametrize("options,placement,skip", CASES)
 def test_selected_rows_give_the_whole_blocks_logits_and_gradients(options, placement, skip):
     model = PromptedViT(vit(**options), 3, num_prompts=5, placement=placement, skip_blocks=skip, seed=0)
+    assert_same_as_whole_blocks(model)
+    assert model.rows_per_block() != model.tokens_per_block()  # something was really left out
+
+
+def assert_same_as_whole_blocks(model: PromptedViT) -> None:
     images = torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
     fast, fast_grads = logits_and_grads(model, images, True)
     whole, whole_grads = logits_and_grads(model, images, False)
     assert torch.allclose(fast, whole, atol=1e-5)
     for name, grad in whole_grads.items():
         assert torch.allclose(fast_grads[name], grad, atol=1e-5, rtol=1e-4), name
-    assert model.rows_per_block() != model.tokens_per_block()  # something was really left out
 
 
 def test_cached_training_path_selects_rows_too():
@@ -158,13 +162,7 @@ def test_a_copy_cast_during_evaluation_serves_training():
 
 
 def test_condensed_counts_with_empty_blocks_match_whole_blocks():
-    model = PromptedViT(vit(), 3, num_prompts=[2, 0, 5, 1], placement="deep", seed=0)
-    images = torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
-    fast, fast_grads = logits_and_grads(model, images, True)
-    whole, whole_grads = logits_and_grads(model, images, False)
-    assert torch.allclose(fast, whole, atol=1e-5)
-    for name, grad in whole_grads.items():
-        assert torch.allclose(fast_grads[name], grad, atol=1e-5, rtol=1e-4), name
+    assert_same_as_whole_blocks(PromptedViT(vit(), 3, num_prompts=[2, 0, 5, 1], placement="deep", seed=0))
 
 
 def test_cached_tokens_are_not_differentiated_at_the_first_prompted_block():
