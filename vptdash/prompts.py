@@ -353,12 +353,14 @@ class PromptedViT(nn.Module):
         prompt_list = self.prompts() if self.placement else []
         for index in range(start, end):
             runs = index not in self.skip_blocks
-            if index in self.block_to_slot and not (runs and self._selects_rows(index)):
+            # a block that receives prompts inserts them itself on the row-selected path
+            inserts_prompts = index in self.block_to_slot and runs and self._selects_rows(index)
+            if index in self.block_to_slot and not inserts_prompts:
                 x, prompts_in_x = self._write_prompts(x, index, prompts_in_x, prompt_list)
             if not runs:
                 continue
             read = rows_read_after(index, end, pooled, self.block_to_slot, self.skip_blocks, self.has_class_token)
-            if index in self.block_to_slot and self._selects_rows(index):
+            if inserts_prompts:
                 x, prompts_in_x = self._run_prompted_block(index, x, prompts_in_x, read, prompt_list)
             else:
                 x, prompts_in_x = self._run_block(index, x, prompts_in_x, read)

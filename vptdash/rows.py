@@ -17,7 +17,7 @@ assembled, the prompts join as keys and values (and as query rows where they are
 tokens entering the block need no gradient (the first prompted block, trained from cached tokens),
 autograd no longer differentiates through their norm and projections only to throw the result away,
 and deep prompts need no row gathers. (Projecting the prompts once per batch instead of per image
-saved 2% more and cost bf16 training accuracy: see the function.)
+saved 2% more and seemed to cost bf16 training accuracy: see the function.)
 
 Only timm's plain `Block` + `Attention` take this path (`supports_row_selection`); any other block
 type runs whole, as before. A block on this path is not called as a module, so hooks registered on it
@@ -47,7 +47,7 @@ def supports_row_selection(block: nn.Module) -> bool:
     return type(block) is Block and type(getattr(block, "attn", None)) is Attention
 
 
-# frozen weight -> (its version, autocast dtype, the cast copy); entries go when the weight goes.
+# frozen weight -> ((its version, autocast dtype), the cast copy); entries go when the weight goes.
 _CAST_WEIGHTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
