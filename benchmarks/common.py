@@ -79,13 +79,13 @@ def recount_costs(runs: list[dict], *, latency: bool = True) -> None:
     forward pass computes (vptdash.rows) does not need the runs trained again. latency=False keeps
     the stored latency (for scripts that measure their own, side by side)."""
     configs = [RunConfig.from_dict(run["config"]) for run in runs]
-    latency = latency_by_architecture([dataclasses.replace(c, measure_latency=True) for c in configs]) if latency else {}
+    measured = latency_by_architecture([dataclasses.replace(c, measure_latency=True) for c in configs]) if latency else {}
     counted: dict[str, dict] = {}
     for run, config in zip(runs, configs):
         key = architecture_key(config)
         if key not in counted:
             model = build_model(config, len(run["metrics"]["class_names"]))
-            counted[key] = {**run_costs(model, config.resolution, measure=False), **latency.get(key, {})}
+            counted[key] = {**run_costs(model, config.resolution, measure=False), **measured.get(key, {})}
             print(f"costs {config.label()}: {counted[key]['gmacs']:.3f} GMACs, "
                   f"{counted[key].get('latency_ms_b1', float('nan')):.1f} ms (b1)", flush=True)
         run["costs"] = {**run["costs"], **counted[key]}
