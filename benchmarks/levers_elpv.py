@@ -3,6 +3,7 @@ skipping (what do 0, 2, 4, 6 skipped blocks cost in accuracy, and save in GMACs 
 
     nice -n 10 python benchmarks/levers_elpv.py              # run, then write docs/results.md (its section only)
     python benchmarks/levers_elpv.py --no-write              # print only
+    python benchmarks/levers_elpv.py --seeds 0,1,2 --recount-costs   # stored runs: GMACs re-counted, latency measured again
     python benchmarks/levers_elpv.py --backbone tiny-random --dataset <folder> --no-write   # smoke test
 
 Setting (sized for about 25 CPU-minutes on a shared 2-core machine): elpv-binary, offline DINOv2
@@ -42,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, today, write_section  # noqa: E402
+from benchmarks.common import machine, recount_store_costs, today, write_section  # noqa: E402
 from vptdash import cost, jobs, paths, skipping, whitening  # noqa: E402
 from vptdash.store import RunStore  # noqa: E402
 from vptdash.train import RunConfig, build_model, load_backbone  # noqa: E402
@@ -99,10 +100,10 @@ def epochs_to(curve: list[dict], key: str, fraction: float = 0.95) -> int | None
     return next(int(p["epoch"]) for p in curve if p[key] >= fraction * final)
 
 
-def measure(store: RunStore, row: dict) -> dict:
-    """fp32 latency at batch 1 and 32, written into the run (once per configuration)."""
+def measure(store: RunStore, row: dict, again: bool = False) -> dict:
+    """fp32 latency at batch 1 and 32, written into the run (once per configuration, unless `again`)."""
     costs = row.get("costs") or {}
-    if costs.get("latency_ms_b1") is None or costs.get("latency_load_average") is None:
+    if again or costs.get("latency_ms_b1") is None or costs.get("latency_load_average") is None:
         config = RunConfig.from_dict(row["config"])
         model = build_model(config, num_classes=2)
         b1 = cost.measure_latency(model, config.resolution, batch_size=1, repeats=20)
@@ -136,6 +137,8 @@ def main(argv=None) -> int:
     parser.add_argument("--das-max-evals", type=int, default=250, help="DAS: at most this many new subnetworks")
     parser.add_argument("--search-val", type=int, default=48, help="validation images for the search objective")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/results.md")
+    parser.add_argument("--recount-costs", action="store_true",
+                        help="stored runs: GMACs counted again and latency measured again (after a change in what the forward pass computes)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     skip_ks = [int(k) for k in args.skip_ks.split(",")]
@@ -143,6 +146,9 @@ def main(argv=None) -> int:
     store = RunStore(args.store)
     started, cpu0 = time.perf_counter(), cpu_seconds()
     log(f"store {args.store}, torch threads {torch.get_num_threads()}")
+    if args.recount_costs:
+        log("re-counting GMACs of the stored runs")
+        recount_store_costs(store, latency=False)  # latency: measure() below, again
     base = base_config(args)
 
     # ---------------------------------------------------------------- burstiness on the training images
@@ -196,7 +202,7 @@ def main(argv=None) -> int:
     else:
         log(f"DAS chose the greedy set for k={das.k}: not trained twice")
     log("latency")
-    skip_rows = [(m, k, b, measure(store, row)) for m, k, b, row in skip_rows]
+    skip_rows = [(m, k, b, measure(store, row, again=args.recount_costs)) for m, k, b, row in skip_rows]
     wall_s, cpu_s = time.perf_counter() - started, cpu_seconds() - cpu0
     ledger_file = Path(args.store).with_suffix(".cpu.json")
     ledger = json.loads(ledger_file.read_text()) if ledger_file.exists() else []
