@@ -403,3 +403,12 @@ def test_concurrent_progress_writers(store):
     for w in range(n_workers):  # each writer's events are all there, in its order
         assert [e["i"] for e in events if e["worker"] == w] == list(range(n_events))
     assert store.get_run(run_id)["metrics"] == {f"w{w}": n_events for w in range(n_workers)}
+
+
+def test_a_store_reimporting_its_own_export_adds_nothing(store):
+    """Live runs have no stored dedupe_key; their export derives one. Importing that file back into the
+    same store (a benchmark restoring its checkpoint) must recognise them, not duplicate them."""
+    run = store.create_run(_config(), status="running")
+    store.finish_run(run, "done", metrics={"acc": 0.9})
+    assert store.import_runs(store.export_runs(), source="cli") == 0
+    assert len(store.list_runs()) == 1

@@ -592,13 +592,16 @@ class RunStore:
         key it is `dedupe_key(source, kind, sweep_id, config, created_at)`. With refresh_costs, an
         already stored row of the same source takes the file's "costs" (a shipped file whose GMACs and
         latency were re-counted after the graph changed: otherwise old and new figures would mix).
-        All rows go in one transaction: an invalid row imports nothing.
+        All rows go in one transaction: an invalid row imports nothing. Live runs have no stored key;
+        the key their export derived (`_run_key`) counts as present too, so a store re-importing its own
+        export (a benchmark restoring its checkpoint) adds nothing.
         """
         now = time.time()
         inserted, parents = 0, []
+        live_keys = {_run_key(run) for run in self.list_runs() if not run["dedupe_key"]}
         with self._write() as conn:
             for row in rows:
-                run_id = self._insert_imported(conn, row, source, now)
+                run_id = self._insert_imported(conn, row, source, now, live_keys)
                 if run_id is None:
                     if refresh_costs and row.get("costs") and row.get("dedupe_key"):
                         conn.execute("UPDATE runs SET costs = ? WHERE dedupe_key = ? AND source = ?",
@@ -615,7 +618,7 @@ class RunStore:
 
     @staticmethod
     def _insert_imported(conn: sqlite3.Connection, row: dict, source: str,
-                         now: float) -> int | None:
+                         now: float, live_keys: set[str]) -> int | None:
         config = row["config"]
         status = row.get("status", "done")
         if status not in FINISHED_STATUSES:
@@ -623,6 +626,8 @@ class RunStore:
         kind = row.get("kind", "train")
         key = row.get("dedupe_key") or dedupe_key(source, kind, row.get("sweep_id"), config,
                                                   row.get("created_at"))
+        if key in live_keys:  # a live run of this store, exported earlier
+            return None
         cur = conn.execute(
             "INSERT OR IGNORE INTO runs (status, kind, source, created_at, started_at,"
             " finished_at, sweep_id, dataset, config, metrics, costs, timings, error, dedupe_key)"
