@@ -10,6 +10,7 @@ is measured once per distinct budget in a separate quiet pass, since it does not
 
     python benchmarks/results_elpv.py                 # everything (about an hour on 2 CPU cores)
     python benchmarks/results_elpv.py --part a --tasks elpv-binary --seeds 0
+    python benchmarks/results_elpv.py --part report --recount-costs   # stored runs on today's graph, no training
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, measure_latencies, pm, today, write_section  # noqa: E402
+from benchmarks.common import machine, measure_latencies, pm, recount_store_costs, today, write_section  # noqa: E402
 from vptdash import paths  # noqa: E402
 from vptdash.store import RunStore  # noqa: E402
 from vptdash.train import RunConfig  # noqa: E402
@@ -124,6 +125,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--store", default=str(paths.data_dir() / "benchmark-results.sqlite"))
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--recount-costs", action="store_true",
+                        help="re-count the stored runs' GMACs (after a change in what the forward pass computes)")
     args = parser.parse_args()
     tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
     store = RunStore(args.store)
@@ -147,6 +150,8 @@ def main() -> None:
                     cli.main(argv)
                     checkpoint_out(store)
 
+    if args.recount_costs:
+        recount_store_costs(store, latency=False)  # latency: measure_latencies, next
     measure_latencies(store)
     summary_a = summarise(table(store, lambda shots: shots == 64))
     summary_b = summarise(table(store, lambda shots: shots is None))
