@@ -598,8 +598,8 @@ class RunStore:
         """
         now = time.time()
         inserted, parents = 0, []
-        live_keys = {_run_key(run) for run in self.list_runs() if not run["dedupe_key"]}
         with self._write() as conn:
+            live_keys = self._live_run_keys(conn)
             for row in rows:
                 run_id = self._insert_imported(conn, row, source, now, live_keys)
                 if run_id is None:
@@ -615,6 +615,14 @@ class RunStore:
                 conn.execute("UPDATE runs SET parent_id = (SELECT id FROM runs WHERE"
                              " dedupe_key = ?) WHERE id = ?", (parent_key, run_id))
         return inserted
+
+    @staticmethod
+    def _live_run_keys(conn: sqlite3.Connection) -> set[str]:
+        """The keys `export_runs` derives for runs without a stored one (`_run_key`), reading only the
+        columns the key needs: this runs on every import, the reference sweep's at each app start."""
+        rows = conn.execute("SELECT source, kind, sweep_id, config, created_at FROM runs WHERE dedupe_key IS NULL")
+        return {dedupe_key(r["source"], r["kind"], r["sweep_id"], _loads(r["config"], {}), r["created_at"])
+                for r in rows}
 
     @staticmethod
     def _insert_imported(conn: sqlite3.Connection, row: dict, source: str,
