@@ -12,6 +12,9 @@
     python benchmarks/performance.py                             # sections 1-3, about 20 minutes on 2 CPU cores
     python benchmarks/performance.py --sections bench            # section 1 only, about 7 minutes
     python benchmarks/performance.py --sections parity-full      # section 4 only, about 30 minutes
+    python benchmarks/performance.py --sections parity-full --seeds 3-11 --processes 2 --resume
+        # more seeds, two 1-thread processes side by side (about 1.4x the throughput); every pair is
+        # appended to benchmarks/data/parity_full_runs.json and the section is written from all of them
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import multiprocessing
+import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,6 +44,8 @@ PARITY_SETTINGS = {"10 deep prompts": dict(num_prompts=10, placement="deep"), "l
 # not by ten points; 5 epochs at batch 32 (267 steps) keep a run to a few minutes.
 FULL_SPLIT = dict(shots=None, epochs=5, batch_size=32, lr=1e-2, val_fraction=0.1)
 SECTIONS = ("bench", "parity", "profile", "parity-full")
+# Every full-split pair ever trained, so more seeds can be added later without training the first again.
+PARITY_FULL_RUNS = ROOT / "benchmarks" / "data" / "parity_full_runs.json"
 
 
 def run_bench_command() -> dict:
@@ -45,22 +54,89 @@ def run_bench_command() -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def precision_parity(seeds: list[int], recipe: dict | None = None) -> list[dict]:
+def parity_pair(name: str, seed: int, recipe: dict | None = None) -> dict:
+    """One setting and seed, trained once in fp32 and once in bf16 (same seed: same data order and init)."""
+    import torch
+
+    row = {"setting": name, "seed": seed, "threads": torch.get_num_threads()}
+    for precision in ("fp32", "bf16"):
+        config = dataclasses.replace(presets.demo_base(), seed=seed, precision=precision,
+                                     measure_latency=False, **(recipe or {}), **PARITY_SETTINGS[name])
+        start = time.perf_counter()
+        result = run_training(config, compute_costs=False)
+        row[f"acc_{precision}"] = result.metrics["accuracy"]
+        row[f"bal_{precision}"] = result.metrics["balanced_accuracy"]
+        row[f"seconds_{precision}"] = time.perf_counter() - start
+    return row
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def precision_parity(seeds: list[int], recipe: dict | None = None, *, processes: int = 1,
+                     on_row=None) -> list[dict]:
+    """fp32 vs bf16 for every setting and seed. processes > 1: that many spawned processes side by side,
+    the threads split between them (each pair still runs both precisions under the same conditions)."""
+    tasks = [(name, seed) for name in PARITY_SETTINGS for seed in seeds]
     rows = []
-    for name, overrides in PARITY_SETTINGS.items():
-        for seed in seeds:
-            row = {"setting": name, "seed": seed}
-            for precision in ("fp32", "bf16"):
-                config = dataclasses.replace(presets.demo_base(), seed=seed, precision=precision,
-                                             measure_latency=False, **(recipe or {}), **overrides)
-                start = time.perf_counter()
-                result = run_training(config, compute_costs=False)
-                row[f"acc_{precision}"] = result.metrics["accuracy"]
-                row[f"bal_{precision}"] = result.metrics["balanced_accuracy"]
-                row[f"seconds_{precision}"] = time.perf_counter() - start
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+
+    def finished(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        if on_row:
+            on_row(row)
+
+    if processes == 1:
+        for name, seed in tasks:
+            finished(parity_pair(name, seed, recipe))
+        return rows
+    import torch
+
+    threads = max(1, torch.get_num_threads() // processes)
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_set_threads, initargs=(threads,)) as pool:
+        # The deep-prompt pairs first: they take minutes, the probes seconds.
+        futures = [pool.submit(parity_pair, name, seed, recipe) for name, seed in tasks]
+        for future in as_completed(futures):
+            finished(future.result())
     return rows
+
+
+def _git_commit() -> str:
+    completed = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return completed.stdout.strip() or "unknown"
+
+
+def load_parity_runs(path: Path = PARITY_FULL_RUNS) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def save_parity_run(row: dict, path: Path = PARITY_FULL_RUNS) -> None:
+    """Append (or replace the same setting and seed), at once: a long run stopped half way keeps its pairs."""
+    runs = [r for r in load_parity_runs(path) if (r["setting"], r["seed"]) != (row["setting"], row["seed"])]
+    runs.append({**row, "commit": _git_commit(), "date": today()})
+    runs.sort(key=lambda r: (list(PARITY_SETTINGS).index(r["setting"]), r["seed"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(runs, indent=1) + "\n")
+
+
+# Two-sided 95% quantiles of Student's t (df 1-30); beyond 30 the normal's 1.96 is within 2%.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_difference(differences: list[float]) -> dict:
+    """Mean of the per-seed differences and its 95% confidence interval (paired t; one seed: no interval)."""
+    n = len(differences)
+    mean = statistics.fmean(differences)
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": math.nan, "low": math.nan, "high": math.nan}
+    sd = statistics.stdev(differences)
+    half = (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
 
 
 def bench_markdown(result: dict) -> str:
@@ -82,16 +158,25 @@ def parity_markdown(rows: list[dict]) -> str:
         mine = [r for r in rows if r["setting"] == name]
         if not mine:
             continue
-        diff = sum(r["acc_bf16"] - r["acc_fp32"] for r in mine) / len(mine) * 100
+        stats = paired_difference([(r["acc_bf16"] - r["acc_fp32"]) * 100 for r in mine])
         worst = max(abs(r["acc_bf16"] - r["acc_fp32"]) for r in mine) * 100
-        lines.append(f"\n{name}: mean accuracy difference bf16 - fp32 = {diff:+.2f} points over {len(mine)} seeds "
-                     f"(largest single-seed difference {worst:.1f} points).")
+        below = sum(r["acc_bf16"] < r["acc_fp32"] for r in mine)
+        line = (f"\n{name}: mean accuracy difference bf16 - fp32 = {stats['mean']:+.2f} points over {stats['n']} seeds "
+                f"(largest single-seed difference {worst:.1f} points; bf16 below fp32 on {below} of {stats['n']})")
+        if stats["n"] >= 2:
+            line += (f"; per-seed differences sd {stats['sd']:.2f}, 95% confidence interval of the mean "
+                     f"[{stats['low']:+.2f}, {stats['high']:+.2f}]")
+        lines.append(line + ".")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated, or a range like 3-11")
+    parser.add_argument("--processes", type=int, default=1, help="parity-full: pairs side by side in this many processes")
+    parser.add_argument("--resume", action="store_true",
+                        help="parity-full: keep the pairs already in benchmarks/data/parity_full_runs.json, train only "
+                             "the missing ones, and write the section from all of them")
     parser.add_argument("--sections", default="bench,parity,profile",
                         help=f"comma-separated, of {', '.join(SECTIONS)}")
     args = parser.parse_args()
@@ -99,7 +184,7 @@ def main() -> None:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = parse_seeds(args.seeds)
     header = f"Produced by `python benchmarks/performance.py` on {today()}; machine: {machine()}."
     if "bench" in sections:
         result = run_bench_command()
@@ -118,11 +203,32 @@ def main() -> None:
                       + "\n\n".join(f"### {p}\n\n```\n{table}\n```" for p, table in profiles.items()),
                       PERFORMANCE_MD)
     if "parity-full" in sections:
-        rows = precision_parity(seeds, FULL_SPLIT)
+        done = {(r["setting"], r["seed"]) for r in load_parity_runs()} if args.resume else set()
+        missing = [seed for seed in seeds if any((name, seed) not in done for name in PARITY_SETTINGS)]
+        if not args.resume:  # a fresh record of these seeds only
+            PARITY_FULL_RUNS.unlink(missing_ok=True)
+        precision_parity(missing, FULL_SPLIT, processes=args.processes, on_row=save_parity_run)
+        rows = load_parity_runs()
+        runs_note = ("" if args.processes == 1 and not args.resume else
+                     " Pairs may come from several invocations (threads per run and commit in "
+                     "`benchmarks/data/parity_full_runs.json`); both precisions of a pair always ran under the same "
+                     "conditions, so run seconds compare within a row.")
         write_section("## bf16 autocast vs fp32 on ELPV, full training split", f"{header} Recipe: binary ELPV, "
                       "the whole training split (1,706 images), 112 px, 5 epochs, batch 32, AdamW lr 1e-2; "
-                      f"test = the stratified 25% (656 images).\n\n{parity_markdown(rows)}", PERFORMANCE_MD)
+                      f"test = the stratified 25% (656 images).{runs_note}\n\n{parity_markdown(rows)}",
+                      PERFORMANCE_MD)
 
+
+def parse_seeds(text: str) -> list[int]:
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part[1:]:
+            low, high = part.split("-", 1)
+            seeds.extend(range(int(low), int(high) + 1))
+        elif part:
+            seeds.append(int(part))
+    return seeds
 
 if __name__ == "__main__":
     main()
