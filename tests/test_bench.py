@@ -40,3 +40,27 @@ def test_bench_prints_the_json_keys_last(capsys):
     assert set(KEYS) <= set(result)
     assert result["engine_images_per_s"] > 0 and result["speedup_vs_naive"] > 0
     assert result["speedup_vs_naive_late"] > 0
+
+
+def test_parity_record_keeps_pairs_across_invocations(tmp_path):
+    """benchmarks/performance.py --resume: each pair is saved as it finishes; a re-run seed replaces its row."""
+    from benchmarks.performance import load_parity_runs, save_parity_run
+
+    path = tmp_path / "parity.json"
+    row = {"setting": "linear probe", "seed": 1, "acc_fp32": 0.8, "acc_bf16": 0.81}
+    save_parity_run(row, path)
+    save_parity_run({**row, "setting": "10 deep prompts", "seed": 0}, path)
+    save_parity_run({**row, "acc_bf16": 0.79}, path)
+    runs = load_parity_runs(path)
+    assert [(r["setting"], r["seed"]) for r in runs] == [("10 deep prompts", 0), ("linear probe", 1)]
+    assert runs[1]["acc_bf16"] == 0.79 and runs[1]["commit"] and runs[1]["date"]
+
+
+def test_paired_difference_interval_and_seed_ranges():
+    from benchmarks.performance import paired_difference, parse_seeds
+
+    stats = paired_difference([1.0, 2.0, 3.0])  # mean 2, sd 1, t(2 df) = 4.303
+    assert stats["mean"] == 2.0 and stats["sd"] == 1.0
+    assert abs(stats["high"] - (2.0 + 4.303 / 3 ** 0.5)) < 1e-9 and abs(stats["low"] - (2.0 - 4.303 / 3 ** 0.5)) < 1e-9
+    assert paired_difference([0.5])["low"] != paired_difference([0.5])["low"]  # one seed: no interval (NaN)
+    assert parse_seeds("0-2,7, 9") == [0, 1, 2, 7, 9]
