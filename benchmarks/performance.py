@@ -209,10 +209,12 @@ def main() -> None:
             PARITY_FULL_RUNS.unlink(missing_ok=True)
         precision_parity(missing, FULL_SPLIT, processes=args.processes, on_row=save_parity_run)
         rows = load_parity_runs()
+        threads = sorted({r.get("threads") for r in rows if r.get("threads")})
         runs_note = ("" if args.processes == 1 and not args.resume else
-                     " Pairs may come from several invocations (threads per run and commit in "
-                     "`benchmarks/data/parity_full_runs.json`); both precisions of a pair always ran under the same "
-                     "conditions, so run seconds compare within a row.")
+                     f" Last invocation: {args.processes} process(es) side by side; threads per run: "
+                     f"{', '.join(map(str, threads)) or 'not recorded'}. Pairs may come from several invocations "
+                     "(threads, commit and date of each in `benchmarks/data/parity_full_runs.json`); both precisions "
+                     "of a pair always ran under the same conditions, so run seconds compare within a row.")
         write_section("## bf16 autocast vs fp32 on ELPV, full training split", f"{header} Recipe: binary ELPV, "
                       "the whole training split (1,706 images), 112 px, 5 epochs, batch 32, AdamW lr 1e-2; "
                       f"test = the stratified 25% (656 images).{runs_note}\n\n{parity_markdown(rows)}",
