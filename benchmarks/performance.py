@@ -6,8 +6,9 @@
    and the linear probe, 3 seeds each, test accuracy in both precisions.
 3. The profile of one engine training step (bf16 and fp32): where the remaining time goes.
 
-4. bf16 vs fp32 on the full training split (1,706 images), where seed-to-seed noise is small enough to
-   resolve the issue's 0.5-point parity: 10 deep prompts and the linear probe, 5 epochs, 3 seeds.
+4. bf16 vs fp32 on the full training split (1,706 images), where seed-to-seed noise is far smaller than at
+   16 shots: 10 deep prompts and the linear probe, 5 epochs, as many seeds as asked (docs/performance.md
+   has 18: three could not resolve the issue's 0.5-point band), with a paired 95% interval of the mean.
 
     python benchmarks/performance.py                             # sections 1-3, about 20 minutes on 2 CPU cores
     python benchmarks/performance.py --sections bench            # section 1 only, about 7 minutes

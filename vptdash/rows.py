@@ -150,8 +150,9 @@ def prompted_block_rows(block: Block, tokens: torch.Tensor, prompts: torch.Tenso
     With the once-per-batch version, bf16 training on ELPV's full split (10 deep prompts, 5 epochs)
     ended 2.3, 0.8 and 6.7 points below fp32 over three seeds; per image, seed 2 reached 86.7 % instead
     of 78.7 %. Such runs are chaotic (rounding-level changes move one seed by up to 2 points in fp32
-    too: docs/performance.md), so the cause is not proven, but 8 points is beyond that spread and 2% is
-    not worth the risk."""
+    too: docs/performance.md), so the cause is not proven, but 8 points is beyond that spread (per
+    image, over 18 seeds, no bf16 run ended more than 2.0 points from its fp32 twin) and 2% is not
+    worth the risk."""
     batch = tokens.shape[0]
 
     def with_prompts(per_token: torch.Tensor, per_prompt: torch.Tensor) -> torch.Tensor:
