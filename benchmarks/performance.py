@@ -13,9 +13,11 @@
     python benchmarks/performance.py                             # sections 1-3, about 20 minutes on 2 CPU cores
     python benchmarks/performance.py --sections bench            # section 1 only, about 7 minutes
     python benchmarks/performance.py --sections parity-full      # section 4 only, about 30 minutes
-    python benchmarks/performance.py --sections parity-full --seeds 3-11 --processes 2 --resume
-        # more seeds, two 1-thread processes side by side (about 1.4x the throughput); every pair is
-        # appended to benchmarks/data/parity_full_runs.json and the section is written from all of them
+    python benchmarks/performance.py --sections parity-full --seeds 0-17 --processes 2 --resume
+        # two 1-thread processes side by side (1.15x the throughput of one 2-thread process here: 315 vs
+        # 362 s per pair); every pair is kept in benchmarks/data/parity_full_runs.json as it finishes
+        # (a seed trained again replaces its row; delete the file to start afresh), --resume trains only
+        # the missing seeds, and the section is written from every pair in the file
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import ROOT, machine, today, write_section  # noqa: E402
 from benchmarks.profile_step import profile_table  # noqa: E402
 from vptdash import presets  # noqa: E402
+from vptdash.executors import set_worker_threads  # noqa: E402
 from vptdash.train import run_training  # noqa: E402
 
 PERFORMANCE_MD = ROOT / "docs" / "performance.md"
@@ -71,12 +74,6 @@ def parity_pair(name: str, seed: int, recipe: dict | None = None) -> dict:
     return row
 
 
-def _set_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def precision_parity(seeds: list[int], recipe: dict | None = None, *, processes: int = 1,
                      on_row=None) -> list[dict]:
     """fp32 vs bf16 for every setting and seed. processes > 1: that many spawned processes side by side,
@@ -85,6 +82,7 @@ def precision_parity(seeds: list[int], recipe: dict | None = None, *, processes:
     rows = []
 
     def finished(row: dict) -> None:
+        row["processes"] = processes
         print(json.dumps(row), flush=True)
         rows.append(row)
         if on_row:
@@ -98,7 +96,7 @@ def precision_parity(seeds: list[int], recipe: dict | None = None, *, processes:
 
     threads = max(1, torch.get_num_threads() // processes)
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_set_threads, initargs=(threads,)) as pool:
+                             initializer=set_worker_threads, initargs=(threads,)) as pool:
         # The deep-prompt pairs first: they take minutes, the probes seconds.
         futures = [pool.submit(parity_pair, name, seed, recipe) for name, seed in tasks]
         for future in as_completed(futures):
@@ -124,7 +122,7 @@ def save_parity_run(row: dict, path: Path = PARITY_FULL_RUNS) -> None:
     path.write_text(json.dumps(runs, indent=1) + "\n")
 
 
-# Two-sided 95% quantiles of Student's t (df 1-30); beyond 30 the normal's 1.96 is within 2%.
+# Two-sided 95% quantiles of Student's t (df 1-30); beyond 30 df the last one (at most 4% too wide).
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
@@ -136,7 +134,7 @@ def paired_difference(differences: list[float]) -> dict:
     if n < 2:
         return {"n": n, "mean": mean, "sd": math.nan, "low": math.nan, "high": math.nan}
     sd = statistics.stdev(differences)
-    half = (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * sd / math.sqrt(n)
+    half = _T95[min(n - 2, len(_T95) - 1)] * sd / math.sqrt(n)
     return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
 
 
@@ -176,8 +174,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated, or a range like 3-11")
     parser.add_argument("--processes", type=int, default=1, help="parity-full: pairs side by side in this many processes")
     parser.add_argument("--resume", action="store_true",
-                        help="parity-full: keep the pairs already in benchmarks/data/parity_full_runs.json, train only "
-                             "the missing ones, and write the section from all of them")
+                        help="parity-full: train only the seeds missing from benchmarks/data/parity_full_runs.json "
+                             "(without it, the asked seeds are trained again and replace their rows); either way "
+                             "the section is written from every pair in the file")
     parser.add_argument("--sections", default="bench,parity,profile",
                         help=f"comma-separated, of {', '.join(SECTIONS)}")
     args = parser.parse_args()
@@ -206,16 +205,13 @@ def main() -> None:
     if "parity-full" in sections:
         done = {(r["setting"], r["seed"]) for r in load_parity_runs()} if args.resume else set()
         missing = [seed for seed in seeds if any((name, seed) not in done for name in PARITY_SETTINGS)]
-        if not args.resume:  # a fresh record of these seeds only
-            PARITY_FULL_RUNS.unlink(missing_ok=True)
         precision_parity(missing, FULL_SPLIT, processes=args.processes, on_row=save_parity_run)
         rows = load_parity_runs()
-        threads = sorted({r.get("threads") for r in rows if r.get("threads")})
-        runs_note = ("" if args.processes == 1 and not args.resume else
-                     f" Last invocation: {args.processes} process(es) side by side; threads per run: "
-                     f"{', '.join(map(str, threads)) or 'not recorded'}. Pairs may come from several invocations "
-                     "(threads, commit and date of each in `benchmarks/data/parity_full_runs.json`); both precisions "
-                     "of a pair always ran under the same conditions, so run seconds compare within a row.")
+        layouts = sorted({f"{r.get('threads', '?')} thread(s) per run, {r.get('processes', '?')} process(es) side by "
+                          "side" for r in rows})
+        runs_note = (f" Runs: {'; '.join(layouts)}. The pairs may come from several invocations (threads, processes, "
+                     "commit and date of each in `benchmarks/data/parity_full_runs.json`); both precisions of a pair "
+                     "ran under the same conditions, so run seconds compare within a row.")
         write_section("## bf16 autocast vs fp32 on ELPV, full training split", f"{header} Recipe: binary ELPV, "
                       "the whole training split (1,706 images), 112 px, 5 epochs, batch 32, AdamW lr 1e-2; "
                       f"test = the stratified 25% (656 images).{runs_note}\n\n{parity_markdown(rows)}",

@@ -93,7 +93,7 @@ def _expected_work(config: RunConfig) -> float:
     return config.epochs * (1 + max(config.prompt_counts or [config.num_prompts]))
 
 
-def _worker_threads(threads: int) -> None:
+def set_worker_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -134,7 +134,7 @@ def _run_in_processes(store: RunStore, configs: list[RunConfig], processes: int,
     threads = max(1, torch.get_num_threads() // processes)
     # spawn, not fork: a forked child would inherit this process's OpenMP thread pool in a broken state.
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_threads, initargs=(threads,)) as pool:
+                             initializer=set_worker_threads, initargs=(threads,)) as pool:
         # Longest first (prompt count is the proxy: tokens per block), so the last runs to finish are short
         # ones and neither process idles long at the end.
         by_work = sorted(zip(run_ids, configs), key=lambda pair: -_expected_work(pair[1]))
