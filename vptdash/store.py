@@ -620,9 +620,9 @@ class RunStore:
     def _live_run_keys(conn: sqlite3.Connection) -> set[str]:
         """The keys `export_runs` derives for runs without a stored one (`_run_key`), reading only the
         columns the key needs: this runs on every import, the reference sweep's at each app start."""
-        rows = conn.execute("SELECT source, kind, sweep_id, config, created_at FROM runs WHERE dedupe_key IS NULL")
-        return {dedupe_key(r["source"], r["kind"], r["sweep_id"], _loads(r["config"], {}), r["created_at"])
-                for r in rows}
+        rows = conn.execute("SELECT dedupe_key, source, kind, sweep_id, config, created_at FROM runs"
+                            " WHERE dedupe_key IS NULL")
+        return {_run_key({**dict(r), "config": _loads(r["config"], {})}) for r in rows}
 
     @staticmethod
     def _insert_imported(conn: sqlite3.Connection, row: dict, source: str,
