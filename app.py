@@ -6,13 +6,13 @@ Entry point: `streamlit run app.py`. Pages only lay out widgets and charts; the 
 
 import streamlit as st
 
-from vptdash import ui
+from vptdash.ui import jobqueue, look, resources, session
 
 st.set_page_config(layout="wide", page_title="vptdash", page_icon=":material/tune:")
 
-ui.freeze_heap()  # once per process: keeps garbage collection cheap for the polling fragments
-ui.init_state()
-ui.style()
+resources.freeze_heap()  # once per process: keeps garbage collection cheap for the polling fragments
+session.init_state()
+look.style()
 pages = [
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
     st.Page("pages/data.py", title="Data", icon=":material/photo_library:"),
@@ -24,7 +24,7 @@ pages = [
     st.Page("pages/runs.py", title="Runs", icon=":material/history:"),
 ]
 page = st.navigation(pages)  # first: from here on Streamlit ignores the legacy pages/ folder semantics
-store = ui.get_store()  # also imports the precomputed reference sweep, once per process
-ui.warm_up()  # default backbone + ELPV load in the background, once per process
-ui.sidebar(store)
+store = resources.get_store()  # also imports the precomputed reference sweep, once per process
+resources.warm_up()  # default backbone + ELPV load in the background, once per process
+jobqueue.sidebar(store)
 page.run()

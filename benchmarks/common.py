@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from vptdash.cost import run_costs
-from vptdash.executors import architecture_key, latency_by_architecture
-from vptdash.store import RunStore
-from vptdash.train import RunConfig, build_model
+from vptdash.engine.cost import run_costs
+from vptdash.engine.train import RunConfig, build_model
+from vptdash.runs.executors import architecture_key, latency_by_architecture
+from vptdash.runs.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "docs" / "results.md"
@@ -29,8 +29,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, Python {platform.python_version()}"
+    )
 
 
 def today() -> str:
@@ -40,7 +42,11 @@ def today() -> str:
 def write_section(heading: str, body: str, path: Path = RESULTS_MD) -> None:
     """Replace (or append) the section that starts with `heading` ("## ...") up to the next "## "."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.exists() else "# Results\n\nEvery figure here is printed by a script in `benchmarks/`.\n"
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# Results\n\nEvery figure here is printed by a script in `benchmarks/`.\n"
+    )
     section = f"{heading}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
@@ -69,25 +75,33 @@ def measure_latencies(store: RunStore) -> None:
         latency = measured.get(architecture_key(config))
         if latency:
             store.update_results(row["id"], costs=latency)
-            print(f"latency {config.label()} (run {row['id']}): {latency['latency_ms_b1']:.1f} ms (b1), "
-                  f"{latency['latency_ms_b32']:.2f} ms/image (b32)", flush=True)
+            print(
+                f"latency {config.label()} (run {row['id']}): {latency['latency_ms_b1']:.1f} ms (b1), "
+                f"{latency['latency_ms_b32']:.2f} ms/image (b32)",
+                flush=True,
+            )
 
 
 def recount_costs(runs: list[dict], *, latency: bool = True) -> None:
     """Re-count, in place, the cost figures of exported runs (GMACs, token and row counts, latency) with
     today's graph. They depend on the architecture only, not on training, so a change in what the
-    forward pass computes (vptdash.rows) does not need the runs trained again. latency=False keeps
+    forward pass computes (vptdash.engine.rows) does not need the runs trained again. latency=False keeps
     the stored latency (for scripts that measure their own, side by side)."""
     configs = [RunConfig.from_dict(run["config"]) for run in runs]
-    measured = latency_by_architecture([dataclasses.replace(c, measure_latency=True) for c in configs]) if latency else {}
+    measured = (
+        latency_by_architecture([dataclasses.replace(c, measure_latency=True) for c in configs]) if latency else {}
+    )
     counted: dict[str, dict] = {}
     for run, config in zip(runs, configs):
         key = architecture_key(config)
         if key not in counted:
             model = build_model(config, len(run["metrics"]["class_names"]))
             counted[key] = {**run_costs(model, config.resolution, measure=False), **measured.get(key, {})}
-            print(f"costs {config.label()}: {counted[key]['gmacs']:.3f} GMACs, "
-                  f"{counted[key].get('latency_ms_b1', float('nan')):.1f} ms (b1)", flush=True)
+            print(
+                f"costs {config.label()}: {counted[key]['gmacs']:.3f} GMACs, "
+                f"{counted[key].get('latency_ms_b1', float('nan')):.1f} ms (b1)",
+                flush=True,
+            )
         run["costs"] = {**run["costs"], **counted[key]}
 
 

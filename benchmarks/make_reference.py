@@ -18,19 +18,45 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine, measure_latencies, recount_costs, today  # noqa: E402
-from vptdash import cli, paths, presets  # noqa: E402
-from vptdash.reference import REFERENCE_FILE  # noqa: E402
-from vptdash.store import RunStore  # noqa: E402
+from vptdash import cli  # noqa: E402
+from vptdash.engine import paths
+from vptdash.runs import presets
+from vptdash.runs.reference import REFERENCE_FILE  # noqa: E402
+from vptdash.runs.store import RunStore  # noqa: E402
 
 COUNTS = "0,1,5,10,50,100"
 
 
 def sweep_argv(seeds: str, store: str) -> list[str]:
     base = presets.demo_base()
-    return ["sweep", "--dataset", base.dataset, "--shots", str(base.shots), "--resolution", str(base.resolution),
-            "--prompts", COUNTS, "--placement", "shallow,deep", "--seeds", seeds, "--epochs", str(base.epochs),
-            "--batch-size", str(base.batch_size), "--lr", str(base.lr), "--precision", base.precision,
-            "--val-fraction", str(base.val_fraction), "--no-latency", "--store", store]
+    return [
+        "sweep",
+        "--dataset",
+        base.dataset,
+        "--shots",
+        str(base.shots),
+        "--resolution",
+        str(base.resolution),
+        "--prompts",
+        COUNTS,
+        "--placement",
+        "shallow,deep",
+        "--seeds",
+        seeds,
+        "--epochs",
+        str(base.epochs),
+        "--batch-size",
+        str(base.batch_size),
+        "--lr",
+        str(base.lr),
+        "--precision",
+        base.precision,
+        "--val-fraction",
+        str(base.val_fraction),
+        "--no-latency",
+        "--store",
+        store,
+    ]
 
 
 def main() -> None:
@@ -38,8 +64,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--store", default=str(paths.data_dir() / "reference-sweep.sqlite"))
     parser.add_argument("--export-only", action="store_true")
-    parser.add_argument("--recount-costs", action="store_true",
-                        help="re-count GMACs and latency of the shipped file's runs (no training)")
+    parser.add_argument(
+        "--recount-costs",
+        action="store_true",
+        help="re-count GMACs and latency of the shipped file's runs (no training)",
+    )
     args = parser.parse_args()
     if args.recount_costs:
         recount_shipped_costs()
@@ -50,14 +79,16 @@ def main() -> None:
         cli.main(argv + ["--resume"])
         measure_latencies(store)
     rows = [row for row in store.export_runs(status="done")]
-    command = "python -m vptdash " + " ".join(a for a in argv if a not in ("--store", args.store)).replace(
-        "--no-latency", "--no-latency").strip()
+    command = (
+        "python -m vptdash "
+        + " ".join(a for a in argv if a not in ("--store", args.store)).replace("--no-latency", "--no-latency").strip()
+    )
     meta = {
         "command": command + "  (then one latency measurement per budget: benchmarks/make_reference.py)",
         "machine": machine(),
         "date": today(),
         "note": "Precomputed reference sweep: binary ELPV (defective if p > 0.5), 16 shots per class, "
-                "112 px, offline DINOv2 ViT-S/14, test = stratified 25% (656 images). ELPV: CC BY-NC-SA 4.0.",
+        "112 px, offline DINOv2 ViT-S/14, test = stratified 25% (656 images). ELPV: CC BY-NC-SA 4.0.",
     }
     REFERENCE_FILE.parent.mkdir(parents=True, exist_ok=True)
     REFERENCE_FILE.write_text(json.dumps({"meta": meta, "runs": rows}, indent=None, separators=(",", ":")))
@@ -67,8 +98,10 @@ def main() -> None:
 def recount_shipped_costs() -> None:
     reference = json.loads(REFERENCE_FILE.read_text())
     recount_costs(reference["runs"])
-    reference["meta"]["costs"] = (f"GMACs and latency re-counted on {today()} ({machine()}) with "
-                                  "benchmarks/make_reference.py --recount-costs; accuracies from the sweep")
+    reference["meta"]["costs"] = (
+        f"GMACs and latency re-counted on {today()} ({machine()}) with "
+        "benchmarks/make_reference.py --recount-costs; accuracies from the sweep"
+    )
     REFERENCE_FILE.write_text(json.dumps(reference, indent=None, separators=(",", ":")))
     print(f"re-counted the costs of {len(reference['runs'])} runs in {REFERENCE_FILE}")
 

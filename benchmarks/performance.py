@@ -1,4 +1,4 @@
-"""Issue 7's figures, written into docs/performance.md.
+"""The engine's speed figures, written into docs/performance.md.
 
 1. `python -m vptdash bench --json --sweep` (the real command, in its own process): matmul peaks, engine
    vs naive reference at block 0 and in late blocks, achieved GFLOP/s, the meeting sweep end to end.
@@ -8,7 +8,7 @@
 
 4. bf16 vs fp32 on the full training split (1,706 images), where seed-to-seed noise is far smaller than at
    16 shots: 10 deep prompts and the linear probe, 5 epochs, as many seeds as asked (docs/performance.md
-   has 18: three could not resolve the issue's 0.5-point band), with a paired 95% interval of the mean.
+   has 18: three could not resolve a 0.5-point band), with a paired 95% interval of the mean.
 
     python benchmarks/performance.py                             # sections 1-3, about 20 minutes on 2 CPU cores
     python benchmarks/performance.py --sections bench            # section 1 only, about 7 minutes
@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, machine, today, write_section  # noqa: E402
 from benchmarks.profile_step import profile_table  # noqa: E402
-from vptdash import presets  # noqa: E402
-from vptdash.executors import set_worker_threads  # noqa: E402
-from vptdash.train import run_training  # noqa: E402
+from vptdash.engine.train import run_training  # noqa: E402
+from vptdash.runs import presets  # noqa: E402
+from vptdash.runs.executors import set_worker_threads  # noqa: E402
 
 PERFORMANCE_MD = ROOT / "docs" / "performance.md"
 PARITY_SETTINGS = {"10 deep prompts": dict(num_prompts=10, placement="deep"), "linear probe": dict(num_prompts=0)}
@@ -53,8 +53,13 @@ PARITY_FULL_RUNS = ROOT / "benchmarks" / "data" / "parity_full_runs.json"
 
 
 def run_bench_command() -> dict:
-    completed = subprocess.run([sys.executable, "-m", "vptdash", "bench", "--json", "--sweep"], cwd=ROOT,
-                               capture_output=True, text=True, check=True)
+    completed = subprocess.run(
+        [sys.executable, "-m", "vptdash", "bench", "--json", "--sweep"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
@@ -64,8 +69,14 @@ def parity_pair(name: str, seed: int, recipe: dict | None = None) -> dict:
 
     row = {"setting": name, "seed": seed, "threads": torch.get_num_threads()}
     for precision in ("fp32", "bf16"):
-        config = dataclasses.replace(presets.demo_base(), seed=seed, precision=precision,
-                                     measure_latency=False, **(recipe or {}), **PARITY_SETTINGS[name])
+        config = dataclasses.replace(
+            presets.demo_base(),
+            seed=seed,
+            precision=precision,
+            measure_latency=False,
+            **(recipe or {}),
+            **PARITY_SETTINGS[name],
+        )
         start = time.perf_counter()
         result = run_training(config, compute_costs=False)
         row[f"acc_{precision}"] = result.metrics["accuracy"]
@@ -74,8 +85,7 @@ def parity_pair(name: str, seed: int, recipe: dict | None = None) -> dict:
     return row
 
 
-def precision_parity(seeds: list[int], recipe: dict | None = None, *, processes: int = 1,
-                     on_row=None) -> list[dict]:
+def precision_parity(seeds: list[int], recipe: dict | None = None, *, processes: int = 1, on_row=None) -> list[dict]:
     """fp32 vs bf16 for every setting and seed. processes > 1: that many spawned processes side by side,
     the threads split between them (each pair still runs both precisions under the same conditions)."""
     tasks = [(name, seed) for name in PARITY_SETTINGS for seed in seeds]
@@ -95,8 +105,9 @@ def precision_parity(seeds: list[int], recipe: dict | None = None, *, processes:
     import torch
 
     threads = max(1, torch.get_num_threads() // processes)
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=set_worker_threads, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(
+        processes, mp_context=multiprocessing.get_context("spawn"), initializer=set_worker_threads, initargs=(threads,)
+    ) as pool:
         # The deep-prompt pairs first: they take minutes, the probes seconds.
         futures = [pool.submit(parity_pair, name, seed, recipe) for name, seed in tasks]
         for future in as_completed(futures):
@@ -123,8 +134,38 @@ def save_parity_run(row: dict, path: Path = PARITY_FULL_RUNS) -> None:
 
 
 # Two-sided 95% quantiles of Student's t (df 1-30); beyond 30 df the last one (at most 4% too wide).
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T95 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 def paired_difference(differences: list[float]) -> dict:
@@ -147,12 +188,16 @@ def bench_markdown(result: dict) -> str:
 
 
 def parity_markdown(rows: list[dict]) -> str:
-    lines = ["| setting | seed | accuracy fp32 % | accuracy bf16 % | balanced fp32 % | balanced bf16 % | run s fp32 | run s bf16 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | seed | accuracy fp32 % | accuracy bf16 % | balanced fp32 % | balanced bf16 % | run s fp32 | run s bf16 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['seed']} | {r['acc_fp32'] * 100:.1f} | {r['acc_bf16'] * 100:.1f} | "
-                     f"{r['bal_fp32'] * 100:.1f} | {r['bal_bf16'] * 100:.1f} | {r['seconds_fp32']:.0f} | "
-                     f"{r['seconds_bf16']:.0f} |")
+        lines.append(
+            f"| {r['setting']} | {r['seed']} | {r['acc_fp32'] * 100:.1f} | {r['acc_bf16'] * 100:.1f} | "
+            f"{r['bal_fp32'] * 100:.1f} | {r['bal_bf16'] * 100:.1f} | {r['seconds_fp32']:.0f} | "
+            f"{r['seconds_bf16']:.0f} |"
+        )
     for name in PARITY_SETTINGS:
         mine = [r for r in rows if r["setting"] == name]
         if not mine:
@@ -160,11 +205,15 @@ def parity_markdown(rows: list[dict]) -> str:
         stats = paired_difference([(r["acc_bf16"] - r["acc_fp32"]) * 100 for r in mine])
         worst = max(abs(r["acc_bf16"] - r["acc_fp32"]) for r in mine) * 100
         below = sum(r["acc_bf16"] < r["acc_fp32"] for r in mine)
-        line = (f"\n{name}: mean accuracy difference bf16 - fp32 = {stats['mean']:+.2f} points over {stats['n']} seeds "
-                f"(largest single-seed difference {worst:.1f} points; bf16 below fp32 on {below} of {stats['n']})")
+        line = (
+            f"\n{name}: mean accuracy difference bf16 - fp32 = {stats['mean']:+.2f} points over {stats['n']} seeds "
+            f"(largest single-seed difference {worst:.1f} points; bf16 below fp32 on {below} of {stats['n']})"
+        )
         if stats["n"] >= 2:
-            line += (f"; per-seed differences sd {stats['sd']:.2f}, 95% confidence interval of the mean "
-                     f"[{stats['low']:+.2f}, {stats['high']:+.2f}]")
+            line += (
+                f"; per-seed differences sd {stats['sd']:.2f}, 95% confidence interval of the mean "
+                f"[{stats['low']:+.2f}, {stats['high']:+.2f}]"
+            )
         lines.append(line + ".")
     return "\n".join(lines)
 
@@ -172,13 +221,17 @@ def parity_markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated, or a range like 3-11")
-    parser.add_argument("--processes", type=int, default=1, help="parity-full: pairs side by side in this many processes")
-    parser.add_argument("--resume", action="store_true",
-                        help="parity-full: train only the seeds missing from benchmarks/data/parity_full_runs.json "
-                             "(without it, the asked seeds are trained again and replace their rows); either way "
-                             "the section is written from every pair in the file")
-    parser.add_argument("--sections", default="bench,parity,profile",
-                        help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="parity-full: pairs side by side in this many processes"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="parity-full: train only the seeds missing from benchmarks/data/parity_full_runs.json "
+        "(without it, the asked seeds are trained again and replace their rows); either way "
+        "the section is written from every pair in the file",
+    )
+    parser.add_argument("--sections", default="bench,parity,profile", help=f"comma-separated, of {', '.join(SECTIONS)}")
     args = parser.parse_args()
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -189,33 +242,53 @@ def main() -> None:
     if "bench" in sections:
         result = run_bench_command()
         print(json.dumps(result), flush=True)
-        write_section("## `python -m vptdash bench --json --sweep`", f"{header}\n\n{bench_markdown(result)}\n\n"
-                      f"Raw JSON (the command's last line):\n\n```json\n{json.dumps(result)}\n```", PERFORMANCE_MD)
+        write_section(
+            "## `python -m vptdash bench --json --sweep`",
+            f"{header}\n\n{bench_markdown(result)}\n\n"
+            f"Raw JSON (the command's last line):\n\n```json\n{json.dumps(result)}\n```",
+            PERFORMANCE_MD,
+        )
     if "parity" in sections:
         rows = precision_parity(seeds)
-        write_section("## bf16 autocast vs fp32 on ELPV", f"{header} Recipe: the meeting demo's (binary ELPV, 16 "
-                      "shots per class, 112 px, 20 epochs, batch 8, AdamW lr 1e-2); test = the stratified 25% "
-                      f"(656 images).\n\n{parity_markdown(rows)}", PERFORMANCE_MD)
+        write_section(
+            "## bf16 autocast vs fp32 on ELPV",
+            f"{header} Recipe: the meeting demo's (binary ELPV, 16 "
+            "shots per class, 112 px, 20 epochs, batch 8, AdamW lr 1e-2); test = the stratified 25% "
+            f"(656 images).\n\n{parity_markdown(rows)}",
+            PERFORMANCE_MD,
+        )
     if "profile" in sections:
         profiles = {p: profile_table(p) for p in ("bf16", "fp32")}
-        write_section("## Profile of one training step", f"{header} Standard configuration (dinov2_s14, 112 px, 10 "
-                      "deep prompts, batch 32), 3 steps after a warm-up, top operators by self CPU time.\n\n"
-                      + "\n\n".join(f"### {p}\n\n```\n{table}\n```" for p, table in profiles.items()),
-                      PERFORMANCE_MD)
+        write_section(
+            "## Profile of one training step",
+            f"{header} Standard configuration (dinov2_s14, 112 px, 10 "
+            "deep prompts, batch 32), 3 steps after a warm-up, top operators by self CPU time.\n\n"
+            + "\n\n".join(f"### {p}\n\n```\n{table}\n```" for p, table in profiles.items()),
+            PERFORMANCE_MD,
+        )
     if "parity-full" in sections:
         done = {(r["setting"], r["seed"]) for r in load_parity_runs()} if args.resume else set()
         missing = [seed for seed in seeds if any((name, seed) not in done for name in PARITY_SETTINGS)]
         precision_parity(missing, FULL_SPLIT, processes=args.processes, on_row=save_parity_run)
         rows = load_parity_runs()
-        layouts = sorted({f"{r.get('threads', '?')} thread(s) per run, {r.get('processes', '?')} process(es) side by "
-                          "side" for r in rows})
-        runs_note = (f" Runs: {'; '.join(layouts)}. The pairs may come from several invocations (threads, processes, "
-                     "commit and date of each in `benchmarks/data/parity_full_runs.json`); both precisions of a pair "
-                     "ran under the same conditions, so run seconds compare within a row.")
-        write_section("## bf16 autocast vs fp32 on ELPV, full training split", f"{header} Recipe: binary ELPV, "
-                      "the whole training split (1,706 images), 112 px, 5 epochs, batch 32, AdamW lr 1e-2; "
-                      f"test = the stratified 25% (656 images).{runs_note}\n\n{parity_markdown(rows)}",
-                      PERFORMANCE_MD)
+        layouts = sorted(
+            {
+                f"{r.get('threads', '?')} thread(s) per run, {r.get('processes', '?')} process(es) side by side"
+                for r in rows
+            }
+        )
+        runs_note = (
+            f" Runs: {'; '.join(layouts)}. The pairs may come from several invocations (threads, processes, "
+            "commit and date of each in `benchmarks/data/parity_full_runs.json`); both precisions of a pair "
+            "ran under the same conditions, so run seconds compare within a row."
+        )
+        write_section(
+            "## bf16 autocast vs fp32 on ELPV, full training split",
+            f"{header} Recipe: binary ELPV, "
+            "the whole training split (1,706 images), 112 px, 5 epochs, batch 32, AdamW lr 1e-2; "
+            f"test = the stratified 25% (656 images).{runs_note}\n\n{parity_markdown(rows)}",
+            PERFORMANCE_MD,
+        )
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -228,6 +301,7 @@ def parse_seeds(text: str) -> list[int]:
         elif part:
             seeds.append(int(part))
     return seeds
+
 
 if __name__ == "__main__":
     main()

@@ -15,10 +15,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vptdash import data  # noqa: E402
-from vptdash.bench import _engine_batches  # noqa: E402
-from vptdash.prompts import PromptedViT  # noqa: E402
-from vptdash.train import load_backbone, training_precision  # noqa: E402
+from vptdash.bench import engine_batches  # noqa: E402
+from vptdash.engine import data  # noqa: E402
+from vptdash.engine.backbones import load_backbone  # noqa: E402
+from vptdash.engine.prompts import PromptedViT  # noqa: E402
+from vptdash.engine.train import training_precision  # noqa: E402
 
 
 def profile_table(precision: str = "bf16", placement: str = "deep", steps: int = 3, rows: int = 15) -> str:
@@ -26,7 +27,7 @@ def profile_table(precision: str = "bf16", placement: str = "deep", steps: int =
     image_set = data.load_image_set("elpv-binary", 112)
     images, labels = image_set.images[:32], image_set.labels[:32]
     model = PromptedViT(load_backbone("dinov2_s14", None, 112), 2, num_prompts=10, placement=placement, seed=0)
-    encoded = _engine_batches(model, images, precision)
+    encoded = engine_batches(model, images, precision)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
 
     def step():

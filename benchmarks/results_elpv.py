@@ -1,4 +1,4 @@
-"""Issue 2's results on ELPV at 112 px with the offline DINOv2 ViT-S/14, written into docs/results.md.
+"""The core engine's results on ELPV at 112 px with the offline DINOv2 ViT-S/14, written into docs/results.md.
 
 (a) 64 shots per class, 4-class and binary: linear probe, VPT-shallow and VPT-deep at 1, 5, 10, 50
     prompts, 3 seeds each: accuracy and balanced accuracy (mean ± std), GMACs, latency.
@@ -25,41 +25,82 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine, measure_latencies, pm, recount_store_costs, today, write_section  # noqa: E402
-from vptdash import paths  # noqa: E402
-from vptdash.store import RunStore  # noqa: E402
-from vptdash.train import RunConfig  # noqa: E402
+from vptdash.engine import paths  # noqa: E402
+from vptdash.engine.train import RunConfig  # noqa: E402
+from vptdash.runs.store import RunStore  # noqa: E402
 
 COUNTS = (1, 5, 10, 50)
 PLACEMENTS = ("shallow", "deep")
-HEADING = "## Core engine: ELPV at 112 px (issue 2)"
+HEADING = "## Core engine: ELPV at 112 px"
 PAPER = {"CNN (VGG-19), Deitsch et al.": 0.8842, "SVM, Deitsch et al.": 0.8244}
 
 
-RECIPE_ARGS = ["--resolution", "112", "--epochs", "10", "--batch-size", "16", "--lr", "0.01", "--precision", "bf16",
-               "--no-latency", "--quiet"]
+RECIPE_ARGS = [
+    "--resolution",
+    "112",
+    "--epochs",
+    "10",
+    "--batch-size",
+    "16",
+    "--lr",
+    "0.01",
+    "--precision",
+    "bf16",
+    "--no-latency",
+    "--quiet",
+]
 
 
 def sweep_command(task: str, seeds: list[int], store: str) -> list[str]:
     """Part (a) is literally the project's sweep command (resumable)."""
-    return ["sweep", "--dataset", task, "--shots", "64", "--prompts", "0," + ",".join(map(str, COUNTS)),
-            "--placement", ",".join(PLACEMENTS), "--seeds", ",".join(map(str, seeds)), *RECIPE_ARGS,
-            "--store", store, "--resume"]
+    return [
+        "sweep",
+        "--dataset",
+        task,
+        "--shots",
+        "64",
+        "--prompts",
+        "0," + ",".join(map(str, COUNTS)),
+        "--placement",
+        ",".join(PLACEMENTS),
+        "--seeds",
+        ",".join(map(str, seeds)),
+        *RECIPE_ARGS,
+        "--store",
+        store,
+        "--resume",
+    ]
 
 
 def full_data_command(task: str, prompts: int, placement: str, store: str) -> list[str]:
     if prompts == 0:
         return ["probe", "--dataset", task, *RECIPE_ARGS, "--store", store]
-    return ["train", "--dataset", task, "--prompts", str(prompts), "--placement", placement, *RECIPE_ARGS,
-            "--store", store]
+    return [
+        "train",
+        "--dataset",
+        task,
+        "--prompts",
+        str(prompts),
+        "--placement",
+        placement,
+        *RECIPE_ARGS,
+        "--store",
+        store,
+    ]
 
 
 def already_done(store: RunStore, argv: list[str]) -> bool:
-    from vptdash.cli import _config_from, build_parser
+    from vptdash.cli import build_parser, config_from_args
 
     args = build_parser().parse_args(argv)
     tuning = "linear" if args.command == "probe" else args.tuning
-    config = _config_from(args, tuning=tuning, num_prompts=0 if tuning == "linear" else args.prompts,
-                          placement="none" if tuning == "linear" else args.placement, seed=args.seed)
+    config = config_from_args(
+        args,
+        tuning=tuning,
+        num_prompts=0 if tuning == "linear" else args.prompts,
+        placement="none" if tuning == "linear" else args.placement,
+        seed=args.seed,
+    )
     return any(RunConfig.from_dict(r["config"]) == config for r in store.list_runs(status="done"))
 
 
@@ -70,33 +111,56 @@ def table(store: RunStore, shots_filter) -> pd.DataFrame:
         if not shots_filter(config.shots):
             continue
         costs = row["costs"]
-        rows.append({"task": config.dataset, "setting": config.label(), "family": config.family(),
-                     "prompts": 0 if config.is_linear_probe else config.num_prompts, "seed": config.seed,
-                     "accuracy": row["metrics"]["accuracy"], "balanced": row["metrics"]["balanced_accuracy"],
-                     "majority": row["metrics"]["majority_accuracy"], "gmacs": costs.get("gmacs", float("nan")),
-                     "lat_b1": costs.get("latency_ms_b1", float("nan")),
-                     "lat_b32": costs.get("latency_ms_b32", float("nan")), "params": costs.get("params_trainable"),
-                     "train_s": row["timings"].get("train_seconds")})
+        rows.append(
+            {
+                "task": config.dataset,
+                "setting": config.label(),
+                "family": config.family(),
+                "prompts": 0 if config.is_linear_probe else config.num_prompts,
+                "seed": config.seed,
+                "accuracy": row["metrics"]["accuracy"],
+                "balanced": row["metrics"]["balanced_accuracy"],
+                "majority": row["metrics"]["majority_accuracy"],
+                "gmacs": costs.get("gmacs", float("nan")),
+                "lat_b1": costs.get("latency_ms_b1", float("nan")),
+                "lat_b32": costs.get("latency_ms_b32", float("nan")),
+                "params": costs.get("params_trainable"),
+                "train_s": row["timings"].get("train_seconds"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     grouped = frame.groupby(["task", "family", "prompts", "setting"], sort=False)
-    out = grouped.agg(acc_mean=("accuracy", "mean"), acc_std=("accuracy", "std"), bal_mean=("balanced", "mean"),
-                      bal_std=("balanced", "std"), seeds=("seed", "count"), majority=("majority", "first"),
-                      gmacs=("gmacs", "first"), lat_b1=("lat_b1", "first"), lat_b32=("lat_b32", "first"),
-                      params=("params", "first"), train_s=("train_s", "mean")).reset_index()
+    out = grouped.agg(
+        acc_mean=("accuracy", "mean"),
+        acc_std=("accuracy", "std"),
+        bal_mean=("balanced", "mean"),
+        bal_std=("balanced", "std"),
+        seeds=("seed", "count"),
+        majority=("majority", "first"),
+        gmacs=("gmacs", "first"),
+        lat_b1=("lat_b1", "first"),
+        lat_b32=("lat_b32", "first"),
+        params=("params", "first"),
+        train_s=("train_s", "mean"),
+    ).reset_index()
     order = {"linear probe": 0, "shallow": 1, "deep": 2}
     out["order"] = out["family"].map(order).fillna(9)
     return out.sort_values(["task", "order", "prompts"]).drop(columns="order")
 
 
 def markdown(summary: pd.DataFrame) -> str:
-    lines = ["| task | setting | seeds | accuracy % | balanced accuracy % | GMACs/image | latency ms (b1) | ms/image (b32) | trainable params | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | setting | seeds | accuracy % | balanced accuracy % | GMACs/image | latency ms (b1) | ms/image (b32) | trainable params | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for _, r in summary.iterrows():
-        lines.append(f"| {r.task} | {r.setting} | {r.seeds} | {pm(r.acc_mean, r.acc_std)} | {pm(r.bal_mean, r.bal_std)} | "
-                     f"{r.gmacs:.3f} | {r.lat_b1:.1f} | {r.lat_b32:.2f} | {int(r.params):,} | {r.train_s:.0f} |")
+        lines.append(
+            f"| {r.task} | {r.setting} | {r.seeds} | {pm(r.acc_mean, r.acc_std)} | {pm(r.bal_mean, r.bal_std)} | "
+            f"{r.gmacs:.3f} | {r.lat_b1:.1f} | {r.lat_b32:.2f} | {int(r.params):,} | {r.train_s:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -125,8 +189,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--store", default=str(paths.data_dir() / "benchmark-results.sqlite"))
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--recount-costs", action="store_true",
-                        help="re-count the stored runs' GMACs (after a change in what the forward pass computes)")
+    parser.add_argument(
+        "--recount-costs",
+        action="store_true",
+        help="re-count the stored runs' GMACs (after a change in what the forward pass computes)",
+    )
     args = parser.parse_args()
     tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
     store = RunStore(args.store)
@@ -143,8 +210,10 @@ def main() -> None:
         for task in tasks:
             vpt = frame_a[(frame_a.task == task) & (frame_a.family != "linear probe")]
             best = vpt.sort_values("acc_mean", ascending=False).iloc[0]
-            for argv in (full_data_command(task, 0, "none", args.store),
-                         full_data_command(task, int(best.prompts), best.family, args.store)):
+            for argv in (
+                full_data_command(task, 0, "none", args.store),
+                full_data_command(task, int(best.prompts), best.family, args.store),
+            ):
                 if not already_done(store, argv):
                     print("python -m vptdash " + " ".join(argv), flush=True)
                     cli.main(argv)
@@ -159,10 +228,12 @@ def main() -> None:
     print(markdown(summary_b))
     if args.no_write:
         return
-    recipe_text = ("Recipe (the CLI defaults unless stated): AdamW, lr 1e-2, weight decay 1e-4, 1 warm-up epoch then "
-                   "cosine, 10 epochs, batch 16, bf16 autocast, no augmentation; linear probes train the same way on "
-                   "cached CLS features. Test split: a stratified 25% (656 images, the same for every run); "
-                   "validation 10%. Commands: `python -m vptdash " + " ".join(sweep_command("TASK", seeds, "STORE")) + "`.")
+    recipe_text = (
+        "Recipe (the CLI defaults unless stated): AdamW, lr 1e-2, weight decay 1e-4, 1 warm-up epoch then "
+        "cosine, 10 epochs, batch 16, bf16 autocast, no augmentation; linear probes train the same way on "
+        "cached CLS features. Test split: a stratified 25% (656 images, the same for every run); "
+        "validation 10%. Commands: `python -m vptdash " + " ".join(sweep_command("TASK", seeds, "STORE")) + "`."
+    )
     paper = " / ".join(f"{name} {acc * 100:.2f}%" for name, acc in PAPER.items())
     body = f"""Produced by `python benchmarks/results_elpv.py` on {today()}; machine: {machine()}.
 Backbone: the offline DINOv2 ViT-S/14 (`dinov2_s14`), frozen, 112 px. {recipe_text}

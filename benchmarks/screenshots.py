@@ -26,12 +26,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests import browser_support  # noqa: E402
-from tests.browser_support import (CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, start_server,  # noqa: E402
-                                   stop_all, wait_healthy)
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, start_server, stop_all, wait_healthy  # noqa: E402
 
 # every page of the app, in its navigation order: (file name, the link's text)
-PAGES = [("home", "Home"), ("data", "Data"), ("train", "Train"), ("budget", "Budget explorer"),
-         ("levers", "Cost levers"), ("attention", "Attention"), ("continual", "Continual"), ("runs", "Runs")]
+PAGES = [
+    ("home", "Home"),
+    ("data", "Data"),
+    ("train", "Train"),
+    ("budget", "Budget explorer"),
+    ("levers", "Cost levers"),
+    ("attention", "Attention"),
+    ("continual", "Continual"),
+    ("runs", "Runs"),
+]
 
 
 SETTLE_MS = 800  # let charts finish drawing before a screenshot
@@ -72,17 +79,18 @@ def seed_tiny_runs(home: Path) -> str:
     at `home`; returns the data spec. Seconds per run: made for screenshots, not for conclusions."""
     os.environ["VPTDASH_HOME"] = str(home)
     sys.path.insert(0, str(ROOT))
-    from vptdash import jobs, uploads
-    from vptdash.store import RunStore
-    from vptdash.train import RunConfig
+    from vptdash.engine.train import RunConfig
+    from vptdash.runs import jobs, uploads
+    from vptdash.runs.store import RunStore
 
     info = uploads.save_zip_upload("stripes (generated demo data)", tiny_zip())
     spec = uploads.upload_spec(info.slug)
     store = RunStore()
     base = RunConfig(dataset=spec, epochs=10, lr=3e-2, batch_size=8, **TINY)
     configs = jobs.sweep_configs(base, [0, 1, 5, 20, 50], ["shallow", "deep"], [0, 1])
-    configs.append(RunConfig.from_dict({**base.to_dict(), "tuning": "full", "num_prompts": 0, "placement": "none",
-                                        "lr": 1e-3}))
+    configs.append(
+        RunConfig.from_dict({**base.to_dict(), "tuning": "full", "num_prompts": 0, "placement": "none", "lr": 1e-3})
+    )
     _, ids = jobs.submit_sweep(store, configs)
     jobs.execute_queued(store, ids)
     return spec
@@ -148,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, default=None, help="VPTDASH_HOME to show (default: a fresh one)")
     parser.add_argument("--demo", action="store_true", help="press the meeting demo and wait for it")
     parser.add_argument("--tiny", action="store_true", help="add a generated upload and a few tiny runs first")
-    parser.add_argument("--use-tiny", action="store_true",
-                        help="show the generated upload and tiny backbone (already in --home) as the active setup")
+    parser.add_argument(
+        "--use-tiny",
+        action="store_true",
+        help="show the generated upload and tiny backbone (already in --home) as the active setup",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1000)

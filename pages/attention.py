@@ -7,22 +7,26 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from vptdash import attention, attention_charts, condense, ui
-from vptdash.budget import dataset_name
-from vptdash.data import DatasetError
-from vptdash.prompts import PromptConfigError, parse_placement
-from vptdash.store import RunStore
-from vptdash.train import ConfigError, RunConfig
+from vptdash.engine.data import DatasetError
+from vptdash.engine.prompts import PromptConfigError, parse_placement
+from vptdash.engine.train import ConfigError, RunConfig
+from vptdash.methods import attention, condense
+from vptdash.runs.store import RunStore
+from vptdash.ui import jobqueue, look, resources, session
+from vptdash.views import attention_charts, wording
+from vptdash.views.budget import dataset_name
 
 PULL_IMAGES = 16  # test images behind each pull number (the first ones of the fixed test split)
 MAX_PULL_RUNS = 24
 
-store = ui.get_store()
-setup = ui.active_setup()
+store = resources.get_store()
+setup = session.active_setup()
 st.title("Attention and prompt condensation")
-st.caption("Do prompts change where the model looks, and how many of them are really needed? "
-           "Attention is read from the frozen backbone block by block (exact probabilities, recomputed from "
-           "each block's own weights; training and latency keep the fused kernel).")
+st.caption(
+    "Do prompts change where the model looks, and how many of them are really needed? "
+    "Attention is read from the frozen backbone block by block (exact probabilities, recomputed from "
+    "each block's own weights; training and latency keep the fused kernel)."
+)
 
 
 # ------------------------------------------------------------------------------------ cached work
@@ -54,17 +58,22 @@ def _default(key: str, value) -> None:
 
 def split_key(config: RunConfig) -> tuple:
     """The test split depends on the data and split settings only (not on shots or seed)."""
-    values = {k: getattr(config, k) for k in ("dataset", "cell_type", "resolution", "test_fraction", "val_fraction",
-                                              "split_seed")}
+    values = {
+        k: getattr(config, k)
+        for k in ("dataset", "cell_type", "resolution", "test_fraction", "val_fraction", "split_seed")
+    }
     return tuple(sorted({**values, "shots": None}.items()))
 
 
 # ------------------------------------------------------------------------------------ runs
-runs = [r for r in store.list_runs(status="done") if r.get("artifact_path")
-        and (r["config"] or {}).get("tuning") != "full"]
+runs = [
+    r for r in store.list_runs(status="done") if r.get("artifact_path") and (r["config"] or {}).get("tuning") != "full"
+]
 if not runs:
-    st.info("No run with stored prompts yet: train one on the Train page. (Precomputed reference points keep "
-            "no prompts, so they cannot be inspected here.)")
+    st.info(
+        "No run with stored prompts yet: train one on the Train page. (Precomputed reference points keep "
+        "no prompts, so they cannot be inspected here.)"
+    )
     st.stop()
 by_id = {r["id"]: r for r in runs}
 path = str(store.path)
@@ -75,19 +84,32 @@ def run_text(run_id: int | None) -> str:
         return "none"
     row = by_id[run_id]
     accuracy = (row.get("metrics") or {}).get("accuracy")
-    return (f"#{run_id} · {ui.run_label(row)} · {dataset_name(row['config'].get('dataset'))}"
-            + (f" · {100 * accuracy:.1f}%" if accuracy is not None else ""))
+    return f"#{run_id} · {wording.run_label(row)} · {dataset_name(row['config'].get('dataset'))}" + (
+        f" · {100 * accuracy:.1f}%" if accuracy is not None else ""
+    )
 
 
 active_runs = [r["id"] for r in runs if r["config"].get("dataset") == setup["dataset"]] or [r["id"] for r in runs]
 c = st.columns(2)
-run_a = c[0].selectbox("Run", active_runs, format_func=run_text, key="att_run_a",
-                       help="Finished runs with stored prompts, newest first; runs on the active data set first.")
+run_a = c[0].selectbox(
+    "Run",
+    active_runs,
+    format_func=run_text,
+    key="att_run_a",
+    help="Finished runs with stored prompts, newest first; runs on the active data set first.",
+)
 row_a = by_id[run_a]
 config_a = RunConfig.from_dict(row_a["config"])
-same_data = [r["id"] for r in runs if r["id"] != run_a and split_key(RunConfig.from_dict(r["config"])) == split_key(config_a)]
-run_b = c[1].selectbox("Compare with (optional)", [None, *same_data], format_func=run_text, key="att_run_b",
-                       help="Another run on the same data and resolution, e.g. 5 vs 100 prompts.")
+same_data = [
+    r["id"] for r in runs if r["id"] != run_a and split_key(RunConfig.from_dict(r["config"])) == split_key(config_a)
+]
+run_b = c[1].selectbox(
+    "Compare with (optional)",
+    [None, *same_data],
+    format_func=run_text,
+    key="att_run_b",
+    help="Another run on the same data and resolution, e.g. 5 vs 100 prompts.",
+)
 chosen = [run_a] + ([run_b] if run_b is not None else [])
 
 # ------------------------------------------------------------------------------------ image
@@ -101,14 +123,16 @@ except (DatasetError, OSError) as exc:
     images = None
     st.warning(f"The run's data set cannot be loaded here: {exc}")
 if source == "Test split" and images is not None:
-    index = c[1].number_input(f"Test image (0 to {len(images.labels) - 1})", 0, len(images.labels) - 1, 0, 1,
-                              key="att_image_index")
+    index = c[1].number_input(
+        f"Test image (0 to {len(images.labels) - 1})", 0, len(images.labels) - 1, 0, 1, key="att_image_index"
+    )
     image = images.images[int(index) : int(index) + 1]
     image_key = f"test:{split_key(config_a)}:{int(index)}"
     caption = f"{images.files[int(index)]} · class {images.class_names[int(images.labels[int(index)])]}"
 elif source == "Upload":
-    upload = c[1].file_uploader("An image (png, jpg, tif...)", type=["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"],
-                                key="att_upload")
+    upload = c[1].file_uploader(
+        "An image (png, jpg, tif...)", type=["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"], key="att_upload"
+    )
     if upload is not None:
         try:
             image = attention.image_from_bytes(upload.getvalue(), config_a.resolution)
@@ -134,17 +158,27 @@ if image is not None:
         first = next(iter(maps.values()))
         c = st.columns([3, 2, 2])
         _default("att_view", "Per block")
-        view = c[0].segmented_control("Map", ["Per block", "Rollout"], key="att_view", required=True,
-                                      help="Per block: where the CLS token looks in that block. Rollout: attention "
-                                           "multiplied through all blocks (Abnar & Zuidema 2020).")
+        view = c[0].segmented_control(
+            "Map",
+            ["Per block", "Rollout"],
+            key="att_view",
+            required=True,
+            help="Per block: where the CLS token looks in that block. Rollout: attention "
+            "multiplied through all blocks (Abnar & Zuidema 2020).",
+        )
         block = c[1].slider("Block", 0, first.depth - 1, first.depth - 1, key="att_block", disabled=view == "Rollout")
         heads = ["mean"] + list(range(first.num_heads))
-        head = c[2].selectbox("Head", heads, key="att_head", disabled=view == "Rollout",
-                              format_func=lambda h: "mean of heads" if h == "mean" else f"head {h}")
+        head = c[2].selectbox(
+            "Head",
+            heads,
+            key="att_head",
+            disabled=view == "Rollout",
+            format_func=lambda h: "mean of heads" if h == "mean" else f"head {h}",
+        )
         columns = st.columns(len(maps))
         for column, (run_id, run_maps) in zip(columns, maps.items()):
             with column:
-                label = ui.run_label(by_id[run_id])
+                label = wording.run_label(by_id[run_id])
                 if view == "Rollout":
                     reason = attention.rollout_unavailable_reason(run_maps.placement, run_maps.depth)
                     if reason:
@@ -159,17 +193,22 @@ if image is not None:
                     heat = attention.cls_patch_map(run_maps, block, None if head == "mean" else int(head))[0]
                     p = run_maps.blocks[block].num_prompts
                     title = f"#{run_id} {label}: block {block}, {'mean of heads' if head == 'mean' else f'head {head}'}"
-                    caption_text = (f"{caption} · CLS→patches {100 * float(heat.sum()):.0f}% of the mass, "
-                                    f"→prompts {100 * attention.prompt_pull(run_maps)[block]['cls_pull']:.0f}% ({p} prompts)")
-                fig = attention_charts.overlay_figure(image[0], heat, title=title,
-                                                      caption=caption if view == "Rollout" else caption_text)
-                ui.show_plotly(fig, key=f"att_overlay_{run_id}")
+                    caption_text = (
+                        f"{caption} · CLS→patches {100 * float(heat.sum()):.0f}% of the mass, "
+                        f"→prompts {100 * attention.prompt_pull(run_maps)[block]['cls_pull']:.0f}% ({p} prompts)"
+                    )
+                fig = attention_charts.overlay_figure(
+                    image[0], heat, title=title, caption=caption if view == "Rollout" else caption_text
+                )
+                look.show_plotly(fig, key=f"att_overlay_{run_id}")
 
 # ------------------------------------------------------------------------------------ prompt pull
 st.subheader("Prompt pull")
-st.caption(f"Share of attention mass on prompt keys, averaged over heads and the first {PULL_IMAGES} test images, "
-           "next to the uniform share p/T (what prompts would get if attention ignored content). Above the dashed "
-           "line, prompts pull attention to themselves.")
+st.caption(
+    f"Share of attention mass on prompt keys, averaged over heads and the first {PULL_IMAGES} test images, "
+    "next to the uniform share p/T (what prompts would get if attention ignored content). Above the dashed "
+    "line, prompts pull attention to themselves."
+)
 series = {}
 per_prompt = {}
 for run_id in chosen:
@@ -178,34 +217,55 @@ for run_id in chosen:
     except (attention.AttentionError, DatasetError, KeyError, ConfigError) as exc:
         st.error(f"Run #{run_id}: {exc}")
         continue
-    series[f"#{run_id} {ui.run_label(by_id[run_id])}"] = result["blocks"]
+    series[f"#{run_id} {wording.run_label(by_id[run_id])}"] = result["blocks"]
 c = st.columns([1, 3])
 _default("att_query", "cls_pull")
-query = c[0].segmented_control("Queries", ["cls_pull", "patch_pull"], key="att_query", required=True,
-                               format_func={"cls_pull": "CLS", "patch_pull": "patches"}.get)
-ui.show_plotly(attention_charts.pull_per_block_figure(series, query=query or "cls_pull"), key="att_pull_blocks")
+query = c[0].segmented_control(
+    "Queries",
+    ["cls_pull", "patch_pull"],
+    key="att_query",
+    required=True,
+    format_func={"cls_pull": "CLS", "patch_pull": "patches"}.get,
+)
+look.show_plotly(attention_charts.pull_per_block_figure(series, query=query or "cls_pull"), key="att_pull_blocks")
 
 if image is not None and maps:
     with st.expander("Which prompts attract attention (this image)", icon=":material/grid_on:"):
         for run_id, run_maps in maps.items():
-            values = [attention.per_prompt_pull(run_maps, b, "cls").numpy() if run_maps.blocks[b].probs is not None
-                      and run_maps.has_class_token else np.zeros(run_maps.blocks[b].num_prompts)
-                      for b in range(run_maps.depth)]
-            fig = attention_charts.per_prompt_figure(values, list(range(run_maps.depth)),
-                                                     title=f"#{run_id}: CLS attention per prompt slot",
-                                                     colorbar="attention")
-            ui.show_plotly(fig, key=f"att_per_prompt_{run_id}")
-        st.caption("For shallow prompts the slots in later blocks carry the transformed prompt tokens; for deep "
-                   "prompts every block has its own fresh prompts.")
+            values = [
+                attention.per_prompt_pull(run_maps, b, "cls").numpy()
+                if run_maps.blocks[b].probs is not None and run_maps.has_class_token
+                else np.zeros(run_maps.blocks[b].num_prompts)
+                for b in range(run_maps.depth)
+            ]
+            fig = attention_charts.per_prompt_figure(
+                values,
+                list(range(run_maps.depth)),
+                title=f"#{run_id}: CLS attention per prompt slot",
+                colorbar="attention",
+            )
+            look.show_plotly(fig, key=f"att_per_prompt_{run_id}")
+        st.caption(
+            "For shallow prompts the slots in later blocks carry the transformed prompt tokens; for deep "
+            "prompts every block has its own fresh prompts."
+        )
 
 # pull against prompt count over all stored runs of the same data
-same = [r for r in runs if split_key(RunConfig.from_dict(r["config"])) == split_key(config_a)
-        and RunConfig.from_dict(r["config"]).backbone == config_a.backbone]
+same = [
+    r
+    for r in runs
+    if split_key(RunConfig.from_dict(r["config"])) == split_key(config_a)
+    and RunConfig.from_dict(r["config"]).backbone == config_a.backbone
+]
 with st.container(border=True):
     st.markdown(f"##### Does pull saturate as accuracy does? {len(same)} stored run(s) on this data and backbone")
     measured_key = f"att_pull_all_{run_a}"
-    if st.button(f"Measure prompt pull for {min(len(same), MAX_PULL_RUNS)} run(s)", key="att_pull_all",
-                 icon=":material/bar_chart:", help="One forward pass per run over the fixed test images."):
+    if st.button(
+        f"Measure prompt pull for {min(len(same), MAX_PULL_RUNS)} run(s)",
+        key="att_pull_all",
+        icon=":material/bar_chart:",
+        help="One forward pass per run over the fixed test images.",
+    ):
         st.session_state[measured_key] = True
     if st.session_state.get(measured_key):
         records = []
@@ -218,40 +278,73 @@ with st.container(border=True):
                 st.warning(f"Run #{row['id']}: {exc}")
             progress.progress((position + 1) / min(len(same), MAX_PULL_RUNS))
         progress.empty()
-        ui.show_plotly(attention_charts.pull_vs_count_figure(records, query=query or "cls_pull"), key="att_pull_count")
+        look.show_plotly(
+            attention_charts.pull_vs_count_figure(records, query=query or "cls_pull"), key="att_pull_count"
+        )
         if records:
-            frame = pd.DataFrame([{"run": r["run_id"], "configuration": r["label"], "prompts/block":
-                                   r["total_prompts"] / max(r["placed_blocks"], 1), "CLS pull": r["cls_pull"],
-                                   "patch pull": r["patch_pull"], "uniform p/T": r["uniform"],
-                                   "accuracy": r["accuracy"]} for r in records])
-            st.dataframe(frame, hide_index=True, width="stretch", column_config={
-                "prompts/block": st.column_config.NumberColumn(format="%.1f"),
-                **{k: st.column_config.NumberColumn(format="percent") for k in
-                   ("CLS pull", "patch pull", "uniform p/T", "accuracy")}})
+            frame = pd.DataFrame(
+                [
+                    {
+                        "run": r["run_id"],
+                        "configuration": r["label"],
+                        "prompts/block": r["total_prompts"] / max(r["placed_blocks"], 1),
+                        "CLS pull": r["cls_pull"],
+                        "patch pull": r["patch_pull"],
+                        "uniform p/T": r["uniform"],
+                        "accuracy": r["accuracy"],
+                    }
+                    for r in records
+                ]
+            )
+            st.dataframe(
+                frame,
+                hide_index=True,
+                width="stretch",
+                column_config={
+                    "prompts/block": st.column_config.NumberColumn(format="%.1f"),
+                    **{
+                        k: st.column_config.NumberColumn(format="percent")
+                        for k in ("CLS pull", "patch pull", "uniform p/T", "accuracy")
+                    },
+                },
+            )
 
 # ------------------------------------------------------------------------------------ condensation
 st.subheader("Prompt condensation")
-st.caption(f"**Score:** {condense.SCORE_DESCRIPTION} The kept prompts and the head are then fine-tuned for a few "
-           f"epochs at {condense.FINETUNE_LR_FACTOR:g} x the parent's learning rate; the result is a new run "
-           "linked to its parent (the parent is not changed).")
-eligible = [r["id"] for r in runs if (r["config"].get("tuning") == "prompt" and (r["config"].get("num_prompts") or 0) > 0)]
+st.caption(
+    f"**Score:** {condense.SCORE_DESCRIPTION} The kept prompts and the head are then fine-tuned for a few "
+    f"epochs at {condense.FINETUNE_LR_FACTOR:g} x the parent's learning rate; the result is a new run "
+    "linked to its parent (the parent is not changed)."
+)
+eligible = [
+    r["id"] for r in runs if (r["config"].get("tuning") == "prompt" and (r["config"].get("num_prompts") or 0) > 0)
+]
 if not eligible:
     st.info("No prompt-tuned run to condense yet.")
 else:
     c = st.columns([3, 2, 2, 1])
     default = run_a if run_a in eligible else eligible[0]
-    parent_id = c[0].selectbox("Run to condense", eligible, index=eligible.index(default), format_func=run_text,
-                               key="att_condense_parent")
+    parent_id = c[0].selectbox(
+        "Run to condense", eligible, index=eligible.index(default), format_func=run_text, key="att_condense_parent"
+    )
     parent_config = by_id[parent_id]["config"]
-    shape, _ = ui.backbone_shape_or_error(parent_config.get("backbone"), parent_config.get("resolution"))
+    shape, _ = resources.backbone_shape_or_error(parent_config.get("backbone"), parent_config.get("resolution"))
     total = condense.parent_prompt_total(parent_config, shape["depth"] if shape else None) or 1
     _default("att_keep_mode", "fraction")
-    mode = c[1].segmented_control("Keep", ["fraction", "count"], key="att_keep_mode", required=True,
-                                  help=f"Counted over all {total} prompt vectors of the run (all placed blocks), "
-                                       "ranked globally: blocks keep different numbers.")
+    mode = c[1].segmented_control(
+        "Keep",
+        ["fraction", "count"],
+        key="att_keep_mode",
+        required=True,
+        help=f"Counted over all {total} prompt vectors of the run (all placed blocks), "
+        "ranked globally: blocks keep different numbers.",
+    )
     if mode == "count":
-        keep = int(c[2].number_input(f"Prompt vectors to keep (of {total})", 1, max(total, 1), max(1, total // 3),
-                                     key="att_keep_count"))
+        keep = int(
+            c[2].number_input(
+                f"Prompt vectors to keep (of {total})", 1, max(total, 1), max(1, total // 3), key="att_keep_count"
+            )
+        )
         fraction = None
     else:
         fraction = c[2].slider("Fraction kept", 0.05, 1.0, 0.3, 0.05, key="att_keep_fraction")
@@ -262,16 +355,18 @@ else:
         placed = len(parse_placement(parent_config.get("placement"), shape["depth"])) if shape else 1
     except PromptConfigError:
         placed = 1
-    st.caption(f"Keeps {shown} of {total} prompt vectors ({100 * shown / total:.0f}%)"
-               + (f", {shown / placed:.1f} per block on average over {placed} blocks" if placed > 1 else "")
-               + ". The condensed run costs the GMACs of a fresh run with the same per-block counts.")
+    st.caption(
+        f"Keeps {shown} of {total} prompt vectors ({100 * shown / total:.0f}%)"
+        + (f", {shown / placed:.1f} per block on average over {placed} blocks" if placed > 1 else "")
+        + ". The condensed run costs the GMACs of a fresh run with the same per-block counts."
+    )
     if st.button("Queue condensation", type="primary", key="att_condense_go", icon=":material/compress:"):
         try:
             new_id = condense.submit_condense(store, parent_id, keep=keep, keep_fraction=fraction, epochs=epochs)
         except ConfigError as exc:
             st.error(f"Not queued: {exc}")
         else:
-            ui.start_worker(store)
+            jobqueue.start_worker(store)
             st.session_state["att_condense_run"] = new_id
             st.success(f"Queued run #{new_id}: condensing #{parent_id}.")
 
@@ -286,39 +381,64 @@ def condensations() -> None:
         if row is None:
             st.session_state.pop("att_condense_run", None)
         elif row["status"] in ("queued", "running"):
-            fraction, text = ui.progress_of(row, store.latest_progress(pending))
+            fraction, text = wording.progress_of(row, store.latest_progress(pending))
             st.progress(fraction, text=f"Run #{pending}: {text}")
         elif row["status"] == "failed":
-            st.error(f"Run #{pending} failed: {ui.first_line(row.get('error'))}")
+            st.error(f"Run #{pending} failed: {wording.first_line(row.get('error'))}")
     rows = store.list_runs(status="done")
     pairs = condense.condensation_pairs(rows)
     if not pairs:
         st.caption("No finished condensation yet.")
         return
-    frame = pd.DataFrame([{
-        "parent": p["parent_id"], "condensed": p["run_id"], "from": p["parent_label"], "to": p["label"],
-        "kept": f"{p['kept_prompts']} of {p['parent_prompts']}", "accuracy before": p["parent_accuracy"],
-        "pruned (no fine-tune)": p["accuracy_pruned"], "accuracy after": p["accuracy"],
-        "GMACs before": p["parent_gmacs"], "GMACs after": p["gmacs"],
-        "ms before": p["parent_latency_ms_b1"], "ms after": p["latency_ms_b1"]} for p in pairs])
-    st.dataframe(frame, hide_index=True, width="stretch", column_config={
-        **{k: st.column_config.NumberColumn(format="percent") for k in
-           ("accuracy before", "pruned (no fine-tune)", "accuracy after")},
-        **{k: st.column_config.NumberColumn(format="%.3f") for k in ("GMACs before", "GMACs after")},
-        **{k: st.column_config.NumberColumn(format="%.1f") for k in ("ms before", "ms after")}})
+    frame = pd.DataFrame(
+        [
+            {
+                "parent": p["parent_id"],
+                "condensed": p["run_id"],
+                "from": p["parent_label"],
+                "to": p["label"],
+                "kept": f"{p['kept_prompts']} of {p['parent_prompts']}",
+                "accuracy before": p["parent_accuracy"],
+                "pruned (no fine-tune)": p["accuracy_pruned"],
+                "accuracy after": p["accuracy"],
+                "GMACs before": p["parent_gmacs"],
+                "GMACs after": p["gmacs"],
+                "ms before": p["parent_latency_ms_b1"],
+                "ms after": p["latency_ms_b1"],
+            }
+            for p in pairs
+        ]
+    )
+    st.dataframe(
+        frame,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            **{
+                k: st.column_config.NumberColumn(format="percent")
+                for k in ("accuracy before", "pruned (no fine-tune)", "accuracy after")
+            },
+            **{k: st.column_config.NumberColumn(format="%.3f") for k in ("GMACs before", "GMACs after")},
+            **{k: st.column_config.NumberColumn(format="%.1f") for k in ("ms before", "ms after")},
+        },
+    )
     left, right = st.columns(2)
     with left:
-        ui.show_plotly(attention_charts.condensation_figure(pairs), key="att_condense_chart")
+        look.show_plotly(attention_charts.condensation_figure(pairs), key="att_condense_chart")
     with right:
         latest = pairs[0]
         events = [e for e in store.progress(latest["run_id"]) if e.get("prompt_scores")]
         if events:
             blocks = events[-1].get("placement") or list(range(len(events[-1]["prompt_scores"])))
             fig = attention_charts.per_prompt_figure(
-                [np.asarray(s) for s in events[-1]["prompt_scores"]], blocks,
+                [np.asarray(s) for s in events[-1]["prompt_scores"]],
+                blocks,
                 title=f"Importance of run #{latest['parent_id']}'s prompts (Taylor), kept in #{latest['run_id']}",
-                colorbar="score", kept=events[-1].get("kept_indices"), log_color=True)
-            ui.show_plotly(fig, key="att_scores_chart")
+                colorbar="score",
+                kept=events[-1].get("kept_indices"),
+                log_color=True,
+            )
+            look.show_plotly(fig, key="att_scores_chart")
 
 
 condensations()

@@ -4,18 +4,22 @@ recommended budget as runs complete."""
 import plotly.graph_objects as go
 import streamlit as st
 
-from vptdash import attention_charts, budget, charts, jobs, ui
-from vptdash.prompts import PromptConfigError
-from vptdash.train import ConfigError
+from vptdash.engine.prompts import PromptConfigError
+from vptdash.engine.train import ConfigError
+from vptdash.runs import jobs
+from vptdash.ui import jobqueue, look, resources, session
+from vptdash.views import attention_charts, budget, charts, style, wording
 
 METRICS = {"accuracy_mean": "Accuracy", "balanced_accuracy_mean": "Balanced accuracy"}
 COST_TABS = {"gmacs": "Compute (GMACs)", "latency_ms_b1": "Latency (ms)", "params_trainable": "Trainable parameters"}
 
-store = ui.get_store()
-setup = ui.active_setup()
+store = resources.get_store()
+setup = session.active_setup()
 st.title("Budget explorer")
-st.caption(f"Accuracy against cost on **{ui.dataset_label(setup['dataset'], setup['cell_type'])}**: "
-           "each point is one configuration (mean over seeds, bars = spread). Change the data set on the Data page.")
+st.caption(
+    f"Accuracy against cost on **{wording.dataset_label(setup['dataset'], setup['cell_type'])}**: "
+    "each point is one configuration (mean over seeds, bars = spread). Change the data set on the Data page."
+)
 
 # ------------------------------------------------------------------------------------ results
 summary = store.queue_summary()
@@ -24,38 +28,56 @@ busy = bool(summary["running"] or summary["queued"])
 
 @st.fragment(run_every=2.0 if busy else 10.0)  # slow poll when idle: runs from other tabs show up too
 def results() -> None:
-    setup = ui.active_setup()
+    setup = session.active_setup()
     sweep_id = st.session_state.get("last_sweep_id")
     if sweep_id:
         sweep = store.list_runs(sweep_id=sweep_id)
         finished = sum(1 for r in sweep if r["status"] in ("done", "failed", "cancelled"))
         if sweep and finished < len(sweep):
-            st.progress(finished / len(sweep),
-                        text=f"Sweep: {finished} of {len(sweep)} runs finished; points appear as they complete.")
+            st.progress(
+                finished / len(sweep),
+                text=f"Sweep: {finished} of {len(sweep)} runs finished; points appear as they complete.",
+            )
         failed = [r for r in sweep if r["status"] == "failed"]
         if failed:
-            st.error(f"{len(failed)} run(s) of the sweep failed, e.g. #{failed[0]['id']}: "
-                     f"{ui.first_line(failed[0].get('error'))}")
+            st.error(
+                f"{len(failed)} run(s) of the sweep failed, e.g. #{failed[0]['id']}: "
+                f"{wording.first_line(failed[0].get('error'))}"
+            )
 
-    rows = [r for r in store.list_runs(status="done", dataset=setup["dataset"])
-            if r["config"].get("cell_type") == setup["cell_type"]]
     c = st.columns([2, 3, 3])
-    metric = c[0].segmented_control("Metric", list(METRICS), format_func=METRICS.get, key="budget_metric",
-                                    default="accuracy_mean", required=True,
-                                    help="Balanced accuracy = mean recall over classes (honest on imbalanced data).")
-    tolerance = c[1].slider("Tolerance (accuracy points)", 0.5, 10.0, value=1.0, step=0.5, key="budget_tolerance",
-                            help="How much accuracy you would give up for a cheaper budget.")
-    match = c[2].toggle(f"Only `{setup['backbone']}`, {setup['resolution']} px, "
-                        f"{'all' if setup['shots'] is None else setup['shots']} shots", key="budget_match", value=True,
-                        help="Compare like with like: runs on the active backbone, resolution and shots.")
-    if match:
-        matching = [r for r in rows if r["config"].get("backbone") == setup["backbone"]
-                    and r["config"].get("resolution") == setup["resolution"]
-                    and r["config"].get("shots") == setup["shots"]]
-        if rows and not matching:
-            st.info(f"{len(rows)} finished run(s) on this data set use another backbone, resolution or shots: "
-                    "turn the switch off to see them.")
-        rows = matching
+    metric = c[0].segmented_control(
+        "Metric",
+        list(METRICS),
+        format_func=METRICS.get,
+        key="budget_metric",
+        default="accuracy_mean",
+        required=True,
+        help="Balanced accuracy = mean recall over classes (honest on imbalanced data).",
+    )
+    tolerance = c[1].slider(
+        "Tolerance (accuracy points)",
+        0.5,
+        10.0,
+        value=1.0,
+        step=0.5,
+        key="budget_tolerance",
+        help="How much accuracy you would give up for a cheaper budget.",
+    )
+    match = c[2].toggle(
+        f"Only `{setup['backbone']}`, {setup['resolution']} px, "
+        f"{'all' if setup['shots'] is None else setup['shots']} shots",
+        key="budget_match",
+        value=True,
+        help="Compare like with like: runs on the active backbone, resolution and shots.",
+    )
+    finished = store.list_runs(status="done", dataset=setup["dataset"])
+    rows, left_out = budget.comparable_runs(finished, setup, same_setup=match)
+    if left_out and not rows:
+        st.info(
+            f"{left_out} finished run(s) on this data set use another backbone, resolution or shots: "
+            "turn the switch off to see them."
+        )
     table = budget.runs_table(rows)
     agg = budget.aggregate_over_seeds(table)
     metric = metric or "accuracy_mean"
@@ -64,63 +86,104 @@ def results() -> None:
     chart_col, table_col = st.columns([5, 2], gap="medium")
     with table_col:
         st.markdown(f"**{len(table)} finished runs** · select rows to highlight them")
-        shown = table[["id", "label", "accuracy", "balanced_accuracy", "seed", "gmacs", "latency_ms_b1",
-                       "params_trainable", "family", "source"]].reset_index(drop=True)
+        shown = table[
+            [
+                "id",
+                "label",
+                "accuracy",
+                "balanced_accuracy",
+                "seed",
+                "gmacs",
+                "latency_ms_b1",
+                "params_trainable",
+                "family",
+                "source",
+            ]
+        ].reset_index(drop=True)
         event = st.dataframe(
-            shown, key="budget_table", on_select="rerun", selection_mode="multi-row", hide_index=True,
-            width="stretch", height=700,
-            column_config=ui.run_table_columns())
-        selected = [int(shown.iloc[i]["id"]) for i in (event.selection.rows if event else [])
-                    if i < len(shown)]
+            shown,
+            key="budget_table",
+            on_select="rerun",
+            selection_mode="multi-row",
+            hide_index=True,
+            width="stretch",
+            height=700,
+            column_config=jobqueue.run_table_columns(),
+        )
+        selected = [int(shown.iloc[i]["id"]) for i in (event.selection.rows if event else []) if i < len(shown)]
     with chart_col:
         if not len(agg):
-            st.info("No finished runs for this setup yet. Plan and queue a sweep below, or run the meeting demo on Home.")
+            st.info(
+                "No finished runs for this setup yet. Plan and queue a sweep below, or run the meeting demo on Home."
+            )
         tabs = st.tabs(list(COST_TABS.values()))
         for tab, cost in zip(tabs, COST_TABS):
             with tab:
                 recommendation = budget.recommend(agg, tolerance, cost=cost, metric=metric) if len(agg) else None
                 if recommendation is not None:
                     st.success(f"#### {recommendation.sentence}", icon=":material/recommend:")
-                fig = charts.cost_accuracy_figure(agg, cost=cost, metric=metric, recommendation=recommendation,
-                                                  highlight_ids=selected)
+                fig = charts.cost_accuracy_figure(
+                    agg, cost=cost, metric=metric, recommendation=recommendation, highlight_ids=selected
+                )
                 # condensed runs: an arrow from each parent to its condensed child (before/after on hover)
                 attention_charts.add_condensation_arrows(fig, agg, table, cost=cost, metric=metric)
                 # legend under the plot: the points get the width (projector)
-                fig.update_layout(legend={"orientation": "h", "x": 0, "y": -0.16, "yanchor": "top"},
-                                  margin={"b": 40}, height=680)
-                ui.show_plotly(fig, key=f"budget_chart_{cost}")
+                fig.update_layout(
+                    legend={"orientation": "h", "x": 0, "y": -0.16, "yanchor": "top"}, margin={"b": 40}, height=680
+                )
+                look.show_plotly(fig, key=f"budget_chart_{cost}")
     sources = set(table["source"].dropna()) if len(table) else set()
     if "precomputed" in sources:
-        info = ui.reference_info() or {}
+        info = resources.reference_info() or {}
         details = ", ".join(f"{k}: {info[k]}" for k in ("machine", "date") if info.get(k))
         command = f" with `{info['command']}`" if info.get("command") else ""
-        st.caption(f"● Circles are **precomputed** reference points shipped with the app, computed{command}"
-                   f"{' (' + details + ')' if details else ''}. ◆ Diamonds are runs made here.")
+        st.caption(
+            f"● Circles are **precomputed** reference points shipped with the app, computed{command}"
+            f"{' (' + details + ')' if details else ''}. ◆ Diamonds are runs made here."
+        )
 
 
 results()
 
 # ------------------------------------------------------------------------------------ plan a sweep
 done_here = store.list_runs(status="done", dataset=setup["dataset"], limit=1)
-with st.expander("Plan a sweep: estimated cost before anything runs", expanded=not done_here,
-                 icon=":material/tune:"):
+with st.expander("Plan a sweep: estimated cost before anything runs", expanded=not done_here, icon=":material/tune:"):
     c = st.columns([3, 2, 2, 1, 1])
-    counts = c[0].multiselect("Prompt counts", ui.PROMPT_COUNTS, default=[0, 1, 5, 10, 50], key="budget_counts",
-                              help="0 = the linear probe (always included).")
-    placements = c[1].multiselect("Placements", ["shallow", "deep"], default=["shallow", "deep"],
-                                  key="budget_placements")
-    custom = c[2].text_input("Custom blocks (optional)", key="budget_custom", placeholder="e.g. 8,9,10,11",
-                             help="One more placement: prompts in these blocks only (0 = first block).")
-    n_seeds = c[3].number_input("Seeds", min_value=1, max_value=10, value=1, step=1, key="budget_seeds",
-                                help="Each configuration is trained with seeds 0..n-1: the spread shows the noise.")
+    counts = c[0].multiselect(
+        "Prompt counts",
+        session.PROMPT_COUNTS,
+        default=[0, 1, 5, 10, 50],
+        key="budget_counts",
+        help="0 = the linear probe (always included).",
+    )
+    placements = c[1].multiselect(
+        "Placements", ["shallow", "deep"], default=["shallow", "deep"], key="budget_placements"
+    )
+    custom = c[2].text_input(
+        "Custom blocks (optional)",
+        key="budget_custom",
+        placeholder="e.g. 8,9,10,11",
+        help="One more placement: prompts in these blocks only (0 = first block).",
+    )
+    n_seeds = c[3].number_input(
+        "Seeds",
+        min_value=1,
+        max_value=10,
+        value=1,
+        step=1,
+        key="budget_seeds",
+        help="Each configuration is trained with seeds 0..n-1: the spread shows the noise.",
+    )
     epochs = c[4].number_input("Epochs", min_value=1, max_value=500, value=10, step=1, key="budget_epochs")
     grid_placements = list(placements) + ([custom.replace(" ", "")] if custom.strip() else [])
     shots = setup["shots"]
-    st.caption(f"Backbone `{setup['backbone']}` at {setup['resolution']} px, "
-               f"{'all' if shots is None else shots} training images per class (change them on the Train page).")
+    st.caption(
+        f"Backbone `{setup['backbone']}` at {setup['resolution']} px, "
+        f"{'all' if shots is None else shots} training images per class (change them on the Train page)."
+    )
 
-    shape, backbone_error = ui.backbone_shape_or_error(setup["backbone"], setup["resolution"])
-    n_classes = ui.num_classes(setup["dataset"], setup["resolution"], setup["cell_type"])
+    shape, backbone_error = resources.backbone_shape_or_error(setup["backbone"], setup["resolution"])
+    n_classes = resources.num_classes(setup["dataset"], setup["resolution"], setup["cell_type"])
     grid, configs, problem = None, [], None
     if backbone_error:
         problem = f"Backbone `{setup['backbone']}` cannot be built here: {backbone_error}"
@@ -131,12 +194,24 @@ with st.expander("Plan a sweep: estimated cost before anything runs", expanded=n
     else:
         try:
             grid = budget.estimate_grid(
-                shape["depth"], shape["embed_dim"], shape["mlp_dim"], shape["num_patches"], shape["patch_size"],
-                n_classes, [int(x) for x in counts], grid_placements or ["shallow"],
-                num_prefix_tokens=shape["num_prefix_tokens"], has_class_token=shape["has_class_token"],
-                row_selection=shape["row_selection"])
-            configs = jobs.sweep_configs(ui.base_config(epochs=int(epochs)), [int(x) for x in counts],
-                                         grid_placements or ["shallow"], list(range(int(n_seeds))))
+                shape["depth"],
+                shape["embed_dim"],
+                shape["mlp_dim"],
+                shape["num_patches"],
+                shape["patch_size"],
+                n_classes,
+                [int(x) for x in counts],
+                grid_placements or ["shallow"],
+                num_prefix_tokens=shape["num_prefix_tokens"],
+                has_class_token=shape["has_class_token"],
+                row_selection=shape["row_selection"],
+            )
+            configs = jobs.sweep_configs(
+                session.base_config(epochs=int(epochs)),
+                [int(x) for x in counts],
+                grid_placements or ["shallow"],
+                list(range(int(n_seeds))),
+            )
             for config in configs:
                 config.validate(depth=shape["depth"])
         except (PromptConfigError, ConfigError, ValueError) as exc:
@@ -149,40 +224,60 @@ with st.expander("Plan a sweep: estimated cost before anything runs", expanded=n
             fig = go.Figure()
             for family in budget.ordered_families(grid["family"]):
                 rows = grid[grid["family"] == family]
-                fig.add_trace(go.Bar(
-                    x=rows["label"].tolist(), y=rows["gmacs_analytic"].astype(float).tolist(), name=family,
-                    marker_color=charts.family_color(family),
-                    customdata=rows[["relative_cost", "params_trainable", "tokens"]].to_numpy().tolist(),
-                    hovertemplate="%{x}<br>%{y:.3f} GMACs per image (x%{customdata[0]:.2f} the linear probe)"
-                                  "<br>%{customdata[1]:,} trainable parameters<br>%{customdata[2]} tokens"
-                                  "<extra></extra>"))
-            fig.update_layout(template="plotly_white", font={"size": 17}, height=420, bargap=0.25,
-                              title={"text": "Estimated compute per configuration", "font": {"size": 22}},
-                              yaxis_title="GMACs per image (analytic)", xaxis_title="Configuration",
-                              margin={"l": 70, "r": 20, "t": 70, "b": 90}, legend_title_text="Family")
-            ui.show_plotly(fig, key="budget_estimate_chart")
+                fig.add_trace(
+                    go.Bar(
+                        x=rows["label"].tolist(),
+                        y=rows["gmacs_analytic"].astype(float).tolist(),
+                        name=family,
+                        marker_color=style.family_color(family),
+                        customdata=rows[["relative_cost", "params_trainable", "tokens"]].to_numpy().tolist(),
+                        hovertemplate="%{x}<br>%{y:.3f} GMACs per image (x%{customdata[0]:.2f} the linear probe)"
+                        "<br>%{customdata[1]:,} trainable parameters<br>%{customdata[2]} tokens"
+                        "<extra></extra>",
+                    )
+                )
+            fig.update_layout(
+                template="plotly_white",
+                font={"size": 17},
+                height=420,
+                bargap=0.25,
+                title={"text": "Estimated compute per configuration", "font": {"size": 22}},
+                yaxis_title="GMACs per image (analytic)",
+                xaxis_title="Configuration",
+                margin={"l": 70, "r": 20, "t": 70, "b": 90},
+                legend_title_text="Family",
+            )
+            look.show_plotly(fig, key="budget_estimate_chart")
         with right:
             st.dataframe(
-                grid[["label", "tokens", "gmacs_analytic", "relative_cost", "params_trainable"]], hide_index=True,
+                grid[["label", "tokens", "gmacs_analytic", "relative_cost", "params_trainable"]],
+                hide_index=True,
                 width="stretch",
                 column_config={
                     "label": "Configuration",
                     "tokens": st.column_config.NumberColumn("Tokens", help="Sequence length through the blocks"),
-                    "gmacs_analytic": st.column_config.NumberColumn("GMACs", format="%.3f",
-                                                                    help="Per image, analytic"),
-                    "relative_cost": st.column_config.NumberColumn("× probe", format="%.2f",
-                                                                   help="Compute relative to the linear probe"),
+                    "gmacs_analytic": st.column_config.NumberColumn("GMACs", format="%.3f", help="Per image, analytic"),
+                    "relative_cost": st.column_config.NumberColumn(
+                        "× probe", format="%.2f", help="Compute relative to the linear probe"
+                    ),
                     "params_trainable": st.column_config.NumberColumn("Trainable", format="compact"),
-                })
-            st.caption("Analytic count of multiply-adds per image: grows with the tokens prompts add. "
-                       "Deep prompts are only read by the block they are written to (the next block "
-                       "replaces them), so at the same count they cost less compute than shallow ones, "
-                       "while training many more parameters.")
+                },
+            )
+            st.caption(
+                "Analytic count of multiply-adds per image: grows with the tokens prompts add. "
+                "Deep prompts are only read by the block they are written to (the next block "
+                "replaces them), so at the same count they cost less compute than shallow ones, "
+                "while training many more parameters."
+            )
     n_runs = len(configs)
-    if st.button(f"Queue {n_runs} run{'s' if n_runs != 1 else ''}", type="primary", key="budget_queue",
-                 disabled=not configs, icon=":material/playlist_add:"):
-        sweep_id = ui.queue_sweep(store, configs, "Not queued")
+    if st.button(
+        f"Queue {n_runs} run{'s' if n_runs != 1 else ''}",
+        type="primary",
+        key="budget_queue",
+        disabled=not configs,
+        icon=":material/playlist_add:",
+    ):
+        sweep_id = jobqueue.queue_sweep(store, configs, "Not queued")
         if sweep_id:
             st.session_state["last_sweep_id"] = sweep_id
             st.rerun()
-

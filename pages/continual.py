@@ -5,22 +5,27 @@ import datetime
 
 import streamlit as st
 
-from vptdash import continual, continual_charts, ui
-from vptdash.train import ConfigError
+from vptdash.engine.train import ConfigError
+from vptdash.methods import continual
+from vptdash.runs import uploads
+from vptdash.ui import jobqueue, look, resources, session
+from vptdash.views import continual_charts, wording
 
 LIVE = ("queued", "running")
 SHOTS = [8, 16, 32, 64, "all"]
 LR_CHOICES = [1e-3, 3e-3, 1e-2, 3e-2]
 PLACEMENTS = {"last4": "last 4 blocks", "deep": "every block", "shallow": "block 0 only"}
 
-store = ui.get_store()
+store = resources.get_store()
 st.title("Continual learning: new classes over time")
-st.caption("New defect types arrive after deployment. The same prompts and a growing head learn the classes "
-           "task after task; after each task every task seen so far is tested, predicting among all classes "
-           "seen so far. **Sequential** tuning is the forgetting baseline, **null-space prompts (NSP2)** project "
-           "every prompt update so old tasks' attention outputs do not move, **joint** training on everything "
-           "at once is the upper bound. Runs go to the background worker.")
-setup = ui.active_setup()
+st.caption(
+    "New defect types arrive after deployment. The same prompts and a growing head learn the classes "
+    "task after task; after each task every task seen so far is tested, predicting among all classes "
+    "seen so far. **Sequential** tuning is the forgetting baseline, **null-space prompts (NSP2)** project "
+    "every prompt update so old tasks' attention outputs do not move, **joint** training on everything "
+    "at once is the upper bound. Runs go to the background worker."
+)
+setup = session.active_setup()
 
 
 @st.cache_data(show_spinner="Reading the classes...", max_entries=16)
@@ -29,16 +34,14 @@ def class_names(spec: str, resolution: int, cell_type: str | None) -> list[str]:
 
 
 def dataset_options() -> dict[str, str]:
-    options = {"elpv": ui.dataset_label("elpv"), **{k: f"{k}: generated" for k in continual.GENERATED_DATASETS}}
+    options = {"elpv": wording.dataset_label("elpv"), **{k: f"{k}: generated" for k in continual.GENERATED_DATASETS}}
     try:
-        from vptdash import uploads
-
         for info in uploads.list_uploads():
             options[uploads.upload_spec(info.slug)] = f"{info.name} (upload)"
     except Exception:  # noqa: BLE001 - a broken uploads folder must not hide the built-in sets
         pass
     if setup["dataset"] not in options and setup["dataset"] != "elpv-binary":
-        options[setup["dataset"]] = ui.dataset_label(setup["dataset"])
+        options[setup["dataset"]] = wording.dataset_label(setup["dataset"])
     return options
 
 
@@ -49,9 +52,15 @@ with controls:
         options = dataset_options()
         if st.session_state.get("cl_dataset") not in options:
             st.session_state.pop("cl_dataset", None)
-        spec = st.selectbox("Image set", list(options), index=0, format_func=options.get, key="cl_dataset",
-                            help="ELPV has 4 classes (2 tasks of 2). The generated textures have 10 (up to 5 tasks). "
-                                 "Uploads with at least 4 classes work too.")
+        spec = st.selectbox(
+            "Image set",
+            list(options),
+            index=0,
+            format_func=options.get,
+            key="cl_dataset",
+            help="ELPV has 4 classes (2 tasks of 2). The generated textures have 10 (up to 5 tasks). "
+            "Uploads with at least 4 classes work too.",
+        )
         cell_type = setup["cell_type"] if spec == "elpv" else None
         try:
             names = class_names(spec, int(setup["resolution"]), cell_type)
@@ -61,15 +70,27 @@ with controls:
         max_tasks = len(names) // 2
         tasks, order = 1, list(range(len(names)))
         if max_tasks < 2:
-            st.warning(f"This set has {len(names)} classes: continual learning needs at least 4 "
-                       "(2 tasks of 2 classes).")
+            st.warning(
+                f"This set has {len(names)} classes: continual learning needs at least 4 (2 tasks of 2 classes)."
+            )
         else:
-            tasks = st.number_input("Number of tasks", min_value=2, max_value=max_tasks, value=min(max_tasks, 5),
-                                    step=1, key=f"cl_tasks_{spec}",
-                                    help=f"The classes are split into this many tasks (at most {max_tasks}: every "
-                                         "task needs 2 classes), in the arrival order below.")
-            picked = st.multiselect("Arrival order of the classes", names, default=names, key=f"cl_order_{spec}",
-                                    help="Clear and pick the classes in the order they should arrive.")
+            tasks = st.number_input(
+                "Number of tasks",
+                min_value=2,
+                max_value=max_tasks,
+                value=min(max_tasks, 5),
+                step=1,
+                key=f"cl_tasks_{spec}",
+                help=f"The classes are split into this many tasks (at most {max_tasks}: every "
+                "task needs 2 classes), in the arrival order below.",
+            )
+            picked = st.multiselect(
+                "Arrival order of the classes",
+                names,
+                default=names,
+                key=f"cl_order_{spec}",
+                help="Clear and pick the classes in the order they should arrive.",
+            )
             if sorted(picked) == sorted(names):
                 order = [names.index(n) for n in picked]
             else:
@@ -82,35 +103,80 @@ with controls:
 
     with st.container(border=True):
         st.markdown("##### Methods")
-        methods = st.pills("Methods", list(continual.METHODS), selection_mode="multi", key="cl_methods",
-                           default=list(continual.METHODS),
-                           format_func=continual_charts.method_label, label_visibility="collapsed") or []
+        methods = (
+            st.pills(
+                "Methods",
+                list(continual.METHODS),
+                selection_mode="multi",
+                key="cl_methods",
+                default=list(continual.METHODS),
+                format_func=continual_charts.method_label,
+                label_visibility="collapsed",
+            )
+            or []
+        )
         c = st.columns(2)
-        seeds = c[0].number_input("Seeds", min_value=1, max_value=5, value=1, step=1, key="cl_seeds",
-                                  help="Each method runs once per seed (0, 1, ...): mean ± std over seeds.")
-        eta = c[1].slider("NSP2 eta", 0.5, 1.0, value=continual.DEFAULT_ETA, step=0.01, key="cl_eta",
-                          help="Stability/plasticity blend: update = eta × projected + (1 − eta) × free. 1 = pure "
-                               "null-space projection.")
+        seeds = c[0].number_input(
+            "Seeds",
+            min_value=1,
+            max_value=5,
+            value=1,
+            step=1,
+            key="cl_seeds",
+            help="Each method runs once per seed (0, 1, ...): mean ± std over seeds.",
+        )
+        eta = c[1].slider(
+            "NSP2 eta",
+            0.5,
+            1.0,
+            value=continual.DEFAULT_ETA,
+            step=0.01,
+            key="cl_eta",
+            help="Stability/plasticity blend: update = eta × projected + (1 − eta) × free. 1 = pure "
+            "null-space projection.",
+        )
         with st.expander("Training settings"):
             c = st.columns(2)
             shots = c[0].select_slider("Training images per class", SHOTS, value=32, key="cl_shots")
             epochs = c[1].number_input("Epochs per task", min_value=1, max_value=100, value=10, step=1, key="cl_epochs")
             prompts = c[0].select_slider("Prompts per block", [1, 2, 4, 8, 16], value=4, key="cl_prompts")
-            placement = c[1].selectbox("Prompted blocks", list(PLACEMENTS), index=0, format_func=PLACEMENTS.get,
-                                       key="cl_placement",
-                                       help="Last 4 blocks: the blocks before run once per image (fast on CPU).")
-            lr = c[0].select_slider("Learning rate", LR_CHOICES, value=1e-2, key="cl_lr",
-                                    format_func=lambda v: f"{v:g}")
+            placement = c[1].selectbox(
+                "Prompted blocks",
+                list(PLACEMENTS),
+                index=0,
+                format_func=PLACEMENTS.get,
+                key="cl_placement",
+                help="Last 4 blocks: the blocks before run once per image (fast on CPU).",
+            )
+            lr = c[0].select_slider(
+                "Learning rate", LR_CHOICES, value=1e-2, key="cl_lr", format_func=lambda v: f"{v:g}"
+            )
             st.caption(f"Backbone `{setup['backbone']}` at {setup['resolution']} px (from the active setup).")
 
     base = continual.ContinualConfig(
-        backbone=setup["backbone"], dataset=spec, cell_type=cell_type, resolution=int(setup["resolution"]),
-        shots=None if shots == "all" else int(shots), tasks=int(tasks), class_order=order, num_prompts=int(prompts),
-        placement=placement, epochs=int(epochs), lr=float(lr), eta=float(eta))
+        backbone=setup["backbone"],
+        dataset=spec,
+        cell_type=cell_type,
+        resolution=int(setup["resolution"]),
+        shots=None if shots == "all" else int(shots),
+        tasks=int(tasks),
+        class_order=order,
+        num_prompts=int(prompts),
+        placement=placement,
+        epochs=int(epochs),
+        lr=float(lr),
+        eta=float(eta),
+    )
     st.session_state["cl_pending"] = base.to_dict()  # what the button would queue (tests read it)
     count = len(methods) * int(seeds)
-    if st.button(f"Run {count} continual run{'s' if count != 1 else ''}", type="primary", key="cl_submit",
-                 icon=":material/play_arrow:", width="stretch", disabled=not methods or max_tasks < 2):
+    if st.button(
+        f"Run {count} continual run{'s' if count != 1 else ''}",
+        type="primary",
+        key="cl_submit",
+        icon=":material/play_arrow:",
+        width="stretch",
+        disabled=not methods or max_tasks < 2,
+    ):
         try:
             configs = continual.continual_configs(base, methods, list(range(int(seeds))))
             sweep_id = "continual-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -120,7 +186,7 @@ with controls:
             st.error(f"Not queued: {exc}")
         else:
             st.session_state["cl_experiment"] = sweep_id
-            ui.start_worker(store)
+            jobqueue.start_worker(store)
             st.rerun()
 
 
@@ -129,62 +195,90 @@ def experiment_label(group: dict) -> str:
     when = datetime.datetime.fromtimestamp(group["created_at"]).strftime("%d %b %H:%M")
     statuses = ", ".join(f"{n} {s}" for s, n in sorted(group["statuses"].items()))
     methods = "/".join(continual_charts.method_label(m).split(" ")[0] for m in group["methods"])
-    return f"{when} · {ui.dataset_label(str(group['dataset']))} · {group['tasks']} tasks · {methods} · {statuses}"
+    return f"{when} · {wording.dataset_label(str(group['dataset']))} · {group['tasks']} tasks · {methods} · {statuses}"
 
 
 def show_results(rows: list[dict]) -> None:
     done = [r for r in rows if r["status"] == "done"]
     for r in rows:
         if r["status"] == "failed":
-            st.error(f"Run #{r['id']} ({r['config'].get('method')}, seed {r['config'].get('seed')}) failed: "
-                     f"{ui.first_line(r.get('error'))}")
+            st.error(
+                f"Run #{r['id']} ({r['config'].get('method')}, seed {r['config'].get('seed')}) failed: "
+                f"{wording.first_line(r.get('error'))}"
+            )
     if not done:
         st.info("No finished run in this experiment yet.")
         return
     tasks = done[0]["metrics"].get("tasks") or []
-    view = st.segmented_control("Read the results as", list(continual.VIEWS), default="class-incremental",
-                                key="cl_view", required=True)
+    view = st.segmented_control(
+        "Read the results as", list(continual.VIEWS), default="class-incremental", key="cl_view", required=True
+    )
     matrix_key, avg_key, forget_key, meaning = continual.VIEWS[view or "class-incremental"]
     st.caption(meaning)
     summary = continual.summarize_runs(done)
     cols = st.columns(max(len(summary), 1))
     for col, line in zip(cols, summary):
         avg, forget = line.get(f"{avg_key}_mean"), line.get(f"{forget_key}_mean")
-        col.metric(continual_charts.method_short(line["method"]), ui.fmt_pct(avg),
-                   help=f"{continual_charts.method_label(line['method'])}: average accuracy over all tasks after the "
-                        f"last one, mean of {line['seeds']} seed(s).")
+        col.metric(
+            continual_charts.method_short(line["method"]),
+            wording.fmt_pct(avg),
+            help=f"{continual_charts.method_label(line['method'])}: average accuracy over all tasks after the "
+            f"last one, mean of {line['seeds']} seed(s).",
+        )
         std = line.get(f"{avg_key}_std")
-        forgetting = ("forgetting n/a (trained once)" if forget is None else
-                      f"forgetting **{ui.fmt_pct(forget)}** ± {ui.fmt_pct(line.get(f'{forget_key}_std'))}")
-        col.caption(f"± {ui.fmt_pct(std)} · {forgetting}")
+        forgetting = (
+            "forgetting n/a (trained once)"
+            if forget is None
+            else f"forgetting **{wording.fmt_pct(forget)}** ± {wording.fmt_pct(line.get(f'{forget_key}_std'))}"
+        )
+        col.caption(f"± {wording.fmt_pct(std)} · {forgetting}")
     by_method = {m: [r for r in done if r["config"].get("method") == m] for m in continual.METHODS}
     matrices = {m: continual.mean_matrix(rs, matrix_key) for m, rs in by_method.items() if rs}
-    ui.show_plotly(continual_charts.accuracy_heatmaps(matrices, tasks), key="cl_heatmaps")
-    ui.show_plotly(continual_charts.accuracy_lines(matrices, tasks), key="cl_lines")
-    ui.show_plotly(continual_charts.summary_bars(summary, accuracy_key=avg_key, forgetting_key=forget_key),
-                   key="cl_summary")
+    look.show_plotly(continual_charts.accuracy_heatmaps(matrices, tasks), key="cl_heatmaps")
+    look.show_plotly(continual_charts.accuracy_lines(matrices, tasks), key="cl_lines")
+    look.show_plotly(
+        continual_charts.summary_bars(summary, accuracy_key=avg_key, forgetting_key=forget_key), key="cl_summary"
+    )
     with st.expander("Per run"):
-        st.dataframe([{"run": r["id"], "method": r["config"].get("method"), "seed": r["config"].get("seed"),
-                       **{k: r["metrics"].get(k) for k in continual.SUMMARY_KEYS},
-                       "minutes": round((r.get("timings") or {}).get("train_seconds", 0) / 60, 1)} for r in done],
-                     hide_index=True)
+        st.dataframe(
+            [
+                {
+                    "run": r["id"],
+                    "method": r["config"].get("method"),
+                    "seed": r["config"].get("seed"),
+                    **{k: r["metrics"].get(k) for k in continual.SUMMARY_KEYS},
+                    "minutes": round((r.get("timings") or {}).get("train_seconds", 0) / 60, 1),
+                }
+                for r in done
+            ],
+            hide_index=True,
+        )
         drift = {m: continual.mean_matrix(rs, "feature_drift") for m, rs in by_method.items() if rs}
-        st.caption("Feature drift: how far the pooled features of each task's test images moved since that task "
-                   "was learned (mean relative change), after each later task: "
-                   + "; ".join(f"{continual_charts.method_label(m)} {ui.fmt_pct(d[-1][0]) if d and len(d) > 1 else '-'}"
-                               for m, d in drift.items()) + " (task 1 after the last task).")
+        st.caption(
+            "Feature drift: how far the pooled features of each task's test images moved since that task "
+            "was learned (mean relative change), after each later task: "
+            + "; ".join(
+                f"{continual_charts.method_label(m)} {wording.fmt_pct(d[-1][0]) if d and len(d) > 1 else '-'}"
+                for m, d in drift.items()
+            )
+            + " (task 1 after the last task)."
+        )
 
 
 with results:
     groups = continual.list_experiments(store)
     if not groups:
-        st.info("No continual experiment yet: pick the data, tasks and methods, then press **Run**.",
-                icon=":material/arrow_back:")
+        st.info(
+            "No continual experiment yet: pick the data, tasks and methods, then press **Run**.",
+            icon=":material/arrow_back:",
+        )
         st.stop()
     by_id = {g["id"]: g for g in groups}
     if st.session_state.get("cl_experiment") not in by_id:
         st.session_state["cl_experiment"] = groups[0]["id"]
-    chosen = st.selectbox("Experiment", list(by_id), key="cl_experiment", format_func=lambda k: experiment_label(by_id[k]))
+    chosen = st.selectbox(
+        "Experiment", list(by_id), key="cl_experiment", format_func=lambda k: experiment_label(by_id[k])
+    )
     live = any(r["status"] in LIVE for r in by_id[chosen]["rows"])
 
     @st.fragment(run_every=1.0 if live else None)
@@ -194,12 +288,17 @@ with results:
         running = [r for r in rows if r["status"] in LIVE]
         for r in running:
             event = store.latest_progress(r["id"])
-            fraction, _ = ui.progress_of(r, event)
+            fraction, _ = wording.progress_of(r, event)
             task = f"task {event['task']}/{event['tasks']} · " if event and event.get("task") else ""
-            eta = f" · ETA {ui.fmt_duration(event.get('eta_s'))}" if event and event.get("eta_s") is not None else ""
-            st.progress(fraction, text=f"#{r['id']} {continual_charts.method_label(r['config'].get('method'))}, "
-                                       f"seed {r['config'].get('seed')}: {r['status']} · {task}"
-                                       f"epoch {event.get('epoch', '-') if event else '-'}{eta}")
+            eta = (
+                f" · ETA {wording.fmt_duration(event.get('eta_s'))}" if event and event.get("eta_s") is not None else ""
+            )
+            st.progress(
+                fraction,
+                text=f"#{r['id']} {continual_charts.method_label(r['config'].get('method'))}, "
+                f"seed {r['config'].get('seed')}: {r['status']} · {task}"
+                f"epoch {event.get('epoch', '-') if event else '-'}{eta}",
+            )
         if running and st.button("Cancel the remaining runs", key="cl_cancel", icon=":material/stop:"):
             for r in running:
                 store.request_cancel(r["id"])

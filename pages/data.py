@@ -7,18 +7,21 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from vptdash import data, ui, uploads
+from vptdash.engine import data
+from vptdash.runs import uploads
+from vptdash.ui import look, resources, session
+from vptdash.views import wording
 
 THUMBS_PER_CLASS = 8
 SOURCE_ELPV, SOURCE_OWN = "Built-in: ELPV solar cells", "My own images"
 
-store = ui.get_store()
+store = resources.get_store()
 st.title("Data")
 st.caption("What the prompts are trained and tested on. The choice here is the active data set on every page.")
 
 
 def use_dataset(spec: str, cell_type: str | None = None) -> None:
-    ui.set_active(dataset=spec, cell_type=cell_type)
+    session.set_active(dataset=spec, cell_type=cell_type)
     for key in ("data_elpv_classes", "data_cell_type"):
         st.session_state.pop(key, None)
 
@@ -45,10 +48,15 @@ def upload_title(info: uploads.UploadInfo) -> str:
 
 
 # ------------------------------------------------------------------------------------ choose
-setup = ui.active_setup()
-source = st.radio("Images", [SOURCE_ELPV, SOURCE_OWN], index=0 if ui.is_elpv(setup["dataset"]) else 1,
-                  horizontal=True, key="data_source",
-                  label_visibility="collapsed")
+setup = session.active_setup()
+source = st.radio(
+    "Images",
+    [SOURCE_ELPV, SOURCE_OWN],
+    index=0 if wording.is_elpv(setup["dataset"]) else 1,
+    horizontal=True,
+    key="data_source",
+    label_visibility="collapsed",
+)
 
 if source == SOURCE_ELPV:
     left, right = st.columns([1, 1], gap="large")
@@ -56,26 +64,35 @@ if source == SOURCE_ELPV:
         classes_key = "data_elpv_classes"
         elpv_sets = ["elpv-binary", "elpv"]
         st.radio(
-            "Classes", elpv_sets, key=classes_key,
-            index=elpv_sets.index(setup["dataset"] if ui.is_elpv(setup["dataset"]) else "elpv-binary"),
-            format_func=lambda spec: {"elpv-binary": "2 classes: functional / defective",
-                                      "elpv": "4 classes: defect probability 0, 1/3, 2/3, 1"}[spec],
+            "Classes",
+            elpv_sets,
+            key=classes_key,
+            index=elpv_sets.index(setup["dataset"] if wording.is_elpv(setup["dataset"]) else "elpv-binary"),
+            format_func=lambda spec: {
+                "elpv-binary": "2 classes: functional / defective",
+                "elpv": "4 classes: defect probability 0, 1/3, 2/3, 1",
+            }[spec],
             help="\n\n".join(f"**{k}**: {v}" for k, v in data.BUILTIN_DATASETS.items()),
         )
         cells = ["all", "mono", "poly"]
-        st.radio("Cell type", cells, key="data_cell_type", horizontal=True,
-                 index=cells.index((setup["cell_type"] if ui.is_elpv(setup["dataset"]) else None) or "all"),
-                 format_func=lambda v: "mono + poly" if v == "all" else f"{v} only",
-                 help="Monocrystalline and polycrystalline cells look different; train on one kind only.")
+        st.radio(
+            "Cell type",
+            cells,
+            key="data_cell_type",
+            horizontal=True,
+            index=cells.index((setup["cell_type"] if wording.is_elpv(setup["dataset"]) else None) or "all"),
+            format_func=lambda v: "mono + poly" if v == "all" else f"{v} only",
+            help="Monocrystalline and polycrystalline cells look different; train on one kind only.",
+        )
         cell = st.session_state["data_cell_type"]
         chosen = (st.session_state[classes_key], None if cell == "all" else cell)
         if chosen != (setup["dataset"], setup["cell_type"]):
-            ui.set_active(dataset=chosen[0], cell_type=chosen[1])
+            session.set_active(dataset=chosen[0], cell_type=chosen[1])
             st.rerun()  # the sidebar (drawn before this page) shows the new choice
     with right:
         st.info(
             "**ELPV** electroluminescence images of solar-cell modules, labelled by experts with a defect "
-            f"probability.  \n**Licence:** {ui.ELPV_ATTRIBUTION}",
+            f"probability.  \n**Licence:** {data.ELPV_LICENSE}",
             icon=":material/copyright:",
         )
 else:
@@ -87,24 +104,28 @@ else:
             st.caption("None yet: upload a zip or a few images on the right.")
         else:
             by_slug = {info.slug: info for info in saved}
-            current = next((info.slug for info in saved if uploads.upload_spec(info.slug) == setup["dataset"]),
-                           saved[0].slug)
+            current = next(
+                (info.slug for info in saved if uploads.upload_spec(info.slug) == setup["dataset"]), saved[0].slug
+            )
             if st.session_state.get("data_saved_pick") not in by_slug:
                 st.session_state["data_saved_pick"] = current
-            pick = st.selectbox("Data set", list(by_slug), key="data_saved_pick",
-                                format_func=lambda slug: upload_title(by_slug[slug]))
+            pick = st.selectbox(
+                "Data set", list(by_slug), key="data_saved_pick", format_func=lambda slug: upload_title(by_slug[slug])
+            )
             b1, b2 = st.columns(2)
             active_slug = current if uploads.upload_spec(current) == setup["dataset"] else None
-            if b1.button("Use this data set", key="data_use_saved", type="primary", disabled=pick == active_slug,
-                         width="stretch"):
+            if b1.button(
+                "Use this data set", key="data_use_saved", type="primary", disabled=pick == active_slug, width="stretch"
+            ):
                 use_dataset(uploads.upload_spec(pick))
                 st.rerun()
             if b2.button("Delete...", key="data_delete_saved", width="stretch"):
                 st.session_state["data_confirm_delete"] = pick
             doomed = st.session_state.get("data_confirm_delete")
             if doomed in by_slug:
-                st.warning(f"Delete the upload **{by_slug[doomed].name}** from disk? Runs trained on it stay "
-                           "in the history.")
+                st.warning(
+                    f"Delete the upload **{by_slug[doomed].name}** from disk? Runs trained on it stay in the history."
+                )
                 c1, c2 = st.columns(2)
                 if c1.button("Yes, delete", key="data_delete_yes", type="primary", width="stretch"):
                     was_active = uploads.upload_spec(doomed) == setup["dataset"]
@@ -115,7 +136,7 @@ else:
                     st.session_state.pop("data_confirm_delete", None)
                     st.session_state.pop("data_saved_pick", None)
                     if was_active:
-                        use_dataset(ui.DEFAULT_SETUP["dataset"])
+                        use_dataset(session.DEFAULT_SETUP["dataset"])
                     st.rerun()
                 if c2.button("Keep it", key="data_delete_no", width="stretch"):
                     st.session_state.pop("data_confirm_delete", None)
@@ -125,8 +146,10 @@ else:
         st.subheader("New upload")
         zip_tab, files_tab = st.tabs(["A .zip of class folders", "Image files + a class name each"])
         with zip_tab:
-            st.caption("One folder per class: `cracked/img1.png`, `ok/img7.png`... (a single wrapper folder "
-                       "is fine). PNG, JPEG, BMP, GIF, TIFF, WebP; grey or colour.")
+            st.caption(
+                "One folder per class: `cracked/img1.png`, `ok/img7.png`... (a single wrapper folder "
+                "is fine). PNG, JPEG, BMP, GIF, TIFF, WebP; grey or colour."
+            )
             zip_file = st.file_uploader("Zip file", type=["zip"], key="data_zip")
             zip_name = st.text_input("Name", key="data_zip_name", placeholder="defaults to the file name")
             if st.button("Save and use", key="data_zip_save", type="primary", disabled=zip_file is None):
@@ -134,16 +157,21 @@ else:
                 save_and_use(lambda: uploads.save_zip_upload(name, zip_file.getvalue()))
         with files_tab:
             st.caption("Drop the images of each class under its name; two classes at least.")
-            n_groups = st.number_input("Number of classes", min_value=2, max_value=12, value=2, step=1,
-                                       key="data_n_groups")
+            n_groups = st.number_input(
+                "Number of classes", min_value=2, max_value=12, value=2, step=1, key="data_n_groups"
+            )
             groups = []
             for index in range(int(n_groups)):
                 c1, c2 = st.columns([1, 2])
-                class_name = c1.text_input(f"Class {index + 1} name", key=f"data_class_{index}",
-                                           placeholder=f"class {index + 1}")
-                files = c2.file_uploader(f"Images of class {index + 1}", accept_multiple_files=True,
-                                         key=f"data_files_{index}",
-                                         type=sorted(ext.lstrip(".") for ext in data.IMAGE_EXTENSIONS))
+                class_name = c1.text_input(
+                    f"Class {index + 1} name", key=f"data_class_{index}", placeholder=f"class {index + 1}"
+                )
+                files = c2.file_uploader(
+                    f"Images of class {index + 1}",
+                    accept_multiple_files=True,
+                    key=f"data_files_{index}",
+                    type=sorted(ext.lstrip(".") for ext in data.IMAGE_EXTENSIONS),
+                )
                 groups.append((class_name.strip(), files or []))
             files_name = st.text_input("Name", key="data_files_name", placeholder="my images")
             ready = sum(1 for _, files in groups if files) >= 2
@@ -158,33 +186,40 @@ else:
 message = st.session_state.pop("data_upload_message", None)
 if message:
     name, n_images, n_skipped = message
-    st.success(f"Saved **{name}**: {n_images} images" + (f", {n_skipped} files skipped (listed below)."
-                                                          if n_skipped else "."))
+    st.success(
+        f"Saved **{name}**: {n_images} images" + (f", {n_skipped} files skipped (listed below)." if n_skipped else ".")
+    )
 
 # ------------------------------------------------------------------------------------ preview
-setup = ui.active_setup()
+setup = session.active_setup()
 st.divider()
-st.header(f"Active data set: {ui.dataset_label(setup['dataset'], setup['cell_type'])}")
+st.header(f"Active data set: {wording.dataset_label(setup['dataset'], setup['cell_type'])}")
 
 try:
     with st.spinner("Loading images (the first time takes a few seconds)..."):
-        image_set = ui.load_image_set(setup["dataset"], setup["resolution"], setup["cell_type"])
+        image_set = resources.load_image_set(setup["dataset"], setup["resolution"], setup["cell_type"])
 except data.DatasetError as exc:
     st.error(f"This data set cannot be loaded: {exc}")
     if st.button("Switch back to ELPV", key="data_back_to_elpv"):
-        use_dataset(ui.DEFAULT_SETUP["dataset"])
+        use_dataset(session.DEFAULT_SETUP["dataset"])
         st.rerun()
     st.stop()
 
 controls = st.columns([2, 2, 3])
 with controls[0]:
-    ui.shots_widget("data_shots")
+    session.shots_widget("data_shots")
 with controls[1]:
-    st.slider("Test fraction", 0.1, 0.5, value=float(setup["test_fraction"]), step=0.05,
-              help="Share of each class held out for the test set.",
-              **ui.bind("data_test_fraction", "test_fraction"))
+    st.slider(
+        "Test fraction",
+        0.1,
+        0.5,
+        value=float(setup["test_fraction"]),
+        step=0.05,
+        help="Share of each class held out for the test set.",
+        **session.bind("data_test_fraction", "test_fraction"),
+    )
 
-setup = ui.active_setup()
+setup = session.active_setup()
 counts = image_set.class_counts()
 try:
     split = data.split_image_set(image_set, test_fraction=setup["test_fraction"], shots=setup["shots"])
@@ -195,13 +230,15 @@ except data.DatasetError as exc:
 labels = image_set.labels.numpy()
 per_class = []
 for index, name in enumerate(image_set.class_names):
-    per_class.append({
-        "class": name,
-        "images": counts[name],
-        "train": int((labels[split.train.numpy()] == index).sum()),
-        "val": int((labels[split.val.numpy()] == index).sum()),
-        "test": int((labels[split.test.numpy()] == index).sum()),
-    })
+    per_class.append(
+        {
+            "class": name,
+            "images": counts[name],
+            "train": int((labels[split.train.numpy()] == index).sum()),
+            "val": int((labels[split.val.numpy()] == index).sum()),
+            "test": int((labels[split.test.numpy()] == index).sum()),
+        }
+    )
 sizes = split.sizes()
 
 m = st.columns(5)
@@ -216,18 +253,34 @@ with chart_col:
     fig = go.Figure()
     names = [row["class"] for row in per_class]
     unused = [row["images"] - row["train"] - row["val"] - row["test"] for row in per_class]
-    for part, color, values in (("train", "#1f77b4", [r["train"] for r in per_class]),
-                                ("validation", "#ff7f0e", [r["val"] for r in per_class]),
-                                ("test", "#2ca02c", [r["test"] for r in per_class]),
-                                ("not used (few-shot)", "#d0d0d0", unused)):
-        fig.add_trace(go.Bar(y=names, x=values, name=part, orientation="h", marker_color=color,
-                             hovertemplate="%{y}: %{x} images " + part + "<extra></extra>"))
-    fig.update_layout(barmode="stack", template="plotly_white", font={"size": 17},
-                      title={"text": "Images per class and split", "font": {"size": 22}},
-                      xaxis_title="Images", yaxis={"autorange": "reversed", "type": "category"},
-                      height=max(300, 150 + 60 * len(names)), margin={"l": 10, "r": 10, "t": 100, "b": 60},
-                      legend={"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom", "traceorder": "normal"})
-    ui.show_plotly(fig, key="data_split_chart")
+    for part, color, values in (
+        ("train", "#1f77b4", [r["train"] for r in per_class]),
+        ("validation", "#ff7f0e", [r["val"] for r in per_class]),
+        ("test", "#2ca02c", [r["test"] for r in per_class]),
+        ("not used (few-shot)", "#d0d0d0", unused),
+    ):
+        fig.add_trace(
+            go.Bar(
+                y=names,
+                x=values,
+                name=part,
+                orientation="h",
+                marker_color=color,
+                hovertemplate="%{y}: %{x} images " + part + "<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        barmode="stack",
+        template="plotly_white",
+        font={"size": 17},
+        title={"text": "Images per class and split", "font": {"size": 22}},
+        xaxis_title="Images",
+        yaxis={"autorange": "reversed", "type": "category"},
+        height=max(300, 150 + 60 * len(names)),
+        margin={"l": 10, "r": 10, "t": 100, "b": 60},
+        legend={"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom", "traceorder": "normal"},
+    )
+    look.show_plotly(fig, key="data_split_chart")
 with table_col:
     st.dataframe(per_class, hide_index=True, width="stretch")
     if image_set.license:

@@ -4,10 +4,13 @@ import json
 
 import streamlit as st
 
-from vptdash import backbones, ui
+from vptdash.engine import backbones, data
+from vptdash.runs import presets
+from vptdash.ui import jobqueue, resources, session
+from vptdash.views import wording
 
-store = ui.get_store()
-setup = ui.active_setup()
+store = resources.get_store()
+setup = session.active_setup()
 
 st.title("How many visual prompts do we really need, and where?")
 st.markdown(
@@ -23,13 +26,13 @@ with left:
     shots = setup["shots"]
     with st.container(border=True):
         st.markdown(
-            f"**Data set:** {ui.dataset_label(setup['dataset'], setup['cell_type'])}  \n"
+            f"**Data set:** {wording.dataset_label(setup['dataset'], setup['cell_type'])}  \n"
             f"**Backbone (frozen):** `{setup['backbone']}`: {backbones.BACKBONES.get(setup['backbone'], '')}  \n"
             f"**Images:** {setup['resolution']} px, "
             f"{'all training images' if shots is None else f'{shots} training images per class (few-shot)'}"
         )
-    if ui.is_elpv(setup["dataset"]):
-        st.caption(f"ELPV licence and attribution: {ui.ELPV_ATTRIBUTION}")
+    if wording.is_elpv(setup["dataset"]):
+        st.caption(f"ELPV licence and attribution: {data.ELPV_LICENSE}")
     st.markdown(
         "**How to use it:** pick or upload images on **Data**, train one budget and watch it on "
         "**Train**, sweep many budgets and read the recommendation on **Budget explorer**, and find "
@@ -43,38 +46,52 @@ with left:
 
 with right:
     st.subheader("Meeting demo")
-    demo = ui.demo_configs()
+    demo = presets.demo_configs()
     first = demo[0]
     st.markdown(
-        f"Queues **{len(demo)} runs** on {ui.dataset_label(first.dataset, first.cell_type)}, "
+        f"Queues **{len(demo)} runs** on {wording.dataset_label(first.dataset, first.cell_type)}, "
         f"{first.shots} images per class, `{first.backbone}` at {first.resolution} px, "
         f"{first.epochs} epochs: {', '.join(config.label() for config in demo)}. "
         "Points appear on the Budget explorer as each run finishes: the first in about 20 s, all in about "
         "a minute and a half on 2 CPU cores."
     )
     demo_keys = {json.dumps(config.to_dict(), sort_keys=True) for config in demo}
-    pending = [run for run in store.list_runs(status=["queued", "running"])
-               if json.dumps(run["config"], sort_keys=True) in demo_keys]
+    pending = [
+        run
+        for run in store.list_runs(status=["queued", "running"])
+        if json.dumps(run["config"], sort_keys=True) in demo_keys
+    ]
 
     def watch_demo() -> None:  # the Budget explorer, set to the demo's data, where its points appear
-        ui.set_active(dataset=first.dataset, cell_type=first.cell_type, backbone=first.backbone,
-                      resolution=first.resolution, shots=first.shots)
+        session.set_active(
+            dataset=first.dataset,
+            cell_type=first.cell_type,
+            backbone=first.backbone,
+            resolution=first.resolution,
+            shots=first.shots,
+        )
         st.switch_page("pages/budget.py")
 
     if pending:  # a second click in a meeting must not queue the demo twice
         st.info(f"The demo is under way: {len(pending)} of its runs still to finish.", icon=":material/schedule:")
-        if st.button("Watch it on the Budget explorer", type="primary", icon=":material/insights:",
-                     key="demo_watch", width="stretch"):
+        if st.button(
+            "Watch it on the Budget explorer",
+            type="primary",
+            icon=":material/insights:",
+            key="demo_watch",
+            width="stretch",
+        ):
             watch_demo()
-    elif st.button("Run the meeting demo", type="primary", icon=":material/play_arrow:", key="demo_button",
-                   width="stretch"):
-        sweep_id = ui.queue_sweep(store, demo, "The demo preset is not valid")
+    elif st.button(
+        "Run the meeting demo", type="primary", icon=":material/play_arrow:", key="demo_button", width="stretch"
+    ):
+        sweep_id = jobqueue.queue_sweep(store, demo, "The demo preset is not valid")
         if sweep_id:
             st.session_state["last_sweep_id"] = sweep_id
             watch_demo()
 
     done = store.list_runs(status="done", limit=1)
-    status = ui.reference_status()
+    status = resources.reference_status()
     if status.get("error"):
         st.warning(f"The precomputed reference sweep could not be loaded: {status['error']}")
     elif not done:

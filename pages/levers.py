@@ -5,24 +5,29 @@ from __future__ import annotations
 
 import streamlit as st
 
-from vptdash import skipping, ui, whitening
-from vptdash.cost import block_macs
-from vptdash.backbones import BackboneError
-from vptdash.data import DatasetError
-from vptdash.prompts import PromptConfigError
-from vptdash.train import ConfigError, RunConfig
+from vptdash.engine import whitening
+from vptdash.engine.backbones import BackboneError
+from vptdash.engine.cost import block_macs
+from vptdash.engine.data import DatasetError
+from vptdash.engine.prompts import PromptConfigError
+from vptdash.engine.train import ConfigError, RunConfig
+from vptdash.methods import skipping
+from vptdash.ui import jobqueue, look, resources, session
+from vptdash.views import levers_charts, wording
 
 LIVE = ("queued", "running")
 INLINE_GMACS = 20.0  # about a second of this CPU: smaller searches run inline, bigger ones as a job
 
-store = ui.get_store()
-setup = ui.active_setup()
+store = resources.get_store()
+setup = session.active_setup()
 st.title("Cost levers")
-st.caption(f"On **{ui.dataset_label(setup['dataset'], setup['cell_type'])}** with `{setup['backbone']}` at "
-           f"{setup['resolution']} px (change them on the Data and Train pages). Prompts add compute; these two "
-           "levers spend less of it: bilinear prompts learn faster per parameter, skipped blocks are never executed.")
+st.caption(
+    f"On **{wording.dataset_label(setup['dataset'], setup['cell_type'])}** with `{setup['backbone']}` at "
+    f"{setup['resolution']} px (change them on the Data and Train pages). Prompts add compute; these two "
+    "levers spend less of it: bilinear prompts learn faster per parameter, skipped blocks are never executed."
+)
 
-shape, backbone_error = ui.backbone_shape_or_error(setup["backbone"], setup["resolution"])
+shape, backbone_error = resources.backbone_shape_or_error(setup["backbone"], setup["resolution"])
 if backbone_error:
     st.error(f"Backbone `{setup['backbone']}` cannot be built here: {backbone_error}")
     st.stop()
@@ -30,7 +35,7 @@ depth = int(shape["depth"])
 
 
 def setup_config(**overrides) -> RunConfig:
-    return ui.base_config(**overrides)
+    return session.base_config(**overrides)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -46,13 +51,26 @@ with burst_tab:
         "A prompt's attention logits against the image are the entries of **W_q W_k^T X^T** (X: the patch tokens "
         "a block's attention sees). A few of them are huge (*burstiness*), which makes plain prompts learn slowly "
         "and unstably. **Whitening** that matrix with statistics of *your* training images evens them out; "
-        "*bilinear-whitened* prompts (`P = Z W`) start W from the whitening matrix (Train page, prompt type).")
+        "*bilinear-whitened* prompts (`P = Z W`) start W from the whitening matrix (Train page, prompt type)."
+    )
     c = st.columns([3, 2])
-    block = c[0].select_slider("Block", list(range(depth)), value=0, key="levers_block",
-                               help="Block 0 is where shallow prompts enter. Later blocks need a forward pass "
-                                    "through the earlier ones (a few seconds).")
-    seed = c[1].number_input("Shot draw (seed)", min_value=0, max_value=10_000, value=0, step=1, key="levers_seed",
-                             help="Which training images the few-shot split draws: the same as a run with this seed.")
+    block = c[0].select_slider(
+        "Block",
+        list(range(depth)),
+        value=0,
+        key="levers_block",
+        help="Block 0 is where shallow prompts enter. Later blocks need a forward pass "
+        "through the earlier ones (a few seconds).",
+    )
+    seed = c[1].number_input(
+        "Shot draw (seed)",
+        min_value=0,
+        max_value=10_000,
+        value=0,
+        step=1,
+        key="levers_seed",
+        help="Which training images the few-shot split draws: the same as a run with this seed.",
+    )
     config = setup_config(seed=int(seed))
     try:
         with st.spinner("Reading the training images' patch tokens..."):
@@ -62,17 +80,33 @@ with burst_tab:
     else:
         m = st.columns(4)
         m[0].metric("Kurtosis before", f"{result['kurtosis_before']:.1f}", help="3 for a Gaussian, 6 for a Laplacian.")
-        m[1].metric("Kurtosis after", f"{result['kurtosis_after']:.1f}",
-                    f"{result['kurtosis_after'] - result['kurtosis_before']:+.1f}", delta_color="inverse")
-        m[2].metric("Largest entry (std)", f"{result['max_before']:.0f} → {result['max_after']:.0f}",
-                    help="The largest |entry| in units of the standard deviation, before and after whitening.")
-        m[3].metric("Effective rank", f"{result['effective_rank']} / {result['dim']}",
-                    help="Directions of the covariance above 1e-6 of the largest; the rest are clamped "
-                         "(grey images replicated to 3 channels have far fewer than d).")
-        ui.show_plotly(whitening.burstiness_figure(
-            result, title=f"Burstiness at block {block}: {result['n_images']} training images"), key="levers_burst")
-        st.caption(f"{result['n_entries']:,} entries, each side in units of its own standard deviation; the dotted "
-                   "line is a Gaussian with as many entries. Heavy tails = bursty.")
+        m[1].metric(
+            "Kurtosis after",
+            f"{result['kurtosis_after']:.1f}",
+            f"{result['kurtosis_after'] - result['kurtosis_before']:+.1f}",
+            delta_color="inverse",
+        )
+        m[2].metric(
+            "Largest entry (std)",
+            f"{result['max_before']:.0f} → {result['max_after']:.0f}",
+            help="The largest |entry| in units of the standard deviation, before and after whitening.",
+        )
+        m[3].metric(
+            "Effective rank",
+            f"{result['effective_rank']} / {result['dim']}",
+            help="Directions of the covariance above 1e-6 of the largest; the rest are clamped "
+            "(grey images replicated to 3 channels have far fewer than d).",
+        )
+        look.show_plotly(
+            levers_charts.burstiness_figure(
+                result, title=f"Burstiness at block {block}: {result['n_images']} training images"
+            ),
+            key="levers_burst",
+        )
+        st.caption(
+            f"{result['n_entries']:,} entries, each side in units of its own standard deviation; the dotted "
+            "line is a Gaussian with as many entries. Heavy tails = bursty."
+        )
 
 # ------------------------------------------------------------------------------------ skipping
 with skip_tab:
@@ -81,31 +115,53 @@ with skip_tab:
         "drop. The search scores each subset of blocks by the validation loss of the frozen network with those "
         "blocks skipped (a linear head fitted on the full network's features). **Greedy** drops the least "
         "useful block, then the next; **DAS** samples subsets and learns skip scores by REINFORCE "
-        "(reward `exp(-loss)`). Apply a result on the Train page.")
+        "(reward `exp(-loss)`). Apply a result on the Train page."
+    )
     c = st.columns([1, 2, 1, 2])
-    k = c[0].number_input("Blocks to skip (k)", min_value=1, max_value=max(1, depth - 1), value=min(4, depth - 1),
-                          step=1, key="levers_k")
-    method = c[1].segmented_control("Method", list(skipping.SKIP_METHODS), default="greedy", key="levers_method",
-                                    required=True, format_func={"greedy": "greedy (cheap)", "das": "DAS search"}.get)
-    steps = c[2].number_input("DAS steps", min_value=10, max_value=2000, value=skipping.DEFAULT_STEPS, step=50,
-                              key="levers_steps", disabled=method != "das")
+    k = c[0].number_input(
+        "Blocks to skip (k)", min_value=1, max_value=max(1, depth - 1), value=min(4, depth - 1), step=1, key="levers_k"
+    )
+    method = c[1].segmented_control(
+        "Method",
+        list(skipping.SKIP_METHODS),
+        default="greedy",
+        key="levers_method",
+        required=True,
+        format_func={"greedy": "greedy (cheap)", "das": "DAS search"}.get,
+    )
+    steps = c[2].number_input(
+        "DAS steps",
+        min_value=10,
+        max_value=2000,
+        value=skipping.DEFAULT_STEPS,
+        step=50,
+        key="levers_steps",
+        disabled=method != "das",
+    )
     with c[3]:
         st.write("")
-        search_clicked = st.button(f"Find {int(k)} blocks to skip", key="levers_search", type="primary",
-                                   icon=":material/content_cut:", width="stretch")
+        search_clicked = st.button(
+            f"Find {int(k)} blocks to skip",
+            key="levers_search",
+            type="primary",
+            icon=":material/content_cut:",
+            width="stretch",
+        )
     if search_clicked:
         config = setup_config()
-        per_image = block_macs(shape["num_prefix_tokens"] + shape["num_patches"], shape["embed_dim"],
-                               shape["mlp_dim"]) / 1e9  # one block on one image
+        per_image = (
+            block_macs(shape["num_prefix_tokens"] + shape["num_patches"], shape["embed_dim"], shape["mlp_dim"]) / 1e9
+        )  # one block on one image
         estimate = skipping.estimated_gmacs(depth, per_image, int(k), method or "greedy", steps=int(steps))
         try:
             if estimate < INLINE_GMACS:
                 with st.spinner("Searching..."):
-                    row = skipping.skip_search_now(store, config, int(k), method or "greedy", steps=int(steps),
-                                                   source="live")
+                    row = skipping.skip_search_now(
+                        store, config, int(k), method or "greedy", steps=int(steps), source="live"
+                    )
             else:
                 run_id = skipping.submit_skip_search(store, config, int(k), method or "greedy", steps=int(steps))
-                ui.start_worker(store)
+                jobqueue.start_worker(store)
                 row = store.get_run(run_id)
         except ConfigError as exc:
             st.error(f"Not started: {exc}")
@@ -113,9 +169,11 @@ with skip_tab:
             st.session_state["levers_watch"] = row["id"]
             st.rerun()
 
-    searches = [r for r in skipping.search_rows(store, dataset=setup["dataset"])
-                if r["config"].get("backbone") == setup["backbone"]
-                and r["config"].get("resolution") == setup["resolution"]]
+    searches = [
+        r
+        for r in skipping.search_rows(store, dataset=setup["dataset"])
+        if r["config"].get("backbone") == setup["backbone"] and r["config"].get("resolution") == setup["resolution"]
+    ]
     if not searches:
         st.info("No search on this setup yet.", icon=":material/search:")
         st.stop()
@@ -127,8 +185,7 @@ with skip_tab:
         r = by_id[run_id]
         spec = skipping.search_spec(r["config"])
         shots = r["config"].get("shots")
-        return (f"#{run_id} · {spec['method']} k={spec['k']} · {'all' if shots is None else shots} shots · "
-                f"{r['status']}")
+        return f"#{run_id} · {spec['method']} k={spec['k']} · {'all' if shots is None else shots} shots · {r['status']}"
 
     watch = st.selectbox("Search", list(by_id), key="levers_watch", format_func=describe)
     live = by_id[watch]["status"] in LIVE
@@ -141,7 +198,7 @@ with skip_tab:
             return
         if row["status"] in LIVE:
             events = store.progress(watch)
-            fraction, text = ui.progress_of(row, events[-1] if events else None)
+            fraction, text = wording.progress_of(row, events[-1] if events else None)
             st.progress(fraction, text=f"{row['status']}: {text}")
             if st.button("Cancel search", key="levers_cancel", icon=":material/stop:"):
                 store.request_cancel(watch)
@@ -156,23 +213,33 @@ with skip_tab:
             return
         m = st.columns(4)
         m[0].metric("Skip blocks", ", ".join(map(str, result.skip)))
-        m[1].metric("Validation loss", f"{result.chosen_loss:.3f}", f"{result.chosen_loss - result.base_loss:+.3f}",
-                    delta_color="inverse", help=f"With no block skipped: {result.base_loss:.3f}. {skipping.OBJECTIVE}.")
+        m[1].metric(
+            "Validation loss",
+            f"{result.chosen_loss:.3f}",
+            f"{result.chosen_loss - result.base_loss:+.3f}",
+            delta_color="inverse",
+            help=f"With no block skipped: {result.base_loss:.3f}. {skipping.OBJECTIVE}.",
+        )
         m[2].metric("Subnetworks evaluated", f"{result.evaluations}")
-        m[3].metric("Search time", ui.fmt_duration(result.seconds))
+        m[3].metric("Search time", wording.fmt_duration(result.seconds))
         cost_share = (depth - len(result.skip)) / depth
-        st.caption(f"Skipping {len(result.skip)} of {depth} blocks leaves about {cost_share:.0%} of the blocks' "
-                   f"compute. {result.n_train} training images (head) and {result.n_val} validation images (loss)."
-                   + (f" Stopped early: {result.stopped}." if result.stopped else ""))
-        if st.button(f"Use on the Train page: skip {', '.join(map(str, result.skip))}", key="levers_apply",
-                     icon=":material/model_training:"):
+        st.caption(
+            f"Skipping {len(result.skip)} of {depth} blocks leaves about {cost_share:.0%} of the blocks' "
+            f"compute. {result.n_train} training images (head) and {result.n_val} validation images (loss)."
+            + (f" Stopped early: {result.stopped}." if result.stopped else "")
+        )
+        if st.button(
+            f"Use on the Train page: skip {', '.join(map(str, result.skip))}",
+            key="levers_apply",
+            icon=":material/model_training:",
+        ):
             st.session_state["skip_suggestion"] = list(result.skip)
             st.switch_page("pages/train.py")
         left, right = st.columns(2)
         with left:
             if any(v is not None for v in result.redundancy):
-                ui.show_plotly(skipping.redundancy_figure(result), key="levers_redundancy")
+                look.show_plotly(levers_charts.redundancy_figure(result), key="levers_redundancy")
         with right:
-            ui.show_plotly(skipping.trace_figure(result), key="levers_trace")
+            look.show_plotly(levers_charts.trace_figure(result), key="levers_trace")
 
     show_search()

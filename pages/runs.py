@@ -5,13 +5,14 @@ import datetime as dt
 import pandas as pd
 import streamlit as st
 
-from vptdash import report, ui
-from vptdash.train import RunConfig
+from vptdash.engine.train import RunConfig
+from vptdash.ui import jobqueue, resources
+from vptdash.views import report, wording
 
 RESULT_COLUMNS = ["accuracy", "balanced_accuracy", "gmacs", "latency_ms_b1", "params_trainable"]
 HIDDEN_IN_COMPARE = {"id", "created_at", "started_at", "finished_at", "duration_s", "sweep_id", "parent_id"}
 
-store = ui.get_store()
+store = resources.get_store()
 st.title("Runs")
 
 runs = store.list_runs()
@@ -23,12 +24,11 @@ frame = store.runs_frame()
 by_id = {run["id"]: run for run in runs}
 labels = {}
 for spec in frame["dataset"].dropna().unique():
-    labels[spec] = ui.dataset_label(spec)
-frame.insert(2, "family", [ui.run_family(by_id[i]["config"]) for i in frame["id"]])
-frame.insert(3, "label", [ui.run_label(by_id[i]) for i in frame["id"]])
+    labels[spec] = wording.dataset_label(spec)
+frame.insert(2, "family", [wording.run_family(by_id[i]["config"]) for i in frame["id"]])
+frame.insert(3, "label", [wording.run_label(by_id[i]) for i in frame["id"]])
 frame.insert(4, "data set", [labels.get(spec, spec) for spec in frame["dataset"]])
-frame["created"] = [dt.datetime.fromtimestamp(t) if t == t and t is not None else None
-                    for t in frame["created_at"]]
+frame["created"] = [dt.datetime.fromtimestamp(t) if t == t and t is not None else None for t in frame["created_at"]]
 for column in RESULT_COLUMNS + ["shots", "resolution", "epochs", "seed", "backbone"]:
     if column not in frame:
         frame[column] = None
@@ -36,14 +36,22 @@ for column in RESULT_COLUMNS + ["shots", "resolution", "epochs", "seed", "backbo
 # ------------------------------------------------------------------------------------ filters
 c = st.columns(4)
 filters = {
-    "status": c[0].multiselect("Status", sorted(frame["status"].dropna().unique()), key="runs_f_status",
-                               placeholder="all"),
-    "data set": c[1].multiselect("Data set", sorted(frame["data set"].dropna().unique()), key="runs_f_dataset",
-                                 placeholder="all"),
-    "family": c[2].multiselect("Family", sorted(frame["family"].dropna().unique()), key="runs_f_family",
-                               placeholder="all"),
-    "source": c[3].multiselect("Source", sorted(frame["source"].dropna().unique()), key="runs_f_source",
-                               placeholder="all", help="precomputed = the reference sweep shipped with the app"),
+    "status": c[0].multiselect(
+        "Status", sorted(frame["status"].dropna().unique()), key="runs_f_status", placeholder="all"
+    ),
+    "data set": c[1].multiselect(
+        "Data set", sorted(frame["data set"].dropna().unique()), key="runs_f_dataset", placeholder="all"
+    ),
+    "family": c[2].multiselect(
+        "Family", sorted(frame["family"].dropna().unique()), key="runs_f_family", placeholder="all"
+    ),
+    "source": c[3].multiselect(
+        "Source",
+        sorted(frame["source"].dropna().unique()),
+        key="runs_f_source",
+        placeholder="all",
+        help="precomputed = the reference sweep shipped with the app",
+    ),
 }
 view = frame
 for column, chosen in filters.items():
@@ -51,22 +59,45 @@ for column, chosen in filters.items():
         view = view[view[column].isin(chosen)]
 view = view.reset_index(drop=True)
 
-shown_columns = ["id", "status", "family", "label", "data set", "backbone", "shots", "resolution", "epochs",
-                 "seed", *RESULT_COLUMNS, "duration_s", "source", "created", "error"]
+shown_columns = [
+    "id",
+    "status",
+    "family",
+    "label",
+    "data set",
+    "backbone",
+    "shots",
+    "resolution",
+    "epochs",
+    "seed",
+    *RESULT_COLUMNS,
+    "duration_s",
+    "source",
+    "created",
+    "error",
+]
 st.markdown(f"**{len(view)} of {len(frame)} runs** · click a header to sort · select rows to compare or delete")
 event = st.dataframe(
-    view[shown_columns], key="runs_table", on_select="rerun", selection_mode="multi-row", hide_index=True,
-    width="stretch", height="auto" if len(view) <= 10 else 480,
+    view[shown_columns],
+    key="runs_table",
+    on_select="rerun",
+    selection_mode="multi-row",
+    hide_index=True,
+    width="stretch",
+    height="auto" if len(view) <= 10 else 480,
     column_config={
-        **ui.run_table_columns(),
-        "status": "Status", "data set": "Data set", "backbone": "Backbone",
+        **jobqueue.run_table_columns(),
+        "status": "Status",
+        "data set": "Data set",
+        "backbone": "Backbone",
         "shots": st.column_config.NumberColumn("Shots", format="%d", width="small"),
         "resolution": st.column_config.NumberColumn("px", format="%d", width="small"),
         "epochs": st.column_config.NumberColumn("Epochs", format="%d", width="small"),
         "duration_s": st.column_config.NumberColumn("Took (s)", format="%.0f"),
         "created": st.column_config.DatetimeColumn("Created", format="YYYY-MM-DD HH:mm"),
         "error": st.column_config.TextColumn("Error", width="medium"),
-    })
+    },
+)
 rows = [i for i in (event.selection.rows if event else []) if i < len(view)]
 selected_ids = [int(view.iloc[i]["id"]) for i in rows]
 
@@ -74,13 +105,22 @@ selected_ids = [int(view.iloc[i]["id"]) for i in rows]
 view_ids = set(int(i) for i in view["id"])
 export = frame[frame["id"].isin(view_ids)].drop(columns=["created"])
 e = st.columns([1, 1, 1, 3])
+
+
 def build_csv(frame=export) -> bytes:  # built when clicked, on a separate thread: no st.* here
     return frame.to_csv(index=False).encode("utf-8")
 
 
-e[0].download_button("Export CSV", data=build_csv, file_name="vptdash-runs.csv",
-                     mime="text/csv", on_click="ignore", icon=":material/download:", key="runs_csv",
-                     width="stretch")
+e[0].download_button(
+    "Export CSV",
+    data=build_csv,
+    file_name="vptdash-runs.csv",
+    mime="text/csv",
+    on_click="ignore",
+    icon=":material/download:",
+    key="runs_csv",
+    width="stretch",
+)
 report_rows = [by_id[i] for i in (selected_ids or sorted(view_ids)) if by_id[i]["status"] == "done"]
 tolerance = float(st.session_state.get("budget_tolerance", 1.0))
 
@@ -89,23 +129,42 @@ def build_report(rows=report_rows, tolerance=tolerance) -> str:  # runs on a sep
     return report.build_html_report(rows, tolerance_points=tolerance, title="vptdash: prompt budget report")
 
 
-e[1].download_button("HTML report", data=build_report, file_name="vptdash-report.html", mime="text/html",
-                     on_click="ignore", icon=":material/description:", key="runs_report", width="stretch",
-                     disabled=not report_rows,
-                     help=f"A self-contained page with the charts and the recommendation for the "
-                          f"{len(report_rows)} finished {'selected' if selected_ids else 'listed'} runs.")
-if e[2].button(f"Delete {len(selected_ids)} selected", key="runs_delete", disabled=not selected_ids,
-               icon=":material/delete:", width="stretch"):
+e[1].download_button(
+    "HTML report",
+    data=build_report,
+    file_name="vptdash-report.html",
+    mime="text/html",
+    on_click="ignore",
+    icon=":material/description:",
+    key="runs_report",
+    width="stretch",
+    disabled=not report_rows,
+    help=f"A self-contained page with the charts and the recommendation for the "
+    f"{len(report_rows)} finished {'selected' if selected_ids else 'listed'} runs.",
+)
+if e[2].button(
+    f"Delete {len(selected_ids)} selected",
+    key="runs_delete",
+    disabled=not selected_ids,
+    icon=":material/delete:",
+    width="stretch",
+):
     st.session_state["runs_confirm_delete"] = selected_ids
 
 doomed = [i for i in st.session_state.get("runs_confirm_delete") or [] if i in by_id]
 if doomed:
     running = [i for i in doomed if by_id[i]["status"] == "running"]
     with st.container(border=True):
-        st.warning(f"Delete {len(doomed)} run(s) ({', '.join(f'#{i}' for i in doomed[:12])}"
-                   f"{'...' if len(doomed) > 12 else ''}) with their learned prompts? This cannot be undone."
-                   + (f" Running runs ({', '.join(f'#{i}' for i in running)}) are cancelled first and kept; "
-                      "delete them once they stop." if running else ""))
+        st.warning(
+            f"Delete {len(doomed)} run(s) ({', '.join(f'#{i}' for i in doomed[:12])}"
+            f"{'...' if len(doomed) > 12 else ''}) with their learned prompts? This cannot be undone."
+            + (
+                f" Running runs ({', '.join(f'#{i}' for i in running)}) are cancelled first and kept; "
+                "delete them once they stop."
+                if running
+                else ""
+            )
+        )
         c1, c2, _ = st.columns([1, 1, 4])
         if c1.button("Yes, delete", type="primary", key="runs_delete_yes", width="stretch"):
             for run_id in doomed:
@@ -137,11 +196,11 @@ if len(selected_ids) >= 2:
         return keep
 
     def cell(column: str, value) -> str:
-        number = ui.number(value) if not isinstance(value, (bool, str)) else None
+        number = wording.number(value) if not isinstance(value, (bool, str)) else None
         if number is None:
             return "-" if value is None or (isinstance(value, float) and value != value) else str(value)
         if column in ("accuracy", "balanced_accuracy"):
-            return ui.fmt_pct(number)
+            return wording.fmt_pct(number)
         if column == "gmacs":
             return f"{number:.3f} GMACs"
         if column == "latency_ms_b1":
@@ -152,8 +211,10 @@ if len(selected_ids) >= 2:
 
     diff_settings = differing(settings)
     shown_rows = diff_settings + differing(results)
-    table = pd.DataFrame({f"#{i} {ui.run_label(by_id[i])}": [cell(c, picked.at[i, c]) for c in shown_rows]
-                          for i in picked.index}, index=shown_rows)
+    table = pd.DataFrame(
+        {f"#{i} {wording.run_label(by_id[i])}": [cell(c, picked.at[i, c]) for c in shown_rows] for i in picked.index},
+        index=shown_rows,
+    )
     if not diff_settings:
         st.caption("These runs have the same settings (repeats).")
     st.dataframe(table, width="stretch")

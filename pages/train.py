@@ -2,10 +2,14 @@
 
 import streamlit as st
 
-from vptdash import backbones, charts, jobs, skipping, ui
-from vptdash.cost import block_macs
-from vptdash.prompts import PROMPT_TYPES, default_prompt_rank
-from vptdash.train import ConfigError, RunConfig
+from vptdash.engine import backbones
+from vptdash.engine.cost import block_macs
+from vptdash.engine.prompts import PROMPT_TYPES, default_prompt_rank
+from vptdash.engine.train import ConfigError, RunConfig
+from vptdash.methods import skipping
+from vptdash.runs import jobs
+from vptdash.ui import jobqueue, look, resources, session
+from vptdash.views import budget, charts, wording
 
 LR_CHOICES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 FULL_FINETUNE_LR = 1e-4  # the whole backbone moves: prompt-sized learning rates would wreck it
@@ -13,11 +17,13 @@ PLACEMENTS = ["shallow", "deep", "pick blocks"]
 LIVE = ("queued", "running")
 INLINE_SEARCH_GMACS = 20.0  # a skip search estimated under this (about a second of CPU) runs inline, else as a job
 
-store = ui.get_store()
+store = resources.get_store()
 st.title("Train one budget")
-setup = ui.active_setup()
-st.caption(f"On **{ui.dataset_label(setup['dataset'], setup['cell_type'])}** (change it on the Data page). "
-           "Training runs in a background worker: leave the page or queue more, nothing is lost.")
+setup = session.active_setup()
+st.caption(
+    f"On **{wording.dataset_label(setup['dataset'], setup['cell_type'])}** (change it on the Data page). "
+    "Training runs in a background worker: leave the page or queue more, nothing is lost."
+)
 
 # ------------------------------------------------------------------------------------ controls
 controls_col, monitor_col = st.columns([2, 3], gap="large")
@@ -27,94 +33,171 @@ with controls_col:
         names = list(backbones.BACKBONES)
         if setup["backbone"] not in names:
             names.append(setup["backbone"])
-        st.selectbox("Backbone (frozen)", names, format_func=lambda n: f"{n}: {backbones.BACKBONES.get(n, '')}",
-                     index=names.index(setup["backbone"]), **ui.bind("train_backbone", "backbone"))
-        setup = ui.active_setup()
-        shape, backbone_error = ui.backbone_shape_or_error(setup["backbone"], setup["resolution"])
+        st.selectbox(
+            "Backbone (frozen)",
+            names,
+            format_func=lambda n: f"{n}: {backbones.BACKBONES.get(n, '')}",
+            index=names.index(setup["backbone"]),
+            **session.bind("train_backbone", "backbone"),
+        )
+        setup = session.active_setup()
+        shape, backbone_error = resources.backbone_shape_or_error(setup["backbone"], setup["resolution"])
         c = st.columns(2)
         with c[0]:
             patch = shape["patch_size"] if shape else 16
             sizes = sorted({patch * k for k in range(2, 33) if 32 <= patch * k <= 448} | {setup["resolution"]})
-            st.select_slider("Resolution (px)", sizes, value=setup["resolution"],
-                             help=f"Multiples of the {patch}-px patch size.",
-                             **ui.bind("train_resolution", "resolution", convert=int))
+            st.select_slider(
+                "Resolution (px)",
+                sizes,
+                value=setup["resolution"],
+                help=f"Multiples of the {patch}-px patch size.",
+                **session.bind("train_resolution", "resolution", convert=int),
+            )
         with c[1]:
-            ui.shots_widget("train_shots", "Images per class (shots)")
+            session.shots_widget("train_shots", "Images per class (shots)")
         if backbone_error:
             st.error(f"Backbone `{setup['backbone']}` cannot be built here: {backbone_error}")
 
     depth = shape["depth"] if shape else 12
     with st.container(border=True):
         st.markdown("##### Prompt budget")
-        num_prompts = st.select_slider("Prompt tokens", ui.PROMPT_COUNTS, value=10, key="train_prompts",
-                                       help="0 prompts = a linear probe on the frozen features.")
+        num_prompts = st.select_slider(
+            "Prompt tokens",
+            session.PROMPT_COUNTS,
+            value=10,
+            key="train_prompts",
+            help="0 prompts = a linear probe on the frozen features.",
+        )
         placement_mode = st.segmented_control(
-            "Placement", PLACEMENTS, default="shallow", key="train_placement", disabled=num_prompts == 0,
-            required=True, help="Shallow: prompts enter once, before block 0. Deep: new prompts at every block. "
-                                "Pick blocks: any subset of blocks.")
+            "Placement",
+            PLACEMENTS,
+            default="shallow",
+            key="train_placement",
+            disabled=num_prompts == 0,
+            required=True,
+            help="Shallow: prompts enter once, before block 0. Deep: new prompts at every block. "
+            "Pick blocks: any subset of blocks.",
+        )
         blocks: list[int] = [0]
         if placement_mode == "pick blocks" and num_prompts > 0:
             strip_key = f"train_blocks_{depth}"
-            blocks = st.pills(f"Blocks that get prompts ({depth} blocks, 0 = first)", list(range(depth)),
-                              selection_mode="multi", default=[0], key=strip_key, format_func=lambda b: f"{b}") or []
-        dropout = st.slider("Prompt dropout", 0.0, 0.5, value=0.0, step=0.05, key="train_dropout",
-                            disabled=num_prompts == 0, help="Randomly drops prompt tokens while training.")
-        # Prompt type and rank (issue 5: bilinear prompts P = Z W, optionally whitened)
-        c = st.columns([1])  # full width: three options do not fit half a column at 1600 px
-        prompt_type = c[0].segmented_control(
-            "Prompt type", list(PROMPT_TYPES), default="standard", key="train_prompt_type", required=True,
+            blocks = (
+                st.pills(
+                    f"Blocks that get prompts ({depth} blocks, 0 = first)",
+                    list(range(depth)),
+                    selection_mode="multi",
+                    default=[0],
+                    key=strip_key,
+                    format_func=lambda b: f"{b}",
+                )
+                or []
+            )
+        dropout = st.slider(
+            "Prompt dropout",
+            0.0,
+            0.5,
+            value=0.0,
+            step=0.05,
+            key="train_dropout",
             disabled=num_prompts == 0,
-            help="Standard: free prompt vectors. Bilinear: P = Z W with a low rank c (fewer parameters, often faster "
-                 "learning). Bilinear-whitened: W starts from the whitening matrix of your training images "
-                 "(see Cost levers).") or "standard"
+            help="Randomly drops prompt tokens while training.",
+        )
+        # Prompt type and rank: bilinear prompts P = Z W, optionally whitened
+        c = st.columns([1])  # full width: three options do not fit half a column at 1600 px
+        prompt_type = (
+            c[0].segmented_control(
+                "Prompt type",
+                list(PROMPT_TYPES),
+                default="standard",
+                key="train_prompt_type",
+                required=True,
+                disabled=num_prompts == 0,
+                help="Standard: free prompt vectors. Bilinear: P = Z W with a low rank c (fewer parameters, "
+                "often faster learning). Bilinear-whitened: W starts from the whitening matrix of your training images "
+                "(see Cost levers).",
+            )
+            or "standard"
+        )
         n_placed = 1 if placement_mode == "shallow" else depth if placement_mode == "deep" else max(1, len(blocks))
         auto_rank = default_prompt_rank(max(1, int(num_prompts)), n_placed)
         rank_input = st.columns([1, 1])[0].number_input(
-            "Rank c (0 = auto)", min_value=0, max_value=int(shape["embed_dim"]) if shape else 4096, value=0, step=1,
-            key="train_prompt_rank", disabled=num_prompts == 0 or prompt_type == "standard",
-            help=f"0 = the recipe: 75 shallow, 50 deep, at most the prompt count (here {auto_rank}).")
+            "Rank c (0 = auto)",
+            min_value=0,
+            max_value=int(shape["embed_dim"]) if shape else 4096,
+            value=0,
+            step=1,
+            key="train_prompt_rank",
+            disabled=num_prompts == 0 or prompt_type == "standard",
+            help=f"0 = the recipe: 75 shallow, 50 deep, at most the prompt count (here {auto_rank}).",
+        )
         prompt_rank = int(rank_input) if prompt_type != "standard" and rank_input else None
 
-    with st.container(border=True):  # issue 5: the other cost lever
+    with st.container(border=True):  # the other cost lever: blocks never executed
         st.markdown("##### Skip blocks")
         skip_key = f"train_skip_{depth}"
         suggestion = st.session_state.pop("skip_suggestion", None)
         if suggestion is not None:  # from "Apply" below or from the Cost levers page
             st.session_state[skip_key] = [int(b) for b in suggestion if 0 <= int(b) < depth]
-        skip_blocks = st.pills(f"Blocks never executed ({depth} blocks): GMACs and latency drop with each",
-                               list(range(depth)), selection_mode="multi", key=skip_key,
-                               format_func=lambda b: f"{b}") or []
+        skip_blocks = (
+            st.pills(
+                f"Blocks never executed ({depth} blocks): GMACs and latency drop with each",
+                list(range(depth)),
+                selection_mode="multi",
+                key=skip_key,
+                format_func=lambda b: f"{b}",
+            )
+            or []
+        )
         c = st.columns([2, 3, 3])
-        skip_k = c[0].number_input("k", min_value=1, max_value=max(1, depth - 1), value=min(4, max(1, depth - 1)),
-                                   step=1, key="train_skip_k")
-        skip_method = c[1].segmented_control("Search", list(skipping.SKIP_METHODS), default="greedy",
-                                             key="train_skip_method", required=True,
-                                             help="Greedy: drop the least useful block, repeat (cheap). DAS: "
-                                                  "REINFORCE over skip scores (a few hundred steps).") or "greedy"
+        skip_k = c[0].number_input(
+            "k", min_value=1, max_value=max(1, depth - 1), value=min(4, max(1, depth - 1)), step=1, key="train_skip_k"
+        )
+        skip_method = (
+            c[1].segmented_control(
+                "Search",
+                list(skipping.SKIP_METHODS),
+                default="greedy",
+                key="train_skip_method",
+                required=True,
+                help="Greedy: drop the least useful block, repeat (cheap). DAS: "
+                "REINFORCE over skip scores (a few hundred steps).",
+            )
+            or "greedy"
+        )
         with c[2]:
             st.write("")
-            suggest_clicked = st.button(f"Suggest {int(skip_k)} blocks", key="train_skip_suggest", width="stretch",
-                                        icon=":material/content_cut:", disabled=backbone_error is not None,
-                                        help="Searches on your training and validation images; a long search runs "
-                                             "in the background (watch it here or on Cost levers).")
+            suggest_clicked = st.button(
+                f"Suggest {int(skip_k)} blocks",
+                key="train_skip_suggest",
+                width="stretch",
+                icon=":material/content_cut:",
+                disabled=backbone_error is not None,
+                help="Searches on your training and validation images; a long search runs "
+                "in the background (watch it here or on Cost levers).",
+            )
 
-        @st.fragment(run_every=2.0 if (store.get_run(st.session_state.get("train_skip_job", -1)) or {}).get(
-            "status") in LIVE else None)
+        @st.fragment(
+            run_every=2.0
+            if (store.get_run(st.session_state.get("train_skip_job", -1)) or {}).get("status") in LIVE
+            else None
+        )
         def skip_job_status() -> None:
             job = store.get_run(st.session_state.get("train_skip_job", -1))
             if job is None:
                 return
             if job["status"] in LIVE:
                 events = store.progress(job["id"])
-                fraction, text = ui.progress_of(job, events[-1] if events else None)
+                fraction, text = wording.progress_of(job, events[-1] if events else None)
                 st.progress(fraction, text=f"Search #{job['id']} {job['status']}: {text}")
             elif job["status"] == "failed":
-                st.error(f"Search #{job['id']} failed: {ui.first_line(job.get('error'))}")
+                st.error(f"Search #{job['id']} failed: {wording.first_line(job.get('error'))}")
             else:
                 found = skipping.stored_result(store, job["id"])
                 if found is not None and st.button(
-                        f"Apply search #{job['id']}: skip {', '.join(map(str, found.skip))} "
-                        f"(loss {found.base_loss:.3f} → {found.chosen_loss:.3f})", key="train_skip_apply"):
+                    f"Apply search #{job['id']}: skip {', '.join(map(str, found.skip))} "
+                    f"(loss {found.base_loss:.3f} → {found.chosen_loss:.3f})",
+                    key="train_skip_apply",
+                ):
                     st.session_state["skip_suggestion"] = list(found.skip)
                     st.session_state.pop("train_skip_job", None)
                     st.rerun()
@@ -127,25 +210,35 @@ with controls_col:
         with c[0]:
             epochs = st.number_input("Epochs", min_value=1, max_value=500, value=10, step=1, key="train_epochs")
         with c[1]:
-            lr = st.select_slider("Learning rate", LR_CHOICES, value=1e-2, key="train_lr", format_func=lambda v: f"{v:g}")
+            lr = st.select_slider(
+                "Learning rate", LR_CHOICES, value=1e-2, key="train_lr", format_func=lambda v: f"{v:g}"
+            )
         with c[2]:
             seed = st.number_input("Seed", min_value=0, max_value=10_000, value=0, step=1, key="train_seed")
         c = st.columns([1, 1])
         with c[0]:
-            precision = st.segmented_control("Precision", ["fp32", "bf16"], default="fp32", key="train_precision",
-                                             required=True)
+            precision = st.segmented_control(
+                "Precision", ["fp32", "bf16"], default="fp32", key="train_precision", required=True
+            )
         with c[1]:
-            measure_latency = st.toggle("Measure latency", value=True, key="train_latency",
-                                        help="Times the model at batch 1 and 32 after training (a few seconds).")
+            measure_latency = st.toggle(
+                "Measure latency",
+                value=True,
+                key="train_latency",
+                help="Times the model at batch 1 and 32 after training (a few seconds).",
+            )
         with st.expander("More settings"):
             c = st.columns(2)
-            batch_size = c[0].number_input("Batch size", min_value=1, max_value=1024, value=32, step=1,
-                                           key="train_batch")
+            batch_size = c[0].number_input(
+                "Batch size", min_value=1, max_value=1024, value=32, step=1, key="train_batch"
+            )
             optimizer = c[1].selectbox("Optimizer", ["adamw", "sgd"], key="train_optimizer")
-            weight_decay = c[0].number_input("Weight decay", min_value=0.0, max_value=1.0, value=1e-4, format="%.0e",
-                                             key="train_wd")
-            warmup = c[1].number_input("Warm-up epochs", min_value=0.0, max_value=50.0, value=1.0, step=0.5,
-                                       key="train_warmup")
+            weight_decay = c[0].number_input(
+                "Weight decay", min_value=0.0, max_value=1.0, value=1e-4, format="%.0e", key="train_wd"
+            )
+            warmup = c[1].number_input(
+                "Warm-up epochs", min_value=0.0, max_value=50.0, value=1.0, step=0.5, key="train_warmup"
+            )
 
 if num_prompts == 0:
     placement = "none"
@@ -154,22 +247,36 @@ elif placement_mode == "pick blocks":
 else:
     placement = placement_mode or "shallow"
 
-common = dict(seed=int(seed), epochs=int(epochs), batch_size=int(batch_size), optimizer=optimizer,
-              weight_decay=float(weight_decay), warmup_epochs=float(warmup), precision=precision or "fp32",
-              measure_latency=bool(measure_latency))
-pending = ui.base_config(tuning="prompt", num_prompts=int(num_prompts), placement=placement,
-                         prompt_dropout=float(dropout), lr=float(lr),
-                         prompt_type=prompt_type if num_prompts else "standard",
-                         prompt_rank=prompt_rank if num_prompts else None,
-                         skip_blocks=sorted(int(b) for b in skip_blocks), **common)
+common = dict(
+    seed=int(seed),
+    epochs=int(epochs),
+    batch_size=int(batch_size),
+    optimizer=optimizer,
+    weight_decay=float(weight_decay),
+    warmup_epochs=float(warmup),
+    precision=precision or "fp32",
+    measure_latency=bool(measure_latency),
+)
+pending = session.base_config(
+    tuning="prompt",
+    num_prompts=int(num_prompts),
+    placement=placement,
+    prompt_dropout=float(dropout),
+    lr=float(lr),
+    prompt_type=prompt_type if num_prompts else "standard",
+    prompt_rank=prompt_rank if num_prompts else None,
+    skip_blocks=sorted(int(b) for b in skip_blocks),
+    **common,
+)
 st.session_state["train_pending_config"] = pending.to_dict()  # what "Train" would queue (tests read it)
 
 
 def suggest_skips(k: int, method: str) -> None:
     """Run the skip search inline when it is tiny, else as a "skip-search" job for the worker."""
-    config = ui.base_config(seed=int(seed), precision=precision or "fp32")
-    per_image = block_macs(shape["num_prefix_tokens"] + shape["num_patches"], shape["embed_dim"],
-                           shape["mlp_dim"]) / 1e9
+    config = session.base_config(seed=int(seed), precision=precision or "fp32")
+    per_image = (
+        block_macs(shape["num_prefix_tokens"] + shape["num_patches"], shape["embed_dim"], shape["mlp_dim"]) / 1e9
+    )
     try:
         if skipping.estimated_gmacs(depth, per_image, k, method) < INLINE_SEARCH_GMACS:
             row = skipping.skip_search_now(store, config, k, method, source="live")
@@ -180,7 +287,7 @@ def suggest_skips(k: int, method: str) -> None:
             st.session_state["skip_suggestion"] = list(found.skip)
         else:
             st.session_state["train_skip_job"] = skipping.submit_skip_search(store, config, k, method)
-            ui.start_worker(store)
+            jobqueue.start_worker(store)
     except ConfigError as exc:
         st.error(f"Search not started: {exc}")
         return
@@ -201,24 +308,41 @@ def submit(config: RunConfig) -> None:
     except ConfigError as exc:
         st.error(f"Not queued: {exc}")
         return
-    ui.start_worker(store)
+    jobqueue.start_worker(store)
     st.session_state["train_run_id"] = run_id
     st.session_state["train_watch"] = run_id
     st.rerun()
 
 
 with controls_col:
-    if st.button(f"Train {pending.label()}", type="primary", icon=":material/play_arrow:", key="train_submit",
-                 disabled=backbone_error is not None, width="stretch"):
+    if st.button(
+        f"Train {pending.label()}",
+        type="primary",
+        icon=":material/play_arrow:",
+        key="train_submit",
+        disabled=backbone_error is not None,
+        width="stretch",
+    ):
         submit(pending)
     b = st.columns(2)
-    if b[0].button("Linear probe", key="train_probe", disabled=backbone_error is not None, width="stretch",
-                   icon=":material/linear_scale:", help="Baseline: frozen features + a linear head, no prompts."):
-        submit(ui.base_config(tuning="linear", num_prompts=0, placement="none", lr=float(lr), **common))
-    if b[1].button("Full fine-tune", key="train_full", disabled=backbone_error is not None, width="stretch",
-                   icon=":material/all_inclusive:",
-                   help=f"Baseline: every backbone weight is trained (learning rate {FULL_FINETUNE_LR:g})."):
-        submit(ui.base_config(tuning="full", num_prompts=0, placement="none", lr=FULL_FINETUNE_LR, **common))
+    if b[0].button(
+        "Linear probe",
+        key="train_probe",
+        disabled=backbone_error is not None,
+        width="stretch",
+        icon=":material/linear_scale:",
+        help="Baseline: frozen features + a linear head, no prompts.",
+    ):
+        submit(session.base_config(tuning="linear", num_prompts=0, placement="none", lr=float(lr), **common))
+    if b[1].button(
+        "Full fine-tune",
+        key="train_full",
+        disabled=backbone_error is not None,
+        width="stretch",
+        icon=":material/all_inclusive:",
+        help=f"Baseline: every backbone weight is trained (learning rate {FULL_FINETUNE_LR:g}).",
+    ):
+        submit(session.base_config(tuning="full", num_prompts=0, placement="none", lr=FULL_FINETUNE_LR, **common))
 
 # ------------------------------------------------------------------------------------ the watched run
 recent = [run for run in store.list_runs(limit=40) if run["source"] != "precomputed" and run["kind"] != "skip-search"]
@@ -231,58 +355,69 @@ with monitor_col:
         mine = st.session_state.get("train_run_id")
         st.session_state["train_watch"] = mine if mine in by_id else recent[0]["id"]
     watch = st.selectbox(
-        "Showing run", list(by_id), key="train_watch",
-        format_func=lambda i: f"#{i} · {ui.run_label(by_id[i])} · "  # no status: it changes while shown
-                              f"{ui.dataset_label(by_id[i]['config'].get('dataset', '?'))}",
+        "Showing run",
+        list(by_id),
+        key="train_watch",
+        format_func=lambda i: (
+            f"#{i} · {wording.run_label(by_id[i])} · "  # no status: it changes while shown
+            f"{wording.dataset_label(by_id[i]['config'].get('dataset', '?'))}"
+        ),
     )
-
-
-def find_baseline(config: dict) -> dict | None:
-    """The linear probe of the same data (dataset, cell type, shots, resolution, backbone)."""
-    keys = ("dataset", "cell_type", "shots", "resolution", "backbone", "test_fraction", "split_seed")
-    candidates = [run for run in store.list_runs(status="done", dataset=config.get("dataset"))
-                  if all(run["config"].get(k) == config.get(k) for k in keys)
-                  and ui.run_family(run["config"]) == "linear probe"]
-    same_seed = [run for run in candidates if run["config"].get("seed") == config.get("seed")]
-    return (same_seed or candidates or [None])[0]
 
 
 def result_card(run: dict) -> None:
     metrics, costs, config = run["metrics"], run["costs"], run["config"]
-    is_probe = ui.run_family(config) == "linear probe"
-    baseline = None if is_probe else find_baseline(config)
+    is_probe = wording.run_family(config) == "linear probe"
+    baseline = (
+        None
+        if is_probe
+        else budget.matching_probe(store.list_runs(status="done", dataset=config.get("dataset")), config)
+    )
     base_m, base_c = (baseline["metrics"], baseline["costs"]) if baseline else ({}, {})
 
-    def delta(value, reference, fmt, scale=1.0):
-        value, reference = ui.number(value), ui.number(reference)
-        if value is None or reference is None:
-            return None
-        text = fmt.format((value - reference) * scale)
-        return None if text.lstrip("+-").strip("0.,% ptsm") == "" else text  # "+0", "+0.0 pts": no arrow
-
+    delta = wording.signed_delta
     cols = st.columns(3) + st.columns(3)[:2]
-    cols[0].metric("Test accuracy", ui.fmt_pct(metrics.get("accuracy")),
-                   delta(metrics.get("accuracy"), base_m.get("accuracy"), "{:+.1f} pts", 100),
-                   help="Share of held-out test images classified correctly.")
-    cols[1].metric("Balanced accuracy", ui.fmt_pct(metrics.get("balanced_accuracy")),
-                   delta(metrics.get("balanced_accuracy"), base_m.get("balanced_accuracy"), "{:+.1f} pts", 100),
-                   help="Mean recall over classes: the honest figure when classes are imbalanced (ELPV).")
-    gmacs = ui.number(costs.get("gmacs"))
-    cols[2].metric("GMACs per image", "-" if gmacs is None else f"{gmacs:.3g}",
-                   delta(costs.get("gmacs"), base_c.get("gmacs"), "{:+.3g}"), delta_color="inverse")
-    latency = ui.number(costs.get("latency_ms_b1"))
-    cols[3].metric("Latency, ms per image", "-" if latency is None else f"{latency:.2f}",
-                   delta(costs.get("latency_ms_b1"), base_c.get("latency_ms_b1"), "{:+.2f} ms"),
-                   delta_color="inverse", help="Batch 1, on this machine's CPU.")
-    params = ui.number(costs.get("params_trainable"))
-    cols[4].metric("Trainable parameters", ui.fmt_count(params),
-                   delta(costs.get("params_trainable"), base_c.get("params_trainable"), "{:+,.0f}"),
-                   delta_color="inverse")
+    cols[0].metric(
+        "Test accuracy",
+        wording.fmt_pct(metrics.get("accuracy")),
+        delta(metrics.get("accuracy"), base_m.get("accuracy"), "{:+.1f} pts", 100),
+        help="Share of held-out test images classified correctly.",
+    )
+    cols[1].metric(
+        "Balanced accuracy",
+        wording.fmt_pct(metrics.get("balanced_accuracy")),
+        delta(metrics.get("balanced_accuracy"), base_m.get("balanced_accuracy"), "{:+.1f} pts", 100),
+        help="Mean recall over classes: the honest figure when classes are imbalanced (ELPV).",
+    )
+    gmacs = wording.number(costs.get("gmacs"))
+    cols[2].metric(
+        "GMACs per image",
+        "-" if gmacs is None else f"{gmacs:.3g}",
+        delta(costs.get("gmacs"), base_c.get("gmacs"), "{:+.3g}"),
+        delta_color="inverse",
+    )
+    latency = wording.number(costs.get("latency_ms_b1"))
+    cols[3].metric(
+        "Latency, ms per image",
+        "-" if latency is None else f"{latency:.2f}",
+        delta(costs.get("latency_ms_b1"), base_c.get("latency_ms_b1"), "{:+.2f} ms"),
+        delta_color="inverse",
+        help="Batch 1, on this machine's CPU.",
+    )
+    params = wording.number(costs.get("params_trainable"))
+    cols[4].metric(
+        "Trainable parameters",
+        wording.fmt_count(params),
+        delta(costs.get("params_trainable"), base_c.get("params_trainable"), "{:+,.0f}"),
+        delta_color="inverse",
+    )
     if is_probe:
         st.caption("This run is the linear-probe baseline for its data.")
     elif baseline:
-        st.caption(f"Deltas against the linear probe #{baseline['id']} on the same data "
-                   f"({baseline['source']}, seed {baseline['config'].get('seed')}).")
+        st.caption(
+            f"Deltas against the linear probe #{baseline['id']} on the same data "
+            f"({baseline['source']}, seed {baseline['config'].get('seed')})."
+        )
     else:
         st.caption("No linear probe on the same data yet, so no deltas.")
         if st.button("Queue a linear probe for this setup", key=f"train_queue_probe_{run['id']}"):
@@ -292,7 +427,7 @@ def result_card(run: dict) -> None:
             except ConfigError as exc:
                 st.error(f"Not queued: {exc}")
             else:
-                ui.start_worker(store)
+                jobqueue.start_worker(store)
                 st.rerun()
 
 
@@ -313,12 +448,12 @@ def monitor(run_id: int) -> None:
         st.session_state["train_events"] = cache
         events, status = cache["events"], run["status"]
 
-        st.subheader(f"Run #{run_id}: {ui.run_label(run)}")
+        st.subheader(f"Run #{run_id}: {wording.run_label(run)}")
         if status == "queued":
             ahead = sum(1 for r in store.list_runs(status=["queued", "running"]) if r["id"] < run_id)
             st.info(f"Queued: {ahead} run{'s' if ahead != 1 else ''} ahead of it.", icon=":material/schedule:")
         elif status == "running":
-            fraction, text = ui.progress_of(run, events[-1] if events else None)
+            fraction, text = wording.progress_of(run, events[-1] if events else None)
             st.progress(fraction, text=text)
         if status in LIVE:
             if run["cancel_requested"]:
@@ -336,11 +471,13 @@ def monitor(run_id: int) -> None:
             st.warning("Cancelled" + (f" after {epochs_done} epoch(s)." if epochs_done is not None else "."))
 
         if status != "queued":
-            ui.show_plotly(charts.training_curve_figure(events), key="train_curve")
+            look.show_plotly(charts.training_curve_figure(events), key="train_curve")
         if status == "done":
             metrics = run["metrics"]
-            ui.show_plotly(charts.confusion_figure(metrics.get("confusion_matrix") or [],
-                                                   metrics.get("class_names") or []), key="train_confusion")
+            look.show_plotly(
+                charts.confusion_figure(metrics.get("confusion_matrix") or [], metrics.get("class_names") or []),
+                key="train_confusion",
+            )
 
     view()
 

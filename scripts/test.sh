@@ -11,5 +11,9 @@ if ! command -v chromium >/dev/null 2>&1; then
     sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   fi
 fi
+# The structure rules (pyproject.toml): layers and no import cycles, lint, format.
+.venv/bin/lint-imports --no-cache >/dev/null || { .venv/bin/lint-imports --no-cache; exit 1; }
+.venv/bin/ruff check --quiet .
+.venv/bin/ruff format --check --quiet .
 export VPTDASH_HOME=${VPTDASH_HOME:-$(mktemp -d)}
 exec .venv/bin/python -m pytest -q "$@"

@@ -19,8 +19,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 
 
@@ -35,9 +42,27 @@ def start_server(home: Path, port: int, log_path: Path, **env_extra: str) -> sub
     env = {**os.environ, "VPTDASH_HOME": str(home), "PYTHONPATH": str(ROOT), **env_extra}
     with open(log_path, "wb") as log:  # the child keeps its own handle
         return subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port",
-             str(port), "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "streamlit",
+                "run",
+                "app.py",
+                "--server.headless",
+                "true",
+                "--server.port",
+                str(port),
+                "--browser.gatherUsageStats",
+                "false",
+                "--server.fileWatcherType",
+                "none",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def wait_healthy(port: int, server: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -79,7 +104,7 @@ def worker_pids(home: Path) -> set[int]:
     if not store_path.exists():
         return set()
     sys.path.insert(0, str(ROOT))
-    from vptdash.store import RunStore
+    from vptdash.runs.store import RunStore
 
     return {run["worker_pid"] for run in RunStore(store_path).list_runs() if run["worker_pid"]}
 

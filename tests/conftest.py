@@ -19,8 +19,9 @@ def isolated_home(tmp_path_factory, monkeypatch):
     return home
 
 
-def make_image_folder(root: Path, classes=("dark", "bright", "striped"), per_class: int = 12, size: int = 40,
-                      seed: int = 0) -> Path:
+def make_image_folder(
+    root: Path, classes=("dark", "bright", "striped"), per_class: int = 12, size: int = 40, seed: int = 0
+) -> Path:
     """Classes that a tiny model can tell apart: brightness and stripes, plus noise."""
     rng = np.random.default_rng(seed)
     for class_index, name in enumerate(classes):

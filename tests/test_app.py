@@ -19,13 +19,21 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from vptdash import jobs, reference, uploads, worker
-from vptdash.store import RunStore
+from vptdash.runs import jobs, reference, uploads, worker
+from vptdash.runs.store import RunStore
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 REAL_REFERENCE = reference.REFERENCE_FILE
-PAGES = ["pages/home.py", "pages/data.py", "pages/train.py", "pages/budget.py", "pages/levers.py",
-         "pages/attention.py", "pages/continual.py", "pages/runs.py"]
+PAGES = [
+    "pages/home.py",
+    "pages/data.py",
+    "pages/train.py",
+    "pages/budget.py",
+    "pages/levers.py",
+    "pages/attention.py",
+    "pages/continual.py",
+    "pages/runs.py",
+]
 TIMEOUT = 30
 
 
@@ -114,12 +122,25 @@ def test_pages_render_with_runs_and_an_upload(home, store):
     spec = uploads.upload_spec(info.slug)
     at = app()
     use_tiny_setup(at, spec)
-    from vptdash.train import RunConfig
+    from vptdash.engine.train import RunConfig
 
-    ids = [jobs.submit_run(store, RunConfig(backbone="tiny-random", dataset=spec, resolution=32, shots=8,
-                                            epochs=2, tuning=t, num_prompts=n, placement=p,
-                                            measure_latency=False))
-           for t, n, p in (("linear", 0, "none"), ("prompt", 3, "shallow"))]
+    ids = [
+        jobs.submit_run(
+            store,
+            RunConfig(
+                backbone="tiny-random",
+                dataset=spec,
+                resolution=32,
+                shots=8,
+                epochs=2,
+                tuning=t,
+                num_prompts=n,
+                placement=p,
+                measure_latency=False,
+            ),
+        )
+        for t, n, p in (("linear", 0, "none"), ("prompt", 3, "shallow"))
+    ]
     failed = store.create_run({"dataset": spec, "backbone": "tiny-random"}, status="running")
     store.finish_run(failed, "failed", error="something went wrong in the worker")
     jobs.execute_queued(store, ids)
@@ -150,13 +171,13 @@ def test_a_fresh_store_gets_the_shipped_reference_sweep(home, store, monkeypatch
 
 
 def test_demo_button_queues_the_preset_and_opens_the_budget_explorer(home, store):
-    from vptdash import ui
+    from vptdash.runs import presets
 
     at = app()
     at.button(key="demo_button").click().run(timeout=TIMEOUT)
     assert not at.exception
     queued = store.list_runs(status="queued")
-    assert len(queued) == len(ui.demo_configs()) >= 2
+    assert len(queued) == len(presets.demo_configs()) >= 2
     assert {r["config"]["dataset"] for r in queued} == {"elpv-binary"}
     assert {r["config"]["shots"] for r in queued} == {16}
     assert home, "the worker was started"
@@ -167,7 +188,7 @@ def test_demo_button_queues_the_preset_and_opens_the_budget_explorer(home, store
     assert not [b for b in at.button if b.key == "demo_button"]
     at.button(key="demo_watch").click().run(timeout=TIMEOUT)
     assert at.title[0].value == "Budget explorer"
-    assert len(store.list_runs()) == len(ui.demo_configs())
+    assert len(store.list_runs()) == len(presets.demo_configs())
 
 
 # ------------------------------------------------------------------------------------ data
@@ -288,7 +309,7 @@ def test_cancel_button_cancels_a_queued_run(home, store):
 
 
 def test_failed_run_shows_its_error(home, store):
-    from vptdash.train import RunConfig
+    from vptdash.engine.train import RunConfig
 
     at = app()
     run_id = jobs.submit_run(store, RunConfig(backbone="tiny-random", dataset="/nowhere/at/all", resolution=32))
@@ -330,10 +351,18 @@ def test_tiny_run_end_to_end_reaches_the_budget_chart(home, store):
     assert any(m.proto.delta for m in at.metric), "deltas against the linear probe"
 
     goto(at, "pages/budget.py")
-    [chart] = [s for s in plotly_specs(at) if "compute" in s["layout"]["title"]["text"]
-               and "Estimated" not in s["layout"]["title"]["text"]]
-    points = [(x, y) for trace in chart["data"] if trace.get("mode") == "markers"
-              for x, y in zip(values(trace.get("x")), values(trace.get("y"))) if x is not None]
+    [chart] = [
+        s
+        for s in plotly_specs(at)
+        if "compute" in s["layout"]["title"]["text"] and "Estimated" not in s["layout"]["title"]["text"]
+    ]
+    points = [
+        (x, y)
+        for trace in chart["data"]
+        if trace.get("mode") == "markers"
+        for x, y in zip(values(trace.get("x")), values(trace.get("y")))
+        if x is not None
+    ]
     expected = (row["costs"]["gmacs"], 100 * row["metrics"]["accuracy"])
     assert any(x == pytest.approx(expected[0]) and y == pytest.approx(expected[1]) for x, y in points), points
     assert any(t.get("name") == "Pareto front" for t in chart["data"])
@@ -343,10 +372,17 @@ def test_tiny_run_end_to_end_reaches_the_budget_chart(home, store):
     # selecting a row of the run table highlights its point (bigger marker)
     at.session_state["budget_table"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
     at.run(timeout=TIMEOUT)
-    chart = next(s for s in plotly_specs(at) if "compute" in s["layout"]["title"]["text"]
-                 and "Estimated" not in s["layout"]["title"]["text"])
-    sizes = [size for trace in chart["data"] if trace.get("mode") == "markers"
-             for size in values((trace.get("marker") or {}).get("size"))]
+    chart = next(
+        s
+        for s in plotly_specs(at)
+        if "compute" in s["layout"]["title"]["text"] and "Estimated" not in s["layout"]["title"]["text"]
+    )
+    sizes = [
+        size
+        for trace in chart["data"]
+        if trace.get("mode") == "markers"
+        for size in values((trace.get("marker") or {}).get("size"))
+    ]
     assert max(sizes) > min(sizes), sizes
 
     goto(at, "pages/runs.py")
@@ -381,7 +417,7 @@ def test_budget_estimate_before_anything_runs(home, store):
 
 
 def test_runs_page_delete_with_confirmation(home, store):
-    from vptdash.train import RunConfig
+    from vptdash.engine.train import RunConfig
 
     ids = [jobs.submit_run(store, RunConfig(backbone="tiny-random", num_prompts=n)) for n in (1, 2)]
     store.request_cancel(ids[0])
@@ -441,16 +477,46 @@ def test_odd_history_never_crashes_a_page(home, store):
     unknown keys and families, a non-string dataset, and precomputed rows without reference meta."""
     rows = [
         {"config": {}, "metrics": {}, "costs": {}},
-        {"config": {"dataset": "elpv-binary", "backbone": "dinov2_s14", "resolution": 112, "shots": 16,
-                    "tuning": "prompt", "num_prompts": 7, "placement": "0,5,11"},
-         "metrics": {"accuracy": None, "balanced_accuracy": "n/a"}, "costs": {"gmacs": None}},
-        {"config": {"dataset": "elpv-binary", "backbone": "dinov2_s14", "resolution": 112, "shots": 16,
-                    "tuning": "prompt", "num_prompts": 3, "placement": "deep", "mystery": [1, {"a": 2}]},
-         "metrics": {"accuracy": 0.7, "balanced_accuracy": 0.6, "confusion_matrix": [[1, 2], [3, 4]]},
-         "costs": {"gmacs": 1.5, "params_trainable": 5000}, "kind": "condense"},
+        {
+            "config": {
+                "dataset": "elpv-binary",
+                "backbone": "dinov2_s14",
+                "resolution": 112,
+                "shots": 16,
+                "tuning": "prompt",
+                "num_prompts": 7,
+                "placement": "0,5,11",
+            },
+            "metrics": {"accuracy": None, "balanced_accuracy": "n/a"},
+            "costs": {"gmacs": None},
+        },
+        {
+            "config": {
+                "dataset": "elpv-binary",
+                "backbone": "dinov2_s14",
+                "resolution": 112,
+                "shots": 16,
+                "tuning": "prompt",
+                "num_prompts": 3,
+                "placement": "deep",
+                "mystery": [1, {"a": 2}],
+            },
+            "metrics": {"accuracy": 0.7, "balanced_accuracy": 0.6, "confusion_matrix": [[1, 2], [3, 4]]},
+            "costs": {"gmacs": 1.5, "params_trainable": 5000},
+            "kind": "condense",
+        },
         {"config": {"dataset": {"weird": True}, "num_prompts": "ten"}, "status": "failed", "error": None},
-        {"config": {"dataset": "elpv-binary", "backbone": "dinov2_s14", "resolution": 112, "shots": 16,
-                    "tuning": "linear", "num_prompts": 0}, "status": "cancelled"},
+        {
+            "config": {
+                "dataset": "elpv-binary",
+                "backbone": "dinov2_s14",
+                "resolution": 112,
+                "shots": 16,
+                "tuning": "linear",
+                "num_prompts": 0,
+            },
+            "status": "cancelled",
+        },
         {"config": {"dataset": "elpv-binary"}, "status": "failed", "error": "", "sweep_id": "odd-sweep"},
     ]
     store.import_runs(rows, source="precomputed")

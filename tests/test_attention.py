@@ -1,4 +1,4 @@
-"""Attention extraction, prompt pull, CLS maps and rollout (vptdash.attention), on the tiny-random ViT."""
+"""Attention extraction, prompt pull, CLS maps and rollout (vptdash.methods.attention), on the tiny-random ViT."""
 
 import copy
 import io
@@ -8,18 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
-from vptdash import attention
-from vptdash.attention import AttentionMaps, BlockAttention
-from vptdash.prompts import PromptedViT
-from vptdash.train import load_backbone
+from vptdash.engine.backbones import load_backbone
+from vptdash.engine.prompts import PromptedViT
+from vptdash.methods import attention
+from vptdash.methods.attention import AttentionMaps, BlockAttention
 
 RES = 64  # tiny-random has 16 px patches: a 4 x 4 grid
 
 
 def model(num_prompts=3, placement="deep", **kwargs) -> PromptedViT:
     torch.manual_seed(0)
-    return PromptedViT(load_backbone("tiny-random", None, RES), 3, num_prompts=num_prompts, placement=placement,
-                       seed=1, **kwargs)
+    return PromptedViT(
+        load_backbone("tiny-random", None, RES), 3, num_prompts=num_prompts, placement=placement, seed=1, **kwargs
+    )
 
 
 def images(n=2) -> torch.Tensor:
@@ -45,7 +46,7 @@ def test_probabilities_are_exactly_what_the_block_computes():
     path must give the same probabilities."""
     m = model(2, "deep")
     x = m.embed(images())
-    x, _ = m._write_prompts(x, 0, 0, m.prompts())
+    x, _ = m.write_prompts(x, 0, 0, m.prompts())
     block = m.backbone.blocks[0]
     probs = attention.block_attention_probs(block, x)
     attn, h = block.attn, block.norm1(x)
@@ -98,8 +99,14 @@ def hand_maps() -> AttentionMaps:
     head0[1:] = torch.tensor([0.0, 0.5, 0.0, 0.125, 0.125, 0.125, 0.125])  # others: 0.5 on P0
     head1 = torch.full((t, t), 1.0 / t)  # uniform: 2/7 on prompts
     probs = torch.stack([head0, head1])[None]
-    return AttentionMaps([BlockAttention(0, probs, 2)], num_prefix_tokens=1, has_class_token=True, grid=(2, 2),
-                         placement=(0,), prompt_counts=(2,))
+    return AttentionMaps(
+        [BlockAttention(0, probs, 2)],
+        num_prefix_tokens=1,
+        has_class_token=True,
+        grid=(2, 2),
+        placement=(0,),
+        prompt_counts=(2,),
+    )
 
 
 def test_hand_built_matrix_gives_the_expected_pull():
@@ -178,7 +185,7 @@ def test_uploaded_image_is_decoded_like_the_data_sets():
     Image.fromarray(np.full((50, 70), 128, dtype=np.uint8)).save(buffer, format="PNG")
     tensor = attention.image_from_bytes(buffer.getvalue(), RES)
     assert tensor.shape == (1, 3, RES, RES) and tensor.dtype == torch.uint8
-    from vptdash.data import DatasetError
+    from vptdash.engine.data import DatasetError
 
     with pytest.raises(DatasetError):
         attention.image_from_bytes(b"not an image", RES)
@@ -190,24 +197,33 @@ def test_attention_page_renders_maps_pull_and_queues_a_condensation(tmp_path, mo
     image, per-block and rollout views, pull for all runs, and a condensation queued + executed."""
     from pathlib import Path
 
+    from conftest import make_image_folder
     from streamlit.testing.v1 import AppTest
 
-    from conftest import make_image_folder
-    from vptdash import jobs, worker
-    from vptdash.store import RunStore
-    from vptdash.train import RunConfig
+    from vptdash.engine.train import RunConfig
+    from vptdash.runs import jobs, worker
+    from vptdash.runs.store import RunStore
 
     monkeypatch.setenv("VPTDASH_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(worker, "ensure_worker", lambda store, **kw: True)
     folder = make_image_folder(tmp_path / "images", per_class=8)
     store = RunStore()
-    base = dict(backbone="tiny-random", dataset=str(folder), resolution=32, shots=None, epochs=1, batch_size=8,
-                measure_latency=False)
+    base = dict(
+        backbone="tiny-random",
+        dataset=str(folder),
+        resolution=32,
+        shots=None,
+        epochs=1,
+        batch_size=8,
+        measure_latency=False,
+    )
     shallow = jobs.run_now(store, RunConfig(**base, num_prompts=2, placement="shallow"))["id"]
     deep = jobs.run_now(store, RunConfig(**base, num_prompts=3, placement="deep"))["id"]
     page = Path(__file__).resolve().parent.parent / "pages" / "attention.py"
-    script = (f"import streamlit as st\nfrom vptdash import ui\nui.init_state()\n"
-              f"st.navigation([st.Page({str(page)!r}, title='Attention')]).run()\n")
+    script = (
+        f"import streamlit as st\nfrom vptdash.ui import session\nsession.init_state()\n"
+        f"st.navigation([st.Page({str(page)!r}, title='Attention')]).run()\n"
+    )
     at = AppTest.from_string(script, default_timeout=60)
     at.session_state["active_dataset"] = str(folder)
     at.session_state["active_backbone"] = "tiny-random"

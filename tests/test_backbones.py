@@ -10,10 +10,16 @@ import torch
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-import vptdash.backbones as backbones
-from vptdash.backbones import (
-    BACKBONES, DEFAULT_BACKBONE, BackboneError, backbone_fingerprint, convert_dinov2_onnx,
-    converted_dinov2_path, create_backbone, dinov2_onnx_path,
+import vptdash.engine.backbones as backbones
+from vptdash.engine.backbones import (
+    BACKBONES,
+    DEFAULT_BACKBONE,
+    BackboneError,
+    backbone_fingerprint,
+    convert_dinov2_onnx,
+    converted_dinov2_path,
+    create_backbone,
+    dinov2_onnx_path,
 )
 
 

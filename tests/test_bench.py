@@ -1,14 +1,22 @@
 import json
 
-from vptdash import cli
-from vptdash.bench import matmul_peak_gflops, step_flops
-from vptdash.prompts import PromptedViT
-from vptdash.train import load_backbone
-
 import torch
 
-KEYS = ("peak_gflops_fp32", "peak_gflops_bf16", "engine_images_per_s", "naive_images_per_s", "speedup_vs_naive",
-        "engine_gflops", "efficiency_vs_bf16_peak", "sweep_seconds")
+from vptdash import cli
+from vptdash.bench import matmul_peak_gflops, step_flops
+from vptdash.engine.backbones import load_backbone
+from vptdash.engine.prompts import PromptedViT
+
+KEYS = (
+    "peak_gflops_fp32",
+    "peak_gflops_bf16",
+    "engine_images_per_s",
+    "naive_images_per_s",
+    "speedup_vs_naive",
+    "engine_gflops",
+    "efficiency_vs_bf16_peak",
+    "sweep_seconds",
+)
 
 
 def test_matmul_peak_is_positive():
@@ -18,7 +26,7 @@ def test_matmul_peak_is_positive():
 def test_step_flops_counts_attention_and_backward():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vptdash.cost import unfused_attention
+    from vptdash.engine.cost import unfused_attention
 
     backbone = load_backbone("tiny-random", None, 32)
     model = PromptedViT(backbone, 2, num_prompts=4, placement="deep", seed=0)
@@ -61,6 +69,6 @@ def test_paired_difference_interval_and_seed_ranges():
 
     stats = paired_difference([1.0, 2.0, 3.0])  # mean 2, sd 1, t(2 df) = 4.303
     assert stats["mean"] == 2.0 and stats["sd"] == 1.0
-    assert abs(stats["high"] - (2.0 + 4.303 / 3 ** 0.5)) < 1e-9 and abs(stats["low"] - (2.0 - 4.303 / 3 ** 0.5)) < 1e-9
+    assert abs(stats["high"] - (2.0 + 4.303 / 3**0.5)) < 1e-9 and abs(stats["low"] - (2.0 - 4.303 / 3**0.5)) < 1e-9
     assert paired_difference([0.5])["low"] != paired_difference([0.5])["low"]  # one seed: no interval (NaN)
     assert parse_seeds("0-2,7, 9") == [0, 1, 2, 7, 9]

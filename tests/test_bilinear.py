@@ -1,4 +1,4 @@
-"""Bilinear prompts (P = Z W), whitening and the burstiness picture (issue 5, methods.md section 3)."""
+"""Bilinear prompts (P = Z W), whitening and the burstiness picture (methods.md section 3)."""
 
 import json
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vptdash import budget, cli, cost, whitening
-from vptdash.prompts import BilinearPrompts, PromptConfigError, PromptedViT, default_prompt_rank
-from vptdash.store import RunStore
-from vptdash.train import ConfigError, RunConfig, run_training
+from vptdash import cli
+from vptdash.engine import cost, whitening
+from vptdash.engine.prompts import BilinearPrompts, PromptConfigError, PromptedViT, default_prompt_rank
+from vptdash.engine.train import ConfigError, RunConfig, run_training
+from vptdash.runs.store import RunStore
+from vptdash.views import budget, levers_charts
 
 DEPTH, DIM, IMG, PATCH = 3, 32, 32, 8  # 16 patches
 
@@ -20,8 +22,9 @@ def tiny_vit() -> VisionTransformer:
     """A tiny ViT whose LayerNorms have non-trivial affine parameters, like a trained one (at init a
     LayerNorm output has zero mean over features, so its tokens would span only d - 1 dimensions)."""
     torch.manual_seed(0)
-    model = VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=2, mlp_ratio=2,
-                              num_classes=0).eval()
+    model = VisionTransformer(
+        img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=2, mlp_ratio=2, num_classes=0
+    ).eval()
     with torch.no_grad():
         for block in model.blocks:
             block.norm1.weight.uniform_(0.5, 1.5)
@@ -48,11 +51,16 @@ def test_bilinear_parameter_count_is_m_c_plus_c_d(m, c):
     deep = PromptedViT(tiny_vit(), 3, num_prompts=m, placement="deep", prompt_type="bilinear", prompt_rank=c)
     assert prompt_params(deep) == DEPTH * (m * c + c * DIM)  # every placed block: its own Z and W
     assert {n for n, p in deep.named_parameters() if p.requires_grad} == (
-        {f"prompts.z.{i}" for i in range(DEPTH)} | {f"prompts.w.{i}" for i in range(DEPTH)} | {"head.weight", "head.bias"})
+        {f"prompts.z.{i}" for i in range(DEPTH)}
+        | {f"prompts.w.{i}" for i in range(DEPTH)}
+        | {"head.weight", "head.bias"}
+    )
 
 
 def test_bilinear_prompts_are_z_times_w_in_the_sequence():
-    model = PromptedViT(tiny_vit(), 3, num_prompts=5, placement="shallow", prompt_type="bilinear", prompt_rank=3, seed=0)
+    model = PromptedViT(
+        tiny_vit(), 3, num_prompts=5, placement="shallow", prompt_type="bilinear", prompt_rank=3, seed=0
+    )
     seen = []
     model.backbone.blocks[0].norm1.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
     with model.whole_blocks():  # the sequence is only assembled there (rows.py)
@@ -157,7 +165,7 @@ def test_burstiness_picture_data():
     assert sum(result.before) == sum(result.after) == result.n_entries == 24 * DIM * 16
     assert result.effective_rank == DIM and result.identity_error < 1e-6
     assert result.kurtosis_before > 0 and result.kurtosis_after > 0
-    fig = whitening.burstiness_figure(result)
+    fig = levers_charts.burstiness_figure(result)
     assert fig.layout.yaxis.type == "log"
     assert "kurtosis" in fig.data[0].name and "kurtosis" in fig.data[1].name
     json.dumps(result.to_dict())  # storable / cacheable as plain data
@@ -166,9 +174,15 @@ def test_burstiness_picture_data():
 def test_whitened_init_takes_seeded_columns_of_the_whitening_matrix():
     backbone = tiny_vit()
     white = whitening.whitening_matrices(backbone, images(), [0])[0]
-    a = PromptedViT(backbone, 3, num_prompts=6, prompt_type="bilinear-whitened", prompt_rank=5, prompt_whitening=white, seed=1)
-    b = PromptedViT(backbone, 3, num_prompts=6, prompt_type="bilinear-whitened", prompt_rank=5, prompt_whitening=white, seed=1)
-    c = PromptedViT(backbone, 3, num_prompts=6, prompt_type="bilinear-whitened", prompt_rank=5, prompt_whitening=white, seed=2)
+    a = PromptedViT(
+        backbone, 3, num_prompts=6, prompt_type="bilinear-whitened", prompt_rank=5, prompt_whitening=white, seed=1
+    )
+    b = PromptedViT(
+        backbone, 3, num_prompts=6, prompt_type="bilinear-whitened", prompt_rank=5, prompt_whitening=white, seed=1
+    )
+    c = PromptedViT(
+        backbone, 3, num_prompts=6, prompt_type="bilinear-whitened", prompt_rank=5, prompt_whitening=white, seed=2
+    )
     rows = a.prompts.w[0].detach()
     assert rows.shape == (5, DIM)
     columns = white.T  # column j of the whitening matrix, as a row
@@ -180,8 +194,19 @@ def test_whitened_init_takes_seeded_columns_of_the_whitening_matrix():
 
 # ---------------------------------------------------------------------------------------- runs
 def tiny_config(dataset, **overrides) -> RunConfig:
-    values = dict(backbone="tiny-random", dataset=str(dataset), resolution=32, shots=None, epochs=2, batch_size=8,
-                  lr=1e-2, num_prompts=6, placement="deep", measure_latency=False, eval_every=1)
+    values = dict(
+        backbone="tiny-random",
+        dataset=str(dataset),
+        resolution=32,
+        shots=None,
+        epochs=2,
+        batch_size=8,
+        lr=1e-2,
+        num_prompts=6,
+        placement="deep",
+        measure_latency=False,
+        eval_every=1,
+    )
     values.update(overrides)
     return RunConfig(**values)
 
@@ -209,15 +234,30 @@ def test_whitened_run_uses_the_train_split(image_folder, monkeypatch):
         return out
 
     monkeypatch.setattr(whitening, "train_images", spy)
-    whitening._CACHE.clear()
+    whitening.clear_whitening_cache()
     result = run_training(tiny_config(image_folder, prompt_type="bilinear-whitened", shots=3), compute_costs=False)
     assert seen["n"] == 3 * 3 == result.metrics["split_sizes"]["train"]  # 3 shots x 3 classes
 
 
 def test_cli_trains_and_stores_bilinear_runs(image_folder, capsys):
     tiny = ["--backbone", "tiny-random", "--resolution", "32", "--epochs", "1", "--batch-size", "8", "--no-latency"]
-    code = cli.main(["train", "--dataset", str(image_folder), "--prompts", "4", "--placement", "shallow",
-                     "--prompt-type", "bilinear-whitened", "--prompt-rank", "3", *tiny, "--json"])
+    code = cli.main(
+        [
+            "train",
+            "--dataset",
+            str(image_folder),
+            "--prompts",
+            "4",
+            "--placement",
+            "shallow",
+            "--prompt-type",
+            "bilinear-whitened",
+            "--prompt-rank",
+            "3",
+            *tiny,
+            "--json",
+        ]
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and result["status"] == "done"
     row = RunStore().get_run(result["run_id"])
@@ -228,8 +268,15 @@ def test_cli_trains_and_stores_bilinear_runs(image_folder, capsys):
 
 # ---------------------------------------------------------------------------------------- budget explorer
 def _row(run_id, config, accuracy, gmacs, seed=0):
-    return {"id": run_id, "status": "done", "source": "live", "config": {**config, "seed": seed},
-            "metrics": {"accuracy": accuracy, "balanced_accuracy": accuracy}, "costs": {"gmacs": gmacs}, "timings": {}}
+    return {
+        "id": run_id,
+        "status": "done",
+        "source": "live",
+        "config": {**config, "seed": seed},
+        "metrics": {"accuracy": accuracy, "balanced_accuracy": accuracy},
+        "costs": {"gmacs": gmacs},
+        "timings": {},
+    }
 
 
 def test_bilinear_and_skip_runs_are_their_own_families_inside_the_pareto_front():
@@ -249,11 +296,13 @@ def test_bilinear_and_skip_runs_are_their_own_families_inside_the_pareto_front()
     assert {"bilinear", "skip blocks"} <= set(agg["family"])
     front = budget.pareto_front(agg)
     assert set(front["family"]) == {"skip blocks", "bilinear"}  # skip 2 blocks (cheapest), whitened (best)
-    assert list(front["label"]) == ["10 shallow prompts, skip 2 blocks",
-                                    "10 bilinear-whitened shallow prompts (rank 5)"]
+    assert list(front["label"]) == [
+        "10 shallow prompts, skip 2 blocks",
+        "10 bilinear-whitened shallow prompts (rank 5)",
+    ]
     rec = budget.recommend(agg, 5.0)
     assert rec.chosen["family"] == "skip blocks"
-    from vptdash import charts
+    from vptdash.views import charts
 
     fig = charts.cost_accuracy_figure(agg, recommendation=rec)
     names = {trace.name for trace in fig.data if trace.name}

@@ -17,8 +17,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.browser_support import (CHROMIUM, CHROMIUM_ARGS, ROOT, free_port, open_page, start_server, stop_all,
-                                   train_on_tiny_backbone, wait_healthy, wait_idle)
+from tests.browser_support import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    ROOT,
+    free_port,
+    open_page,
+    start_server,
+    stop_all,
+    train_on_tiny_backbone,
+    wait_healthy,
+    wait_idle,
+)
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -73,7 +83,8 @@ def test_upload_train_and_see_the_result(server, tmp_path):
             page.get_by_text("My own images").click()
             wait_idle(page)
             page.locator(".st-key-data_zip input[type=file]").set_input_files(
-                {"name": "dark-vs-bright.zip", "mimeType": "application/zip", "buffer": tiny_zip()})
+                {"name": "dark-vs-bright.zip", "mimeType": "application/zip", "buffer": tiny_zip()}
+            )
             page.locator(".st-key-data_zip_save button:not([disabled])").wait_for(timeout=30_000)
             page.locator(".st-key-data_zip_save button").click()
             page.get_by_text("Saved **dark-vs-bright**".replace("**", "")).wait_for(timeout=30_000)

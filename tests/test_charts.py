@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-
-from vptdash import budget, charts
 from test_budget import make_run
+
+from vptdash.views import budget, charts, style
 
 
 @pytest.fixture()
@@ -37,13 +37,17 @@ def test_cost_accuracy_one_trace_per_family_with_expected_points(agg):
     assert points["linear probe"] == [(1.0, pytest.approx(80.0))]
     assert points["shallow"] == [(1.47, pytest.approx(85.0))]  # mean of two seeds, in %
     assert points["deep"] == [(4.71, pytest.approx(87.0))]
-    assert points["Pareto front"] == [(1.0, pytest.approx(80.0)), (1.2, pytest.approx(82.0)),
-                                      (1.47, pytest.approx(85.0)), (4.71, pytest.approx(87.0))]
+    assert points["Pareto front"] == [
+        (1.0, pytest.approx(80.0)),
+        (1.2, pytest.approx(82.0)),
+        (1.47, pytest.approx(85.0)),
+        (4.71, pytest.approx(87.0)),
+    ]
     front = next(t for t in fig.data if t.name == "Pareto front")
     assert front.line.shape == "hv"
     shallow = next(t for t in fig.data if t.name == "shallow")
     assert shallow.error_y.array[0] == pytest.approx(100 * np.std([0.84, 0.86], ddof=1))
-    assert shallow.marker.color == charts.FAMILY_COLORS["shallow"]
+    assert shallow.marker.color == style.FAMILY_COLORS["shallow"]
     assert "2, 3" in shallow.hovertext[0] and "± " in shallow.hovertext[0]
     deep = next(t for t in fig.data if t.name == "deep")
     assert list(deep.marker.symbol) == ["diamond"] and list(shallow.marker.symbol) == ["circle"]
@@ -52,7 +56,7 @@ def test_cost_accuracy_one_trace_per_family_with_expected_points(agg):
     assert any(n.startswith("Majority class (70.0%)") for n in names)
     assert fig.layout.xaxis.title.text == "GMACs per image"
     assert fig.layout.yaxis.title.text == "Test accuracy (%)"
-    assert fig.layout.title.text and fig.layout.font.size == charts.BASE_FONT_SIZE
+    assert fig.layout.title.text and fig.layout.font.size == style.BASE_FONT_SIZE
 
 
 def test_recommendation_and_highlight(agg):
@@ -86,7 +90,8 @@ def test_training_curve_figure():
     assert charts.figure_points(empty) == [] and empty.layout.xaxis.title.text == "Training step"
     events = [
         {"phase": "setup", "message": "loading"},
-        {"phase": "train", "step": 1, "loss": 0.9}, {"phase": "train", "step": 2, "loss": 0.7},
+        {"phase": "train", "step": 1, "loss": 0.9},
+        {"phase": "train", "step": 2, "loss": 0.7},
         {"phase": "val", "epoch": 1, "step": 2, "val_accuracy": 0.75, "val_balanced_accuracy": 0.7, "loss": 0.7},
     ]
     points = by_trace(charts.training_curve_figure(events))

@@ -5,12 +5,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from vptdash import cli
-from vptdash.jobs import execute_run, submit_run, submit_sweep, sweep_configs
-from vptdash.store import RunStore
-from vptdash.train import RunConfig
+from vptdash.engine.train import RunConfig
+from vptdash.runs.jobs import execute_run, submit_run, submit_sweep, sweep_configs
+from vptdash.runs.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--backbone", "tiny-random", "--resolution", "32", "--epochs", "2", "--batch-size", "8", "--no-latency"]
@@ -33,8 +32,14 @@ def test_train_json_has_every_key(image_folder, capsys):
 
 def test_train_in_a_fresh_process_prints_json_last(image_folder, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "vptdash", "train", "--dataset", str(image_folder), *TINY,
-                          "--shots", "4", "--json"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "vptdash", "train", "--dataset", str(image_folder), *TINY, "--shots", "4", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert last_json_line(out.stdout)["status"] == "done"
 
@@ -56,8 +61,21 @@ def test_absurd_budget_is_refused_before_anything_is_stored(image_folder, capsys
 
 
 def test_sweep_stores_every_run_and_exports(image_folder, tmp_path, capsys):
-    code = cli.main(["sweep", "--dataset", str(image_folder), *TINY, "--prompts", "0,2",
-                     "--placement", "shallow,deep", "--seeds", "0,1", "--json"])
+    code = cli.main(
+        [
+            "sweep",
+            "--dataset",
+            str(image_folder),
+            *TINY,
+            "--prompts",
+            "0,2",
+            "--placement",
+            "shallow,deep",
+            "--seeds",
+            "0,1",
+            "--json",
+        ]
+    )
     assert code == 0
     rows = RunStore().list_runs()
     assert len(rows) == 2 + 2 * 2  # linear probe per seed + 2 placements x 2 seeds
@@ -81,15 +99,24 @@ def test_sweep_grid_expansion():
 
 
 def test_placement_argument_parsing():
-    assert cli._placements("shallow,deep") == ["shallow", "deep"]
-    assert cli._placements("0,5,11") == ["0,5,11"]
-    assert cli._placements("shallow;0,5,11") == ["shallow", "0,5,11"]
+    assert cli.parse_placements("shallow,deep") == ["shallow", "deep"]
+    assert cli.parse_placements("0,5,11") == ["0,5,11"]
+    assert cli.parse_placements("shallow;0,5,11") == ["shallow", "0,5,11"]
 
 
 def test_queued_run_cancelled_by_request(image_folder):
     store = RunStore()
-    run_id = submit_run(store, RunConfig(backbone="tiny-random", dataset=str(image_folder), resolution=32, epochs=50,
-                                         batch_size=4, measure_latency=False))
+    run_id = submit_run(
+        store,
+        RunConfig(
+            backbone="tiny-random",
+            dataset=str(image_folder),
+            resolution=32,
+            epochs=50,
+            batch_size=4,
+            measure_latency=False,
+        ),
+    )
     store.mark_running(run_id)
     store.request_cancel(run_id)
     row = execute_run(store, run_id)
@@ -99,8 +126,12 @@ def test_queued_run_cancelled_by_request(image_folder):
 
 def test_queued_sweep_runs_through_execute_run(image_folder):
     store = RunStore()
-    configs = sweep_configs(RunConfig(backbone="tiny-random", dataset=str(image_folder), resolution=32, epochs=1,
-                                      measure_latency=False), [2], ["shallow"], [0])
+    configs = sweep_configs(
+        RunConfig(backbone="tiny-random", dataset=str(image_folder), resolution=32, epochs=1, measure_latency=False),
+        [2],
+        ["shallow"],
+        [0],
+    )
     sweep_id, ids = submit_sweep(store, configs)
     assert [store.get_run(i)["status"] for i in ids] == ["queued", "queued"]
     for run_id in ids:

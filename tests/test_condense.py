@@ -1,4 +1,4 @@
-"""Prompt condensation (vptdash.condense): scoring, selection, the child run, its cost, the parent untouched."""
+"""Prompt condensation (vptdash.methods.condense): scoring, selection, the child run, its cost, the parent untouched."""
 
 import hashlib
 import json
@@ -7,11 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_image_folder
-from vptdash import attention, attention_charts, budget, charts, cli, condense, cost, jobs
-from vptdash.store import RunStore
-from vptdash.train import RunConfig, build_model
+
+from vptdash import cli
+from vptdash.engine import cost
+from vptdash.engine.train import RunConfig, build_model
+from vptdash.methods import attention, condense
+from vptdash.runs import jobs
+from vptdash.runs.store import RunStore
+from vptdash.views import attention_charts, budget, charts
 
 DIM, DEPTH = 32, 4  # tiny-random
 
@@ -24,8 +28,17 @@ def trained(tmp_path_factory):
         mp.setenv("VPTDASH_HOME", str(root / "home"))
         folder = make_image_folder(root / "images", per_class=10)
         store = RunStore(root / "store" / "runs.sqlite")
-        base = dict(backbone="tiny-random", dataset=str(folder), resolution=32, shots=None, epochs=2, batch_size=8,
-                    lr=1e-2, measure_latency=False, seed=0)
+        base = dict(
+            backbone="tiny-random",
+            dataset=str(folder),
+            resolution=32,
+            shots=None,
+            epochs=2,
+            batch_size=8,
+            lr=1e-2,
+            measure_latency=False,
+            seed=0,
+        )
         shallow = jobs.run_now(store, RunConfig(**base, num_prompts=6, placement="shallow"))
         deep = jobs.run_now(store, RunConfig(**base, num_prompts=4, placement="deep"))
     assert shallow["status"] == "done" and deep["status"] == "done", (shallow["error"], deep["error"])
@@ -76,7 +89,7 @@ def test_deep_condensed_run_costs_what_its_per_block_counts_cost(trained):
     same = RunConfig(**trained["base"], num_prompts=max(counts), placement="deep", prompt_counts=counts)
     assert row["costs"]["gmacs"] == pytest.approx(fresh_gmacs(same), rel=1e-12)
     # vs a fresh uniform deep run with 8 / 4 = 2 per block: the same prompt tokens in total. Deep prompts
-    # are only keys and values (their own rows are never computed: vptdash.rows), so each block's cost is
+    # are only keys and values (their own rows are never computed: vptdash.engine.rows), so each block's cost is
     # linear in its prompt count, 2 d^2 + 2 R d per prompt with R its computed rows: R = prefix + patches,
     # except the last block, whose single CLS row makes each of its prompts 2 d (R - 1) MACs cheaper.
     uniform = RunConfig(**trained["base"], num_prompts=2, placement="deep")
@@ -86,7 +99,8 @@ def test_deep_condensed_run_costs_what_its_per_block_counts_cost(trained):
     assert row["costs"]["rows_per_block"] == condensed_model.rows_per_block(4) == [1 + 4] * (DEPTH - 1) + [1]
     expected = -2 * DIM * (1 + 4 - 1) * (counts[-1] - 2) / 1e9
     assert cost.analytic_gmacs(condensed_model, 32) - cost.analytic_gmacs(uniform_model, 32) == pytest.approx(
-        expected, abs=1e-15)
+        expected, abs=1e-15
+    )
     assert row["costs"]["gmacs"] - fresh_gmacs(uniform) == pytest.approx(expected, abs=1e-15)
     assert snapshot(store, parent) == before
 
@@ -114,9 +128,15 @@ def test_scoring_is_deterministic_and_batch_independent(trained):
     encoded = run.model.encode_frozen(attention.normalize_for(run.model, images.images))
     whole = condense.taylor_scores(run.model, encoded, images.labels, batch_size=len(images.labels))
     pairs = condense.taylor_scores(run.model, encoded, images.labels, batch_size=2)
+    # A score is |sum(P * dL/dP)|: a sum that cancels, so another batching changes a small score by
+    # rounding relative to the block's largest one, not to itself. Measured on a 2-core EPYC: 1.1e-9
+    # on a score of 7.9e-7 (0.14% of it) whose block's largest is 2.7e-6 (0.04% of that); the bound
+    # is 0.2% of the block's largest. A change of the batching's meaning (a sum instead of the mean
+    # loss) moves every score by the batch-count factor and fails it.
     for x, y, z in zip(whole.scores, pairs.scores, a.scores):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-9)
-        np.testing.assert_allclose(x, z, rtol=1e-4, atol=1e-9)
+        scale = float(np.abs(x).max())
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-3 * scale)
+        np.testing.assert_allclose(x, z, rtol=1e-4, atol=2e-3 * scale)
     # by hand for one prompt
     params = list(run.model.prompts.tensors)
     loss = torch.nn.functional.cross_entropy(run.model.forward_from_frozen(encoded), images.labels)
@@ -140,16 +160,27 @@ def test_global_selection_and_state():
     scores = condense.PromptScores((0, 1, 2), [np.array([0.5, 0.1, 0.9]), np.array([0.7, 0.7]), np.array([0.05])])
     assert scores.ranking()[:4] == [(0, 2), (1, 0), (1, 1), (0, 0)]  # ties by block, then index
     assert condense.select_prompts(scores, 3) == [[2], [0, 1], []]
-    parent = {"prompts.tensors.0": torch.arange(6.0).reshape(3, 2), "prompts.tensors.1": torch.ones(2, 2),
-              "prompts.tensors.2": torch.zeros(1, 2), "head.weight": torch.ones(3, 2), "head.bias": torch.zeros(3)}
+    parent = {
+        "prompts.tensors.0": torch.arange(6.0).reshape(3, 2),
+        "prompts.tensors.1": torch.ones(2, 2),
+        "prompts.tensors.2": torch.zeros(1, 2),
+        "head.weight": torch.ones(3, 2),
+        "head.bias": torch.zeros(3),
+    }
     state = condense.condensed_state(parent, [[0, 2], [], [0]])
     assert torch.equal(state["prompts.tensors.0"], torch.tensor([[0.0, 1.0], [4.0, 5.0]]))
     assert state["prompts.tensors.1"].shape == (0, 2)
     assert torch.equal(state["head.weight"], parent["head.weight"])
     assert condense.resolve_keep(1200, keep_fraction=0.3) == 360
     assert condense.resolve_keep(10, keep_fraction=0.01) == 1
-    for bad in ({"keep": 0}, {"keep": 11}, {"keep_fraction": 0.0}, {"keep_fraction": 1.5}, {},
-                {"keep": 2, "keep_fraction": 0.5}):
+    for bad in (
+        {"keep": 0},
+        {"keep": 11},
+        {"keep_fraction": 0.0},
+        {"keep_fraction": 1.5},
+        {},
+        {"keep": 2, "keep_fraction": 0.5},
+    ):
         with pytest.raises(condense.CondenseError):
             condense.resolve_keep(10, **bad)
 
@@ -161,8 +192,9 @@ def test_refusals_are_clear_and_store_nothing(trained, tmp_path):
         condense.submit_condense(store, trained["shallow"])
     with pytest.raises(condense.CondenseError, match="no run"):
         condense.submit_condense(store, 99999, keep=1)
-    probe = store.create_run({**RunConfig(**trained["base"], tuning="linear", num_prompts=0).to_dict()},
-                             status="done", kind="probe")
+    probe = store.create_run(
+        {**RunConfig(**trained["base"], tuning="linear", num_prompts=0).to_dict()}, status="done", kind="probe"
+    )
     with pytest.raises(condense.CondenseError, match="linear probe"):
         condense.submit_condense(store, probe, keep=1)
     no_artifact = store.create_run(RunConfig(**trained["base"], num_prompts=3).to_dict(), status="done")
@@ -179,8 +211,20 @@ def test_refusals_are_clear_and_store_nothing(trained, tmp_path):
 
 def test_cli_condense_json(trained, capsys):
     store = trained["store"]
-    code = cli.main(["condense", "--run", str(trained["shallow"]), "--keep-fraction", "0.5", "--epochs", "1",
-                     "--store", str(store.path), "--json"])
+    code = cli.main(
+        [
+            "condense",
+            "--run",
+            str(trained["shallow"]),
+            "--keep-fraction",
+            "0.5",
+            "--epochs",
+            "1",
+            "--store",
+            str(store.path),
+            "--json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and out["status"] == "done" and out["parent_id"] == trained["shallow"]
     assert out["kept_prompts"] == 3 and out["parent_prompts"] == 6 and out["gmacs"] > 0

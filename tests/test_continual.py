@@ -1,4 +1,4 @@
-"""Continual learning (issue 6): null-space projection math, the effect of a projected step on old
+"""Continual learning: null-space projection math, the effect of a projected step on old
 tasks, the accuracy-matrix summary, and a tiny continual run end to end through the store, the job
 dispatch, the CLI and the page."""
 
@@ -9,14 +9,27 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_image_folder
-from vptdash import cli, continual, continual_charts, data, jobs, train
-from vptdash.continual import (ContinualConfig, NullSpaceMemory, accuracy_metrics, condition_features,
-                               null_space_basis, project_update, projected_step, projector, split_classes)
-from vptdash.prompts import PromptedViT
-from vptdash.store import RunStore
-from vptdash.train import ConfigError
+
+from vptdash import cli
+from vptdash.engine import backbones, data, train
+from vptdash.engine.prompts import PromptedViT
+from vptdash.engine.train import ConfigError
+from vptdash.methods import continual
+from vptdash.methods.continual import (
+    ContinualConfig,
+    NullSpaceMemory,
+    accuracy_metrics,
+    condition_features,
+    null_space_basis,
+    project_update,
+    projected_step,
+    projector,
+    split_classes,
+)
+from vptdash.runs import jobs
+from vptdash.runs.store import RunStore
+from vptdash.views import continual_charts
 
 ROOT = Path(__file__).resolve().parent.parent
 FOUR = ("dark", "bright", "striped", "bright-striped")
@@ -28,17 +41,25 @@ def four_classes(tmp_path) -> Path:
 
 
 def tiny(dataset, **overrides) -> ContinualConfig:
-    values = dict(backbone="tiny-random", dataset=str(dataset), resolution=32, shots=None, tasks=2,
-                  num_prompts=4, placement="deep", epochs=3, batch_size=8, lr=1e-2)
+    values = dict(
+        backbone="tiny-random",
+        dataset=str(dataset),
+        resolution=32,
+        shots=None,
+        tasks=2,
+        num_prompts=4,
+        placement="deep",
+        epochs=3,
+        batch_size=8,
+        lr=1e-2,
+    )
     values.update(overrides)
     return ContinualConfig(**values)
 
 
 # ------------------------------------------------------------------------------------ metrics
 def test_accuracy_matrix_summary_by_hand():
-    a = [[0.9, None, None],
-         [0.7, 0.8, None],
-         [0.6, 0.6, 0.9]]
+    a = [[0.9, None, None], [0.7, 0.8, None], [0.6, 0.6, 0.9]]
     summary = accuracy_metrics(a)
     assert summary["avg_accuracy"] == pytest.approx((0.6 + 0.6 + 0.9) / 3)
     # task 1: best 0.9 -> 0.6 (0.3); task 2: best 0.8 -> 0.6 (0.2)
@@ -114,18 +135,22 @@ def test_condition_features_are_the_exact_first_order_conditions():
     import copy
 
     torch.manual_seed(0)
-    backbone = train.load_backbone("tiny-random", None, 32)
+    backbone = backbones.load_backbone("tiny-random", None, 32)
     model = PromptedViT(backbone, 2, num_prompts=16, placement="shallow", seed=0)
     with torch.no_grad():
-        x, _ = model._write_prompts(model.embed(torch.randn(1, 3, 32, 32)), 0, 0, model.prompts())
+        x, _ = model.write_prompts(model.embed(torch.randn(1, 3, 32, 32)), 0, 0, model.prompts())
     block, pre, m = copy.deepcopy(backbone.blocks[0]).double(), model.num_prefix_tokens, 16
     x = x.double()
     f1, f2 = condition_features(block, x, pre, m)
     d = x.shape[-1]
     centred = x[0, pre : pre + m] - x[0, pre : pre + m].mean(-1, keepdim=True)
-    constraints = torch.cat([torch.kron(torch.eye(m, dtype=torch.float64), f1),  # rows of dP in null(F1)
-                             torch.kron(f2, torch.eye(d, dtype=torch.float64)),  # columns of dP in null(F2)
-                             torch.block_diag(*centred[:, None, :])])  # sigma of every prompt held
+    constraints = torch.cat(
+        [
+            torch.kron(torch.eye(m, dtype=torch.float64), f1),  # rows of dP in null(F1)
+            torch.kron(f2, torch.eye(d, dtype=torch.float64)),  # columns of dP in null(F2)
+            torch.block_diag(*centred[:, None, :]),
+        ]
+    )  # sigma of every prompt held
     _, values, vh = torch.linalg.svd(constraints)
     assert constraints.shape[0] < m * d  # so an exact null direction exists
     inside = vh[-1].reshape(m, d)
@@ -150,7 +175,9 @@ def _old_logit_change(four_classes, projected: bool) -> tuple[float, float]:
     (the other two classes, whose covariances were stored) move: (max abs change, max abs logit)."""
     image_set = data.load_image_set(str(four_classes), 32)
     model = train.build_model(tiny(four_classes).run_config(depth=4), num_classes=4)
-    images = data.normalize(image_set.images, model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"])
+    images = data.normalize(
+        image_set.images, model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"]
+    )
     old, new = images[image_set.labels < 2], images[image_set.labels >= 2]
     memory = NullSpaceMemory(model.placement, model.embed_dim, model.prompt_counts)
     memory.add_task(model, model.encode_frozen(old))
@@ -159,7 +186,9 @@ def _old_logit_change(four_classes, projected: bool) -> tuple[float, float]:
     prompts = list(model.prompts.tensors)
     optimizer = torch.optim.Adam(prompts, lr=3e-2)
     torch.nn.functional.cross_entropy(model(new), image_set.labels[image_set.labels >= 2]).backward()
-    projected_step(optimizer, prompts, model.placement, memory.projectors(eta=1.0, threshold=None) if projected else None)
+    projected_step(
+        optimizer, prompts, model.placement, memory.projectors(eta=1.0, threshold=None) if projected else None
+    )
     with torch.no_grad():
         return (model(old) - before).abs().max().item(), before.abs().max().item()
 
@@ -206,8 +235,11 @@ def test_sequential_and_nsp2_share_the_first_task(four_classes):
 
 def test_cancel_stops_between_steps(four_classes):
     seen = []
-    result = continual.run_continual(tiny(four_classes, epochs=50), on_event=seen.append,
-                                     should_cancel=lambda: sum(e["phase"] == "train" for e in seen) >= 2)
+    result = continual.run_continual(
+        tiny(four_classes, epochs=50),
+        on_event=seen.append,
+        should_cancel=lambda: sum(e["phase"] == "train" for e in seen) >= 2,
+    )
     assert result.status == "cancelled"
     assert result.metrics["avg_accuracy"] is None
 
@@ -225,8 +257,10 @@ def test_bad_settings_are_refused():
 
 def test_stored_run_through_the_job_dispatch_and_summary(four_classes):
     store = RunStore()
-    ids = [continual.submit_continual(store, c, sweep_id="cl-test")
-           for c in continual.continual_configs(tiny(four_classes), ["sequential", "nsp2"], [0, 1])]
+    ids = [
+        continual.submit_continual(store, c, sweep_id="cl-test")
+        for c in continual.continual_configs(tiny(four_classes), ["sequential", "nsp2"], [0, 1])
+    ]
     rows = [jobs.execute_run(store, run_id) for run_id in ids]  # the worker's path: dispatch on kind
     assert [r["status"] for r in rows] == ["done"] * 4, [r["error"] for r in rows]
     assert all(r["kind"] == "continual" for r in rows)
@@ -253,9 +287,34 @@ def test_a_run_deleted_while_it_trains_ends_quietly(four_classes):
 
 
 def test_cli_runs_methods_and_seeds(four_classes, capsys):
-    code = cli.main(["continual", "--dataset", str(four_classes), "--backbone", "tiny-random", "--resolution", "32",
-                     "--tasks", "2", "--method", "sequential,joint", "--seeds", "0", "--epochs", "2",
-                     "--prompts", "2", "--placement", "deep", "--batch-size", "8", "--shots", "0", "--json"])
+    code = cli.main(
+        [
+            "continual",
+            "--dataset",
+            str(four_classes),
+            "--backbone",
+            "tiny-random",
+            "--resolution",
+            "32",
+            "--tasks",
+            "2",
+            "--method",
+            "sequential,joint",
+            "--seeds",
+            "0",
+            "--epochs",
+            "2",
+            "--prompts",
+            "2",
+            "--placement",
+            "deep",
+            "--batch-size",
+            "8",
+            "--shots",
+            "0",
+            "--json",
+        ]
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert code == 0
     assert [line["method"] for line in lines] == ["sequential", "joint"]
@@ -280,8 +339,16 @@ def test_charts_carry_the_matrix():
     lines = continual_charts.accuracy_lines({"sequential": matrix, "joint": [[None, None], [0.8, 0.9]]}, tasks)
     seq_t1 = [t for t in lines.data if t.xaxis == "x" and t.name.startswith("T1")][0]
     assert list(seq_t1.x) == [1, 2] and list(seq_t1.y) == [pytest.approx(90.0), pytest.approx(60.0)]
-    summary = [{"method": "sequential", "seeds": 3, "avg_accuracy_mean": 0.7, "avg_accuracy_std": 0.02,
-                "forgetting_mean": 0.3, "forgetting_std": 0.05}]
+    summary = [
+        {
+            "method": "sequential",
+            "seeds": 3,
+            "avg_accuracy_mean": 0.7,
+            "avg_accuracy_std": 0.02,
+            "forgetting_mean": 0.3,
+            "forgetting_std": 0.05,
+        }
+    ]
     bars = continual_charts.summary_bars(summary)
     assert [t.y[0] for t in bars.data] == [pytest.approx(70.0), pytest.approx(30.0)]
     assert continual_charts.accuracy_heatmaps({}, []).layout.annotations  # a placeholder, no error
@@ -289,7 +356,8 @@ def test_charts_carry_the_matrix():
 
 def test_page_renders_and_shows_a_finished_experiment(four_classes, monkeypatch):
     from streamlit.testing.v1 import AppTest
-    from vptdash import worker
+
+    from vptdash.runs import worker
 
     monkeypatch.setattr(worker, "ensure_worker", lambda store, **kw: True)
     store = RunStore()

@@ -2,8 +2,8 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vptdash.cost import analytic_gmacs, block_macs, count_parameters, fvcore_gmacs, measure_latency, run_costs
-from vptdash.prompts import PromptedViT
+from vptdash.engine.cost import analytic_gmacs, block_macs, count_parameters, fvcore_gmacs, measure_latency, run_costs
+from vptdash.engine.prompts import PromptedViT
 
 RES = 64
 
@@ -51,17 +51,25 @@ def test_whole_blocks_cost_the_textbook_formula():
     model.row_selection = True
     assert model.rows_per_block() == [65, 65, 1]
     assert fvcore_gmacs(model, RES) < 0.8 * whole
-    assert whole == pytest.approx(analytic_gmacs(PromptedViT(small_vit(), 4, num_prompts=0), RES)
-                                  + 3 * (block_macs(75, 192, 768) - block_macs(65, 192, 768)) / 1e9
-                                  + (block_macs(65, 192, 768) - block_macs(65, 192, 768, 1)) / 1e9, rel=0.01)
+    assert whole == pytest.approx(
+        analytic_gmacs(PromptedViT(small_vit(), 4, num_prompts=0), RES)
+        + 3 * (block_macs(75, 192, 768) - block_macs(65, 192, 768)) / 1e9
+        + (block_macs(65, 192, 768) - block_macs(65, 192, 768, 1)) / 1e9,
+        rel=0.01,
+    )
 
 
 def test_attention_is_counted_not_dropped():
     """If SDPA were left fused, fvcore would count the attention matmuls as 0 and the quadratic term vanishes."""
     model = PromptedViT(small_vit(), 4, num_prompts=100, placement="deep")
     d, m = 192, 768
-    linear_part = sum(n * 2 * d * d + r * (2 * d * d + 2 * d * m)
-                      for n, r in zip(model.tokens_per_block(), model.rows_per_block())) / 1e9
+    linear_part = (
+        sum(
+            n * 2 * d * d + r * (2 * d * d + 2 * d * m)
+            for n, r in zip(model.tokens_per_block(), model.rows_per_block())
+        )
+        / 1e9
+    )
     assert fvcore_gmacs(model, RES) > linear_part * 1.05
 
 

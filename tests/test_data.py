@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vptdash import data
-from vptdash.data import (
+from vptdash.engine import data
+from vptdash.engine.data import (
     DatasetError,
     ImageSet,
     Limits,
@@ -270,8 +270,8 @@ def test_zip_lying_about_its_size_rejected(tmp_path):
 
 def test_zip_bytes_counted_while_extracting(tmp_path, monkeypatch):
     # Simulate a reader that trusted the declared sizes: the running byte count must still stop it.
-    checked = data._checked_zip_members
-    monkeypatch.setattr(data, "_checked_zip_members", lambda a, n, _: checked(a, n, Limits()))
+    checked = data.checked_zip_members
+    monkeypatch.setattr(data, "checked_zip_members", lambda a, n, _: checked(a, n, Limits()))
     zpath = write_zip(tmp_path / "big.zip", good_entries() | {"ok/pad.bin": b"\0" * 5000})
     with pytest.raises(DatasetError, match="more than 4,000 bytes when extracted"):
         extract_zip_safely(zpath, tmp_path / "out", Limits(max_total_bytes=4000))

@@ -1,17 +1,32 @@
 import pytest
 
 from vptdash import cli
-from vptdash.store import RunStore
-from vptdash.train import RunConfig
+from vptdash.engine.train import RunConfig
+from vptdash.runs.store import RunStore
 
-TINY = ["--backbone", "tiny-random", "--resolution", "32", "--epochs", "1", "--batch-size", "8", "--no-latency",
-        "--prompts", "0,1,2", "--placement", "shallow,deep", "--quiet"]
+TINY = [
+    "--backbone",
+    "tiny-random",
+    "--resolution",
+    "32",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--no-latency",
+    "--prompts",
+    "0,1,2",
+    "--placement",
+    "shallow,deep",
+    "--quiet",
+]
 COMPARED = ("backbone", "dataset", "num_prompts", "placement", "tuning", "seed", "epochs", "resolution", "lr")
 
 
 def sweep(image_folder, store_path, executor):
-    code = cli.main(["sweep", "--dataset", str(image_folder), *TINY, "--store", str(store_path),
-                     "--executor", executor])
+    code = cli.main(
+        ["sweep", "--dataset", str(image_folder), *TINY, "--store", str(store_path), "--executor", executor]
+    )
     assert code == 0
     rows = RunStore(store_path).list_runs()
     return sorted(rows, key=lambda r: (r["config"]["num_prompts"], r["config"]["placement"]))
@@ -33,7 +48,7 @@ def test_ray_sweep_stores_the_same_runs_as_the_local_executor(image_folder, tmp_
 
 
 def test_unknown_executor_is_refused():
-    from vptdash.executors import get_executor
+    from vptdash.runs.executors import get_executor
 
     with pytest.raises(ValueError, match="local or ray"):
         get_executor("spark")
@@ -42,8 +57,23 @@ def test_unknown_executor_is_refused():
 def test_two_local_processes_store_the_same_runs_with_latency_measured_once_per_architecture(image_folder, tmp_path):
     store_path = tmp_path / "parallel.sqlite"
     args = [a for a in TINY if a != "--no-latency"]
-    assert cli.main(["sweep", "--dataset", str(image_folder), *args, "--seeds", "0,1", "--store", str(store_path),
-                     "--processes", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "sweep",
+                "--dataset",
+                str(image_folder),
+                *args,
+                "--seeds",
+                "0,1",
+                "--store",
+                str(store_path),
+                "--processes",
+                "2",
+            ]
+        )
+        == 0
+    )
     rows = RunStore(store_path).list_runs()
     assert len(rows) == 10 and all(r["status"] == "done" for r in rows)  # (probe + 4 prompt budgets) x 2 seeds
     assert all(r["artifact_path"] and r["metrics"]["accuracy"] is not None for r in rows)
@@ -59,11 +89,18 @@ def test_two_local_processes_store_the_same_runs_with_latency_measured_once_per_
 
 
 def test_a_failing_run_fails_alone_in_a_parallel_sweep(image_folder, tmp_path):
-    from vptdash.executors import LocalExecutor
+    from vptdash.runs.executors import LocalExecutor
 
     store = RunStore(tmp_path / "s.sqlite")
-    good = RunConfig(backbone="tiny-random", dataset=str(image_folder), resolution=32, epochs=1, batch_size=8,
-                     shots=None, num_prompts=1)
+    good = RunConfig(
+        backbone="tiny-random",
+        dataset=str(image_folder),
+        resolution=32,
+        epochs=1,
+        batch_size=8,
+        shots=None,
+        num_prompts=1,
+    )
     bad = RunConfig.from_dict({**good.to_dict(), "dataset": str(tmp_path / "vanished")})
     rows = LocalExecutor(processes=2).run(store, [good, bad], sweep_id="s")
     assert [r["status"] for r in rows] == ["done", "failed"]
@@ -72,11 +109,12 @@ def test_a_failing_run_fails_alone_in_a_parallel_sweep(image_folder, tmp_path):
 
 
 def test_architecture_key_ignores_what_only_changes_training():
-    from vptdash.executors import architecture_key
+    from vptdash.runs.executors import architecture_key
 
     base = RunConfig(num_prompts=10, placement="deep")
-    assert architecture_key(base) == architecture_key(RunConfig(num_prompts=10, placement="deep", seed=3, lr=0.1,
-                                                                shots=4, precision="bf16"))
+    assert architecture_key(base) == architecture_key(
+        RunConfig(num_prompts=10, placement="deep", seed=3, lr=0.1, shots=4, precision="bf16")
+    )
     assert architecture_key(base) != architecture_key(RunConfig(num_prompts=5, placement="deep"))
     assert architecture_key(base) != architecture_key(RunConfig(num_prompts=10, placement="shallow"))
 

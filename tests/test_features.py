@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from tests.conftest import make_image_folder
-from vptdash import features, train
-from vptdash.train import RunConfig, run_training
+from vptdash.engine import features, train
+from vptdash.engine.train import RunConfig, run_training
 
 
 @pytest.fixture(autouse=True)
@@ -16,8 +16,17 @@ def own_cache(tmp_path, monkeypatch):
 
 
 def tiny(dataset, **overrides):
-    values = dict(backbone="tiny-random", dataset=str(dataset), resolution=32, shots=4, epochs=1, batch_size=8,
-                  measure_latency=False, tuning="linear", num_prompts=0)
+    values = dict(
+        backbone="tiny-random",
+        dataset=str(dataset),
+        resolution=32,
+        shots=4,
+        epochs=1,
+        batch_size=8,
+        measure_latency=False,
+        tuning="linear",
+        num_prompts=0,
+    )
     return RunConfig(**{**values, **overrides})
 
 
@@ -64,8 +73,7 @@ def test_cache_invalidated_by_data_resolution_block_and_precision(tmp_path, monk
     seen = count_encoded(monkeypatch)
     run_training(tiny(folder), compute_costs=False)
     baseline = sum(seen)
-    for changed in (dict(resolution=48), dict(precision="bf16"),
-                    dict(tuning="prompt", num_prompts=2, placement="3")):
+    for changed in (dict(resolution=48), dict(precision="bf16"), dict(tuning="prompt", num_prompts=2, placement="3")):
         seen.clear()
         run_training(tiny(folder, **changed), compute_costs=False)
         assert sum(seen) > 0, changed

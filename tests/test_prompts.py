@@ -2,15 +2,16 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vptdash.prompts import PromptConfigError, PromptedViT, parse_placement, placement_label, prompt_init_bound
+from vptdash.engine.prompts import PromptConfigError, PromptedViT, parse_placement, placement_label, prompt_init_bound
 
 DEPTH, DIM, IMG, PATCH = 4, 32, 32, 8  # 4x4 = 16 patches
 
 
 def tiny_vit(**kw) -> VisionTransformer:
     torch.manual_seed(0)
-    model = VisionTransformer(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=2,
-                              mlp_ratio=2, num_classes=0, **kw)
+    model = VisionTransformer(
+        img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=2, mlp_ratio=2, num_classes=0, **kw
+    )
     return model.eval()
 
 
@@ -42,12 +43,15 @@ def test_parse_placement():
         parse_placement("middle", 12)
 
 
-@pytest.mark.parametrize("placement,prompts,expected", [
-    ("shallow", 5, [1 + 5 + 16] * DEPTH),
-    ("deep", 5, [1 + 5 + 16] * DEPTH),
-    ("2,3", 7, [17, 17, 24, 24]),
-    ("shallow", 0, [17] * DEPTH),
-])
+@pytest.mark.parametrize(
+    "placement,prompts,expected",
+    [
+        ("shallow", 5, [1 + 5 + 16] * DEPTH),
+        ("deep", 5, [1 + 5 + 16] * DEPTH),
+        ("2,3", 7, [17, 17, 24, 24]),
+        ("shallow", 0, [17] * DEPTH),
+    ],
+)
 def test_token_counts_per_block(placement, prompts, expected):
     model = PromptedViT(tiny_vit(), 3, num_prompts=prompts, placement=placement)
     seen = record_block_inputs(model)

@@ -4,7 +4,7 @@ import re
 
 from test_budget import make_run
 
-from vptdash import budget, report
+from vptdash.views import budget, report
 
 
 def rows():
@@ -47,8 +47,8 @@ def test_report_without_runs():
 def test_reference_sweep_import_is_idempotent(tmp_path, monkeypatch):
     import json
 
-    from vptdash import reference
-    from vptdash.store import RunStore
+    from vptdash.runs import reference
+    from vptdash.runs.store import RunStore
 
     monkeypatch.setenv("VPTDASH_HOME", str(tmp_path))
     store = RunStore(tmp_path / "runs.sqlite")

@@ -1,22 +1,30 @@
-"""Row selection (vptdash.rows): blocks compute only the output rows something reads, with the same
+"""Row selection (vptdash.engine.rows): blocks compute only the output rows something reads, with the same
 logits and gradients as running every block whole."""
 
 import pytest
 import torch
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 
-from vptdash.prompts import PromptedViT
-from vptdash import rows
-from vptdash.cost import unfused_attention
-from vptdash.rows import supports_row_selection
+from vptdash.engine import rows
+from vptdash.engine.cost import unfused_attention
+from vptdash.engine.prompts import PromptedViT
+from vptdash.engine.rows import supports_row_selection
 
 DIM, IMG, PATCH, DEPTH = 32, 32, 8, 4  # 16 patches
 
 
 def vit(**kw) -> VisionTransformer:
     torch.manual_seed(0)
-    options = dict(img_size=IMG, patch_size=PATCH, embed_dim=DIM, depth=DEPTH, num_heads=4, mlp_ratio=2,
-                   num_classes=0, init_values=0.1)
+    options = dict(
+        img_size=IMG,
+        patch_size=PATCH,
+        embed_dim=DIM,
+        depth=DEPTH,
+        num_heads=4,
+        mlp_ratio=2,
+        num_classes=0,
+        init_values=0.1,
+    )
     return VisionTransformer(**{**options, **kw}).eval()
 
 
@@ -31,8 +39,13 @@ def logits_and_grads(model: PromptedViT, images: torch.Tensor, row_selection: bo
 
 
 CASES = [
-    ({}, "deep", ()), ({}, "shallow", ()), ({}, "0,2", (1,)), ({}, "deep", (3,)), ({}, "1,3", (3,)),
-    ({}, "3", ()), ({"reg_tokens": 2}, "deep", ()),
+    ({}, "deep", ()),
+    ({}, "shallow", ()),
+    ({}, "0,2", (1,)),
+    ({}, "deep", (3,)),
+    ({}, "1,3", (3,)),
+    ({}, "3", ()),
+    ({"reg_tokens": 2}, "deep", ()),
     ({"class_token": False, "global_pool": "avg"}, "deep", ()),
     ({"class_token": False, "global_pool": "avg"}, "shallow", (2,)),
     ({"qkv_bias": False, "qk_norm": True}, "deep", ()),
@@ -65,12 +78,15 @@ def test_cached_training_path_selects_rows_too():
     assert torch.allclose(fast, model.forward_from_frozen(encoded), atol=1e-5)
 
 
-@pytest.mark.parametrize("placement,skip,expected", [
-    ("deep", (), [17, 17, 17, 1]),  # prompt outputs are overwritten by the next block's prompts
-    ("shallow", (), [22, 22, 22, 1]),  # shallow prompts carry on: only the last block shrinks
-    ("0,2", (), [22, 17, 22, 1]),  # block 0's prompts feed block 1; block 1's outputs are overwritten
-    ("0,1,2", (3,), [17, 17, 1, 0]),  # the last block that runs computes the CLS row
-])
+@pytest.mark.parametrize(
+    "placement,skip,expected",
+    [
+        ("deep", (), [17, 17, 17, 1]),  # prompt outputs are overwritten by the next block's prompts
+        ("shallow", (), [22, 22, 22, 1]),  # shallow prompts carry on: only the last block shrinks
+        ("0,2", (), [22, 17, 22, 1]),  # block 0's prompts feed block 1; block 1's outputs are overwritten
+        ("0,1,2", (3,), [17, 17, 1, 0]),  # the last block that runs computes the CLS row
+    ],
+)
 def test_rows_per_block(placement, skip, expected):
     model = PromptedViT(vit(), 3, num_prompts=5, placement=placement, skip_blocks=skip)
     assert model.rows_per_block() == expected

@@ -1,4 +1,4 @@
-"""Layer skipping (issue 5, methods.md section 5): redundancy, greedy and DAS searches, real savings."""
+"""Layer skipping (methods.md section 5): redundancy, greedy and DAS searches, real savings."""
 
 import json
 import time
@@ -7,12 +7,14 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vptdash import cli, skipping
-from vptdash.cost import analytic_gmacs, block_macs, fvcore_gmacs
-from vptdash.jobs import execute_run
-from vptdash.prompts import PromptedViT
-from vptdash.store import RunStore
-from vptdash.train import RunConfig, build_model, run_training
+from vptdash import cli
+from vptdash.engine.cost import analytic_gmacs, block_macs, fvcore_gmacs
+from vptdash.engine.prompts import PromptedViT
+from vptdash.engine.train import RunConfig, build_model, run_training
+from vptdash.methods import skipping
+from vptdash.runs.jobs import execute_run
+from vptdash.runs.store import RunStore
+from vptdash.views import levers_charts
 
 RES, DIM, MLP, DEPTH = 64, 192, 768, 6
 
@@ -20,8 +22,7 @@ RES, DIM, MLP, DEPTH = 64, 192, 768, 6
 def small_vit():
     """Wide enough that norms and biases are small next to the matmuls (fvcore vs formula within 1%)."""
     torch.manual_seed(0)
-    return VisionTransformer(img_size=RES, patch_size=8, embed_dim=DIM, depth=DEPTH, num_heads=3,
-                             num_classes=0).eval()
+    return VisionTransformer(img_size=RES, patch_size=8, embed_dim=DIM, depth=DEPTH, num_heads=3, num_classes=0).eval()
 
 
 def count_calls(model: PromptedViT) -> list[int]:
@@ -33,14 +34,15 @@ def count_calls(model: PromptedViT) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------- savings
-@pytest.mark.parametrize("skip,prompts,placement", [([1, 4], 0, "shallow"), ([0, 2, 3, 5], 10, "shallow"),
-                                                    ([1, 4], 4, "deep")])
+@pytest.mark.parametrize(
+    "skip,prompts,placement", [([1, 4], 0, "shallow"), ([0, 2, 3, 5], 10, "shallow"), ([1, 4], 4, "deep")]
+)
 def test_skipping_k_blocks_cuts_analytic_and_fvcore_gmacs_by_k_blocks(skip, prompts, placement):
     full = PromptedViT(small_vit(), 4, num_prompts=prompts, placement=placement)
     skipped = PromptedViT(small_vit(), 4, num_prompts=prompts, placement=placement, skip_blocks=skip)
     tokens = 1 + 64 + prompts
     # a skipped block saves what it computed: every row (shallow) or all but the prompt rows, which the
-    # next block's prompt write discards (deep; vptdash.rows)
+    # next block's prompt write discards (deep; vptdash.engine.rows)
     rows = tokens - prompts if placement == "deep" else tokens
     expected = len(skip) * block_macs(tokens, DIM, MLP, rows) / 1e9
     assert analytic_gmacs(full, RES) - analytic_gmacs(skipped, RES) == pytest.approx(expected, rel=1e-9)
@@ -49,8 +51,15 @@ def test_skipping_k_blocks_cuts_analytic_and_fvcore_gmacs_by_k_blocks(skip, prom
 
 
 def test_skipped_blocks_never_run_in_any_path(image_folder):
-    config = RunConfig(backbone="tiny-random", dataset=str(image_folder), resolution=32, num_prompts=3,
-                       placement="deep", skip_blocks=[1, 3], measure_latency=False)
+    config = RunConfig(
+        backbone="tiny-random",
+        dataset=str(image_folder),
+        resolution=32,
+        num_prompts=3,
+        placement="deep",
+        skip_blocks=[1, 3],
+        measure_latency=False,
+    )
     model = build_model(config, 3)
     calls = count_calls(model)
     images = torch.randn(2, 3, 32, 32)
@@ -82,8 +91,9 @@ def test_skipped_network_is_really_faster():
 # ---------------------------------------------------------------------------------------- searches
 @pytest.fixture
 def search_config(image_folder):
-    return RunConfig(backbone="tiny-random", dataset=str(image_folder), resolution=32, shots=None, val_fraction=0.25,
-                     seed=0)
+    return RunConfig(
+        backbone="tiny-random", dataset=str(image_folder), resolution=32, shots=None, val_fraction=0.25, seed=0
+    )
 
 
 def test_redundancy_greedy_and_das_share_one_objective(search_config):
@@ -148,9 +158,9 @@ def test_figures(search_config):
     evaluator, _ = skipping.prepare_evaluator(search_config)
     for method in ("greedy", "das"):
         result = skipping.search(search_config, 2, method, steps=10, evaluator=evaluator)
-        red = skipping.redundancy_figure(result)
+        red = levers_charts.redundancy_figure(result)
         assert list(red.data[0].x) == [0, 1, 2, 3]
-        trace = skipping.trace_figure(result.to_dict())
+        trace = levers_charts.trace_figure(result.to_dict())
         assert len(trace.data) == (1 if method == "greedy" else 4)
 
 
@@ -167,7 +177,7 @@ def test_search_job_through_the_store_and_worker_path(search_config):
     assert result.method == "das" and len(result.skip) == 2 and result.steps == 15
     assert done["timings"]["evaluations"] == result.evaluations
     assert any(e["phase"] == "search" for e in store.progress(run_id))
-    from vptdash import budget
+    from vptdash.views import budget
 
     assert len(budget.runs_table(store.list_runs(status="done"))) == 0
     assert [r["id"] for r in skipping.search_rows(store)] == [run_id]
@@ -201,9 +211,19 @@ def test_cli_skip_search_then_train_the_skipped_network(image_folder, capsys):
 
 
 def test_skipped_run_end_to_end_with_bilinear_prompts(image_folder):
-    config = RunConfig(backbone="tiny-random", dataset=str(image_folder), resolution=32, shots=None, epochs=1,
-                       batch_size=8, num_prompts=4, placement="shallow", prompt_type="bilinear", skip_blocks=[2],
-                       measure_latency=False)
+    config = RunConfig(
+        backbone="tiny-random",
+        dataset=str(image_folder),
+        resolution=32,
+        shots=None,
+        epochs=1,
+        batch_size=8,
+        num_prompts=4,
+        placement="shallow",
+        prompt_type="bilinear",
+        skip_blocks=[2],
+        measure_latency=False,
+    )
     result = run_training(config)
     assert result.status == "done"
     assert result.costs["tokens_per_block"][2] == 0
@@ -211,16 +231,17 @@ def test_skipped_run_end_to_end_with_bilinear_prompts(image_folder):
 
 
 # ---------------------------------------------------------------------------------------- pages
-APP_TEMPLATE = '''
+APP_TEMPLATE = """
 import streamlit as st
-from vptdash import ui
+from vptdash.ui import resources
+from vptdash.ui import session
 
-ui.init_state()
+session.init_state()
 page = st.navigation([st.Page("pages/levers.py", title="Cost levers", default=True),
                       st.Page("pages/train.py", title="Train")])
-store = ui.get_store()
+store = resources.get_store()
 page.run()
-'''
+"""
 
 
 @pytest.fixture
@@ -230,7 +251,7 @@ def levers_app(tmp_path, monkeypatch, image_folder):
 
     from streamlit.testing.v1 import AppTest
 
-    from vptdash import worker
+    from vptdash.runs import worker
 
     root = Path(__file__).resolve().parent.parent
     monkeypatch.setenv("VPTDASH_NO_WARMUP", "1")
@@ -299,7 +320,8 @@ def test_das_evaluation_budget_counts_only_its_own_new_subnetworks(search_config
     evaluator, _ = skipping.prepare_evaluator(search_config)
     skipping.search(search_config, 2, "greedy", evaluator=evaluator)  # remembers 1 + 4 + 3 subnetworks
     before = evaluator.evaluations
-    das = skipping.search(search_config, 2, "das", evaluator=evaluator, steps=50, max_evaluations=1,
-                          with_redundancy=False)
+    das = skipping.search(
+        search_config, 2, "das", evaluator=evaluator, steps=50, max_evaluations=1, with_redundancy=False
+    )
     assert das.stopped == "evaluation budget" and das.steps >= 1
     assert evaluator.evaluations - before >= 1  # it did evaluate something new before stopping

@@ -17,8 +17,7 @@ import sys
 import pandas as pd
 import pytest
 
-from vptdash.store import (FRAME_BASE_COLUMNS, ORPHAN_ERROR, RUN_STATUSES, RunStore,
-                           StoreError)
+from vptdash.runs.store import FRAME_BASE_COLUMNS, ORPHAN_ERROR, RUN_STATUSES, RunStore, StoreError
 
 CTX = mp.get_context("spawn")
 JOIN_TIMEOUT_S = 60
@@ -30,8 +29,14 @@ def store(tmp_path):
 
 
 def _config(**overrides):
-    config = {"dataset": "elpv", "backbone": "tiny-random", "num_prompts": 10,
-              "placement": "input", "lr": 1e-3, "seed": 0}
+    config = {
+        "dataset": "elpv",
+        "backbone": "tiny-random",
+        "num_prompts": 10,
+        "placement": "input",
+        "lr": 1e-3,
+        "seed": 0,
+    }
     config.update(overrides)
     return config
 
@@ -65,8 +70,7 @@ def test_create_get_round_trip_with_nested_config(store):
     run_id = store.create_run(config, kind="probe", source="cli", sweep_id="s1")
     run = store.get_run(run_id)
     assert run["config"] == config
-    assert (run["status"], run["kind"], run["source"], run["sweep_id"]) == (
-        "queued", "probe", "cli", "s1")
+    assert (run["status"], run["kind"], run["source"], run["sweep_id"]) == ("queued", "probe", "cli", "s1")
     assert run["metrics"] == run["costs"] == run["timings"] == {}
     assert run["started_at"] is None and run["finished_at"] is None
     assert run["cancel_requested"] is False and run["artifact_path"] is None
@@ -132,8 +136,7 @@ def test_lifecycle_finish_and_update_results(store):
     run = store.get_run(run_id)
     assert run["status"] == "running" and run["worker_pid"] == 4242 and run["started_at"]
     store.update_results(run_id, metrics={"val_accuracy": 0.5}, timings={"train_s": 3.0})
-    store.finish_run(run_id, "done", metrics={"test_accuracy": 0.8},
-                     costs={"gmacs": 1.25, "trainable_params": 7680})
+    store.finish_run(run_id, "done", metrics={"test_accuracy": 0.8}, costs={"gmacs": 1.25, "trainable_params": 7680})
     run = store.get_run(run_id)
     assert run["status"] == "done" and run["error"] is None
     assert run["metrics"] == {"val_accuracy": 0.5, "test_accuracy": 0.8}  # merged, not replaced
@@ -264,7 +267,11 @@ def test_queue_summary(store):
     assert [r["id"] for r in summary["running"]] == [a]
     assert summary["running"][0]["latest_progress"] == {"step": 2, "eta_s": 10.0}
     assert {k: summary[k] for k in ("queued", "done", "failed", "cancelled")} == {
-        "queued": 1, "done": 1, "failed": 0, "cancelled": 1}
+        "queued": 1,
+        "done": 1,
+        "failed": 0,
+        "cancelled": 1,
+    }
 
 
 # ------------------------------------------------------------------- import / export
@@ -272,9 +279,14 @@ def test_queue_summary(store):
 
 def _reference_rows():
     return [
-        {"config": _config(num_prompts=n), "metrics": {"test_accuracy": 0.7 + n / 100},
-         "costs": {"gmacs": 1.0 + n}, "timings": {"train_s": 2.0}, "sweep_id": "ref",
-         "progress": [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}]}
+        {
+            "config": _config(num_prompts=n),
+            "metrics": {"test_accuracy": 0.7 + n / 100},
+            "costs": {"gmacs": 1.0 + n},
+            "timings": {"train_s": 2.0},
+            "sweep_id": "ref",
+            "progress": [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}],
+        }
         for n in (1, 5, 10)
     ]
 
@@ -314,13 +326,30 @@ def test_export_import_round_trip_keeps_lineage(store, tmp_path):
 def test_runs_frame_columns_and_csv(store, tmp_path):
     a = store.create_run(_config(placement={"layers": [0, 1]}), sweep_id="s")
     store.mark_running(a)
-    store.finish_run(a, "done", metrics={"test_accuracy": 0.9, "lr": 0.5, "status": "x"},
-                     costs={"gmacs": 2.5}, timings={"train_s": 4.0})
+    store.finish_run(
+        a,
+        "done",
+        metrics={"test_accuracy": 0.9, "lr": 0.5, "status": "x"},
+        costs={"gmacs": 2.5},
+        timings={"train_s": 4.0},
+    )
     store.create_run(_config(extra=1))
     frame = store.runs_frame()
-    expected = [*FRAME_BASE_COLUMNS, "dataset", "backbone", "num_prompts", "placement", "lr",
-                "seed", "extra", "test_accuracy", "metric.lr", "metric.status", "gmacs",
-                "train_s"]
+    expected = [
+        *FRAME_BASE_COLUMNS,
+        "dataset",
+        "backbone",
+        "num_prompts",
+        "placement",
+        "lr",
+        "seed",
+        "extra",
+        "test_accuracy",
+        "metric.lr",
+        "metric.status",
+        "gmacs",
+        "train_s",
+    ]
     assert list(frame.columns) == expected
     row = frame.set_index("id").loc[a]
     assert row["duration_s"] >= 0 and row["metric.lr"] == 0.5 and row["lr"] == 1e-3
@@ -330,8 +359,7 @@ def test_runs_frame_columns_and_csv(store, tmp_path):
     read = pd.read_csv(csv)
     assert list(read.columns) == [c for c in expected if c != "extra"]
     assert read["id"].tolist() == [a] and read["gmacs"].tolist() == [2.5]
-    assert list(RunStore(tmp_path / "empty.sqlite").runs_frame().columns) == list(
-        FRAME_BASE_COLUMNS)
+    assert list(RunStore(tmp_path / "empty.sqlite").runs_frame().columns) == list(FRAME_BASE_COLUMNS)
     assert set(RUN_STATUSES) >= set(frame["status"])
 
 
@@ -352,8 +380,7 @@ def _progress_worker(path, run_id, worker, n_events, barrier):
     barrier.wait()
     for i in range(n_events):
         if i % 10 == 0:  # mix single appends, batches and reads, like a worker + dashboard
-            store.append_progress_many(run_id, [{"worker": worker, "i": i}, {"worker": worker,
-                                                                             "i": i + 1}])
+            store.append_progress_many(run_id, [{"worker": worker, "i": i}, {"worker": worker, "i": i + 1}])
             store.progress(run_id, since=i)
         elif i % 10 != 1:
             store.append_progress(run_id, {"worker": worker, "i": i})
@@ -374,8 +401,7 @@ def _join(procs):
 def test_claim_is_atomic_across_processes(store):
     ids = [store.create_run(_config(seed=i)) for i in range(20)]
     barrier, results = CTX.Barrier(4), CTX.Queue()
-    procs = [CTX.Process(target=_claim_worker, args=(str(store.path), barrier, results))
-             for _ in range(4)]
+    procs = [CTX.Process(target=_claim_worker, args=(str(store.path), barrier, results)) for _ in range(4)]
     _start(procs)
     per_worker = [results.get(timeout=JOIN_TIMEOUT_S) for _ in procs]  # drain before join
     _join(procs)
@@ -393,9 +419,10 @@ def test_concurrent_progress_writers(store):
     run_id = store.create_run(_config())
     n_events, n_workers = 60, 4
     barrier = CTX.Barrier(n_workers)
-    procs = [CTX.Process(target=_progress_worker,
-                         args=(str(store.path), run_id, w, n_events, barrier))
-             for w in range(n_workers)]
+    procs = [
+        CTX.Process(target=_progress_worker, args=(str(store.path), run_id, w, n_events, barrier))
+        for w in range(n_workers)
+    ]
     _start(procs)
     _join(procs)
     events = store.progress(run_id)

@@ -1,12 +1,22 @@
 import pytest
 import torch
 
-from vptdash.train import ConfigError, RunConfig, classification_metrics, lr_at, run_training
+from vptdash.engine.train import ConfigError, RunConfig, classification_metrics, lr_at, run_training
 
 
 def tiny_config(dataset, **overrides) -> RunConfig:
-    values = dict(backbone="tiny-random", dataset=str(dataset), resolution=32, shots=None, epochs=3,
-                  batch_size=8, lr=1e-2, num_prompts=4, placement="deep", measure_latency=False)
+    values = dict(
+        backbone="tiny-random",
+        dataset=str(dataset),
+        resolution=32,
+        shots=None,
+        epochs=3,
+        batch_size=8,
+        lr=1e-2,
+        num_prompts=4,
+        placement="deep",
+        measure_latency=False,
+    )
     values.update(overrides)
     return RunConfig(**values)
 
@@ -56,8 +66,9 @@ def test_same_seed_same_result_on_cpu(image_folder):
 
 
 def test_learns_an_easy_task(image_folder):
-    result = run_training(tiny_config(image_folder, epochs=30, lr=3e-2, tuning="linear", num_prompts=0),
-                          compute_costs=False)
+    result = run_training(
+        tiny_config(image_folder, epochs=30, lr=3e-2, tuning="linear", num_prompts=0), compute_costs=False
+    )
     assert result.metrics["accuracy"] > 0.8
 
 
@@ -67,16 +78,18 @@ def test_cancel_stops_between_steps(image_folder):
     def cancel_after_two():
         return len(steps) >= 2
 
-    result = run_training(tiny_config(image_folder, epochs=50),
-                          on_event=lambda e: steps.append(e) if e["phase"] == "train" else None,
-                          should_cancel=cancel_after_two)
+    result = run_training(
+        tiny_config(image_folder, epochs=50),
+        on_event=lambda e: steps.append(e) if e["phase"] == "train" else None,
+        should_cancel=cancel_after_two,
+    )
     assert result.status == "cancelled"
     assert len(steps) == 2
     assert "accuracy" not in result.metrics  # no test figures for a half-trained model
 
 
 def test_full_finetune_does_not_touch_the_shared_backbone(image_folder):
-    from vptdash.train import load_backbone
+    from vptdash.engine.backbones import load_backbone
 
     shared = load_backbone("tiny-random", None, 32)
     before = {k: v.clone() for k, v in shared.state_dict().items()}
@@ -90,15 +103,18 @@ def test_bf16_runs(image_folder):
     assert result.status == "done"
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("num_prompts", 100000, "prompt count"),
-    ("num_prompts", -3, "prompt count"),
-    ("epochs", 0, "epochs"),
-    ("lr", 0.0, "learning rate"),
-    ("resolution", 4, "resolution"),
-    ("shots", 0, "shots"),
-    ("placement", "0,99", "outside"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("num_prompts", 100000, "prompt count"),
+        ("num_prompts", -3, "prompt count"),
+        ("epochs", 0, "epochs"),
+        ("lr", 0.0, "learning rate"),
+        ("resolution", 4, "resolution"),
+        ("shots", 0, "shots"),
+        ("placement", "0,99", "outside"),
+    ],
+)
 def test_absurd_budgets_fail_before_loading(image_folder, field, value, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         run_training(tiny_config(image_folder, **{field: value}), compute_costs=False)
@@ -116,8 +132,9 @@ def test_config_round_trip_and_labels():
 def test_bf16_training_steps_use_explicit_attention_and_restore_it():
     """bf16 steps route attention through explicit matmuls (the CPU flash-attention backward in bf16 is
     slow); the backbone's fused setting comes back after the step, and the outputs agree with fp32."""
-    from vptdash.prompts import PromptedViT
-    from vptdash.train import load_backbone, training_precision
+    from vptdash.engine.backbones import load_backbone
+    from vptdash.engine.prompts import PromptedViT
+    from vptdash.engine.train import training_precision
 
     model = PromptedViT(load_backbone("tiny-random", None, 32), 2, num_prompts=3, placement="deep", seed=0)
     fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]

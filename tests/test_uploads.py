@@ -7,7 +7,8 @@ import zipfile
 import pytest
 from PIL import Image
 
-from vptdash import data, paths, uploads
+from vptdash.engine import data, paths
+from vptdash.runs import uploads
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +33,8 @@ def make_zip(entries: dict[str, bytes]) -> bytes:
 
 def two_class_files():
     return [(f"img{i}.png", png(40 * i), "ok") for i in range(3)] + [
-        (f"img{i}.png", png(200 - 30 * i), "crack") for i in range(2)]
+        (f"img{i}.png", png(200 - 30 * i), "crack") for i in range(2)
+    ]
 
 
 def visible_entries():
@@ -40,9 +42,16 @@ def visible_entries():
 
 
 def test_zip_round_trip_with_wrapper_folder():
-    content = make_zip({"mycells/good/a.png": png(10), "mycells/good/b.png": png(20),
-                        "mycells/bad/c.png": png(200), "mycells/bad/d.png": png(220),
-                        "mycells/bad/notes.txt": b"hello", "__MACOSX/._a.png": b"junk"})
+    content = make_zip(
+        {
+            "mycells/good/a.png": png(10),
+            "mycells/good/b.png": png(20),
+            "mycells/bad/c.png": png(200),
+            "mycells/bad/d.png": png(220),
+            "mycells/bad/notes.txt": b"hello",
+            "__MACOSX/._a.png": b"junk",
+        }
+    )
     info = uploads.save_zip_upload("My cells!", content)
     assert info.slug == "my-cells" and info.name == "My cells!"
     assert info.n_images == 4 and info.classes == {"bad": 2, "good": 2}
@@ -75,8 +84,9 @@ def test_one_class_upload_rejected_and_nothing_left():
 def test_not_a_zip_and_traversal_zip_rejected():
     with pytest.raises(data.DatasetError, match="is not a zip file"):
         uploads.save_zip_upload("bad", b"definitely not a zip")
-    evil = make_zip({"a/x.png": png(1), "a/y.png": png(2), "b/z.png": png(3), "b/w.png": png(4),
-                     "../escape.png": png(5)})
+    evil = make_zip(
+        {"a/x.png": png(1), "a/y.png": png(2), "b/z.png": png(3), "b/w.png": png(4), "../escape.png": png(5)}
+    )
     with pytest.raises(data.DatasetError, match="outside"):
         uploads.save_zip_upload("evil", evil)
     assert list(paths.uploads_dir().iterdir()) == []

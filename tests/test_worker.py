@@ -2,15 +2,16 @@ import os
 import signal
 import time
 
-from vptdash import worker
-from vptdash.jobs import submit_run
-from vptdash.store import RunStore
-from vptdash.train import RunConfig
+from vptdash.engine.train import RunConfig
+from vptdash.runs import worker
+from vptdash.runs.jobs import submit_run
+from vptdash.runs.store import RunStore
 
 
 def tiny(image_folder, **overrides):
-    values = dict(backbone="tiny-random", dataset=str(image_folder), resolution=32, epochs=1, batch_size=8,
-                  measure_latency=False)
+    values = dict(
+        backbone="tiny-random", dataset=str(image_folder), resolution=32, epochs=1, batch_size=8, measure_latency=False
+    )
     return RunConfig(**{**values, **overrides})
 
 
@@ -25,7 +26,7 @@ def test_serve_runs_queue_in_order_and_exits_when_idle(image_folder):
 
 def test_only_one_worker_per_store(image_folder):
     store = RunStore()
-    held = worker._try_lock(worker.lock_path(store))
+    held = worker.try_lock(worker.lock_path(store))
     try:
         assert worker.worker_alive(store)
         assert worker.serve(store, idle_exit_s=0.1) == 0  # returns at once: someone else serves

@@ -4,7 +4,7 @@ In one process it measures
   - the machine's matmul peak (fp32 and bf16),
   - the training throughput of a standard configuration with the project's engine (bf16 autocast,
     frozen layers encoded once, data decoded once, only the block output rows something reads:
-    `vptdash.rows`),
+    `vptdash.engine.rows`),
   - the same configuration with a naive reference loop written here (eager fp32, images decoded and
     resized from disk every step, the whole network recomputed every step with every block computing
     every token, as the official VPT code does),
@@ -19,18 +19,29 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
+from importlib.util import find_spec
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from . import data
-from .cost import unfused_attention
-from .prompts import PromptedViT
-from .train import RunConfig, _autocast, load_backbone, training_precision
+from vptdash.engine import data, paths
+from vptdash.engine.backbones import load_backbone
+from vptdash.engine.cost import unfused_attention
+from vptdash.engine.prompts import PromptedViT
+from vptdash.engine.train import RunConfig, autocast, training_precision
+from vptdash.runs.executors import LocalExecutor
+from vptdash.runs.jobs import new_sweep_id
+from vptdash.runs.presets import meeting_sweep_configs
+from vptdash.runs.store import RunStore
 
-STANDARD = dict(backbone="dinov2_s14", dataset="elpv-binary", resolution=112, num_prompts=10, placement="deep",
-                batch_size=32)
+STANDARD = dict(
+    backbone="dinov2_s14", dataset="elpv-binary", resolution=112, num_prompts=10, placement="deep", batch_size=32
+)
 
 
 def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:
@@ -47,11 +58,10 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 2.
     return best
 
 
-def step_flops(model: PromptedViT, batch: torch.Tensor, labels: torch.Tensor, *, from_frozen: bool,
-               row_selection: bool = True) -> float:
+def step_flops(
+    model: PromptedViT, batch: torch.Tensor, labels: torch.Tensor, *, from_frozen: bool, row_selection: bool = True
+) -> float:
     """FLOPs (2 per multiply-add) of one training step, forward and backward, as executed."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     rows = nullcontext() if row_selection else model.whole_blocks()
     with rows, unfused_attention(model), FlopCounterMode(display=False) as counter:
         logits = model.forward_from_frozen(batch) if from_frozen else model(batch)
@@ -64,15 +74,16 @@ def _normalized(model: PromptedViT, images: torch.Tensor) -> torch.Tensor:
     return data.normalize(images, model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"])
 
 
-def _engine_batches(model: PromptedViT, images: torch.Tensor, precision: str):
+def engine_batches(model: PromptedViT, images: torch.Tensor, precision: str):
     """What the engine trains on: the frozen prefix encoded once (patch embedding for block-0 prompts)."""
-    with _autocast(precision):
+    with autocast(precision):
         return model.encode_frozen(_normalized(model, images)).float()
 
 
-def time_engine_steps(model: PromptedViT, encoded: torch.Tensor, labels: torch.Tensor, *, precision: str,
-                      steps: int) -> float:
-    """Seconds per step of the engine's inner loop (as in train._train_loop)."""
+def time_engine_steps(
+    model: PromptedViT, encoded: torch.Tensor, labels: torch.Tensor, *, precision: str, steps: int
+) -> float:
+    """Seconds per step of the engine's inner loop (as in `train.run_training`'s loop)."""
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
     times = []
     for step in range(steps + 1):
@@ -90,8 +101,6 @@ def time_engine_steps(model: PromptedViT, encoded: torch.Tensor, labels: torch.T
 
 def time_naive_steps(model: PromptedViT, files: list[str], labels: torch.Tensor, resolution: int, steps: int) -> float:
     """Seconds per step of the naive reference: decode + resize + normalise from disk, fp32 eager, full forward."""
-    from PIL import Image
-
     mean = torch.tensor(model.backbone.pretrained_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(model.backbone.pretrained_cfg["std"]).view(1, 3, 1, 1)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
@@ -102,7 +111,7 @@ def time_naive_steps(model: PromptedViT, files: list[str], labels: torch.Tensor,
         for path in files:
             with Image.open(path) as image:
                 grey = image.convert("RGB").resize((resolution, resolution), Image.BILINEAR)
-                batch.append(torch.from_numpy(__import__("numpy").asarray(grey).copy()).permute(2, 0, 1))
+                batch.append(torch.from_numpy(np.asarray(grey).copy()).permute(2, 0, 1))
         images = (torch.stack(batch).float() / 255 - mean) / std
         with model.whole_blocks():  # discarded prompt outputs computed too
             loss = nn.functional.cross_entropy(model(images), labels)
@@ -115,19 +124,29 @@ def time_naive_steps(model: PromptedViT, files: list[str], labels: torch.Tensor,
 
 
 def _elpv_files(image_set: data.ImageSet, count: int) -> list[str]:
-    from importlib.util import find_spec
-    from pathlib import Path
-
     root = Path(find_spec("elpv_dataset").submodule_search_locations[0]) / "data"
     return [str(root / name) for name in image_set.files[:count]]
 
 
-def run_bench(*, backbone: str = "dinov2_s14", resolution: int = 112, batch: int = 32, steps: int = 10,
-              peak_seconds: float = 2.0, sweep: bool = False, late_blocks: str | None = None) -> dict[str, Any]:
+def run_bench(
+    *,
+    backbone: str = "dinov2_s14",
+    resolution: int = 112,
+    batch: int = 32,
+    steps: int = 10,
+    peak_seconds: float = 2.0,
+    sweep: bool = False,
+    late_blocks: str | None = None,
+) -> dict[str, Any]:
     """All figures of `python -m vptdash bench`, in one process (see the module docstring)."""
     config = RunConfig(**{**STANDARD, "backbone": backbone, "resolution": resolution, "batch_size": batch})
-    result: dict[str, Any] = {"threads": torch.get_num_threads(), "backbone": backbone, "resolution": resolution,
-                              "batch_size": batch, "prompts": config.num_prompts}
+    result: dict[str, Any] = {
+        "threads": torch.get_num_threads(),
+        "backbone": backbone,
+        "resolution": resolution,
+        "batch_size": batch,
+        "prompts": config.num_prompts,
+    }
     result["peak_gflops_fp32"] = matmul_peak_gflops(torch.float32, seconds=peak_seconds)
     result["peak_gflops_bf16"] = matmul_peak_gflops(torch.bfloat16, seconds=peak_seconds)
 
@@ -141,7 +160,7 @@ def run_bench(*, backbone: str = "dinov2_s14", resolution: int = 112, batch: int
 
     for suffix, placement in (("", config.placement), ("_late", late_blocks)):
         model = PromptedViT(model_backbone, 2, num_prompts=config.num_prompts, placement=placement, seed=0)
-        encoded = _engine_batches(model, images, "bf16")
+        encoded = engine_batches(model, images, "bf16")
         engine_s = time_engine_steps(model, encoded, labels, precision="bf16", steps=steps)
         naive_s = time_naive_steps(model, files, labels, config.resolution, steps=steps)  # medians of equal counts
         flops = step_flops(model, encoded, labels, from_frozen=True)
@@ -172,12 +191,6 @@ def sweep_processes() -> int:
 def time_meeting_sweep(processes: int = 1) -> float:
     """The standard meeting sweep end to end, as `python -m vptdash sweep --processes N` runs it: latency
     measurement, training, evaluation, GMAC counts, storing."""
-    from . import paths
-    from .executors import LocalExecutor
-    from .jobs import new_sweep_id
-    from .presets import meeting_sweep_configs
-    from .store import RunStore
-
     store = RunStore(paths.data_dir() / "bench-sweep.sqlite")
     start = time.perf_counter()
     rows = LocalExecutor(processes).run(store, meeting_sweep_configs(), sweep_id=new_sweep_id(), source="cli")

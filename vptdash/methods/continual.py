@@ -1,0 +1,913 @@
+"""Continual learning: classes arrive task after task; prompts and a growing head learn them in turn.
+
+Class-incremental protocol (methods.md, section 4). The classes of a data set are split, in a
+user-chosen order, into T tasks. One set of prompts and one growing head are trained task after task
+on a frozen backbone; after each task every task seen so far is tested with the head covering *all*
+classes seen so far (no task identity at test time). `A[i][j]` is the accuracy on task j's test
+images after training task i.
+
+Methods:
+- "sequential": plain VPT, task after task (the forgetting baseline).
+- "nsp2": VPT-NSP2 (Lu et al., NeurIPS 2024). After each task the covariances of the two consistency
+  conditions are accumulated per prompted block over that task's training images; while training a
+  later task every prompt update that Adam proposes is projected, ``dP = B2 @ dP @ B1``, onto their
+  null spaces (nullity at the elbow of the spectrum, blended ``eta * B + (1 - eta) * I``), and a
+  LayerNorm consistency loss keeps each prompt token's mean and standard deviation where the
+  previous task left them.
+- "joint": one training on all tasks' data at once (the upper bound; only the last row of `A`).
+
+Choices, each with its reason:
+- Head: one linear block per task. A task trains only its own block, with the loss over its own
+  classes; the blocks of earlier tasks are frozen (as in the NSP2 code). At test time the blocks are
+  concatenated and the prediction is the argmax over every class seen so far. Each task therefore
+  needs at least two classes (ELPV's 4 classes give T <= 2).
+- The condition matrices are the exact first-order ones for a pre-LN timm block: per head h, the rows
+  of ``Q_X W_k,h diag(gamma)``, centred (LayerNorm ignores a shift of a prompt token), stacked over
+  heads (the affinity condition); and ``S_P diag(1/sigma_P)``, the attention of image queries (CLS
+  and patches) on the prompt keys, scaled by each prompt's LayerNorm sigma (the aggregation
+  condition). With the LayerNorm statistics held by the consistency loss, an update in both null
+  spaces leaves that block's image-token outputs unchanged to first order.
+- Projectors are true projectors (no normalisation) blended with the identity by `eta`.
+- Deep prompts: every prompted block is protected with its own projectors. Shallow prompts: only
+  block 0 is protected (later blocks see changed prompt outputs), so the guarantee is weaker there.
+- Speed on CPU: prompts default to the last 4 blocks, so the blocks before them run once per image
+  (the shared frozen-encoding cache of `train`), as do every method and seed in one process.
+
+Metrics (`accuracy_metrics`): average accuracy after the last task (mean over tasks of the last
+row), average forgetting (mean over old tasks of the best earlier accuracy minus the last one), and
+the average incremental accuracy. The same figures with task identity given ("task-IL": argmax
+within the task's own classes) separate what the prompts forgot from the confusion between tasks
+that any class-incremental head adds, and `feature_drift` measures how far the pooled features of
+old tasks' test images moved.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from vptdash.engine import backbones, data, paths, train
+from vptdash.engine.prompts import PromptConfigError, PromptedViT, parse_placement
+from vptdash.engine.train import ConfigError
+from vptdash.runs.jobs import ProgressWriter, claim_job, fail_job, register_kind
+from vptdash.runs.store import RunStore
+
+EventCallback = Callable[[dict[str, Any]], None]
+CancelCheck = Callable[[], bool]
+
+METHODS = ("sequential", "nsp2", "joint")
+METHOD_LABELS = {
+    "sequential": "Sequential fine-tuning",
+    "nsp2": "Null-space prompts (NSP2)",
+    "joint": "Joint training (upper bound)",
+}
+KIND = "continual"
+SUMMARY_KEYS = (
+    "avg_accuracy",
+    "forgetting",
+    "avg_balanced_accuracy",
+    "forgetting_balanced",
+    "avg_accuracy_task_il",
+    "forgetting_task_il",
+)
+# Ways to read the results: (matrix, average after the last task, forgetting, what it means).
+VIEWS = {
+    "class-incremental": (
+        "accuracy_matrix",
+        "avg_accuracy",
+        "forgetting",
+        "Accuracy, predicting among every class seen so far (no task identity).",
+    ),
+    "balanced": (
+        "balanced_accuracy_matrix",
+        "avg_balanced_accuracy",
+        "forgetting_balanced",
+        "Mean recall over the task's classes, predicting among every class seen so far (honest on imbalanced ELPV).",
+    ),
+    "task given": (
+        "task_il_matrix",
+        "avg_accuracy_task_il",
+        "forgetting_task_il",
+        "Accuracy when the task is known and the prediction is among its own classes: what the "
+        "features still know, without the confusion between tasks.",
+    ),
+}
+EVAL_BATCH = 128
+DEFAULT_ETA = 0.97
+
+# A generated "new classes arrive" scenario: procedurally drawn textures, one class per pattern.
+GENERATED_DATASETS = {
+    "textures-10": "Generated textures, 10 classes (stripes at 4 angles, checks, dots, rings, grid, blobs, "
+    "speckle), 60 images each: 5 tasks of 2 classes",
+}
+_GENERATED_VERSION = 2
+TEXTURE_CLASSES = [
+    "stripes-0",
+    "stripes-45",
+    "stripes-90",
+    "stripes-135",
+    "checks",
+    "dots",
+    "rings",
+    "grid",
+    "blobs",
+    "speckle",
+]
+
+
+# ============================================================================ configuration
+@dataclass
+class ContinualConfig:
+    """One continual experiment: one method, one seed. Stored flat with the run (kind 'continual')."""
+
+    backbone: str = backbones.DEFAULT_BACKBONE
+    weights: str | None = None
+    dataset: str = "elpv"
+    cell_type: str | None = None
+    resolution: int = 112
+    shots: int | None = 32  # training images per class
+    test_fraction: float = 0.25
+    max_test_per_class: int | None = None  # cap on test images per class (None: the whole test split)
+    split_seed: int = 0
+    tasks: int = 2
+    class_order: list[int] | None = None  # class indices in arrival order (None: the data set's order)
+    method: str = "nsp2"
+    num_prompts: int = 4
+    placement: str = "last4"  # "shallow" | "deep" | "lastK" | block list "8,9,10,11"
+    epochs: int = 10  # per task (joint: over all tasks' data)
+    batch_size: int = 16  # few-shot tasks: 2 classes x 32 shots = 4 steps per epoch
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    precision: str = "fp32"
+    eta: float = DEFAULT_ETA
+    null_threshold: float | None = None  # None: nullity at the elbow; else keep s <= threshold * s_max
+    ln_loss_weight: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ContinualConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def label(self) -> str:
+        return f"{METHOD_LABELS.get(self.method, self.method)}, {self.tasks} tasks, seed {self.seed}"
+
+    def validate(self) -> "ContinualConfig":
+        checks = [
+            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
+            (1 <= self.tasks <= 100, f"number of tasks must be between 1 and 100, got {self.tasks}"),
+            (
+                1 <= self.num_prompts <= train.MAX_PROMPTS,
+                f"prompt count must be between 1 and {train.MAX_PROMPTS}, got {self.num_prompts}",
+            ),
+            (0.0 <= self.eta <= 1.0, f"eta must be in [0, 1], got {self.eta}"),
+            (
+                self.null_threshold is None or 0.0 <= self.null_threshold < 1.0,
+                f"null threshold must be None (elbow) or in [0, 1), got {self.null_threshold}",
+            ),
+            (self.ln_loss_weight >= 0, "LayerNorm loss weight must be >= 0"),
+            (self.max_test_per_class is None or self.max_test_per_class >= 1, "max test images per class must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        self.run_config().validate()
+        return self
+
+    def run_config(self, depth: int | None = None) -> train.RunConfig:
+        """The single-run configuration that builds the same prompted model (and keys the frozen cache).
+        Without `depth` the placement is a stand-in ("deep"): enough to validate the other settings."""
+        placement = "deep" if depth is None else ",".join(map(str, resolve_placement(self.placement, depth)))
+        return train.RunConfig(
+            backbone=self.backbone,
+            weights=self.weights,
+            dataset=self.dataset,
+            cell_type=self.cell_type,
+            resolution=self.resolution,
+            shots=self.shots,
+            test_fraction=self.test_fraction,
+            val_fraction=0.0,
+            split_seed=self.split_seed,
+            tuning="prompt",
+            num_prompts=self.num_prompts,
+            placement=placement,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optimizer="adamw",
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            warmup_epochs=self.warmup_epochs,
+            seed=self.seed,
+            precision=self.precision,
+            measure_latency=False,
+        )
+
+
+def resolve_placement(placement: str, depth: int) -> tuple[int, ...]:
+    """'lastK' -> the last K blocks; anything else as `prompts.parse_placement`."""
+    text = str(placement).strip().lower()
+    if text.startswith("last"):
+        try:
+            count = int(text[4:])
+        except ValueError:
+            raise ConfigError(f"placement {placement!r}: expected 'lastK' with K a number of blocks") from None
+        if not 1 <= count <= depth:
+            raise ConfigError(f"placement {placement!r}: K must be between 1 and {depth} (the backbone's blocks)")
+        return tuple(range(depth - count, depth))
+    try:
+        blocks = parse_placement(placement, depth)
+    except PromptConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    if not blocks:
+        raise ConfigError("continual learning needs prompts in at least one block")
+    return blocks
+
+
+def continual_configs(base: ContinualConfig, methods: Sequence[str], seeds: Sequence[int]) -> list[ContinualConfig]:
+    """One configuration per (seed, method), every one validated."""
+    configs = [
+        ContinualConfig.from_dict({**base.to_dict(), "method": m, "seed": int(s)}) for s in seeds for m in methods
+    ]
+    for config in configs:
+        config.validate()
+    return configs
+
+
+# ============================================================================ data: tasks
+def split_classes(num_classes: int, tasks: int, class_order: Sequence[int] | None = None) -> list[list[int]]:
+    """The classes (original indices) of each task, in arrival order; sizes differ by at most one.
+
+    Every task needs two classes: a task trains only its own head block, with the loss over its own
+    classes, and one class gives nothing to learn."""
+    order = list(range(num_classes)) if class_order is None else [int(c) for c in class_order]
+    if sorted(order) != list(range(num_classes)):
+        raise ConfigError(f"class order must be a permutation of 0..{num_classes - 1}, got {order}")
+    if tasks < 1 or 2 * tasks > num_classes:
+        raise ConfigError(
+            f"{num_classes} classes can make at most {num_classes // 2} tasks of at least 2 classes; {tasks} asked"
+        )
+    return [list(map(int, part)) for part in np.array_split(np.array(order), tasks)]
+
+
+def _cap_per_class(index: torch.Tensor, labels: torch.Tensor, cap: int | None, seed: int) -> torch.Tensor:
+    if cap is None:
+        return index
+    kept = []
+    for class_index in labels[index].unique().tolist():
+        members = index[labels[index] == class_index]
+        order = np.random.default_rng([seed, class_index, 7]).permutation(len(members))[:cap]
+        kept.append(members[torch.from_numpy(np.sort(order))])
+    return torch.sort(torch.cat(kept)).values if kept else index
+
+
+# ---------------------------------------------------------------------------- generated textures
+def generated_dataset_path(name: str) -> Path:
+    return paths.data_dir() / "generated" / f"{name}-v{_GENERATED_VERSION}"
+
+
+def resolve_dataset(spec: str) -> str | Path:
+    """A generated set's name -> its folder (drawn on first use); anything else unchanged."""
+    if spec in GENERATED_DATASETS:
+        return make_textures(generated_dataset_path(spec))
+    return spec
+
+
+def dataset_class_names(spec: str, resolution: int = 112, cell_type: str | None = None) -> list[str]:
+    """The classes of a data set, in index order (a generated set is drawn on first use)."""
+    return data.load_image_set(resolve_dataset(spec), resolution, cell_type=cell_type).class_names
+
+
+def _texture(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One grey texture in [0, 1] of class `kind` (0..9), with random frequency, phase and contrast."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    freq = rng.uniform(5, 9)
+    phase = rng.uniform(0, 2 * np.pi)
+    if kind < 4:  # stripes at 0, 45, 90, 135 degrees (+- 8 degrees)
+        angle = np.deg2rad(45 * kind + rng.uniform(-8, 8))
+        img = np.sin(2 * np.pi * freq * (x * np.cos(angle) + y * np.sin(angle)) + phase)
+    elif kind == 4:  # checkerboard
+        img = np.sign(np.sin(2 * np.pi * freq / 2 * x + phase)) * np.sign(np.sin(2 * np.pi * freq / 2 * y + phase))
+    elif kind == 5:  # dots on a grid
+        img = np.cos(2 * np.pi * freq * x + phase) * np.cos(2 * np.pi * freq * y + phase)
+        img = (img > 0.6).astype(np.float64) * 2 - 1
+    elif kind == 6:  # concentric rings around a random centre
+        cx, cy = rng.uniform(0.3, 0.7, 2)
+        img = np.sin(2 * np.pi * freq * np.hypot(x - cx, y - cy) + phase)
+    elif kind == 7:  # grid lines
+        img = np.maximum(np.cos(2 * np.pi * freq * x + phase), np.cos(2 * np.pi * freq * y + phase))
+        img = (img > 0.8).astype(np.float64) * 2 - 1
+    elif kind == 8:  # smooth blobs: coarse noise, bicubically upsampled
+        coarse = Image.fromarray(rng.normal(size=(6, 6)).astype(np.float32))
+        img = np.asarray(coarse.resize((size, size), Image.BICUBIC), dtype=np.float64)
+        img = np.tanh(2 * (img - img.mean()))
+    else:  # sparse speckle
+        img = (rng.random((size, size)) > 0.93).astype(np.float64) * 2 - 1
+    contrast = rng.uniform(0.3, 0.5)
+    img = 0.5 + contrast * img + rng.normal(0, 0.12, (size, size))
+    return np.clip(img, 0, 1)
+
+
+def make_textures(folder: Path, *, classes: int = 10, per_class: int = 60, size: int = 128, seed: int = 0) -> Path:
+    """Draw the textures set as an ImageFolder (class folders of PNGs), once; returns the folder."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return folder
+    names = TEXTURE_CLASSES[:classes]
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    rng = np.random.default_rng(seed)
+    for kind, name in enumerate(names):
+        (partial / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = (_texture(kind, size, rng) * 255).round().astype(np.uint8)
+            Image.fromarray(pixels).save(partial / name / f"{i:03d}.png")
+    try:
+        os.replace(partial, folder)  # atomic: a concurrent reader sees no folder or a whole one
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # another process drew it first
+    return folder
+
+
+# ============================================================================ metrics
+def _finite(value: Any) -> bool:
+    return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def accuracy_metrics(matrix: Sequence[Sequence[float | None]]) -> dict[str, float | None]:
+    """Summary of an accuracy matrix (rows: after task i, columns: task j; None where not measured).
+
+    avg_accuracy: mean of the last row. forgetting: mean over j < T-1 of
+    (max over i in [j, T-2] of A[i][j]) - A[T-1][j]; None for one task or without the earlier rows
+    (joint training). avg_incremental_accuracy: mean over i of the mean of row i over j <= i."""
+    rows = [list(row) for row in matrix]
+    if not rows:
+        return {"avg_accuracy": None, "forgetting": None, "avg_incremental_accuracy": None}
+    last = [v for v in rows[-1] if _finite(v)]
+    avg = float(np.mean(last)) if last else None
+    drops = []
+    for j in range(len(rows) - 1):
+        earlier = [rows[i][j] for i in range(j, len(rows) - 1) if _finite(rows[i][j])]
+        if earlier and _finite(rows[-1][j]):
+            drops.append(max(earlier) - rows[-1][j])
+    forgetting = float(np.mean(drops)) if drops and len(drops) == len(rows) - 1 else None
+    means = [
+        np.mean([v for v in row[: i + 1] if _finite(v)])
+        for i, row in enumerate(rows)
+        if any(_finite(v) for v in row[: i + 1])
+    ]
+    incremental = float(np.mean(means)) if len(means) == len(rows) else None
+    return {"avg_accuracy": avg, "forgetting": forgetting, "avg_incremental_accuracy": incremental}
+
+
+# ============================================================================ null space
+def null_space_basis(cov: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+    """Orthonormal basis (columns) of the approximate null space of a symmetric PSD matrix.
+
+    threshold=None: the nullity is chosen at the elbow of the spectrum s_0 >= s_1 >= ... >= s_{n-1}
+    (normalised by s_0), found as the point farthest below the chord from (0, s_0) to (n-1, s_{n-1})
+    ("kneedle"); the elbow and every direction after it form the null space, the directions before it
+    are protected (at least the first). With one or two values there is no elbow: the smaller one is
+    the null space (n = 2) or there is none (n = 1, unless it is zero).
+    A float: the null space is the directions with s <= threshold * s_0 (0 for the exact null space)."""
+    cov = 0.5 * (cov + cov.T).double()
+    values, vectors = torch.linalg.eigh(cov)  # ascending
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    n = len(values)
+    if values[0] <= 0:
+        return vectors  # nothing stored: every direction is free
+    s = values / values[0]
+    if threshold is not None:
+        protected = s > threshold
+        return vectors[:, int(protected.nonzero().max()) + 1 :]
+    if n <= 2:
+        return vectors[:, 1:]
+    position = torch.arange(n, dtype=torch.float64) / (n - 1)
+    chord = 1.0 + (s[-1] - 1.0) * position
+    start = int(torch.argmax((chord - s)[1:])) + 1
+    return vectors[:, start:]
+
+
+def projector(cov: torch.Tensor, eta: float = DEFAULT_ETA, threshold: float | None = None) -> tuple[torch.Tensor, int]:
+    """(eta * U0 U0^T + (1 - eta) * I, nullity) in float32, U0 the null-space basis of `cov`."""
+    basis = null_space_basis(cov, threshold)
+    eye = torch.eye(cov.shape[0], dtype=torch.float64)
+    blended = eta * (basis @ basis.T) + (1.0 - eta) * eye
+    return blended.float(), int(basis.shape[1])
+
+
+def project_update(delta: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+    """NSP2's projected prompt update ``B2 @ dP @ B1`` for one block's (m, d) prompt update."""
+    return b2 @ delta @ b1
+
+
+@torch.no_grad()
+def condition_features(
+    block: nn.Module, x: torch.Tensor, num_prefix: int, num_prompts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two condition matrices of one pre-LN timm block for the tokens `x` entering it.
+
+    x: (B, T, d) with the prompts at [num_prefix, num_prefix + num_prompts). Returns
+    F1 (rows, d): per head h, ``Q_X W_k,h diag(gamma)`` centred over d, rows = images x heads x queries;
+    F2 (rows, m): the attention of those queries on the prompt keys, divided by each prompt's sigma.
+    An update dP (m, d) leaves this block's image-token outputs unchanged to first order iff
+    ``F1 @ dP.T == 0`` and ``F2 @ dP == 0`` (LayerNorm statistics of the prompts held)."""
+    attn, norm = block.attn, block.norm1
+    batch, tokens, dim = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    h = norm(x)
+    qkv = attn.qkv(h).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])  # (B, H, T, dh)
+    image = torch.cat([torch.arange(num_prefix), torch.arange(num_prefix + num_prompts, tokens)])
+    q_img = q[:, :, image]
+    w_k = attn.qkv.weight[dim : 2 * dim].reshape(heads, head_dim, dim)
+    gamma = norm.weight if norm.weight is not None else torch.ones(dim)
+    f1 = torch.einsum("bhnc,hcd->bhnd", q_img, w_k) * gamma
+    f1 = f1 - f1.mean(dim=-1, keepdim=True)
+    probs = ((q_img * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    prompts = x[0, num_prefix : num_prefix + num_prompts]
+    sigma = torch.sqrt(prompts.var(dim=-1, unbiased=False) + norm.eps)
+    f2 = probs[..., num_prefix : num_prefix + num_prompts] / sigma
+    return f1.reshape(-1, dim), f2.reshape(-1, num_prompts)
+
+
+class NullSpaceMemory:
+    """Per prompted block: the two covariances, summed over tasks (each task's mean over its rows)."""
+
+    def __init__(self, blocks: Sequence[int], dim: int, counts: Sequence[int]):
+        self.blocks = tuple(blocks)
+        self.cov1 = {b: torch.zeros(dim, dim, dtype=torch.float64) for b in self.blocks}
+        self.cov2 = {b: torch.zeros(m, m, dtype=torch.float64) for b, m in zip(self.blocks, counts)}
+        self.tasks = 0
+
+    @torch.no_grad()
+    def add_task(self, model: PromptedViT, encoded: torch.Tensor, batch_size: int = EVAL_BATCH) -> None:
+        """Accumulate the covariances of one task's images (`encoded` = frozen-prefix encodings)."""
+        sums1 = {b: torch.zeros_like(c) for b, c in self.cov1.items()}
+        sums2 = {b: torch.zeros_like(c) for b, c in self.cov2.items()}
+        rows = {b: 0 for b in self.blocks}
+
+        def hook_for(index: int):
+            def hook(block, args):
+                f1, f2 = condition_features(
+                    block, args[0].float(), model.num_prefix_tokens, model.prompt_counts[model.block_to_slot[index]]
+                )
+                sums1[index] += (f1.T @ f1).double()
+                sums2[index] += (f2.T @ f2).double()
+                rows[index] += f1.shape[0]
+
+            return hook
+
+        handles = [model.backbone.blocks[b].register_forward_pre_hook(hook_for(b)) for b in self.blocks]
+        was_training = model.training
+        try:
+            model.eval()
+            with model.whole_blocks():  # every block called as a module, so the hooks fire
+                for start in range(0, len(encoded), batch_size):
+                    model.forward_from_frozen(encoded[start : start + batch_size])
+        finally:
+            model.train(was_training)
+            for handle in handles:
+                handle.remove()
+        for b in self.blocks:
+            if rows[b]:
+                self.cov1[b] += sums1[b] / rows[b]
+                self.cov2[b] += sums2[b] / rows[b]
+        self.tasks += 1
+
+    def projectors(self, eta: float, threshold: float | None) -> dict[int, dict[str, Any]]:
+        result = {}
+        for b in self.blocks:
+            b1, k1 = projector(self.cov1[b], eta, threshold)
+            b2, k2 = projector(self.cov2[b], eta, threshold)
+            result[b] = {"b1": b1, "b2": b2, "nullity": [k1, k2], "dims": [b1.shape[0], b2.shape[0]]}
+        return result
+
+
+def ln_consistency_loss(prompts: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> torch.Tensor:
+    """|mu_new - mu_old|_1 + |sigma_new - sigma_old|_1 per prompt token (mean over tokens), summed over blocks."""
+    total = torch.zeros(())
+    for now, old in zip(prompts, reference):
+        total = total + nn.functional.l1_loss(now.mean(-1), old.mean(-1))
+        total = total + nn.functional.l1_loss(now.std(-1, unbiased=False), old.std(-1, unbiased=False))
+    return total
+
+
+# ============================================================================ the model
+class TaskHeads(nn.Module):
+    """A growing head: one linear block per task; forward gives the logits of the first `active` tasks."""
+
+    def __init__(self, dim: int, sizes: Sequence[int], seed: int):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 7919)
+            self.heads = nn.ModuleList(nn.Linear(dim, n) for n in sizes)
+            for head in self.heads:
+                nn.init.trunc_normal_(head.weight, std=0.02)
+                nn.init.zeros_(head.bias)
+        self.sizes = list(sizes)
+        self.active = len(sizes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.heads[t](features) for t in range(self.active)], dim=1)
+
+
+@dataclass
+class ContinualResult:
+    status: str  # "done" | "cancelled"
+    metrics: dict[str, Any]
+    timings: dict[str, Any]
+    trainable_state: dict[str, torch.Tensor]
+    class_names: list[str]
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def run_continual(
+    config: ContinualConfig, *, on_event: EventCallback | None = None, should_cancel: CancelCheck | None = None
+) -> ContinualResult:
+    """Train the tasks in turn with `config.method` and measure the accuracy matrix.
+
+    Events: {"phase": "setup"|"train"|"epoch"|"task"|"test", "task", "tasks", "epoch", "step",
+    "total_steps", "loss", "elapsed_s", "eta_s"}; a "task" event carries that row of the matrix.
+    Cancelling returns status "cancelled" with the rows measured so far."""
+    emit = on_event or (lambda event: None)
+    cancelled = should_cancel or (lambda: False)
+    config.validate()
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+
+    emit({"phase": "setup", "message": "loading data and backbone", "elapsed_s": 0.0})
+    image_set = data.load_image_set(resolve_dataset(config.dataset), config.resolution, cell_type=config.cell_type)
+    task_classes = split_classes(len(image_set.class_names), config.tasks, config.class_order)
+    split = data.split_image_set(
+        image_set,
+        test_fraction=config.test_fraction,
+        val_fraction=0.0,
+        shots=config.shots,
+        split_seed=config.split_seed,
+        shot_seed=config.seed,
+    )
+    test_index = _cap_per_class(split.test, image_set.labels, config.max_test_per_class, config.split_seed)
+    backbone = backbones.load_backbone(config.backbone, config.weights, config.resolution)
+    run_config = config.run_config(depth=len(backbone.blocks))
+    model = train.build_model(run_config, num_classes=2)
+    dim = model.embed_dim
+    model.head = TaskHeads(dim, [len(c) for c in task_classes], config.seed)
+    mean, std = backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"]
+
+    # Global labels follow the arrival order: task t owns the columns [offset_t, offset_t + n_t).
+    order = [c for classes in task_classes for c in classes]
+    remap = torch.empty(len(order), dtype=torch.long)
+    remap[torch.tensor(order)] = torch.arange(len(order))
+    labels = remap[image_set.labels]
+    offsets = np.cumsum([0] + [len(c) for c in task_classes]).tolist()
+    task_of_label = torch.tensor([t for t, classes in enumerate(task_classes) for _ in classes])
+
+    emit({"phase": "setup", "message": "encoding frozen layers once", "elapsed_s": time.perf_counter() - started})
+    encode = lambda index: train.encode_frozen_split(model, run_config, image_set, index, mean, std)  # noqa: E731
+    train_enc, test_enc = encode(split.train), encode(test_index)
+    train_labels, test_labels = labels[split.train], labels[test_index]
+    train_task, test_task = task_of_label[train_labels], task_of_label[test_labels]
+    cache_seconds = time.perf_counter() - started
+
+    T = len(task_classes)
+    stages = [list(range(T))] if config.method == "joint" else [[t] for t in range(T)]
+    steps_per_epoch = [
+        max(1, math.ceil(int(torch.isin(train_task, torch.tensor(s)).sum()) / config.batch_size)) for s in stages
+    ]
+    total_steps = sum(steps_per_epoch) * config.epochs
+    matrix = [[None] * T for _ in range(T)]
+    balanced = [[None] * T for _ in range(T)]
+    task_il = [[None] * T for _ in range(T)]
+    drift = [[None] * T for _ in range(T)]
+    reference_features: dict[int, torch.Tensor] = {}
+    nullity: list[dict] = []
+    memory = NullSpaceMemory(model.placement, dim, model.prompt_counts) if config.method == "nsp2" else None
+    progress = {"step": 0, "loop_started": time.perf_counter()}
+    status = "done"
+    context = _TrainContext(config, model, emit, cancelled, started, total_steps, progress)
+
+    try:
+        for stage_index, stage in enumerate(stages):
+            last_task = stage[-1]
+            model.head.active = last_task + 1
+            in_stage = torch.isin(train_task, torch.tensor(stage))
+            enc, y = train_enc[in_stage], train_labels[in_stage]
+            projections = None
+            if memory is not None and memory.tasks:
+                projections = memory.projectors(config.eta, config.null_threshold)
+                nullity.append(
+                    {
+                        "task": last_task + 1,
+                        "blocks": {str(b): p["nullity"] for b, p in projections.items()},
+                        "dims": {str(b): p["dims"] for b, p in projections.items()},
+                    }
+                )
+            if config.method == "joint":
+                heads, columns = list(range(T)), (0, offsets[-1])
+            else:
+                heads, columns = [last_task], (offsets[last_task], offsets[last_task + 1])
+            context.train_stage(
+                enc, y - columns[0], columns, heads, projections, stage_index, T, steps_per_epoch[stage_index]
+            )
+            if memory is not None and last_task < T - 1:
+                memory.add_task(model, enc)
+            features = _features(model, test_enc, config.precision)
+            with torch.no_grad():
+                logits = model.head(features)
+            predictions = logits.argmax(dim=1)
+            for j in range(last_task + 1):
+                mask = test_task == j
+                if not mask.any():
+                    continue
+                correct = predictions[mask] == test_labels[mask]
+                matrix[last_task][j] = float(correct.float().mean())
+                balanced[last_task][j] = float(
+                    np.mean(
+                        [
+                            float(correct[test_labels[mask] == c].float().mean())
+                            for c in test_labels[mask].unique().tolist()
+                        ]
+                    )
+                )
+                own = logits[mask][:, offsets[j] : offsets[j + 1]].argmax(dim=1) + offsets[j]
+                task_il[last_task][j] = float((own == test_labels[mask]).float().mean())
+                if j not in reference_features:
+                    reference_features[j] = features[mask]
+                moved = (features[mask] - reference_features[j]).norm(dim=1) / reference_features[j].norm(dim=1)
+                drift[last_task][j] = float(moved.mean())
+            emit(
+                {
+                    "phase": "task",
+                    "task": last_task + 1,
+                    "tasks": T,
+                    "accuracies": matrix[last_task][: last_task + 1],
+                    "task_il_accuracies": task_il[last_task][: last_task + 1],
+                    "step": progress["step"],
+                    "total_steps": total_steps,
+                    "epoch": config.epochs,
+                    "elapsed_s": time.perf_counter() - started,
+                }
+            )
+    except _Cancelled:
+        status = "cancelled"
+
+    summary = accuracy_metrics(matrix)
+    summary_til = accuracy_metrics(task_il)
+    summary_balanced = accuracy_metrics(balanced)
+    metrics = {
+        "method": config.method,
+        "tasks": [[image_set.class_names[c] for c in classes] for classes in task_classes],
+        "accuracy_matrix": matrix,
+        "balanced_accuracy_matrix": balanced,
+        "task_il_matrix": task_il,
+        "feature_drift": drift,
+        **summary,
+        "avg_balanced_accuracy": summary_balanced["avg_accuracy"],
+        "forgetting_balanced": summary_balanced["forgetting"],
+        "avg_accuracy_task_il": summary_til["avg_accuracy"],
+        "forgetting_task_il": summary_til["forgetting"],
+        "nullity": nullity,
+        "train_sizes": [int((train_task == t).sum()) for t in range(T)],
+        "test_sizes": [int((test_task == t).sum()) for t in range(T)],
+        "class_names": image_set.class_names,
+    }
+    timings = {
+        "train_seconds": time.perf_counter() - started,
+        "cache_seconds": cache_seconds,
+        "steps": progress["step"],
+        "threads": torch.get_num_threads(),
+    }
+    if status == "done":
+        emit(
+            {
+                "phase": "test",
+                "avg_accuracy": summary["avg_accuracy"],
+                "forgetting": summary["forgetting"],
+                "elapsed_s": time.perf_counter() - started,
+            }
+        )
+    return ContinualResult(status, metrics, timings, model.trainable_state(), image_set.class_names)
+
+
+@torch.inference_mode()
+def _features(model: PromptedViT, encoded: torch.Tensor, precision: str) -> torch.Tensor:
+    chunks = []
+    with train.autocast(precision):
+        for start in range(0, len(encoded), EVAL_BATCH):
+            batch = encoded[start : start + EVAL_BATCH]
+            tokens, prompts_in_x = model.run_blocks(batch, model.first_prompt_block, pooled=True)
+            chunks.append(model.pool(tokens, prompts_in_x).float())
+    return torch.cat(chunks) if chunks else torch.empty(0, model.embed_dim)
+
+
+class _TrainContext:
+    """The training loop of one stage (one task, or every task at once for joint training)."""
+
+    def __init__(self, config, model, emit, cancelled, started, total_steps, progress):
+        self.config, self.model, self.emit, self.cancelled = config, model, emit, cancelled
+        self.started, self.total_steps, self.progress = started, total_steps, progress
+
+    def train_stage(self, encoded, local_labels, columns, heads, projections, stage_index, tasks, steps_per_epoch):
+        config, model = self.config, self.model
+        prompt_params = list(model.prompts.tensors)
+        head_params = [p for t in heads for p in model.head.heads[t].parameters()]
+        optimizer = torch.optim.AdamW(prompt_params + head_params, lr=config.lr, weight_decay=config.weight_decay)
+        reference = [p.detach().clone() for p in prompt_params] if projections else None
+        total = steps_per_epoch * config.epochs
+        warmup = int(round(config.warmup_epochs * steps_per_epoch))
+        generator = torch.Generator().manual_seed(config.seed * 1000 + stage_index)
+        n, step = len(local_labels), 0
+        for epoch in range(config.epochs):
+            model.train()
+            order = torch.randperm(n, generator=generator)
+            losses = []
+            for start in range(0, n, config.batch_size):
+                if self.cancelled():
+                    raise _Cancelled
+                index = order[start : start + config.batch_size]
+                lr = train.lr_at(step, total, warmup, config.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with train.autocast(config.precision):
+                    logits = model.forward_from_frozen(encoded[index])
+                loss = nn.functional.cross_entropy(logits.float()[:, columns[0] : columns[1]], local_labels[index])
+                if reference is not None and config.ln_loss_weight:
+                    loss = loss + config.ln_loss_weight * ln_consistency_loss(prompt_params, reference)
+                model.zero_grad(set_to_none=True)
+                loss.backward()
+                projected_step(optimizer, prompt_params, model.placement, projections)
+                step += 1
+                self.progress["step"] += 1
+                losses.append(float(loss.detach()))
+                done = self.progress["step"]
+                elapsed = time.perf_counter() - self.progress["loop_started"]
+                self.emit(
+                    {
+                        "phase": "train",
+                        "task": stage_index + 1 if len(heads) == 1 else tasks,
+                        "tasks": tasks,
+                        "epoch": epoch + 1,
+                        "step": done,
+                        "total_steps": self.total_steps,
+                        "loss": losses[-1],
+                        "lr": lr,
+                        "elapsed_s": time.perf_counter() - self.started,
+                        "eta_s": elapsed / done * (self.total_steps - done),
+                    }
+                )
+            model.eval()
+            done = self.progress["step"]
+            elapsed = time.perf_counter() - self.progress["loop_started"]
+            self.emit(
+                {
+                    "phase": "epoch",
+                    "task": heads[-1] + 1,
+                    "tasks": tasks,
+                    "epoch": epoch + 1,
+                    "loss": float(np.mean(losses)),
+                    "step": done,
+                    "total_steps": self.total_steps,
+                    "elapsed_s": time.perf_counter() - self.started,
+                    "eta_s": elapsed / done * (self.total_steps - done),
+                }
+            )
+
+
+def projected_step(
+    optimizer: torch.optim.Optimizer,
+    prompt_params: Sequence[torch.Tensor],
+    blocks: Sequence[int],
+    projections: dict[int, dict[str, Any]] | None,
+) -> None:
+    """optimizer.step(), then each prompt's update replaced by its projection B2 @ update @ B1.
+
+    The projection acts on the update the optimizer proposes (Adam's moments, weight decay and all),
+    not on the raw gradient, as in NSP2."""
+    if not projections:
+        optimizer.step()
+        return
+    before = [p.detach().clone() for p in prompt_params]
+    optimizer.step()
+    with torch.no_grad():
+        for param, old, block in zip(prompt_params, before, blocks):
+            p = projections[block]
+            param.copy_(old + project_update(param - old, p["b1"], p["b2"]))
+
+
+# ============================================================================ stored runs
+def submit_continual(
+    store: RunStore, config: ContinualConfig, *, source: str = "live", sweep_id: str | None = None
+) -> int:
+    """Validate and queue one continual experiment (the dashboard worker runs it)."""
+    config.validate()
+    return store.create_run(config.to_dict(), status="queued", kind=KIND, source=source, sweep_id=sweep_id)
+
+
+def execute_continual(store: RunStore, run_id: int, *, echo: Callable[[dict], None] | None = None) -> dict:
+    """Run a stored continual job to its end; never raises for a failing run (stored as failed)."""
+    row = claim_job(store, run_id)
+    try:
+        config = ContinualConfig.from_dict(row["config"])
+        result = run_continual(
+            config,
+            on_event=ProgressWriter(store, run_id, echo),
+            should_cancel=lambda: store.is_cancel_requested(run_id),
+        )
+    except Exception as exc:  # noqa: BLE001 - stored with the run, never kills the worker
+        return fail_job(store, run_id, exc)
+    if store.get_run(run_id) is None:  # deleted while it ran (another tab): nothing left to store into
+        return {"id": run_id, "status": "deleted"}
+    if result.trainable_state:
+        store.save_artifact(run_id, result.trainable_state, metadata={"class_names": ",".join(result.class_names)})
+    store.finish_run(run_id, result.status, metrics=result.metrics, timings=result.timings)
+    return store.get_run(run_id)
+
+
+def run_continual_now(
+    store: RunStore,
+    config: ContinualConfig,
+    *,
+    source: str = "cli",
+    sweep_id: str | None = None,
+    echo: Callable[[dict], None] | None = None,
+) -> dict:
+    """Execute in this process (CLI, benchmarks); created 'running' so no worker can claim it."""
+    config.validate()
+    run_id = store.create_run(config.to_dict(), status="running", kind=KIND, source=source, sweep_id=sweep_id)
+    return execute_continual(store, run_id, echo=echo)
+
+
+def summarize_runs(rows: Sequence[dict]) -> list[dict[str, Any]]:
+    """Finished continual runs -> one row per method: mean and sample std over seeds of the summary figures."""
+    by_method: dict[str, list[dict]] = {}
+    for row in rows:
+        if row.get("kind") == KIND and row.get("status") == "done":
+            by_method.setdefault(row["config"].get("method"), []).append(row["metrics"])
+    table = []
+    for method in [m for m in METHODS if m in by_method] + sorted(set(by_method) - set(METHODS), key=str):
+        entries = by_method[method]
+        line: dict[str, Any] = {
+            "method": method,
+            "label": METHOD_LABELS.get(method, str(method)),
+            "seeds": len(entries),
+        }
+        for key in (*SUMMARY_KEYS, "avg_incremental_accuracy"):
+            values = [m.get(key) for m in entries if _finite(m.get(key))]
+            line[f"{key}_mean"] = float(np.mean(values)) if values else None
+            line[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else (0.0 if values else None)
+        table.append(line)
+    return table
+
+
+def list_experiments(store: RunStore, limit: int = 500) -> list[dict[str, Any]]:
+    """Continual runs grouped by experiment (sweep id; a run without one is its own), newest first."""
+    groups: dict[str, dict[str, Any]] = {}
+    for row in store.list_runs(kind=KIND, limit=limit):
+        key = row.get("sweep_id") or f"run-{row['id']}"
+        group = groups.setdefault(key, {"id": key, "rows": [], "created_at": row["created_at"]})
+        group["rows"].append(row)
+    for group in groups.values():
+        rows, config = group["rows"], group["rows"][0]["config"]
+        group["rows"] = sorted(rows, key=lambda r: r["id"])
+        group["dataset"], group["tasks"] = config.get("dataset"), config.get("tasks")
+        group["methods"] = [m for m in METHODS if any(r["config"].get("method") == m for r in rows)]
+        group["seeds"] = sorted({r["config"].get("seed") for r in rows}, key=str)
+        group["statuses"] = {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}}
+    return sorted(groups.values(), key=lambda g: g["created_at"], reverse=True)
+
+
+def mean_matrix(rows: Sequence[dict], key: str = "accuracy_matrix") -> list[list[float | None]] | None:
+    """Element-wise mean over runs of a stored matrix (None where no run measured it)."""
+    matrices = [row["metrics"].get(key) for row in rows if row.get("metrics") and row["metrics"].get(key)]
+    if not matrices:
+        return None
+    size = len(matrices[0])
+    out = []
+    for i in range(size):
+        line = []
+        for j in range(size):
+            values = [m[i][j] for m in matrices if len(m) == size and _finite(m[i][j])]
+            line.append(float(np.mean(values)) if values else None)
+        out.append(line)
+    return out
+
+
+register_kind(KIND, execute_continual)

@@ -1,0 +1,284 @@
+"""Where a sweep's runs execute: on this machine (local: one after the other, or in a few worker
+processes that share the cores), or on a Ray cluster (ray).
+
+Either way the results land in the same run store, so the dashboard reads Ray runs like local ones.
+With Ray, the remote tasks only train and evaluate (a cluster node cannot see this machine's SQLite
+file); the driver stores each result as it arrives: metrics, costs, timings, the progress curve and
+the trained prompts + head.
+
+    python -m vptdash sweep ... --processes 2                  # two local worker processes, 1 thread each
+    python -m vptdash sweep ... --executor ray                 # a local single-node Ray cluster
+    python -m vptdash sweep ... --executor ray --ray-address auto   # an existing cluster
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+import types
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from vptdash.engine.cost import latency_costs
+from vptdash.engine.data import load_image_set
+from vptdash.engine.train import RunConfig, build_model, run_training
+from vptdash.runs.jobs import execute_run, fail_job, job_error, kind_of, run_now
+from vptdash.runs.store import RunStore
+from vptdash.runs.worker import PACKAGE_ROOT
+
+Echo = Callable[[dict], None]
+
+
+class Executor(Protocol):
+    def run(
+        self,
+        store: RunStore,
+        configs: Sequence[RunConfig],
+        *,
+        sweep_id: str,
+        source: str = "cli",
+        on_done: Callable[[dict], None] | None = None,
+    ) -> list[dict]: ...
+
+
+class LocalExecutor:
+    """Runs on this machine, results in the store as each finishes.
+
+    processes=1 (the default, and what the dashboard's worker does): one run after the other in this
+    process. processes=N: N spawned worker processes with the threads split between them.
+    Why: few-shot runs multiply small matrices, which two threads share badly. Measured here
+    (docs/performance.md) on 2 cores: two 1-thread runs side by side train 1.4x faster in total than one
+    2-thread run. Latency must not be measured beside another run, so with N > 1 it is measured first,
+    once per architecture, on the still quiet machine, and written into each run of that architecture."""
+
+    def __init__(self, processes: int = 1):
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        self.processes = processes
+
+    def run(self, store, configs, *, sweep_id, source="cli", on_done=None):
+        if self.processes == 1 or len(configs) < 2:
+            rows = []
+            for config in configs:
+                row = run_now(store, config, source=source, sweep_id=sweep_id)
+                rows.append(row)
+                if on_done:
+                    on_done(row)
+            return rows
+        return _run_in_processes(
+            store, list(configs), self.processes, sweep_id=sweep_id, source=source, on_done=on_done
+        )
+
+
+def architecture_key(config: RunConfig) -> str:
+    """What latency depends on: every setting except those that only change training or data."""
+    training_only = {
+        "weights",
+        "shots",
+        "test_fraction",
+        "val_fraction",
+        "split_seed",
+        "prompt_dropout",
+        "epochs",
+        "batch_size",
+        "optimizer",
+        "lr",
+        "weight_decay",
+        "warmup_epochs",
+        "eval_every",
+        "seed",
+        "precision",
+        "measure_latency",
+    }
+    return json.dumps({k: v for k, v in config.to_dict().items() if k not in training_only}, sort_keys=True)
+
+
+def latency_by_architecture(configs: Sequence[RunConfig]) -> dict[str, dict]:
+    """Latency once per distinct architecture, measured with every thread of this process."""
+    measured: dict[str, dict] = {}
+    for config in configs:
+        key = architecture_key(config)
+        if key in measured or not config.measure_latency:
+            continue
+        try:
+            classes = load_image_set(config.dataset, config.resolution, cell_type=config.cell_type).class_names
+            measured[key] = latency_costs(build_model(config, len(classes)), config.resolution)
+        except Exception:  # noqa: BLE001 - a config that cannot even be built fails as its own run, later
+            continue
+    return measured
+
+
+def _expected_work(config: RunConfig) -> float:
+    if config.is_linear_probe:
+        return 0.0
+    return config.epochs * (1 + max(config.prompt_counts or [config.num_prompts]))
+
+
+def set_worker_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _execute_without_latency(store_path: str, run_id: int) -> None:
+    execute_run(RunStore(store_path), run_id, measure_latency=False)
+
+
+@contextmanager
+def _spawning_without_main_module():
+    """Spawned workers need only vptdash. By default spawn re-runs the parent's `__main__` in each child,
+    which breaks when that is a script without a main guard (a Streamlit page under AppTest, a notebook
+    export). Processes started inside this block see a blank `__main__` instead."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _run_in_processes(
+    store: RunStore,
+    configs: list[RunConfig],
+    processes: int,
+    *,
+    sweep_id: str,
+    source: str,
+    on_done: Callable[[dict], None] | None,
+) -> list[dict]:
+    for config in configs:
+        config.validate()
+    latency = latency_by_architecture(configs)
+    # Created 'running' (with this process's pid) so a dashboard worker sharing the store never claims them.
+    run_ids = [
+        store.create_run(c.to_dict(), status="running", kind=kind_of(c), source=source, sweep_id=sweep_id)
+        for c in configs
+    ]
+    threads = max(1, torch.get_num_threads() // processes)
+    # spawn, not fork: a forked child would inherit this process's OpenMP thread pool in a broken state.
+    with ProcessPoolExecutor(
+        processes, mp_context=multiprocessing.get_context("spawn"), initializer=set_worker_threads, initargs=(threads,)
+    ) as pool:
+        # Longest first (prompt count is the proxy: tokens per block), so the last runs to finish are short
+        # ones and neither process idles long at the end.
+        by_work = sorted(zip(run_ids, configs), key=lambda pair: -_expected_work(pair[1]))
+        with _spawning_without_main_module():  # the workers start on the first submissions
+            futures = {
+                pool.submit(_execute_without_latency, str(store.path), run_id): (run_id, config)
+                for run_id, config in by_work
+            }
+        for future in as_completed(futures):
+            run_id, config = futures[future]
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. the worker process was killed: that run fails, others go on
+                fail_job(store, run_id, exc)
+            row = store.get_run(run_id)
+            if row and row["status"] == "done" and architecture_key(config) in latency:
+                store.update_results(run_id, costs=latency[architecture_key(config)])
+                row = store.get_run(run_id)
+            if on_done and row:
+                on_done(row)
+    return [row for row in (store.get_run(run_id) for run_id in run_ids) if row]
+
+
+def train_remotely(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """The body of one Ray task: train and evaluate; never raises (errors come back as data)."""
+    config = RunConfig.from_dict(config_dict)
+    try:
+        result = run_training(config)
+    except Exception as exc:  # noqa: BLE001 - reported to the driver as data, as a local job stores it
+        return {"status": "failed", "error": job_error(exc)}
+    return {
+        "status": result.status,
+        "metrics": result.metrics,
+        "costs": result.costs,
+        "timings": result.timings,
+        "curve": result.curve,
+        "class_names": result.class_names,
+        "state": {name: tensor.numpy() for name, tensor in result.trainable_state.items()},
+    }
+
+
+class RayExecutor:
+    """One Ray task per run. Without an address, a local single-node cluster is started (and stopped)."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        cpus_per_run: float = 1.0,
+        gpus_per_run: float = 0.0,
+        num_cpus: int | None = None,
+    ):
+        self.address, self.cpus_per_run, self.gpus_per_run, self.num_cpus = (
+            address,
+            cpus_per_run,
+            gpus_per_run,
+            num_cpus,
+        )
+
+    def _start(self):
+        try:
+            import ray  # noqa: PLC0415 - optional dependency: only the Ray executor needs it
+        except ImportError as exc:
+            raise RuntimeError("the Ray executor needs the `ray` package: pip install ray") from exc
+        started_here = not ray.is_initialized()
+        if started_here:
+            # The package's own folder travels to the workers, so a cluster needs no install of vptdash.
+            ray.init(
+                address=self.address,
+                num_cpus=self.num_cpus if self.address is None else None,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                runtime_env={"env_vars": {"PYTHONPATH": str(PACKAGE_ROOT)}},
+            )
+        return ray, started_here
+
+    def run(self, store, configs, *, sweep_id, source="cli", on_done=None):
+        ray, started_here = self._start()
+        try:
+            task = ray.remote(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run)(train_remotely)
+            pending = {}
+            for config in configs:
+                config.validate()
+                run_id = store.create_run(
+                    config.to_dict(), status="running", kind=kind_of(config), source=source, sweep_id=sweep_id
+                )
+                pending[task.remote(config.to_dict())] = run_id
+            order = list(pending.values())
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                run_id = pending.pop(ready[0])
+                row = _store_remote_result(store, run_id, ray.get(ready[0]))
+                if on_done:
+                    on_done(row)
+            return [store.get_run(run_id) for run_id in order]
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+def _store_remote_result(store: RunStore, run_id: int, result: dict[str, Any]) -> dict:
+    if result["status"] == "failed":
+        store.finish_run(run_id, "failed", error=result["error"])
+        return store.get_run(run_id)
+    store.append_progress_many(run_id, result["curve"])
+    state = {name: torch.from_numpy(array.copy()) for name, array in result["state"].items()}
+    if state:
+        store.save_artifact(run_id, state, metadata={"class_names": ",".join(result["class_names"])})
+    store.finish_run(
+        run_id, result["status"], metrics=result["metrics"], costs=result["costs"], timings=result["timings"]
+    )
+    return store.get_run(run_id)
+
+
+def get_executor(name: str, **options) -> Executor:
+    if name == "local":
+        return LocalExecutor(**options)
+    if name == "ray":
+        return RayExecutor(**options)
+    raise ValueError(f"unknown executor {name!r}: choose local or ray")

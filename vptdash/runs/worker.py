@@ -1,0 +1,94 @@
+"""The dashboard's background worker: one process, one job at a time, a queue behind it.
+
+Training inside the Streamlit script would die with every rerun, so the app only queues runs in the
+store and makes sure this worker is alive. The worker survives reruns, page switches and closed tabs,
+and every tab sees the same queue because the queue *is* the run store. One worker per data dir,
+held by an exclusive file lock: a second `ensure_worker` from another tab finds it and does nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vptdash.runs.jobs import execute_run
+from vptdash.runs.store import RunStore
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `vptdash/`, for `python -m vptdash`
+
+POLL_SECONDS = 0.5
+
+
+def lock_path(store: RunStore) -> Path:
+    return Path(store.path).with_suffix(".worker.lock")
+
+
+def log_path(store: RunStore) -> Path:
+    return Path(store.path).with_suffix(".worker.log")
+
+
+def try_lock(path: Path):
+    """The open lock file if we now hold the worker lock, else None."""
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+def worker_alive(store: RunStore) -> bool:
+    handle = try_lock(lock_path(store))
+    if handle is None:
+        return True
+    handle.close()  # closing releases the lock we just took for the check
+    return False
+
+
+def serve(store: RunStore, *, idle_exit_s: float | None = None, poll_s: float = POLL_SECONDS) -> int:
+    """Run queued jobs until idle for `idle_exit_s` (forever when None). Returns an exit code."""
+    handle = try_lock(lock_path(store))
+    if handle is None:
+        print("another worker already serves this run store", file=sys.stderr)
+        return 0
+    try:
+        # A run left 'running' by a worker that was killed can never finish: mark it failed now.
+        store.fail_orphaned_runs()
+        idle_since = time.monotonic()
+        while True:
+            job = store.claim_next_queued(worker_pid=os.getpid())
+            if job is None:
+                if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                    return 0
+                time.sleep(poll_s)
+                continue
+            execute_run(store, job["id"])
+            idle_since = time.monotonic()
+    finally:
+        handle.close()
+
+
+def ensure_worker(store: RunStore, *, idle_exit_s: float | None = 600.0) -> bool:
+    """Start a detached worker process unless one is already serving this store.
+
+    Returns True when a new worker was started. The worker exits after `idle_exit_s` without work,
+    so nothing lingers after a meeting; the app starts it again on the next queued run."""
+    store.fail_orphaned_runs()
+    if worker_alive(store):
+        return False
+    command = [sys.executable, "-m", "vptdash", "worker", "--store", str(store.path)]
+    if idle_exit_s is not None:
+        command += ["--idle-exit", str(idle_exit_s)]
+    log = open(log_path(store), "ab")
+    package_root = str(PACKAGE_ROOT)
+    env = {**os.environ, "PYTHONPATH": package_root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.Popen(
+        command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True, env=env, cwd=package_root
+    )
+    log.close()
+    return True

@@ -1,0 +1,137 @@
+"""The sidebar on every page: the active setup and the live job queue, and queueing runs for the
+background worker."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import streamlit as st
+
+from vptdash.engine.train import ConfigError, RunConfig
+from vptdash.runs import jobs, worker
+from vptdash.runs.store import RunStore
+from vptdash.ui.session import active_setup
+from vptdash.views.wording import dataset_label, is_elpv, progress_of, run_label
+
+QUEUE_POLL_BUSY_S = 1.0  # sidebar refresh while something runs
+
+
+WORKER_START_GRACE_S = 20.0  # a fresh worker process takes a few seconds to import torch
+
+
+QUEUE_POLL_IDLE_S = 3.0  # ... and while idle (notices runs queued from another tab)
+
+
+def start_worker(store: RunStore) -> None:
+    """Queue consumers call this after submitting: start the background worker if none runs."""
+    worker.ensure_worker(store)
+
+
+def queue_sweep(store: RunStore, configs: list[RunConfig], failure: str) -> str | None:
+    """Queue a sweep and start the worker; the sweep id, or None after showing `failure: reason`."""
+    try:
+        sweep_id, _ = jobs.submit_sweep(store, configs)
+    except ConfigError as exc:
+        st.error(f"{failure}: {exc}")
+        return None
+    start_worker(store)
+    return sweep_id
+
+
+def run_table_columns() -> dict[str, Any]:
+    """Column settings shared by every run table (Budget explorer, Runs), so they read the same."""
+    number = st.column_config.NumberColumn
+    return {
+        "id": number("Run", format="%d", width="small"),
+        "label": "Configuration",
+        "family": "Family",
+        "source": "Source",
+        "seed": number("Seed", format="%d", width="small"),
+        "accuracy": number("Accuracy", format="percent"),
+        "balanced_accuracy": number("Balanced", format="percent"),
+        "gmacs": number("GMACs", format="%.3f"),
+        "latency_ms_b1": number("ms / image", format="%.2f"),
+        "params_trainable": number("Trainable", format="compact"),
+    }
+
+
+def sidebar(store: RunStore) -> None:
+    """Active setup + live job queue, on every page."""
+    setup = active_setup()
+    with st.sidebar:
+        st.markdown("#### Active setup")
+        shots = setup["shots"]
+        st.markdown(
+            f"**Data** {dataset_label(setup['dataset'], setup['cell_type'])}  \n"
+            f"**Backbone** `{setup['backbone']}`  \n"
+            f"**Images** {setup['resolution']} px · "
+            f"{'all' if shots is None else shots} shots per class"
+        )
+        if is_elpv(setup["dataset"]):
+            st.caption("ELPV: CC BY-NC-SA 4.0, Buerhop-Lutz, Deitsch et al. (ZAE Bayern / FAU)")
+        st.markdown("#### Job queue")
+        _queue_panel(store)
+
+
+def _queue_panel(store: RunStore) -> None:
+    try:
+        summary = store.queue_summary()
+    except Exception as exc:  # noqa: BLE001 - a locked/broken store must not crash every page
+        st.warning(f"Run store unavailable: {exc}")
+        return
+    busy = bool(summary["running"] or summary["queued"])
+
+    # No st.rerun() from here on purpose: an app rerun started by a fragment right after
+    # st.switch_page resets the new page's widgets (Streamlit 1.67); pages refresh themselves.
+    @st.fragment(run_every=QUEUE_POLL_BUSY_S if busy else QUEUE_POLL_IDLE_S)
+    def queue_fragment() -> None:
+        try:
+            now_summary = store.queue_summary()
+        except Exception as exc:  # noqa: BLE001
+            st.warning(f"Run store unavailable: {exc}")
+            return
+        render_queue(store, now_summary)
+
+    queue_fragment()
+
+
+def _worker_gone(run: dict) -> bool:
+    pid = run.get("worker_pid")
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError, ValueError):
+        return False
+    return False
+
+
+def render_queue(store: RunStore, summary: dict) -> None:
+    running = summary["running"]
+    if any(_worker_gone(run) for run in running):  # killed worker: show its run as failed, not running forever
+        store.fail_orphaned_runs()
+        summary = store.queue_summary()
+        running = summary["running"]
+    if not running and not summary["queued"]:
+        st.caption("Idle: nothing running.")
+    for run in running:
+        fraction, text = progress_of(run, run.get("latest_progress"))
+        st.progress(fraction, text=f"#{run['id']} {run_label(run)}: {text}")
+    parts = [f"{summary['queued']} queued", f"{summary['done']} done"]
+    if summary["failed"]:
+        parts.append(f"{summary['failed']} failed")
+    if summary["cancelled"]:
+        parts.append(f"{summary['cancelled']} cancelled")
+    st.caption(" · ".join(parts))
+    if summary["queued"] and not running and not worker.worker_alive(store):
+        waiting = store.list_runs(status="queued")
+        oldest = min((run["created_at"] for run in waiting), default=time.time())
+        if time.time() - oldest > WORKER_START_GRACE_S:  # a worker just started needs a few seconds
+            st.warning("Runs are queued but no worker is running.")
+            if st.button("Start worker", key="sidebar_start_worker"):
+                start_worker(store)
+                st.rerun(scope="fragment")

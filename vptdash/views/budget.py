@@ -1,0 +1,581 @@
+"""Turning stored runs into answers: how many prompts, where, and at what cost.
+
+Everything here works on plain run dicts (as `RunStore.list_runs` / `export_runs` give them) and
+pandas frames; nothing trains, nothing imports Streamlit.
+
+* `runs_table`: one flat row per finished run (missing values are NaN, never a KeyError);
+* `aggregate_over_seeds`: one row per configuration (the config without its seed), mean and
+  standard deviation over seeds;
+* `pareto_front` and `recommend`: the cheapest configuration within a tolerance of the best,
+  with one sentence a manager can repeat;
+* `estimate_grid`: the analytic cost of a grid of prompt budgets before anything runs.
+
+Metrics are fractions (0..1); tolerances are given in accuracy *points* (1.0 = one percentage
+point = 0.01).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from vptdash.engine.cost import block_macs
+from vptdash.engine.prompts import parse_placement, patch_size_of, placement_label, tokens_and_rows
+from vptdash.engine.rows import supports_row_selection
+from vptdash.engine.train import RunConfig
+
+FAMILY_ORDER = ["linear probe", "shallow", "deep", "custom blocks", "full fine-tune"]
+
+# Config keys that do not define *what* was trained: runs differing only in these are repeats.
+SEED_KEYS = ("seed", "measure_latency")
+
+RUN_COLUMNS = [
+    "id",
+    "family",
+    "label",
+    "config_key",
+    "dataset",
+    "backbone",
+    "resolution",
+    "shots",
+    "tuning",
+    "num_prompts",
+    "placement",
+    "seed",
+    "source",
+    "accuracy",
+    "balanced_accuracy",
+    "val_accuracy",
+    "majority_accuracy",
+    "gmacs",
+    "gmacs_analytic",
+    "latency_ms_b1",
+    "latency_ms_b32",
+    "params_trainable",
+    "params_total",
+    "train_seconds",
+    "parent_id",
+    "created_at",
+    "kind",
+    "sweep_id",
+    "dataset_name",
+]
+_METRIC_COLUMNS = ("accuracy", "balanced_accuracy", "val_accuracy", "majority_accuracy")
+_COST_COLUMNS = ("gmacs", "gmacs_analytic", "latency_ms_b1", "latency_ms_b32", "params_trainable", "params_total")
+
+AGG_COLUMNS = [
+    "config_key",
+    "family",
+    "label",
+    "dataset",
+    "backbone",
+    "resolution",
+    "shots",
+    "tuning",
+    "num_prompts",
+    "placement",
+    "n_seeds",
+    "seeds",
+    "accuracy_mean",
+    "accuracy_std",
+    "balanced_accuracy_mean",
+    "balanced_accuracy_std",
+    "val_accuracy_mean",
+    "majority_accuracy",
+    "gmacs",
+    "gmacs_analytic",
+    "latency_ms_b1",
+    "latency_ms_b1_std",
+    "latency_ms_b32",
+    "params_trainable",
+    "params_total",
+    "train_seconds",
+    "run_ids",
+    "sources",
+    "dataset_name",
+]
+
+METRIC_WORDS = {
+    "accuracy_mean": "accuracy",
+    "accuracy": "accuracy",
+    "balanced_accuracy_mean": "balanced accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "val_accuracy_mean": "validation accuracy",
+    "val_accuracy": "validation accuracy",
+}
+
+
+def family_rank(family: Any) -> int:
+    """Position of a family in FAMILY_ORDER; unknown families sort after the known ones."""
+    try:
+        return FAMILY_ORDER.index(family)
+    except ValueError:
+        return len(FAMILY_ORDER)
+
+
+def ordered_families(families: Iterable[Any]) -> list[str]:
+    """Known families in FAMILY_ORDER, then any others alphabetically."""
+    unique = {str(f) for f in families if f is not None and not (isinstance(f, float) and math.isnan(f))}
+    return sorted(unique, key=lambda f: (family_rank(f), f))
+
+
+# ---------------------------------------------------------------------------------------- tables
+def _number(value: Any) -> float:
+    """A float, or NaN for anything missing or not a number (None, "", a dict, ...)."""
+    if value is None or isinstance(value, bool):
+        return float("nan") if value is None else float(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+    return number
+
+
+def config_key(config: dict) -> str:
+    """A stable string naming a configuration without its seed: sorted JSON of the full config
+    (defaults filled in, so an older row missing a key still matches) minus SEED_KEYS."""
+    defaults = RunConfig().to_dict()
+    merged = {**defaults, **(config or {})}
+    for key in SEED_KEYS:
+        merged.pop(key, None)
+    return json.dumps(merged, sort_keys=True, default=str)
+
+
+def dataset_name(spec: Any) -> str:
+    """A short display name for a dataset spec: built-in names as they are, a folder or zip path
+    (uploads are stored as paths) by its last component."""
+    if spec is None or (isinstance(spec, float) and math.isnan(spec)):
+        return ""
+    text = str(spec).rstrip("/\\")
+    if "/" in text or "\\" in text:
+        return text.replace("\\", "/").rsplit("/", 1)[-1]
+    return text
+
+
+def _run_config(config: dict) -> RunConfig:
+    try:
+        return RunConfig.from_dict(config or {})
+    except Exception:  # noqa: BLE001 - a malformed stored config still shows up, with defaults
+        return RunConfig()
+
+
+NOT_BUDGET_KINDS = ("continual", "skip-search")
+
+# What makes two runs comparable on one chart beyond their data set: the same backbone, resolution and shots.
+SETUP_MATCH_KEYS = ("backbone", "resolution", "shots")
+# What a linear probe must share with a run to be its baseline: the same images in every split.
+BASELINE_KEYS = ("dataset", "cell_type", "shots", "resolution", "backbone", "test_fraction", "split_seed")
+
+
+def comparable_runs(rows: list[dict], setup: dict, *, same_setup: bool = True) -> tuple[list[dict], int]:
+    """The runs one chart may compare for the active `setup`: same data set and cell type always, and
+    with `same_setup` also the same backbone, resolution and shots. Returns (runs, how many runs on the
+    same data were left out for another backbone, resolution or shots)."""
+    on_data = [
+        r
+        for r in rows
+        if r["config"].get("dataset") == setup.get("dataset") and r["config"].get("cell_type") == setup.get("cell_type")
+    ]
+    if not same_setup:
+        return on_data, 0
+    kept = [r for r in on_data if all(r["config"].get(k) == setup.get(k) for k in SETUP_MATCH_KEYS)]
+    return kept, len(on_data) - len(kept)
+
+
+def matching_probe(rows: list[dict], config: dict) -> dict | None:
+    """The finished linear probe that is `config`'s baseline: same images (BASELINE_KEYS), the same seed
+    when there is one, else any seed; None when there is none."""
+    candidates = [
+        run
+        for run in rows
+        if run.get("status", "done") == "done"
+        and all(run["config"].get(k) == config.get(k) for k in BASELINE_KEYS)
+        and _run_config(run["config"]).family() == "linear probe"
+    ]
+    same_seed = [run for run in candidates if run["config"].get("seed") == config.get("seed")]
+    return (same_seed or candidates or [None])[0]
+
+
+def runs_table(rows: list[dict]) -> pd.DataFrame:
+    """One row per finished run (status "done") that has metrics; columns RUN_COLUMNS."""
+    records = []
+    for row in rows or []:
+        # continual experiments and skip searches are stored runs too, but not points on a budget chart
+        if row.get("status") != "done" or not row.get("metrics") or row.get("kind") in NOT_BUDGET_KINDS:
+            continue
+        config = row.get("config") or {}
+        metrics = row.get("metrics") or {}
+        costs = row.get("costs") or {}
+        timings = row.get("timings") or {}
+        run_config = _run_config(config)
+        records.append(
+            {
+                "id": row.get("id"),
+                "family": run_config.family(),
+                "label": run_config.label(),
+                "config_key": config_key(config),
+                "dataset": config.get("dataset", row.get("dataset")),
+                "backbone": config.get("backbone"),
+                "resolution": _number(config.get("resolution")),
+                "shots": _number(config.get("shots")),
+                "tuning": config.get("tuning"),
+                "num_prompts": _number(config.get("num_prompts")),
+                "placement": config.get("placement"),
+                "seed": _number(config.get("seed")),
+                "source": row.get("source"),
+                **{name: _number(metrics.get(name)) for name in _METRIC_COLUMNS},
+                **{name: _number(costs.get(name)) for name in _COST_COLUMNS},
+                "train_seconds": _number(timings.get("train_seconds")),
+                "parent_id": row.get("parent_id"),
+                "created_at": _number(row.get("created_at")),
+                "kind": row.get("kind"),
+                "sweep_id": row.get("sweep_id"),
+                "dataset_name": dataset_name(config.get("dataset", row.get("dataset"))),
+            }
+        )
+    return pd.DataFrame.from_records(records, columns=RUN_COLUMNS)
+
+
+def _sources(values: Iterable[Any]) -> str:
+    unique = sorted({str(v) for v in values if v is not None and v == v})
+    if not unique:
+        return "unknown"
+    return unique[0] if len(unique) == 1 else "mixed"
+
+
+def _std(series: pd.Series) -> float:
+    """Sample standard deviation over seeds (ddof=1); 0 for a single value, NaN for none."""
+    values = series.dropna()
+    if len(values) == 0:
+        return float("nan")
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def _mean(series: pd.Series) -> float:
+    values = series.dropna()
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def aggregate_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration (config_key): means over seeds and sample std (ddof=1, 0 for one
+    seed); "sources" is the single source of its runs or "mixed". Sorted by family, then prompt count."""
+    if table is None or len(table) == 0:
+        return pd.DataFrame(columns=AGG_COLUMNS)
+    records = []
+    for key, group in table.groupby("config_key", sort=False):
+        group = group.sort_values("seed", na_position="last")
+        first = group.iloc[0]
+        records.append(
+            {
+                "config_key": key,
+                **{
+                    name: first.get(name)
+                    for name in (
+                        "family",
+                        "label",
+                        "dataset",
+                        "backbone",
+                        "resolution",
+                        "shots",
+                        "tuning",
+                        "num_prompts",
+                        "placement",
+                    )
+                },
+                "n_seeds": int(len(group)),
+                "seeds": [int(s) if s == s else None for s in group["seed"]],
+                "accuracy_mean": _mean(group["accuracy"]),
+                "accuracy_std": _std(group["accuracy"]),
+                "balanced_accuracy_mean": _mean(group["balanced_accuracy"]),
+                "balanced_accuracy_std": _std(group["balanced_accuracy"]),
+                "val_accuracy_mean": _mean(group["val_accuracy"]),
+                "majority_accuracy": _mean(group["majority_accuracy"]),
+                "gmacs": _mean(group["gmacs"]),
+                "gmacs_analytic": _mean(group["gmacs_analytic"]),
+                "latency_ms_b1": _mean(group["latency_ms_b1"]),
+                "latency_ms_b1_std": _std(group["latency_ms_b1"]),
+                "latency_ms_b32": _mean(group["latency_ms_b32"]),
+                "params_trainable": _mean(group["params_trainable"]),
+                "params_total": _mean(group["params_total"]),
+                "train_seconds": _mean(group["train_seconds"]),
+                "run_ids": [int(i) for i in group["id"] if i is not None and i == i],
+                "sources": _sources(group["source"]),
+                "dataset_name": first.get("dataset_name"),
+            }
+        )
+    frame = pd.DataFrame.from_records(records, columns=AGG_COLUMNS)
+    order = frame["family"].map(family_rank)
+    frame = frame.assign(_rank=order).sort_values(
+        ["_rank", "family", "num_prompts", "placement", "label"], na_position="last", kind="stable"
+    )
+    return frame.drop(columns="_rank").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------- answers
+def pareto_front(frame: pd.DataFrame, cost: str = "gmacs", metric: str = "accuracy_mean") -> pd.DataFrame:
+    """Rows no other row dominates (cost <= and metric >= with one strict), by cost ascending.
+
+    Rows with NaN cost or metric are left out. Exact ties (same cost and metric) are all kept:
+    neither dominates the other. The original index is kept."""
+    if frame is None or len(frame) == 0 or cost not in frame or metric not in frame:
+        return frame.iloc[0:0] if frame is not None else pd.DataFrame()
+    costs = pd.to_numeric(frame[cost], errors="coerce")
+    metrics = pd.to_numeric(frame[metric], errors="coerce")
+    valid = frame[costs.notna() & metrics.notna()]
+    if len(valid) == 0:
+        return valid
+    order = sorted(valid.index, key=lambda i: (float(costs[i]), -float(metrics[i])))
+    kept, best_metric, best_cost = [], -math.inf, None
+    for index in order:
+        c, m = float(costs[index]), float(metrics[index])
+        if m > best_metric:
+            kept.append(index)
+            best_metric, best_cost = m, c
+        elif m == best_metric and c == best_cost:
+            kept.append(index)
+    return valid.loc[kept]
+
+
+@dataclass
+class Recommendation:
+    best: pd.Series  # the highest-metric configuration
+    chosen: pd.Series  # the cheapest configuration whose metric >= best - tolerance
+    tolerance_points: float
+    cost: str
+    metric: str
+    sentence: str
+
+    @property
+    def chosen_is_best(self) -> bool:
+        return self.chosen.name == self.best.name
+
+
+def _describe(row: pd.Series) -> str:
+    """The configuration in words ("10 shallow prompts", "1 deep prompt", "10 prompts in blocks 0,5,11")."""
+    label = str(row.get("label") or "")
+    placement, prompts = row.get("placement"), _number(row.get("num_prompts"))
+    if prompts == prompts and isinstance(placement, str):
+        n = int(prompts)
+        prefix = f"{n} {placement} prompts"
+        if label.startswith(prefix):
+            noun = "prompt" if n == 1 else "prompts"
+            head = (
+                f"{n} {noun} in blocks {placement}"
+                if row.get("family") == "custom blocks"
+                else f"{n} {placement} {noun}"
+            )
+            return head + label[len(prefix) :]
+    return label or str(row.get("family") or "configuration")
+
+
+def _pct(value: float) -> str:
+    """A ratio in percent, with more digits when it is small (0.012%, 3%, 31%)."""
+    if value >= 1:
+        return f"{value:.0f}%"
+    return f"{value:.2g}%"
+
+
+def _cost_words(cost: str) -> tuple[str, str]:
+    """(what "X% of its ..." says, how one value is written)."""
+    return {
+        "gmacs": ("compute", "GMACs per image"),
+        "gmacs_analytic": ("compute", "GMACs per image"),
+        "latency_ms_b1": ("latency", "ms per image at batch 1"),
+        "latency_ms_b32": ("latency", "ms per image at batch 32"),
+        "params_trainable": ("trainable parameters", "trainable parameters"),
+        "train_seconds": ("training time", "s of training"),
+    }.get(cost, (cost.replace("_", " "), cost.replace("_", " ")))
+
+
+def _format_cost(value: float, cost: str) -> str:
+    if value != value:
+        return "n/a"
+    if cost.startswith("params"):
+        return f"{value:,.0f}"
+    if cost.startswith("latency") or cost == "train_seconds":
+        return f"{value:.1f}" if value >= 1 else f"{value:.2g}"
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3g}"
+
+
+def _points(tolerance: float) -> str:
+    return f"{tolerance:g} point" + ("" if tolerance == 1 else "s")
+
+
+def _sentence(best: pd.Series, chosen: pd.Series, tolerance: float, cost: str, metric: str) -> str:
+    metric_words = METRIC_WORDS.get(metric, metric.replace("_", " "))
+    cost_noun, unit = _cost_words(cost)
+    b_metric, c_metric = float(best[metric]) * 100, float(chosen[metric]) * 100
+    b_cost, c_cost = _number(best.get(cost)), _number(chosen.get(cost))
+    best_name = _describe(best)
+    if chosen.name == best.name:
+        cost_text = f", {_format_cost(b_cost, cost)} {unit}" if b_cost == b_cost else ""
+        return (
+            f"The best configuration, {best_name} ({b_metric:.1f}% {metric_words}{cost_text}), "
+            f"is also the cheapest within {_points(tolerance)}."
+        )
+    if b_cost == b_cost and c_cost == c_cost and b_cost > 0:
+        share = f"{_pct(100 * c_cost / b_cost)} of its {cost_noun}"
+        verb = "with" if cost.startswith("params") else "at"
+        unit_text = "" if unit == cost_noun else f" {unit}"  # "(4,610 vs 19,970)", not "parameters" twice
+        cost_clause = f"{verb} {share} ({_format_cost(c_cost, cost)} vs {_format_cost(b_cost, cost)}{unit_text})"
+    else:
+        cost_clause = f"at {_format_cost(c_cost, cost)} vs {_format_cost(b_cost, cost)} {unit}"
+    numbers = f"({c_metric:.1f}% vs {b_metric:.1f}% for {best_name})"
+    if chosen.get("family") == "linear probe":
+        gap = b_metric - c_metric
+        closeness = (
+            f"matches the best {metric_words}"
+            if gap < 0.05
+            else f"is within {gap:.1f} points of the best {metric_words}"
+        )
+        return f"A linear probe (no prompts) {closeness} {numbers} {cost_clause}."
+    name = _describe(chosen)
+    verb = "reach" if name[:1].isdigit() and not name.startswith("1 ") else "reaches"
+    if chosen.get("family") == "full fine-tune":
+        name, verb = "Full fine-tuning", "reaches"
+    return (
+        f"{name[:1].upper() + name[1:]} {verb} {_pct(100 * c_metric / b_metric) if b_metric > 0 else 'n/a'} "
+        f"of the best {metric_words} {numbers} {cost_clause}."
+    )
+
+
+def recommend(
+    frame: pd.DataFrame, tolerance_points: float = 1.0, *, cost: str = "gmacs", metric: str = "accuracy_mean"
+) -> Recommendation | None:
+    """The cheapest configuration whose metric is within `tolerance_points` percentage points of
+    the best one. None when no row has the metric. Rows without the cost can be "best" but are
+    never chosen over a row whose cost is known."""
+    if frame is None or len(frame) == 0 or metric not in frame:
+        return None
+    if not frame.index.is_unique:
+        frame = frame.reset_index(drop=True)
+    metrics = pd.to_numeric(frame[metric], errors="coerce")
+    costs = pd.to_numeric(frame[cost], errors="coerce") if cost in frame else pd.Series(np.nan, index=frame.index)
+    valid = frame[metrics.notna()]
+    if len(valid) == 0:
+        return None
+    best_value = metrics[valid.index].max()
+    top = [i for i in valid.index if metrics[i] == best_value]
+    best_index = min(top, key=lambda i: (math.isnan(costs[i]), costs[i] if costs[i] == costs[i] else 0.0))
+    threshold = best_value - max(float(tolerance_points), 0.0) / 100.0 - 1e-12
+    candidates = [i for i in valid.index if metrics[i] >= threshold and costs[i] == costs[i]]
+    if candidates:
+        chosen_index = min(candidates, key=lambda i: (float(costs[i]), -float(metrics[i])))
+        if costs[best_index] == costs[chosen_index]:
+            chosen_index = best_index  # equally cheap: the best itself
+    else:
+        chosen_index = best_index
+    best, chosen = frame.loc[best_index], frame.loc[chosen_index]
+    sentence = _sentence(best, chosen, float(tolerance_points), cost, metric)
+    return Recommendation(
+        best=best, chosen=chosen, tolerance_points=float(tolerance_points), cost=cost, metric=metric, sentence=sentence
+    )
+
+
+# ---------------------------------------------------------------------------------------- estimates
+def estimate_grid(
+    depth: int,
+    embed_dim: int,
+    mlp_dim: int,
+    num_patches: int,
+    patch_size: int,
+    num_classes: int,
+    counts: list[int],
+    placements: list[str],
+    *,
+    num_prefix_tokens: int = 1,
+    in_chans: int = 3,
+    has_class_token: bool = True,
+    row_selection: bool = True,
+) -> pd.DataFrame:
+    """Analytic cost of every (prompt count, placement) before anything runs.
+
+    GMACs follow `cost.analytic_gmacs`: blocks with their real sequence lengths and computed rows
+    (`prompts.tokens_and_rows`: prompts join at the first placed block; deep prompts are overwritten
+    by the next block, so only their keys and values are ever computed; the last block computes the
+    CLS row) + patch embedding + head. So at the same count deep prompts cost fewer GMACs per image
+    than shallow ones, while training `depth` times more prompt parameters. A count of 0 is the
+    linear probe (one row). Raises `PromptConfigError` for a placement that does not fit `depth`."""
+    base_tokens = num_prefix_tokens + num_patches
+    fixed = num_patches * in_chans * patch_size * patch_size * embed_dim + embed_dim * num_classes
+    head_params = embed_dim * num_classes + num_classes
+
+    def gmacs(prompts: int, blocks: tuple[int, ...]) -> float:
+        tokens, rows = tokens_and_rows(
+            depth, {b: prompts for b in blocks}, (), base_tokens, has_class_token, row_selection
+        )
+        return (fixed + sum(block_macs(t, embed_dim, mlp_dim, r) for t, r in zip(tokens, rows))) / 1e9
+
+    zero = gmacs(0, ())
+    records, seen = [], set()
+    for count in counts:
+        count = int(count)
+        if count < 0:
+            raise ValueError(f"prompt count must be >= 0, got {count}")
+        for placement in placements:
+            blocks = parse_placement(placement, depth) if count else ()
+            name = placement_label(blocks, depth) if count else "none"
+            if count and not blocks:
+                raise ValueError(f"placement {placement!r} places no prompts")
+            if (count, name) in seen:
+                continue
+            seen.add((count, name))
+            config = RunConfig(tuning="prompt", num_prompts=count, placement=name if count else "shallow")
+            value = gmacs(count, blocks)
+            prompt_params = count * embed_dim * len(blocks)
+            records.append(
+                {
+                    "num_prompts": count,
+                    "placement": name,
+                    "family": config.family(),
+                    "label": config.label(),
+                    "gmacs_analytic": value,
+                    "params_trainable": prompt_params + head_params,
+                    "params_prompts": prompt_params,
+                    "n_placed_blocks": len(blocks),
+                    "tokens": base_tokens + count,
+                    "relative_cost": value / zero,
+                }
+            )
+    columns = [
+        "num_prompts",
+        "placement",
+        "family",
+        "label",
+        "gmacs_analytic",
+        "params_trainable",
+        "params_prompts",
+        "n_placed_blocks",
+        "tokens",
+        "relative_cost",
+    ]
+    frame = pd.DataFrame.from_records(records, columns=columns)
+    if len(frame):
+        frame = (
+            frame.assign(_rank=frame["family"].map(family_rank))
+            .sort_values(["_rank", "placement", "num_prompts"], kind="stable")
+            .drop(columns="_rank")
+            .reset_index(drop=True)
+        )
+    return frame
+
+
+def backbone_shape(backbone) -> dict:
+    """depth, embed_dim, mlp_dim, patch_size, num_prefix_tokens, in_chans of a timm ViT: the keyword
+    arguments of `estimate_grid` (add num_patches = (resolution // patch_size) ** 2 and num_classes)."""
+    first = backbone.blocks[0]
+    return {
+        "depth": len(backbone.blocks),
+        "embed_dim": int(backbone.embed_dim),
+        "mlp_dim": int(first.mlp.fc1.out_features),
+        "patch_size": patch_size_of(backbone),
+        "num_prefix_tokens": int(getattr(backbone, "num_prefix_tokens", 1)),
+        "in_chans": int(backbone.patch_embed.proj.in_channels),
+        "has_class_token": getattr(backbone, "cls_token", None) is not None,
+        "row_selection": all(supports_row_selection(block) for block in backbone.blocks),
+    }
