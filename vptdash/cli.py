@@ -5,6 +5,7 @@ python -m vptdash sweep --prompts 0,1,5,10,50 --placement shallow,deep --seeds 0
 python -m vptdash probe --dataset elpv
 python -m vptdash runs list
 python -m vptdash runs export --csv runs.csv
+python -m vptdash train --backbone tiny-clip --method maple --text-prompts 2 --prompt-depth 2 --dataset ZIP --json
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import sys
 from typing import Any, Sequence
 
 from vptdash import bench
+from vptdash.engine.clip import is_clip_backbone
 from vptdash.engine.train import ConfigError, RunConfig
-from vptdash.methods import condense, continual, skipping
+from vptdash.methods import condense, continual, skipping, vlprompts
 from vptdash.runs import worker
 from vptdash.runs.executors import get_executor
 from vptdash.runs.jobs import new_sweep_id, run_now, sweep_configs
@@ -489,11 +491,15 @@ def _pm(line: dict, key: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vptdash", description="Visual prompt tuning budgets, headless.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_run_options(sub.add_parser("train", help="train and evaluate one configuration"))
+    train = sub.add_parser("train", help="train and evaluate one configuration")
+    _add_run_options(train)
+    _add_clip_options(train)
     probe = sub.add_parser("probe", help="linear probe on cached CLS features (the fast baseline)")
     _add_run_options(probe)
     probe.set_defaults(epochs=100, lr=1e-2)
-    _add_run_options(sub.add_parser("sweep", help="a grid of prompt counts x placements x seeds"), sweep=True)
+    sweep = sub.add_parser("sweep", help="a grid of prompt counts x placements x seeds")
+    _add_run_options(sweep, sweep=True)
+    _add_clip_options(sweep, sweep=True)
     condense = sub.add_parser(
         "condense", help="prompt condensation: keep a run's most important prompts, fine-tune them"
     )
@@ -538,7 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.given_options = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
     try:
         return _dispatch(args)
     except ConfigError as exc:  # an impossible budget: say why, store nothing, no traceback
@@ -547,6 +555,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("train", "sweep"):
+        clip_options = sorted(CLIP_OPTIONS & getattr(args, "given_options", set()))
+        if is_clip_backbone(args.backbone):
+            return cmd_vlprompt(args)
+        if clip_options:
+            raise ConfigError(f"{', '.join(clip_options)}: only for CLIP backbones (tiny-clip, open_clip:<model>)")
     if args.command == "train":
         return cmd_train(args)
     if args.command == "probe":
@@ -568,6 +582,112 @@ def _dispatch(args: argparse.Namespace) -> int:
             as_json=args.json, sweep=args.sweep, steps=args.steps, backbone=args.backbone, resolution=args.resolution
         )
     return 2
+
+
+# ---------------------------------------------------------------------------------------- CLIP prompts
+CLIP_OPTIONS = {"--method", "--text-prompts", "--vision-prompts", "--prompt-depth", "--base-to-novel", "--templates"}
+# Recipe options whose CLIP default (MaPLe's recipe, vlprompts.VLPromptConfig) replaces the ViT default
+# unless given on the command line.
+CLIP_RECIPE = {
+    "--shots": "shots",
+    "--epochs": "epochs",
+    "--lr": "lr",
+    "--batch-size": "batch_size",
+    "--optimizer": "optimizer",
+    "--weight-decay": "weight_decay",
+    "--warmup-epochs": "warmup_epochs",
+    "--resolution": "resolution",
+}
+
+
+def _add_clip_options(parser: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    """Options of vision-language prompt runs (`--backbone tiny-clip` or `open_clip:<model>[@tag]`)."""
+    group = parser.add_argument_group("CLIP backbones (tiny-clip, open_clip:<model>[@tag] with --weights FILE)")
+    if sweep:
+        group.add_argument("--method", default="zeroshot,coop,maple", help="comma-separated: zeroshot,coop,maple")
+        group.add_argument("--text-prompts", type=_int_list, default=[2, 4], help="context lengths to sweep")
+        group.add_argument("--prompt-depth", type=_int_list, default=None, help="MaPLe depths to sweep (default 9)")
+    else:
+        group.add_argument("--method", choices=list(vlprompts.FAMILIES), default="coop")
+        group.add_argument("--text-prompts", type=int, default=None, help="learnable context length (CoOp 4, MaPLe 2)")
+        group.add_argument(
+            "--prompt-depth", type=int, default=None, help="MaPLe: layers with prompts in both towers (default 9)"
+        )
+    group.add_argument(
+        "--vision-prompts", type=int, default=None, help="MaPLe: vision prompts per layer (= text prompts: coupled)"
+    )
+    group.add_argument("--base-to-novel", action="store_true", help="train on half the classes, test base and novel")
+    group.add_argument(
+        "--templates", default=None, help="zero-shot templates separated by '|', e.g. 'a photo of a {}.|a {}.'"
+    )
+
+
+def _vlprompt_config(args: argparse.Namespace, **overrides: Any) -> vlprompts.VLPromptConfig:
+    values: dict[str, Any] = {
+        "backbone": args.backbone,
+        "weights": args.weights,
+        "dataset": args.dataset,
+        "cell_type": args.cell_type,
+        "test_fraction": args.test_fraction,
+        "val_fraction": args.val_fraction,
+        "split_seed": args.split_seed,
+        "base_to_novel": args.base_to_novel,
+        "vision_prompts": args.vision_prompts,
+        "measure_latency": not args.no_latency,
+    }
+    values.update(
+        {key: getattr(args, key) for option, key in CLIP_RECIPE.items() if option in getattr(args, "given_options", ())}
+    )
+    if args.templates:
+        values["templates"] = [t.strip() for t in args.templates.split("|") if t.strip()]
+    values.update(overrides)
+    return vlprompts.VLPromptConfig.from_dict(values)
+
+
+def _vlprompt_summary(row: dict) -> dict[str, Any]:
+    metrics, costs = row.get("metrics") or {}, row.get("costs") or {}
+    extra = {key: metrics.get(key) for key in ("base_accuracy", "novel_accuracy", "harmonic_mean")}
+    extra.update({key: costs.get(key) for key in ("text_gmacs_per_class_set", "text_gmacs_per_image_amortised")})
+    config = vlprompts.VLPromptConfig.from_dict(row.get("config") or {})
+    return {**summary(row), **extra, "method": config.method, "label": config.label()}
+
+
+def cmd_vlprompt(args: argparse.Namespace) -> int:
+    """CoOp, MaPLe or zero-shot on a CLIP backbone: one run (train) or a grid (sweep), in this process."""
+    store = RunStore(args.store)
+    if args.command == "train":
+        chosen = {"method": args.method, "text_prompts": args.text_prompts, "prompt_depth": args.prompt_depth}
+        configs = [_vlprompt_config(args, **chosen, seed=args.seed)]
+        sweep_id = None
+    else:
+        methods = [m.strip() for m in args.method.split(",") if m.strip()]
+        configs = vlprompts.sweep_vlprompt_configs(
+            _vlprompt_config(args), methods, args.text_prompts, args.prompt_depth or [None], args.seeds
+        )
+        sweep_id = new_sweep_id()
+    for config in configs:  # every configuration is checked before the first one runs
+        config.validate()
+    failures = 0
+    for position, config in enumerate(configs, 1):
+        if not args.quiet and not args.json and len(configs) > 1:
+            print(f"[{position}/{len(configs)}] {config.label()}", file=sys.stderr)
+        row = vlprompts.vlprompt_now(store, config, sweep_id=sweep_id, echo=_printer(args.quiet or args.json))
+        failures += row["status"] == "failed"
+        result = _vlprompt_summary(row)
+        if args.json:
+            print(json.dumps(result), flush=True)
+        elif row["status"] == "failed":
+            print(f"run {row['id']} failed: {row['error']}", file=sys.stderr)
+        else:
+            acc, gmacs = result["accuracy"], result["gmacs"]
+            print(
+                f"run {row['id']} [{row['status']}] {result['label']} on {config.dataset}: "
+                + (f"test accuracy {acc:.3f}, " if acc is not None else "")
+                + (f"{gmacs:.4f} GMACs/image (text tower once per class set: " if gmacs is not None else "")
+                + (f"{result['text_gmacs_per_class_set']:.4f} GMACs), " if gmacs is not None else "")
+                + f"{result['params_trainable']} trainable params"
+            )
+    return 1 if failures else 0
 
 
 def run() -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -51,6 +52,7 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 CTX_INIT = "a photo of a"  # CoOp/MaPLe initialise the context from these words' embeddings
 _TINY_SEED = 0
 _TINY = {"embed_dim": 32, "width": 64, "layers": 2, "heads": 2, "patch": 8, "image": 32, "context": 32}
+TINY_IMAGE_SIZE = _TINY["image"]
 
 
 def is_clip_backbone(name: Any) -> bool:
@@ -115,6 +117,14 @@ def _tiny_clip():
     return model, tokenizer
 
 
+def model_config(model_name: str) -> dict:
+    """open_clip's shipped configuration of a model (no weights); BackboneError if it has none."""
+    config = _open_clip().get_model_config(model_name)
+    if not config:
+        raise BackboneError(f"open_clip has no model {model_name!r}")
+    return config
+
+
 def parse_clip_name(name: str) -> tuple[str, str | None]:
     """`open_clip:ViT-B-16@openai` -> ("ViT-B-16", "openai"); no tag -> (model, None)."""
     if not name.startswith(CLIP_PREFIX):
@@ -176,6 +186,7 @@ def _hub_clip(model_name: str, tag: str | None):
     tag = tag or (tags[0] if tags else None)
     if tag is None:
         raise BackboneError(f"open_clip lists no pretrained weights for {model_name}: pass --weights FILE")
+    logging.disable(logging.ERROR)  # open_clip logs the failed download too: the user gets one line, ours
     try:
         model = open_clip.create_model(model_name, pretrained=tag)
     except Exception as exc:  # noqa: BLE001 - offline, unknown tag, broken download: one line for the user
@@ -183,6 +194,8 @@ def _hub_clip(model_name: str, tag: str | None):
             f"cannot get {model_name} weights {tag!r} from the hub ({type(exc).__name__}): offline? "
             f"pass --weights FILE (an open_clip state dict of {model_name}, .safetensors or .pt)"
         ) from None
+    finally:
+        logging.disable(logging.NOTSET)
     return model, tag
 
 
