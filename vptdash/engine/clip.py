@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -51,8 +52,9 @@ METHODS = ("zeroshot", "coop", "maple")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 CTX_INIT = "a photo of a"  # CoOp/MaPLe initialise the context from these words' embeddings
 _TINY_SEED = 0
-_TINY = {"embed_dim": 32, "width": 64, "layers": 2, "heads": 2, "patch": 8, "image": 32, "context": 32}
-TINY_IMAGE_SIZE = _TINY["image"]
+TINY_MODEL = "vptdash-tiny-clip"  # its open_clip configuration ships in clip_configs/ (2 layers, width 64)
+TINY_IMAGE_SIZE = 32
+CONFIG_DIR = Path(__file__).with_name("clip_configs")
 
 
 def is_clip_backbone(name: Any) -> bool:
@@ -93,28 +95,34 @@ class ClipBundle:
 def _open_clip():
     import open_clip  # noqa: PLC0415 - slow to import (~2 s) and only needed for CLIP runs
 
+    if TINY_MODEL not in open_clip.list_models():  # the tiny model is an open_clip model like any other
+        open_clip.add_model_config(CONFIG_DIR)
     return open_clip
 
 
-def _tiny_clip():
-    open_clip = _open_clip()
-    t = _TINY
-    vision = open_clip.CLIPVisionCfg(
-        layers=t["layers"],
-        width=t["width"],
-        head_width=t["width"] // t["heads"],
-        patch_size=t["patch"],
-        image_size=t["image"],
-    )
-    text = open_clip.CLIPTextCfg(context_length=t["context"], width=t["width"], heads=t["heads"], layers=t["layers"])
-    state = torch.random.get_rng_state()
-    torch.manual_seed(_TINY_SEED)  # the same random model in every process (runs are comparable)
+@contextmanager
+def _quiet():
+    """open_clip logs what it does (a random init, a failed download) on the root logger; the user gets
+    our one line instead."""
+    logging.disable(logging.ERROR)
     try:
-        model = open_clip.CLIP(t["embed_dim"], vision, text)
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _tiny_clip():
+    """open_clip's own `create_model` on the shipped tiny configuration, seeded: the same random model
+    in every process (its runs are comparable), built the way `open_clip:<model>` models are."""
+    open_clip = _open_clip()
+    state = torch.random.get_rng_state()
+    torch.manual_seed(_TINY_SEED)
+    try:
+        with _quiet():
+            model = open_clip.create_model(TINY_MODEL, pretrained=None)
     finally:
         torch.random.set_rng_state(state)
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=t["context"])
-    return model, tokenizer
+    return model, open_clip.get_tokenizer(TINY_MODEL)
 
 
 def model_config(model_name: str) -> dict:
@@ -186,16 +194,14 @@ def _hub_clip(model_name: str, tag: str | None):
     tag = tag or (tags[0] if tags else None)
     if tag is None:
         raise BackboneError(f"open_clip lists no pretrained weights for {model_name}: pass --weights FILE")
-    logging.disable(logging.ERROR)  # open_clip logs the failed download too: the user gets one line, ours
     try:
-        model = open_clip.create_model(model_name, pretrained=tag)
+        with _quiet():
+            model = open_clip.create_model(model_name, pretrained=tag)
     except Exception as exc:  # noqa: BLE001 - offline, unknown tag, broken download: one line for the user
         raise BackboneError(
             f"cannot get {model_name} weights {tag!r} from the hub ({type(exc).__name__}): offline? "
             f"pass --weights FILE (an open_clip state dict of {model_name}, .safetensors or .pt)"
         ) from None
-    finally:
-        logging.disable(logging.NOTSET)
     return model, tag
 
 
@@ -217,7 +223,8 @@ def create_clip(name: str, weights: str | Path | None = None) -> ClipBundle:
         if weights_path is not None:
             if model_name not in open_clip.list_models():
                 raise BackboneError(f"open_clip has no model {model_name!r}")
-            model = open_clip.create_model(model_name, pretrained=None)
+            with _quiet():
+                model = open_clip.create_model(model_name, pretrained=None)
             source = "file"
         else:
             model, tag = _hub_clip(model_name, tag)
@@ -428,7 +435,8 @@ class PromptedCLIP(nn.Module):
         return self._eval_cache[key]
 
     def train(self, mode: bool = True):
-        self._eval_cache.clear()
+        if mode:  # the prompts may change from here on
+            self._eval_cache.clear()
         return super().train(mode)
 
     # -- image tower

@@ -383,6 +383,7 @@ def run_vlprompt(
                 "class_names": names,
             }
     train_seconds = time.perf_counter() - started
+    model.eval()  # from here the prompts are fixed: each class set's text features are computed once
     calls_before = model.text_tower_calls
     val = classification_metrics(predict(model, inputs["val"], train_classes), y_val, len(train_classes))
     results = {}
@@ -401,7 +402,7 @@ def run_vlprompt(
         "val_accuracy": val["accuracy"],
         "val_balanced_accuracy": val["balanced_accuracy"],
         "eval_text_tower_calls": model.text_tower_calls - calls_before,
-        "eval_class_sets": 1 + len(tests),
+        "eval_class_sets": len({tuple(train_classes), *(tuple(names[i] for i in c) for _, c in tests.values())}),
     }
     if config.base_to_novel:
         base, novel = results["base"], results["novel"]

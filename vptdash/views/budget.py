@@ -28,6 +28,7 @@ from vptdash.engine.cost import block_macs
 from vptdash.engine.prompts import parse_placement, patch_size_of, placement_label, tokens_and_rows
 from vptdash.engine.rows import supports_row_selection
 from vptdash.engine.train import RunConfig
+from vptdash.methods import vlprompts
 
 FAMILY_ORDER = ["linear probe", "shallow", "deep", "custom blocks", "full fine-tune"]
 
@@ -213,11 +214,14 @@ def runs_table(rows: list[dict]) -> pd.DataFrame:
         costs = row.get("costs") or {}
         timings = row.get("timings") or {}
         run_config = _run_config(config)
+        family, label = run_config.family(), run_config.label()
+        if row.get("kind") == vlprompts.KIND:  # not a RunConfig: CLIP prompts label themselves
+            family, label = vlprompts.family_and_label(config)
         records.append(
             {
                 "id": row.get("id"),
-                "family": run_config.family(),
-                "label": run_config.label(),
+                "family": family,
+                "label": label,
                 "config_key": config_key(config),
                 "dataset": config.get("dataset", row.get("dataset")),
                 "backbone": config.get("backbone"),

@@ -17,6 +17,10 @@ FAMILY_COLORS: dict[str, str] = {
     "bilinear": "#17becf",  # teal
     "skip blocks": "#8c564b",  # brown
     "condensed": "#e377c2",  # pink
+    # vision-language prompts on CLIP (methods.vlprompts): one hue family, darker = more learned
+    "zero-shot CLIP": "#f2b701",  # amber
+    "CoOp": "#d95f02",  # orange
+    "MaPLe": "#a50f15",  # crimson
 }
 _EXTRA_COLORS = ["#bcbd22", "#ff7f0e", "#393b79", "#637939", "#843c39", "#7b4173"]
 
