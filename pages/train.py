@@ -3,10 +3,11 @@
 import streamlit as st
 
 from vptdash.engine import backbones
+from vptdash.engine.clip import CLIP_BACKBONES, TINY_CLIP
 from vptdash.engine.cost import block_macs
 from vptdash.engine.prompts import PROMPT_TYPES, default_prompt_rank
 from vptdash.engine.train import ConfigError, RunConfig
-from vptdash.methods import skipping
+from vptdash.methods import skipping, vlprompts
 from vptdash.runs import jobs
 from vptdash.ui import jobqueue, look, resources, session
 from vptdash.views import budget, charts, wording
@@ -343,6 +344,84 @@ with controls_col:
         help=f"Baseline: every backbone weight is trained (learning rate {FULL_FINETUNE_LR:g}).",
     ):
         submit(session.base_config(tuning="full", num_prompts=0, placement="none", lr=FULL_FINETUNE_LR, **common))
+
+# ------------------------------------------------------------------------------------ CLIP prompts
+with controls_col, st.expander("Vision-language prompts on CLIP: zero-shot, CoOp, MaPLe"):
+    st.caption(
+        "A frozen CLIP on the active data set and shots: CoOp learns text context (free per image once the "
+        "class set's text features exist), MaPLe also feeds coupled prompts to the image tower (they cost "
+        "compute per image). `tiny-clip` is random: it shows the path works, its accuracy means nothing."
+    )
+    clip_backbone = st.selectbox(
+        "CLIP backbone",
+        list(CLIP_BACKBONES),
+        format_func=lambda n: f"{n}: {CLIP_BACKBONES[n]}",
+        key="train_clip_backbone",
+    )
+    clip_weights = st.text_input(
+        "Weights file (an open_clip state dict; empty: from the hub)",
+        key="train_clip_weights",
+        disabled=clip_backbone == TINY_CLIP,
+    )
+    clip_method = (
+        st.segmented_control(
+            "Method",
+            list(vlprompts.FAMILIES),
+            format_func=vlprompts.FAMILIES.get,
+            default="coop",
+            key="train_clip_method",
+            required=True,
+        )
+        or "coop"
+    )
+    c = st.columns(2)
+    clip_text = c[0].number_input(
+        "Text prompts",
+        min_value=1,
+        max_value=64,
+        value=vlprompts.DEFAULT_TEXT_PROMPTS["coop"],
+        key="train_clip_text",
+        disabled=clip_method == "zeroshot",
+        help="Learnable context tokens in front of the class name; MaPLe couples one vision prompt to each.",
+    )
+    clip_depth = c[1].number_input(
+        "Prompt depth (MaPLe)",
+        min_value=1,
+        max_value=48,
+        value=vlprompts.MAPLE_DEPTH,
+        key="train_clip_depth",
+        disabled=clip_method != "maple",
+        help=f"Layers with prompts in both towers; {vlprompts.MAPLE_DEPTH} is MaPLe's, capped at the model's layers.",
+    )
+    clip_b2n = st.toggle(
+        "Base-to-novel",
+        key="train_clip_b2n",
+        help="Train on the first half of the classes; test base and novel classes apart (needs 4 classes).",
+    )
+    if st.button("Queue CLIP run", key="train_clip_submit", icon=":material/play_arrow:", width="stretch"):
+        active = session.active_setup()
+        clip_config = vlprompts.VLPromptConfig(
+            backbone=clip_backbone,
+            weights=(clip_weights or "").strip() or None if clip_backbone != TINY_CLIP else None,
+            dataset=active["dataset"],
+            cell_type=active["cell_type"],
+            shots=active["shots"],
+            test_fraction=active["test_fraction"],
+            method=clip_method,
+            text_prompts=None if clip_method == "zeroshot" else int(clip_text),
+            prompt_depth=int(clip_depth) if clip_method == "maple" and clip_depth != vlprompts.MAPLE_DEPTH else None,
+            base_to_novel=bool(clip_b2n),
+            seed=int(seed),
+        )
+        try:
+            clip_run = vlprompts.submit_vlprompt(store, clip_config)
+        except ConfigError as exc:
+            st.error(f"Not queued: {exc}")
+        else:
+            jobqueue.start_worker(store)
+            st.session_state["train_run_id"] = clip_run
+            st.session_state["train_watch"] = clip_run
+            st.rerun()
 
 # ------------------------------------------------------------------------------------ the watched run
 recent = [run for run in store.list_runs(limit=40) if run["source"] != "precomputed" and run["kind"] != "skip-search"]

@@ -1,10 +1,12 @@
 """Vision-language prompts (zero-shot, CoOp, MaPLe) on the random tiny CLIP: the code path, not accuracy."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_image_folder
+from streamlit.testing.v1 import AppTest
 from torch.nn import functional as F
 
 from vptdash import cli
@@ -12,8 +14,9 @@ from vptdash.engine import clip, cost, data
 from vptdash.engine.backbones import BackboneError
 from vptdash.engine.train import ConfigError
 from vptdash.methods import vlprompts
+from vptdash.runs import jobs, reference, worker
 from vptdash.runs.store import RunStore
-from vptdash.views import budget, style
+from vptdash.views import budget, style, wording
 
 NAMES = ["dark thing", "bright thing", "striped thing"]
 
@@ -195,8 +198,10 @@ def test_image_gmacs_grow_with_vision_prompts_as_the_formula_says_and_not_with_t
     zero = clip.PromptedCLIP(bundle, "zeroshot")
     coops = [clip.PromptedCLIP(bundle, "coop", text_prompts=n) for n in (1, 8)]
     maples = {n: clip.PromptedCLIP(bundle, "maple", text_prompts=n, depth=2) for n in (1, 3)}
+    shallow = clip.PromptedCLIP(bundle, "maple", text_prompts=3, depth=1)  # prompts carried through layer 1
     assert counted(coops[0]) == counted(coops[1]) == counted(zero)
-    for model in [zero, *maples.values()]:
+    assert counted(shallow) == counted(maples[3])  # the depth changes parameters, not per-image compute
+    for model in [zero, shallow, *maples.values()]:
         assert counted(model) == pytest.approx(clip.image_gmacs_analytic(model, 3), rel=1e-9)
     # every one of the 2 layers sees 1 + patches + n tokens: the difference by the block formula
     width, mlp, n0 = bundle.vision_width, 4 * bundle.vision_width, 1 + (32 // 8) ** 2
@@ -249,3 +254,35 @@ def test_cli_train_runs_offline_end_to_end_and_lands_on_the_budget_table(image_f
     assert style.family_color("MaPLe") == style.FAMILY_COLORS["MaPLe"]
     assert cli.main(["train", "--method", "coop", "--store", store_path]) == 2
     assert "only for CLIP backbones" in capsys.readouterr().err
+
+
+def test_train_page_queues_a_clip_run_that_the_budget_table_labels(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("VPTDASH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VPTDASH_NO_WARMUP", "1")
+    monkeypatch.setattr(reference, "REFERENCE_FILE", tmp_path / "no-reference-sweep.json")
+    monkeypatch.setattr(worker, "ensure_worker", lambda store, **kw: True)
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60)
+    at.run()
+    for key, value in {"dataset": str(image_folder), "backbone": "tiny-random", "resolution": 32, "shots": 2}.items():
+        at.session_state[f"active_{key}"] = value
+    at.switch_page("pages/train.py").run()
+    at.button_group(key="train_clip_method").set_value("maple").run()
+    at.number_input(key="train_clip_text").set_value(2).run()
+    at.button(key="train_clip_submit").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    store = RunStore()
+    [run] = store.list_runs()
+    assert run["kind"] == vlprompts.KIND and run["status"] == "queued"
+    config = run["config"]
+    assert (config["backbone"], config["method"], config["text_prompts"], config["shots"]) == (
+        "tiny-clip",
+        "maple",
+        2,
+        2,
+    )
+    assert config["dataset"] == str(image_folder) and config["resolution"] == clip.TINY_IMAGE_SIZE
+    store.update_config(run["id"], {**config, "epochs": 1, "measure_latency": False})
+    [done] = jobs.execute_queued(store, [run["id"]])
+    assert done["status"] == "done", done.get("error")
+    assert wording.run_label(done).startswith("MaPLe, 2 text + 2 vision prompts")
+    assert wording.run_family(done["config"]) == "MaPLe"

@@ -49,6 +49,11 @@ from vptdash.engine.cost import block_macs
 CLIP_PREFIX = "open_clip:"
 TINY_CLIP = "tiny-clip"
 METHODS = ("zeroshot", "coop", "maple")
+CLIP_BACKBONES = {
+    TINY_CLIP: "random tiny CLIP, offline: shows the path works, knows nothing",
+    "open_clip:ViT-B-16": "CLIP ViT-B/16 (hub tag when online, or a local weights file)",
+    "open_clip:ViT-B-32": "CLIP ViT-B/32 (hub tag when online, or a local weights file)",
+}
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 CTX_INIT = "a photo of a"  # CoOp/MaPLe initialise the context from these words' embeddings
 _TINY_SEED = 0
@@ -469,12 +474,12 @@ class PromptedCLIP(nn.Module):
 
     # -- shapes for the cost formulas
     def image_tokens_per_layer(self) -> list[int]:
+        """Tokens each image layer runs on. MaPLe's prompts enter in layer 0 and stay in the sequence to
+        the end: layers below the depth replace them with new ones, later layers carry the last ones. So
+        every layer runs on the prompts, and the depth changes parameters, not compute."""
         visual = self.clip.visual
         patches = int(visual.positional_embedding.shape[0]) - 1
-        return [
-            1 + patches + (self.vision_prompts if self.vision_prompts and i < self.depth else 0)
-            for i in range(self.bundle.vision_layers)
-        ]
+        return [1 + patches + self.vision_prompts for _ in range(self.bundle.vision_layers)]
 
 
 class ImageClassifier(nn.Module):
@@ -526,8 +531,8 @@ def norm_macs(tokens: int, width: int) -> int:
 def image_gmacs_analytic(model: PromptedCLIP, num_classes: int) -> float:
     """Per image: patch embedding + every layer with its real token count (LayerNorms counted as fvcore
     counts them, so the two agree exactly) + projection + the product with the class set's text
-    features. Vision prompts lengthen the sequence in the first J layers; text prompts never reach the
-    image tower."""
+    features. Vision prompts lengthen the sequence in every layer (whatever the depth J); text prompts
+    never reach the image tower."""
     visual = model.clip.visual
     width = model.bundle.vision_width
     mlp = visual.transformer.resblocks[0].mlp.c_fc.out_features

@@ -10,6 +10,7 @@ from typing import Any
 
 from vptdash.engine import data
 from vptdash.engine.train import RunConfig
+from vptdash.methods import vlprompts
 from vptdash.runs import uploads
 
 
@@ -105,6 +106,8 @@ def run_label(run: dict) -> str:
                 f"continual {config.get('method', '?')}: {config.get('tasks', '?')} tasks, "
                 f"{config.get('num_prompts', '?')} prompts ({config.get('placement', '?')})"
             )
+        if kind == vlprompts.KIND:
+            return vlprompts.family_and_label(config)[1]
         label = RunConfig.from_dict(config).label()
         if kind == "skip-search":
             return (
@@ -117,6 +120,8 @@ def run_label(run: dict) -> str:
 
 
 def run_family(config: dict) -> str:
+    if (config or {}).get("tuning") == vlprompts.KIND:  # CLIP prompt runs store their own configuration
+        return vlprompts.family_and_label(config)[0]
     try:
         return RunConfig.from_dict(config or {}).family()
     except Exception:  # noqa: BLE001
