@@ -286,3 +286,8 @@ def test_train_page_queues_a_clip_run_that_the_budget_table_labels(image_folder,
     assert done["status"] == "done", done.get("error")
     assert wording.run_label(done).startswith("MaPLe, 2 text + 2 vision prompts")
     assert wording.run_family(done["config"]) == "MaPLe"
+    at.switch_page("pages/budget.py").run()
+    at.toggle(key="budget_match").set_value(False).run()  # another backbone than the active one
+    assert not at.exception, [e.message for e in at.exception]
+    traces = [trace.get("name") for chart in at.get("plotly_chart") for trace in json.loads(chart.proto.spec)["data"]]
+    assert "MaPLe" in traces
