@@ -10,7 +10,7 @@ import streamlit as st
 from vptdash.engine.data import DatasetError
 from vptdash.engine.prompts import PromptConfigError, parse_placement
 from vptdash.engine.train import ConfigError, RunConfig
-from vptdash.methods import attention, condense
+from vptdash.methods import attention, condense, vlprompts
 from vptdash.runs.store import RunStore
 from vptdash.ui import jobqueue, look, resources, session
 from vptdash.views import attention_charts, wording
@@ -66,8 +66,11 @@ def split_key(config: RunConfig) -> tuple:
 
 
 # ------------------------------------------------------------------------------------ runs
+# CLIP prompt runs (kind "vlprompt") are not a prompted ViT: their towers are not inspected here yet
 runs = [
-    r for r in store.list_runs(status="done") if r.get("artifact_path") and (r["config"] or {}).get("tuning") != "full"
+    r
+    for r in store.list_runs(status="done")
+    if r.get("artifact_path") and (r["config"] or {}).get("tuning") not in ("full", vlprompts.KIND)
 ]
 if not runs:
     st.info(

@@ -291,3 +291,5 @@ def test_train_page_queues_a_clip_run_that_the_budget_table_labels(image_folder,
     assert not at.exception, [e.message for e in at.exception]
     traces = [trace.get("name") for chart in at.get("plotly_chart") for trace in json.loads(chart.proto.spec)["data"]]
     assert "MaPLe" in traces
+    at.switch_page("pages/attention.py").run()  # a CLIP run is not offered as a prompted ViT to inspect
+    assert not at.exception, [e.message for e in at.exception]

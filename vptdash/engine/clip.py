@@ -267,6 +267,21 @@ def _check_supported(name: str, model: nn.Module) -> None:
         raise BackboneError(f"{name}: not supported for prompt learning here ({'; '.join(problems)})")
 
 
+def architecture_only(model_name: str) -> ClipBundle:
+    """An open_clip architecture with random weights, for counting its costs only (GMACs and parameter
+    counts depend on the architecture, not on the weights). Never used for a run: it knows nothing."""
+    open_clip = _open_clip()
+    with _quiet():
+        model = open_clip.create_model(model_name, pretrained=None)
+    _check_supported(model_name, model)
+    model.eval().requires_grad_(False)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    mean, std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    return ClipBundle(f"{CLIP_PREFIX}{model_name}", model, tokenizer, tuple(mean), tuple(std), int(size), "random")
+
+
 @lru_cache(maxsize=2)
 def load_clip(name: str, weights: str | None = None) -> ClipBundle:
     """One frozen CLIP per (name, weights) in this process; prompted models never mutate it."""

@@ -384,8 +384,9 @@ def run_vlprompt(
     train_ids = list(range(len(train_classes)))
     mean, std = bundle.mean, bundle.std
     emit({"phase": "setup", "message": "encoding images", "elapsed_s": time.perf_counter() - started})
-    inputs = {"train": ImageInputs(model, image_set.images[train_index], mean, std)}
-    inputs["val"] = ImageInputs(model, image_set.images[val_index], mean, std)
+    inputs = {"val": ImageInputs(model, image_set.images[val_index], mean, std)}
+    if config.method != "zeroshot":  # zero-shot never looks at training images
+        inputs["train"] = ImageInputs(model, image_set.images[train_index], mean, std)
     y_train, y_val = local(train_index, train_ids), local(val_index, train_ids)
 
     curve: list[dict[str, Any]] = []
@@ -623,23 +624,6 @@ def sweep_vlprompt_configs(
     return configs
 
 
-def trained_model(store: RunStore, run_id: int) -> tuple[clip.PromptedCLIP, VLPromptConfig, list[str]]:
-    """A stored vlprompt run's model with its trained prompts, its configuration and class names."""
-    row = store.get_run(run_id)
-    if row is None or row.get("kind") != KIND:
-        raise ConfigError(f"run {run_id} is not a vision-language prompt run")
-    config = VLPromptConfig.from_dict(row["config"])
-    model = build_model(config)
-    if row.get("artifact_path"):
-        model.load_trainable_state(store.load_artifact(run_id))
-    names = (
-        [c for c in store.load_artifact_metadata(run_id).get("class_names", "").split(",") if c]
-        if row.get("artifact_path")
-        else list((row.get("metrics") or {}).get("class_names") or [])
-    )
-    return model, config, names
-
-
 __all__ = [
     "FAMILIES",
     "KIND",
@@ -654,7 +638,6 @@ __all__ = [
     "run_vlprompt",
     "submit_vlprompt",
     "sweep_vlprompt_configs",
-    "trained_model",
     "vlprompt_now",
 ]
 
