@@ -157,11 +157,14 @@ def test_a_checkpoint_in_open_clip_format_loads_through_the_users_path(bundle, t
         clip.create_clip("open_clip:ViT-B-16", weights=str(tmp_path / "missing.pt"))
 
 
-def test_offline_without_weights_is_one_line(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_offline_without_weights_is_one_line_at_once(monkeypatch):
+    monkeypatch.setattr(clip, "hub_reachable", lambda timeout=3.0: False)  # no network, without waiting for it
     with pytest.raises(BackboneError) as info:
         clip.create_clip("open_clip:ViT-B-32")
     assert "\n" not in str(info.value) and "--weights FILE" in str(info.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError, match="HF_HUB_OFFLINE is set.*--weights FILE"):
+        clip.create_clip("open_clip:ViT-B-16@openai")
 
 
 def test_base_to_novel_splits_are_disjoint_and_stratified(four_classes):
@@ -212,7 +215,10 @@ def test_image_gmacs_grow_with_vision_prompts_as_the_formula_says_and_not_with_t
     assert text[0] == text[1] == text[2] == pytest.approx(clip.text_gmacs_analytic(zero, 3), rel=1e-9)
 
 
-def test_config_rejects_what_cannot_run():
+def test_config_rejects_what_cannot_run(bundle):
+    model = clip.PromptedCLIP(bundle, "coop", text_prompts=30)  # 30 + "dark thing." + start/end > 32 tokens
+    with pytest.raises(ConfigError, match="more than the text tower's 32"):
+        model.encode_text(NAMES)
     with pytest.raises(ConfigError, match="no vision prompts"):
         vlprompts.VLPromptConfig(method="coop", vision_prompts=4).validate()
     with pytest.raises(ConfigError, match="must equal text prompts"):
@@ -254,6 +260,18 @@ def test_cli_train_runs_offline_end_to_end_and_lands_on_the_budget_table(image_f
     assert style.family_color("MaPLe") == style.FAMILY_COLORS["MaPLe"]
     assert cli.main(["train", "--method", "coop", "--store", store_path]) == 2
     assert "only for CLIP backbones" in capsys.readouterr().err
+
+
+def test_cli_sweep_runs_the_grid_and_depth_only_varies_maple(image_folder, tmp_path, capsys):
+    argv = ["sweep", "--backbone", "tiny-clip", "--method", "zeroshot,coop,maple", "--text-prompts", "1"]
+    argv += ["--prompt-depth", "1,2", "--dataset", str(image_folder), "--shots", "1", "--epochs", "1"]
+    argv += ["--no-latency", "--json", "--store", str(tmp_path / "runs.db")]
+    assert cli.main(argv) == 0
+    results = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["method"] for r in results] == ["zeroshot", "coop", "maple", "maple"]
+    assert all(r["status"] == "done" for r in results)
+    assert results[2]["gmacs"] == results[3]["gmacs"] > results[0]["gmacs"] == results[1]["gmacs"]
+    assert results[2]["params_trainable"] < results[3]["params_trainable"]  # depth 2: one more context and coupling
 
 
 def test_train_page_queues_a_clip_run_that_the_budget_table_labels(image_folder, tmp_path, monkeypatch):

@@ -32,11 +32,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import urlparse
 
 import torch
 from safetensors.torch import load_file
@@ -45,6 +48,7 @@ from torch.nn import functional as F
 
 from vptdash.engine.backbones import BackboneError
 from vptdash.engine.cost import block_macs
+from vptdash.engine.train import ConfigError
 
 CLIP_PREFIX = "open_clip:"
 TINY_CLIP = "tiny-clip"
@@ -188,6 +192,17 @@ def _load_file_into(model: nn.Module, path: Path) -> None:
         )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers within `timeout` seconds. Offline, the hub client retries for about
+    a minute before failing; this answers in seconds, so an offline user is told at once."""
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((host.hostname or "huggingface.co", host.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _hub_clip(model_name: str, tag: str | None):
     open_clip = _open_clip()
     if model_name not in open_clip.list_models():
@@ -199,6 +214,17 @@ def _hub_clip(model_name: str, tag: str | None):
     tag = tag or (tags[0] if tags else None)
     if tag is None:
         raise BackboneError(f"open_clip lists no pretrained weights for {model_name}: pass --weights FILE")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        # the hub client would still try (and retry) before giving up: say it at once
+        raise BackboneError(
+            f"HF_HUB_OFFLINE is set, so {model_name} weights {tag!r} cannot come from the hub: pass --weights FILE "
+            f"(an open_clip state dict of {model_name}, .safetensors or .pt)"
+        )
+    if not hub_reachable():
+        raise BackboneError(
+            f"the Hugging Face hub cannot be reached, so {model_name} weights {tag!r} cannot be downloaded: pass "
+            f"--weights FILE (an open_clip state dict of {model_name}, .safetensors or .pt)"
+        )
     try:
         with _quiet():
             model = open_clip.create_model(model_name, pretrained=tag)
@@ -415,9 +441,24 @@ class PromptedCLIP(nn.Module):
     def _tokens(self, class_names: Sequence[str]) -> torch.Tensor:
         names = class_prompt_names(class_names)
         if self.n_ctx:
-            placeholder = " ".join(["X"] * self.n_ctx)
-            return self.bundle.tokenizer([f"{placeholder} {name}." for name in names])
-        return self.bundle.tokenizer([t.format(name) for name in names for t in self.templates])
+            texts = [f"{' '.join(['X'] * self.n_ctx)} {name}." for name in names]
+        else:
+            texts = [t.format(name) for name in names for t in self.templates]
+        self._check_length(texts)
+        return self.bundle.tokenizer(texts)
+
+    def _check_length(self, texts: Sequence[str]) -> None:
+        """The tokenizer would cut a prompt longer than the context silently, class name first."""
+        encode = getattr(self.bundle.tokenizer, "encode", None)
+        if encode is None:
+            return
+        context = int(self.clip.positional_embedding.shape[0])
+        longest = max(texts, key=lambda t: len(encode(t)))
+        if len(encode(longest)) + 2 > context:  # + start and end of text
+            raise ConfigError(
+                f"the prompt {longest[:60]!r} needs {len(encode(longest)) + 2} tokens, more than the text "
+                f"tower's {context}: fewer text prompts or shorter class names"
+            )
 
     def encode_text(self, class_names: Sequence[str]) -> torch.Tensor:
         """Normalised text features, one row per class (zero-shot: averaged over the templates)."""
