@@ -490,6 +490,9 @@ def result_card(run: dict) -> None:
         delta(costs.get("params_trainable"), base_c.get("params_trainable"), "{:+,.0f}"),
         delta_color="inverse",
     )
+    if config.get("tuning") == vlprompts.KIND:  # a CLIP run: no linear probe on its backbone to compare with
+        st.caption(wording.clip_summary(metrics, costs))
+        return
     if is_probe:
         st.caption("This run is the linear-probe baseline for its data.")
     elif baseline:

@@ -49,6 +49,10 @@ def frozen_snapshot(bundle):
     return {k: v.clone() for k, v in bundle.model.state_dict().items()}
 
 
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
 def short(**values):
     base = {"shots": 2, "epochs": 1, "batch_size": 4, "measure_latency": False}
     return vlprompts.VLPromptConfig(**{**base, **values})
@@ -304,6 +308,10 @@ def test_train_page_queues_a_clip_run_that_the_budget_table_labels(image_folder,
     assert done["status"] == "done", done.get("error")
     assert wording.run_label(done).startswith("MaPLe, 2 text + 2 vision prompts")
     assert wording.run_family(done["config"]) == "MaPLe"
+    assert "Text tower: " in wording.clip_summary(done["metrics"], done["costs"])
+    at.switch_page("pages/train.py").run()  # the result card of the finished CLIP run
+    assert not at.exception, [e.message for e in at.exception]
+    assert "Text tower: " in texts(at.caption)
     at.switch_page("pages/budget.py").run()
     at.toggle(key="budget_match").set_value(False).run()  # another backbone than the active one
     assert not at.exception, [e.message for e in at.exception]

@@ -119,6 +119,29 @@ def run_label(run: dict) -> str:
         return "run"
 
 
+def clip_summary(metrics: dict, costs: dict) -> str:
+    """A CLIP prompt run's figures beyond the card: base / novel accuracy, and the text tower's cost,
+    which is paid once per class set, not per image."""
+    metrics, costs = metrics or {}, costs or {}
+    parts = []
+    if metrics.get("harmonic_mean") is not None:
+        parts.append(
+            f"Base-to-novel: base {fmt_pct(metrics.get('base_accuracy'))}, "
+            f"novel {fmt_pct(metrics.get('novel_accuracy'))}, "
+            f"harmonic mean {fmt_pct(metrics.get('harmonic_mean'))} (the accuracy shown)."
+        )
+    text = number(costs.get("text_gmacs_per_class_set"))
+    if text is not None:
+        images = int(number(costs.get("text_amortised_images")) or 0)
+        amortised = number(costs.get("text_gmacs_per_image_amortised"))
+        parts.append(
+            f"Text tower: {text:.3g} GMACs once for the {costs.get('text_classes', '?')} classes"
+            + (f" ({amortised:.3g} per image over {images:,} images)" if amortised is not None and images else "")
+            + "; GMACs per image count the image tower with its prompts only."
+        )
+    return " ".join(parts)
+
+
 def run_family(config: dict) -> str:
     if (config or {}).get("tuning") == vlprompts.KIND:  # CLIP prompt runs store their own configuration
         return vlprompts.family_and_label(config)[0]
