@@ -231,6 +231,8 @@ def test_config_rejects_what_cannot_run(bundle):
         vlprompts.VLPromptConfig(method="maple", prompt_depth=9).validate(layers=2)
     with pytest.raises(ConfigError, match="'{}'"):
         vlprompts.VLPromptConfig(method="zeroshot", templates=["a photo"]).validate()
+    assert vlprompts.clip_input_size("open_clip:ViT-B-16") == 224  # from open_clip's config, no weights
+    assert vlprompts.clip_input_size("tiny-clip") == clip.TINY_IMAGE_SIZE
     with pytest.raises(ConfigError, match="not a CLIP backbone"):
         vlprompts.VLPromptConfig(backbone="dinov2_s14").validate()
 

@@ -665,6 +665,11 @@ def cmd_vlprompt(args: argparse.Namespace) -> int:
             _vlprompt_config(args), methods, args.text_prompts, args.prompt_depth or [None], args.seeds
         )
         sweep_id = new_sweep_id()
+        if args.executor != "local" or args.processes != 1:
+            print(
+                "note: CLIP sweeps run one after the other in this process (--executor/--processes unused)",
+                file=sys.stderr,
+            )
     for config in configs:  # every configuration is checked before the first one runs
         config.validate()
     failures = 0
