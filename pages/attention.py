@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from vptdash.engine.backbones import BackboneError
 from vptdash.engine.data import DatasetError
 from vptdash.engine.prompts import PromptConfigError, parse_placement
 from vptdash.engine.train import ConfigError, RunConfig
@@ -66,7 +67,53 @@ def split_key(config: RunConfig) -> tuple:
 
 
 # ------------------------------------------------------------------------------------ runs
-# CLIP prompt runs (kind "vlprompt") are not a prompted ViT: their towers are not inspected here yet
+# ------------------------------------------------------------------------------------ CLIP image tower
+clip_runs = store.list_runs(status="done", kind=vlprompts.KIND)
+if clip_runs:
+    with st.expander("CLIP image tower: where the class token looks (zero-shot, CoOp, MaPLe runs)"):
+        clip_by_id = {r["id"]: r for r in clip_runs}
+        clip_id = st.selectbox(
+            "CLIP run",
+            list(clip_by_id),
+            format_func=lambda i: f"#{i} · {wording.run_label(clip_by_id[i])}",
+            key="attention_clip_run",
+        )
+        try:
+            clip_model, clip_config, clip_words = vlprompts.trained_model(store, clip_id)
+            clip_images = attention.run_images(clip_config, "test", limit=32)
+        except (ConfigError, DatasetError, BackboneError, KeyError) as exc:
+            st.error(f"This run cannot be inspected here: {exc}")
+        else:
+            c = st.columns(2)
+            clip_image = c[0].slider(
+                "Test image", 0, max(len(clip_images.labels) - 1, 0), 0, key="attention_clip_image"
+            )
+            clip_layer = c[1].slider(
+                "Layer",
+                0,
+                clip_model.bundle.vision_layers - 1,
+                clip_model.bundle.vision_layers - 1,
+                key="attention_clip_layer",
+            )
+            maps = vlprompts.image_attention(clip_model, clip_images.images[clip_image : clip_image + 1], clip_words)
+            heat = attention.cls_patch_map(maps, clip_layer)[0]
+            pull = attention.prompt_pull(maps)[clip_layer]
+            look.show_plotly(
+                attention_charts.overlay_figure(
+                    clip_images.images[clip_image],
+                    heat,
+                    title=f"Class-token attention, layer {clip_layer}",
+                    caption=f"true class: {clip_images.class_names[int(clip_images.labels[clip_image])]}",
+                ),
+                key="attention_clip_overlay",
+            )
+            st.caption(
+                f"Attention mass on the {pull['prompts']} vision prompts at this layer: "
+                f"{wording.fmt_pct(pull['cls_pull'])} from the class token (uniform share "
+                f"{wording.fmt_pct(pull['uniform'])}). Text prompts never enter the image tower."
+            )
+
+# CLIP prompt runs (kind "vlprompt") are inspected above: the views below read a prompted ViT
 runs = [
     r
     for r in store.list_runs(status="done")

@@ -13,7 +13,7 @@ from vptdash import cli
 from vptdash.engine import clip, cost, data
 from vptdash.engine.backbones import BackboneError
 from vptdash.engine.train import ConfigError
-from vptdash.methods import vlprompts
+from vptdash.methods import attention, vlprompts
 from vptdash.runs import jobs, reference, worker
 from vptdash.runs.store import RunStore
 from vptdash.views import budget, style, wording
@@ -319,5 +319,24 @@ def test_train_page_queues_a_clip_run_that_the_budget_table_labels(image_folder,
     assert not at.exception, [e.message for e in at.exception]
     traces = [trace.get("name") for chart in at.get("plotly_chart") for trace in json.loads(chart.proto.spec)["data"]]
     assert "MaPLe" in traces
-    at.switch_page("pages/attention.py").run()  # a CLIP run is not offered as a prompted ViT to inspect
+    at.switch_page("pages/attention.py").run()  # the CLIP run's image tower, not as a prompted ViT
     assert not at.exception, [e.message for e in at.exception]
+    assert "vision prompts at this layer" in texts(at.caption)
+
+
+def test_image_attention_reads_the_prompted_image_tower(bundle):
+    model = clip.PromptedCLIP(bundle, "maple", text_prompts=3, depth=2).eval()
+    pictures = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    maps = vlprompts.image_attention(model, pictures, NAMES)
+    tokens = 1 + 3 + 16
+    assert maps.depth == 2 and maps.blocks[0].probs.shape == (2, 2, tokens, tokens)
+    assert torch.allclose(maps.blocks[1].probs.sum(-1), torch.ones(2, 2, tokens), atol=1e-5)
+    assert attention.cls_patch_map(maps, 1).shape == (2, 4, 4)
+    pull = attention.prompt_pull(maps)
+    assert all(row["prompts"] == 3 and 0 < row["cls_pull"] < 1 for row in pull)
+    assert (
+        vlprompts.image_attention(clip.PromptedCLIP(bundle, "coop", text_prompts=2), pictures, NAMES)
+        .blocks[0]
+        .num_prompts
+        == 0
+    )

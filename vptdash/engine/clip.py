@@ -355,6 +355,19 @@ def block_forward(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | N
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
+def attention_probs(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The attention probabilities (B, heads, T, T) a block computes on `x` (no mask: the image tower)."""
+    attn = block.attn
+    h = block.ln_1(x)
+    batch, tokens, width = h.shape
+    q, k, _ = (
+        F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+        .reshape(batch, tokens, 3, attn.num_heads, width // attn.num_heads)
+        .permute(2, 0, 3, 1, 4)
+    )
+    return (torch.matmul(q, k.transpose(-2, -1)) * (width // attn.num_heads) ** -0.5).softmax(dim=-1).float()
+
+
 def class_prompt_names(class_names: Sequence[str]) -> list[str]:
     """Folder names as words: 'solar_cell-defect' -> 'solar cell defect'."""
     return [" ".join(str(c).replace("_", " ").replace("-", " ").split()) or str(c) for c in class_names]
@@ -501,8 +514,11 @@ class PromptedCLIP(nn.Module):
         return super().train(mode)
 
     # -- image tower
-    def encode_image(self, images: torch.Tensor, vision_prompts: Sequence[torch.Tensor] = ()) -> torch.Tensor:
-        """Normalised image features; `vision_prompts`: one (n, width) tensor per prompted layer."""
+    def encode_image(
+        self, images: torch.Tensor, vision_prompts: Sequence[torch.Tensor] = (), record: list | None = None
+    ) -> torch.Tensor:
+        """Normalised image features; `vision_prompts`: one (n, width) tensor per prompted layer;
+        `record`: a list that receives each layer's attention probabilities (B, heads, T, T)."""
         visual = self.clip.visual
         x = visual.conv1(images)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
@@ -517,6 +533,8 @@ class PromptedCLIP(nn.Module):
             if 1 <= index < len(vision_prompts):
                 prompts = vision_prompts[index].to(x.dtype).expand(x.shape[0], -1, -1)
                 x = torch.cat([x[:, :1], prompts, x[:, 1 + n :]], dim=1)
+            if record is not None:
+                record.append(attention_probs(block, x))
             x = block_forward(block, x, None, self.fused_attn)
         x = visual.ln_post(x[:, 0])  # LayerNorm is per token: only the class token's is read
         return F.normalize(x @ visual.proj, dim=-1)

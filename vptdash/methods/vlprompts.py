@@ -41,6 +41,7 @@ from torch import nn
 
 from vptdash.engine import clip, cost, data
 from vptdash.engine.train import ConfigError, classification_metrics, lr_at
+from vptdash.methods.attention import AttentionMaps, BlockAttention
 from vptdash.runs.jobs import ProgressWriter, claim_job, fail_job, register_kind
 from vptdash.runs.store import RunStore
 
@@ -624,6 +625,40 @@ def sweep_vlprompt_configs(
     return configs
 
 
+def trained_model(store: RunStore, run_id: int) -> tuple[clip.PromptedCLIP, VLPromptConfig, list[str]]:
+    """A finished vlprompt run's model (frozen CLIP + its stored prompts, eval mode), its configuration
+    and the words its text tower read per class."""
+    row = store.get_run(run_id)
+    if row is None or row.get("kind") != KIND:
+        raise ConfigError(f"run {run_id} is not a vision-language prompt run")
+    config = VLPromptConfig.from_dict(row["config"])
+    model = build_model(config)
+    if row.get("artifact_path"):
+        model.load_trainable_state(store.load_artifact(run_id))
+    metrics = row.get("metrics") or {}
+    return model.eval(), config, list(metrics.get("class_words") or metrics.get("class_names") or [])
+
+
+@torch.inference_mode()
+def image_attention(model: clip.PromptedCLIP, images_uint8: torch.Tensor, class_words: Sequence[str]) -> AttentionMaps:
+    """Every image layer's attention for these images, with the run's vision prompts, in the form the
+    Attention page reads for a prompted ViT (token order [CLS, prompts, patches])."""
+    _, vision = model.text_features(list(class_words) or ["object"])
+    record: list[torch.Tensor] = []
+    model.encode_image(data.normalize(images_uint8, model.bundle.mean, model.bundle.std), vision, record=record)
+    grid = int(round((model.clip.visual.positional_embedding.shape[0] - 1) ** 0.5))
+    n = model.vision_prompts
+    layers = range(len(record))
+    return AttentionMaps(
+        blocks=[BlockAttention(i, probs, n) for i, probs in zip(layers, record)],
+        num_prefix_tokens=1,
+        has_class_token=True,
+        grid=(grid, grid),
+        placement=tuple(layers) if n else (),
+        prompt_counts=tuple(n for _ in layers) if n else (),
+    )
+
+
 __all__ = [
     "FAMILIES",
     "KIND",
@@ -634,10 +669,12 @@ __all__ = [
     "execute_vlprompt",
     "family_and_label",
     "harmonic_mean",
+    "image_attention",
     "predict",
     "run_vlprompt",
     "submit_vlprompt",
     "sweep_vlprompt_configs",
+    "trained_model",
     "vlprompt_now",
 ]
 
