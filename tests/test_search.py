@@ -1,11 +1,13 @@
 """The budget search: its rule agrees with the dashboard's recommendation, it spends fewer runs than the
 grid when the answer is clear, it stays within its budget, and as a job its runs land in the store."""
 
+import json
 import random
 
 import pytest
 
 from benchmarks import search_replay
+from vptdash import cli
 from vptdash.engine.train import RunConfig
 from vptdash.methods import search
 from vptdash.runs.store import RunStore
@@ -92,27 +94,23 @@ def test_a_failed_run_counts_no_result_and_the_configuration_is_tried_with_its_n
     assert engine.stats()[search.candidate_key(engine.candidates[1])]["n"] == 1
 
 
-def test_a_search_job_stores_its_runs_and_its_answer(image_folder, tmp_path):
-    store = RunStore(tmp_path / "runs.sqlite")
-    base = RunConfig(
-        backbone="tiny-random",
-        dataset=str(image_folder),
-        resolution=32,
-        shots=None,
-        epochs=1,
-        batch_size=8,
-        measure_latency=False,
+def test_a_search_from_the_cli_stores_its_runs_and_its_answer(image_folder, tmp_path, capsys):
+    store_path = tmp_path / "runs.sqlite"
+    code = cli.main(
+        ["search", "--dataset", str(image_folder), "--backbone", "tiny-random", "--resolution", "32", "--epochs", "1"]
+        + ["--batch-size", "8", "--no-latency", "--prompts", "0,1", "--placement", "deep", "--seeds", "0,1"]
+        + ["--max-runs", "3", "--store", str(store_path), "--json", "--quiet"]
     )
-    spec = search.SearchSpec(prompt_counts=[0, 1], placements=["deep"], seeds=[0, 1], max_runs=3)
-    row = search.search_now(store, base, spec)
-    assert row["status"] == "done", row["error"]
-    children = store.list_runs(sweep_id=row["sweep_id"], kind="train") + store.list_runs(
-        sweep_id=row["sweep_id"], kind="probe"
-    )
-    assert 1 <= len(children) <= 3
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    store = RunStore(store_path)
+    row = store.get_run(out["run_id"])
+    assert row["kind"] == "search" and row["status"] == "done", row["error"]
+    children = [r for r in store.list_runs(sweep_id=row["sweep_id"]) if r["id"] != row["id"]]
+    assert 1 <= len(children) <= 3 and out["runs"] == len(children)
     assert all(c["parent_id"] == row["id"] and c["status"] == "done" for c in children)
     state = search.search_state(store, row["id"])
-    assert state["phase"] == "result" and state["runs"] == len(children) and state["chosen"]["label"]
+    assert state["phase"] == "result" and state["chosen"]["label"] == out["chosen"]
     assert not row["metrics"]  # a search is no point on the accuracy-vs-cost chart
 
 

@@ -348,15 +348,22 @@ def _run_here(store: RunStore, run_ids: Sequence[int]) -> list[dict]:
     return [execute_run(store, run_id) for run_id in run_ids]
 
 
-def execute_search(store: RunStore, run_id: int, *, echo: Callable[[dict], None] | None = None) -> dict:
-    """Run a stored search to its end: its runs here, or on the configured Ray cluster a round at a time."""
+def execute_search(
+    store: RunStore,
+    run_id: int,
+    *,
+    echo: Callable[[dict], None] | None = None,
+    settings: cluster.ClusterSettings | None = None,
+) -> dict:
+    """Run a stored search to its end: its runs here, or on the Ray cluster (`settings`, by default the
+    dashboard's setting or the environment's) a round at a time."""
     row = claim_job(store, run_id)
     emit = ProgressWriter(store, run_id, echo)
     runner = None
     try:
         base, spec = spec_of(row)
         search = BudgetSearch(spec)
-        settings = cluster.cluster_settings(store)
+        settings = settings or cluster.cluster_settings(store)
         if settings.address:
             runner = cluster.ClusterRunner(store, settings)
             runner.connect()
@@ -404,10 +411,18 @@ def execute_search(store: RunStore, run_id: int, *, echo: Callable[[dict], None]
             runner.close()
 
 
-def search_now(store: RunStore, base: RunConfig, spec: SearchSpec, *, echo=None, source: str = "cli") -> dict:
+def search_now(
+    store: RunStore,
+    base: RunConfig,
+    spec: SearchSpec,
+    *,
+    echo=None,
+    source: str = "cli",
+    settings: cluster.ClusterSettings | None = None,
+) -> dict:
     """Search in this process (CLI); created already 'running' so a worker never claims it."""
     run_id = submit_search(store, base, spec, source=source, status="running")
-    return execute_search(store, run_id, echo=echo)
+    return execute_search(store, run_id, echo=echo, settings=settings)
 
 
 def search_state(store: RunStore, run_id: int) -> dict | None:
