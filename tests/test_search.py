@@ -3,6 +3,7 @@ grid when the answer is clear, it stays within its budget, and as a job its runs
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,30 @@ def test_the_replay_benchmark_runs_on_the_shipped_reference():
     assert info["grid"] == 33 and rows[0]["truth_label"]
     assert 0 <= rows[0]["hit_rate"] <= 1 and rows[0]["runs_max"] <= 33
     assert "Target" in search_replay.section(rows, info)
+
+
+def test_the_budget_explorer_starts_a_search_and_the_sidebar_saves_the_cluster(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from vptdash.runs import cluster, reference, worker
+
+    monkeypatch.setenv("VPTDASH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VPTDASH_NO_WARMUP", "1")
+    monkeypatch.setattr(reference, "REFERENCE_FILE", tmp_path / "none.json")
+    monkeypatch.setattr(worker, "ensure_worker", lambda store, **kw: True)
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=60)
+    at.run()
+    at.session_state["active_backbone"] = "tiny-random"
+    at.session_state["active_resolution"] = 32
+    at.switch_page("pages/budget.py").run()
+    assert not at.exception, [e.message for e in at.exception]
+    at.button(key="search_start").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    store = RunStore()
+    (row,) = store.list_runs(kind="search")
+    assert row["status"] == "queued" and row["config"]["search"]["tolerance"] == 1.0
+
+    at.text_input(key="cluster_address").input("10.1.2.3:6379")  # inside a form: sent with its button
+    at.button(key="cluster_save").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert cluster.cluster_settings(store).address == "10.1.2.3:6379"
