@@ -6,6 +6,7 @@ while it trains a run."""
 
 import hashlib
 import io
+import os
 import threading
 import time
 import zipfile
@@ -121,3 +122,103 @@ def test_a_node_killed_mid_sweep_loses_no_run(two_nodes, isolated_home):
     for run in runs:  # sent again to the surviving node, or failed with the reason
         assert run["status"] == "done" or "lost on the Ray cluster" in run["error"]
     assert sum(r["status"] == "done" for r in runs) >= 4
+
+
+# ------------------------------------------------------------------ unit tests (no cluster): a fake Ray
+class FakeRay:
+    """Ray's surface the runner uses; every run is lost with its node, every time."""
+
+    class exceptions:
+        class TaskCancelledError(Exception):
+            pass
+
+        class RayTaskError(Exception):
+            pass
+
+        class NodeDiedError(Exception):
+            pass
+
+    def __init__(self, lose_every_run=True):
+        self.submitted = []
+        self.lose = lose_every_run
+
+    def wait(self, refs, num_returns, timeout):
+        return list(refs), []
+
+    def get(self, ref):
+        raise self.exceptions.NodeDiedError("node 3f2a died\n(details)")
+
+    def cancel(self, ref, force=False):
+        pass
+
+    def cluster_resources(self):
+        return {"CPU": 2.0}
+
+
+def fake_runner(store, retries):
+    runner = cluster.ClusterRunner(store, cluster.ClusterSettings(address="fake:1", max_retries=retries))
+    runner.ray = FakeRay()
+    runner.task = type("Task", (), {"remote": lambda self, *a: (runner.ray.submitted.append(a), object())[1]})()
+    return runner
+
+
+def test_a_run_lost_more_often_than_its_retries_fails_with_the_reason(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    run_id = store.create_run(RunConfig(backbone="tiny-random").to_dict(), status="running")
+    runner = fake_runner(store, retries=2)
+    runner.submit(run_id, store.get_run(run_id)["config"])
+    rows = []
+    while runner.in_flight:
+        rows += runner.collect(0.1)
+    assert len(runner.ray.submitted) == 3  # the first attempt and two retries, no more
+    row = store.get_run(run_id)
+    assert (
+        row["status"] == "failed" and row["error"] == "lost on the Ray cluster 3 time(s): NodeDiedError: node 3f2a died"
+    )
+    assert [r["id"] for r in rows] == [run_id]
+    assert sum("sent again" in str(e.get("message")) for e in store.progress(run_id)) == 2
+
+
+def test_the_dashboard_setting_overrides_the_environment(tmp_path, monkeypatch):
+    store = RunStore(tmp_path / "runs.sqlite")
+    monkeypatch.setenv(cluster.ADDRESS_ENV, "10.0.0.1:6379")
+    monkeypatch.setenv(cluster.CPUS_ENV, "2")
+    assert cluster.cluster_settings(store) == cluster.ClusterSettings(address="10.0.0.1:6379", cpus_per_run=2.0)
+    cluster.save_cluster_settings(store, cluster.ClusterSettings(address=None, gpus_per_run=1.0))
+    assert cluster.cluster_settings(store) == cluster.ClusterSettings(address=None, gpus_per_run=1.0)  # this machine
+    cluster.settings_path(store).write_text('{"cpus_per_run": -4}')  # nonsense by hand: defaults, no crash
+    assert cluster.cluster_settings(store).cpus_per_run == 1.0
+
+
+def test_an_image_set_packs_to_the_same_bytes_whatever_its_timestamps(tmp_path):
+    folder = make_image_folder(tmp_path / "a", per_class=2, size=8)
+    first = cluster.pack_dataset(folder)
+    for file in folder.rglob("*.png"):
+        os.utime(file, (1, 1))
+    (folder / ".upload.json").write_text("{}")  # the upload's own metadata does not travel
+    assert cluster.pack_dataset(folder) == first
+    assert zipfile.ZipFile(io.BytesIO(first)).namelist() == sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*.png")
+    )
+
+
+def test_an_unreachable_cluster_fails_the_queued_runs_with_one_line_each(tmp_path, monkeypatch):
+    store = RunStore(tmp_path / "runs.sqlite")
+    ids = [jobs.submit_run(store, RunConfig(backbone="tiny-random", num_prompts=n)) for n in (1, 2, 3)]
+    dispatcher = cluster.Dispatcher(store, cluster.ClusterSettings(address="10.255.255.1:6379"))
+    attempts = []
+
+    def unreachable():
+        attempts.append(1)
+        raise ConnectionError("Failed to connect to Ray cluster at 10.255.255.1:6379")
+
+    monkeypatch.setattr(dispatcher.runner, "connect", unreachable)
+    assert dispatcher.step(0.1) is True
+    rows = [store.get_run(i) for i in ids]
+    assert all(r["status"] == "failed" for r in rows)
+    assert rows[0]["error"] == (
+        "cannot reach the Ray cluster at 10.255.255.1:6379: ConnectionError: Failed to connect to Ray cluster at "
+        "10.255.255.1:6379"
+    )
+    assert len(attempts) == 1  # the reason is reused, not Ray's connection timeout waited out per run
+    assert dispatcher.step(0.1) is False  # nothing left to do

@@ -49,6 +49,7 @@ GPUS_ENV = "VPTDASH_RAY_GPUS_PER_RUN"
 RETRIES_ENV = "VPTDASH_RAY_RETRIES"
 REMOTE_KINDS = ("train", "probe")  # what a node can run: other kinds read the store, so they run on the driver
 CAPACITY_REFRESH_S = 10.0
+RECONNECT_AFTER_S = 60.0  # after a failed connection, runs fail with its reason for this long without retrying
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # vptdash/, shipped to the nodes as a py_module
 
 
@@ -384,6 +385,8 @@ class Dispatcher:
         self.store, self.settings = store, settings
         self.runner = ClusterRunner(store, settings)
         self.echo = echo or (lambda line: None)
+        self.failed_at: float | None = None
+        self.connect_error = ""
 
     def step(self, wait_s: float) -> bool:
         """One round: fill the cluster, store what came back. False when there was nothing to do."""
@@ -395,10 +398,8 @@ class Dispatcher:
             if job is None:
                 break
             worked = True
-            try:
-                self.runner.connect()
-            except Exception as exc:  # noqa: BLE001 - an unreachable cluster fails the run with one line
-                error = f"cannot reach the Ray cluster at {self.settings.address}: {_first_line(exc)}"
+            error = self._connect()
+            if error:
                 self.store.finish_run(job["id"], "failed", error=error)
                 self.echo(error)
                 continue
@@ -412,6 +413,20 @@ class Dispatcher:
             execute_run(self.store, other["id"])
             return True
         return worked
+
+    def _connect(self) -> str | None:
+        """None when connected; else the reason, remembered for a while: every run of a sweep would
+        otherwise wait out Ray's own connection timeout before failing with the same line."""
+        if self.failed_at is not None and time.monotonic() - self.failed_at < RECONNECT_AFTER_S:
+            return self.connect_error
+        try:
+            self.runner.connect()
+        except Exception as exc:  # noqa: BLE001 - an unreachable cluster fails the run with one line
+            self.failed_at = time.monotonic()
+            self.connect_error = f"cannot reach the Ray cluster at {self.settings.address}: {_first_line(exc)}"
+            return self.connect_error
+        self.failed_at = None
+        return None
 
     def close(self) -> None:
         self.runner.close()
