@@ -43,7 +43,7 @@ from vptdash.runs.store import RunStore
 
 KIND = "search"
 SEARCH_KEY = "search"  # the row's config: {"base": RunConfig dict, "search": SearchSpec dict}
-DEFAULT_Z = 0.5  # benchmarks/search_replay.py: the grid's answer in 97-100% of replays (z = 1: 100%, 10% more runs)
+DEFAULT_Z = 0.5  # a larger z spends more seeds for a surer answer: benchmarks/search_replay.py measures the trade
 PRIOR_STD = 0.05  # seed spread assumed before two configurations have two seeds each (5 points)
 TUNED_KEYS = ("tuning", "num_prompts", "placement", "prompt_type", "skip_blocks")
 
