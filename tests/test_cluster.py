@@ -17,6 +17,7 @@ from conftest import make_image_folder
 
 from tests.raycluster import LocalCluster, session_members
 from vptdash.engine.train import RunConfig
+from vptdash.methods import search
 from vptdash.runs import cluster, jobs, uploads, worker
 from vptdash.runs.store import RunStore
 
@@ -29,6 +30,10 @@ ray = pytest.importorskip("ray")
 def two_nodes(tmp_path_factory):
     local = LocalCluster(tmp_path_factory.mktemp("raycluster")).start(workers=1)
     try:
+        # Connected once, as the dashboard's long-lived worker process is: the tests then share the nodes'
+        # warm Ray workers instead of each importing torch again in new ones.
+        settings = cluster.ClusterSettings(address=local.address)
+        cluster.ClusterRunner(RunStore(tmp_path_factory.mktemp("driver") / "runs.sqlite"), settings).connect()
         yield local
     finally:
         if ray.is_initialized():
@@ -99,6 +104,23 @@ def test_a_sweep_queued_from_the_dashboard_runs_on_the_cluster_and_lands_in_the_
     # each node trained on its own content-addressed copy, under its own data dir, not the driver's
     assert copies and all("home-" in c and str(isolated_home) not in c for c in copies)
     assert {Path(c).name for c in copies} == {f"{hashlib.sha256(cluster.pack_dataset(Path(dataset))).hexdigest()}.zip"}
+
+
+def test_a_search_queued_from_the_dashboard_sends_its_runs_to_the_cluster(two_nodes, isolated_home):
+    store = RunStore()
+    cluster.save_cluster_settings(store, cluster.ClusterSettings(address=two_nodes.address))
+    dataset = upload_zip(isolated_home)
+    base = RunConfig(backbone="tiny-random", dataset=dataset, resolution=32, shots=None, epochs=1, batch_size=8)
+    spec = search.SearchSpec(prompt_counts=[0, 2], placements=["deep"], seeds=[0], max_runs=2)
+    search_id = search.submit_search(store, base, spec)  # what the Budget explorer's search button queues
+
+    assert worker.serve(store, idle_exit_s=1.0, poll_s=0.2) == 0
+
+    # the search ran in the worker (it reads the store) and sent its runs to the cluster
+    searched = store.get_run(search_id)
+    trials = [r for r in store.list_runs(sweep_id=searched["sweep_id"]) if r["id"] != search_id]
+    assert searched["status"] == "done" and len(trials) == 2 and all(t["status"] == "done" for t in trials)
+    assert all(any("dataset_copy" in e for e in store.progress(t["id"])) for t in trials)
 
 
 def test_a_node_killed_mid_sweep_loses_no_run(two_nodes, isolated_home):
