@@ -244,3 +244,25 @@ def test_an_unreachable_cluster_fails_the_queued_runs_with_one_line_each(tmp_pat
     )
     assert len(attempts) == 1  # the reason is reused, not Ray's connection timeout waited out per run
     assert dispatcher.step(0.1) is False  # nothing left to do
+
+
+def test_a_cluster_that_fails_under_the_worker_fails_its_runs_with_the_reason_and_the_worker_goes_on(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    ids = [jobs.submit_run(store, RunConfig(backbone="tiny-random", num_prompts=n)) for n in (1, 2, 3)]
+    dispatcher = cluster.Dispatcher(store, cluster.ClusterSettings(address="fake:1"))
+    runner = fake_runner(store, retries=2)
+    dispatcher.runner = runner
+
+    def gone(refs, num_returns, timeout):
+        raise ConnectionError("GCS at fake:1 is unreachable")
+
+    runner.ray.wait = gone
+    assert dispatcher.step(0.1) is True  # two runs were out (capacity 2); the head went away
+    rows = {i: store.get_run(i) for i in ids}
+    out = [r for r in rows.values() if r["status"] == "failed"]
+    assert len(out) == 2
+    assert all(
+        r["error"] == "the Ray cluster at fake:1 failed: ConnectionError: GCS at fake:1 is unreachable" for r in out
+    )
+    assert [r["status"] for r in rows.values()].count("queued") == 1  # not claimed: still waits, not lost
+    assert dispatcher.runner is not runner and not runner.in_flight

@@ -271,11 +271,16 @@ class ClusterRunner:
             train_on_node
         )
 
-    def close(self) -> None:
+    def close(self, reason: str = "the driver stopped before the run came back") -> None:
+        """Fail the runs still out with `reason` (nothing is left 'running'), and disconnect if this
+        runner connected."""
         for ref in list(self.in_flight):
-            self._give_up(ref, "the driver stopped before the run came back")
+            self._give_up(ref, reason)
         if self.ray is not None and self.started_here:
-            self.ray.shutdown()
+            try:
+                self.ray.shutdown()
+            except Exception:  # noqa: BLE001 - a cluster that is gone cannot be left more cleanly
+                pass
         self.ray, self.started_here = None, False
 
     def capacity(self) -> int:
@@ -389,7 +394,21 @@ class Dispatcher:
         self.connect_error = ""
 
     def step(self, wait_s: float) -> bool:
-        """One round: fill the cluster, store what came back. False when there was nothing to do."""
+        """One round: fill the cluster, store what came back. False when there was nothing to do.
+
+        If the cluster itself fails (its head node lost, the connection dropped), the runs out on it are
+        failed with the reason, never left running, and the next runs try a fresh connection later."""
+        try:
+            return self._step(wait_s)
+        except Exception as exc:  # noqa: BLE001 - one line in the store, the worker goes on
+            reason = f"the Ray cluster at {self.settings.address} failed: {_first_line(exc)}"
+            self.runner.close(reason)
+            self.runner = ClusterRunner(self.store, self.settings)
+            self.failed_at, self.connect_error = time.monotonic(), reason
+            self.echo(reason)
+            return True
+
+    def _step(self, wait_s: float) -> bool:
         worked = False
         while True:
             if self.runner.ray is not None and len(self.runner.in_flight) >= self.runner.capacity():
@@ -403,7 +422,11 @@ class Dispatcher:
                 self.store.finish_run(job["id"], "failed", error=error)
                 self.echo(error)
                 continue
-            self.runner.submit(job["id"], job["config"])
+            try:
+                self.runner.submit(job["id"], job["config"])
+            except Exception as exc:
+                self.store.finish_run(job["id"], "failed", error=f"not sent to the Ray cluster: {_first_line(exc)}")
+                raise
         if self.runner.in_flight:
             for row in self.runner.collect(wait_s):
                 self.echo(f"run {row['id']} {row['status']}")
