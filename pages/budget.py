@@ -6,6 +6,7 @@ import streamlit as st
 
 from vptdash.engine.prompts import PromptConfigError
 from vptdash.engine.train import ConfigError
+from vptdash.methods import search
 from vptdash.runs import jobs
 from vptdash.ui import jobqueue, look, resources, session
 from vptdash.views import attention_charts, budget, charts, style, wording
@@ -281,3 +282,76 @@ with st.expander("Plan a sweep: estimated cost before anything runs", expanded=n
         if sweep_id:
             st.session_state["last_sweep_id"] = sweep_id
             st.rerun()
+
+# ------------------------------------------------------------------------------------ search instead of a grid
+with st.expander("Search instead of the grid: the cheapest budget within X points", icon=":material/travel_explore:"):
+    st.caption(
+        "Tries every configuration above once, then spends seeds only where they could change the answer. "
+        "Its runs land here like a sweep's. Replayed on the reference sweep: docs/results.md."
+    )
+    c = st.columns([2, 2, 2, 2])
+    search_tolerance = c[0].slider("Within (points)", 0.5, 10.0, value=1.0, step=0.5, key="search_tolerance")
+    search_types = c[1].multiselect(
+        "Prompt types", ["standard", "bilinear", "bilinear-whitened"], default=["standard"], key="search_types"
+    )
+    search_skips = c[2].text_input(
+        "Blocks to skip (options)", key="search_skips", placeholder="none;10,11", help="';' between options"
+    )
+    grid_size = len(configs) * max(1, len(search_types)) * max(1, len([p for p in search_skips.split(";") if p]))
+    search_budget = c[3].number_input(
+        "Run budget",
+        min_value=1,
+        max_value=max(1, grid_size),
+        value=max(1, -(-2 * grid_size // 5)),
+        key="search_budget",
+    )
+    try:
+        skip_options = [
+            [int(b) for b in p.split(",") if b.strip()] if p.strip() not in ("", "none") else []
+            for p in (search_skips or "none").split(";")
+        ]
+        search_spec = search.SearchSpec(
+            prompt_counts=[int(x) for x in counts],
+            placements=grid_placements or ["shallow"],
+            prompt_types=search_types or ["standard"],
+            skip_options=skip_options,
+            seeds=list(range(int(n_seeds))),
+            tolerance=float(search_tolerance),
+            max_runs=int(search_budget),
+        )
+    except ValueError as exc:
+        search_spec = None
+        st.warning(f"Blocks to skip: {exc}")
+    if st.button("Start the search", key="search_start", disabled=not configs or search_spec is None):
+        try:
+            search_id = search.submit_search(store, session.base_config(epochs=int(epochs)), search_spec)
+        except ConfigError as exc:
+            st.error(f"Not started: {exc}")
+        else:
+            st.session_state["last_search_id"] = search_id
+            jobqueue.start_worker(store)
+
+    @st.fragment(run_every=2.0)
+    def search_progress() -> None:
+        search_id = st.session_state.get("last_search_id")
+        row = store.get_run(search_id) if search_id else None
+        if row is None:
+            return
+        state = search.search_state(store, search_id) or {}
+        runs, budget_runs = state.get("runs", 0), state.get("budget") or 1
+        if row["status"] in ("queued", "running"):
+            st.progress(min(1.0, runs / budget_runs), text=f"Search #{search_id}: {runs} of at most {budget_runs} runs")
+        elif row["status"] == "failed":
+            st.error(f"Search #{search_id} failed: {wording.first_line(row.get('error'))}")
+        chosen, best = state.get("chosen"), state.get("best")
+        if chosen:
+            text = (
+                f"{'Answer' if row['status'] == 'done' else 'Current answer'}: **{chosen['label']}** "
+                f"({100 * chosen['mean']:.1f}% over {chosen['seeds']} seed(s)); best seen: {best['label']} "
+                f"({100 * best['mean']:.1f}%), after {runs} of the grid's {state['grid_runs']} runs"
+            )
+            if state.get("open_contenders") and row["status"] == "done":
+                text += f"; {state['open_contenders']} configuration(s) could still change it with more seeds"
+            st.markdown(text + ".")
+
+    search_progress()

@@ -18,8 +18,8 @@ from typing import Any, Sequence
 from vptdash import bench
 from vptdash.engine.clip import is_clip_backbone
 from vptdash.engine.train import ConfigError, RunConfig
-from vptdash.methods import condense, continual, skipping, vlprompts
-from vptdash.runs import worker
+from vptdash.methods import condense, continual, search, skipping, vlprompts
+from vptdash.runs import cluster, worker
 from vptdash.runs.executors import get_executor
 from vptdash.runs.jobs import new_sweep_id, run_now, sweep_configs
 from vptdash.runs.store import RunStore
@@ -90,7 +90,13 @@ def _add_run_options(parser: argparse.ArgumentParser, *, sweep: bool = False) ->
             default="local",
             help="where the runs execute; results land in the same run store either way",
         )
-        parser.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+        parser.add_argument(
+            "--ray-address",
+            default=None,
+            help="an existing Ray cluster (default: $VPTDASH_RAY_ADDRESS, else start a local one)",
+        )
+        parser.add_argument("--cpus-per-run", type=float, default=None, help="Ray: CPUs each run reserves (default 1)")
+        parser.add_argument("--gpus-per-run", type=float, default=None, help="Ray: GPUs each run reserves (default 0)")
         parser.add_argument(
             "--processes",
             type=int,
@@ -249,9 +255,75 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.processes < 1:
         print("error: --processes must be at least 1", file=sys.stderr)
         return 2
-    options = {"address": args.ray_address} if args.executor == "ray" else {"processes": args.processes}
+    options = ray_options(args) if args.executor == "ray" else {"processes": args.processes}
     get_executor(args.executor, **options).run(store, configs, sweep_id=sweep_id, source="cli", on_done=report)
     return 1 if outcome["failures"] else 0
+
+
+def ray_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--ray-address / --cpus-per-run / --gpus-per-run over the environment's cluster settings."""
+    settings = cluster.cluster_settings()
+    return {
+        "address": args.ray_address or settings.address,
+        "cpus_per_run": settings.cpus_per_run if args.cpus_per_run is None else args.cpus_per_run,
+        "gpus_per_run": settings.gpus_per_run if args.gpus_per_run is None else args.gpus_per_run,
+        "max_retries": settings.max_retries,
+    }
+
+
+def _skip_options(text: str) -> list[list[int]]:
+    """'none;3,7;3,7,11' -> [[], [3, 7], [3, 7, 11]]."""
+    return [[] if part.strip() in ("", "none") else _int_list(part) for part in text.split(";")]
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Find the cheapest budget within --tolerance points of the best with a fraction of the grid's runs."""
+    store = RunStore(args.store)
+    spec = search.SearchSpec(
+        prompt_counts=args.prompts,
+        placements=args.placement,
+        prompt_types=[t.strip() for t in args.prompt_types.split(",") if t.strip()],
+        skip_options=args.skip_options,
+        seeds=args.seeds,
+        tolerance=args.tolerance,
+        max_runs=args.max_runs,
+        z=args.z,
+    )
+    settings = cluster.ClusterSettings(**ray_options(args)) if args.executor == "ray" else None
+    if settings is not None and not settings.address:
+        print("error: a search on Ray needs --ray-address or $VPTDASH_RAY_ADDRESS", file=sys.stderr)
+        return 2
+    row = search.search_now(
+        store, config_from_args(args), spec, echo=None if args.quiet else _search_printer(), settings=settings
+    )
+    state = search.search_state(store, row["id"]) or {}
+    out = {"run_id": row["id"], "status": row["status"], **{k: state.get(k) for k in ("runs", "budget", "grid_runs")}}
+    out["chosen"] = (state.get("chosen") or {}).get("label")
+    out["best"] = (state.get("best") or {}).get("label")
+    if row.get("error"):
+        out["error"] = row["error"].splitlines()[0]
+    if args.json:
+        print(json.dumps(out))
+    elif out["chosen"]:
+        print(
+            f"search {row['id']}: {out['chosen']} (best: {out['best']}) after {out['runs']} of the grid's "
+            f"{out['grid_runs']} runs; {state.get('open_contenders', 0)} contender(s) still open"
+        )
+    else:
+        print(f"search {row['id']} {row['status']}: {out.get('error', 'no answer')}", file=sys.stderr)
+    return 0 if row["status"] in ("done", "cancelled") else 1
+
+
+def _search_printer():
+    def show(event: dict) -> None:
+        if event.get("phase") == "search" and event.get("chosen"):
+            print(
+                f"[{event['runs']}/{event['budget']}] now: {event['chosen']['label']} "
+                f"({100 * event['chosen']['mean']:.1f}% over {event['chosen']['seeds']} seed(s))",
+                file=sys.stderr,
+            )
+
+    return show
 
 
 def cmd_condense(args: argparse.Namespace) -> int:
@@ -523,6 +595,15 @@ def build_parser() -> argparse.ArgumentParser:
     skip.add_argument("--method", choices=["greedy", "das"], default="greedy")
     skip.add_argument("--steps", type=int, default=300, help="DAS: REINFORCE steps")
     skip.add_argument("--candidates", type=_int_list, default=None, help="blocks that may be skipped (default: all)")
+    search_parser = sub.add_parser("search", help="the cheapest budget within X points of the best, without the grid")
+    _add_run_options(search_parser, sweep=True)
+    search_parser.add_argument("--tolerance", type=float, default=1.0, help="accuracy points (1.0 = 1%%)")
+    search_parser.add_argument("--max-runs", type=int, default=None, help="run budget (default: 40%% of the grid)")
+    search_parser.add_argument("--prompt-types", default="standard", help="comma-separated prompt types to search")
+    search_parser.add_argument(
+        "--skip-options", type=_skip_options, default=[[]], help="block sets to skip, ';'-separated: 'none;3,7'"
+    )
+    search_parser.add_argument("--z", type=float, default=search.DEFAULT_Z, help="how sure the race must be")
     runs = sub.add_parser("runs", help="the run history")
     runs.add_argument("--store", default=None)
     runs_sub = runs.add_subparsers(dest="runs_command", required=True)
@@ -567,6 +648,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_train(args, tuning="linear")
     if args.command == "sweep":
         return cmd_sweep(args)
+    if args.command == "search":
+        return cmd_search(args)
     if args.command == "condense":
         return cmd_condense(args)
     if args.command == "continual":

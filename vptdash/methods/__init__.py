@@ -4,6 +4,6 @@ condensation, block skipping, continual learning with null-space prompts, vision
 Importing this package registers every built-in job kind with `vptdash.runs.jobs`, so a worker
 process that imports it can execute any stored job."""
 
-from vptdash.methods import attention, condense, continual, skipping, vlprompts
+from vptdash.methods import attention, condense, continual, search, skipping, vlprompts
 
-__all__ = ["attention", "condense", "continual", "skipping", "vlprompts"]
+__all__ = ["attention", "condense", "continual", "search", "skipping", "vlprompts"]

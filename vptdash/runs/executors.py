@@ -2,9 +2,9 @@
 processes that share the cores), or on a Ray cluster (ray).
 
 Either way the results land in the same run store, so the dashboard reads Ray runs like local ones.
-With Ray, the remote tasks only train and evaluate (a cluster node cannot see this machine's SQLite
-file); the driver stores each result as it arrives: metrics, costs, timings, the progress curve and
-the trained prompts + head.
+With Ray (`runs.cluster`), the remote tasks only train and evaluate (a cluster node cannot see this
+machine's SQLite file); the driver stores each result as it arrives: metrics, costs, timings, the
+progress curve and the trained prompts + head.
 
     python -m vptdash sweep ... --processes 2                  # two local worker processes, 1 thread each
     python -m vptdash sweep ... --executor ray                 # a local single-node Ray cluster
@@ -19,16 +19,16 @@ import sys
 import types
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from typing import Any, Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from vptdash.engine.cost import latency_costs
 from vptdash.engine.data import load_image_set
-from vptdash.engine.train import RunConfig, build_model, run_training
-from vptdash.runs.jobs import execute_run, fail_job, job_error, kind_of, run_now
+from vptdash.engine.train import RunConfig, build_model
+from vptdash.runs.cluster import ClusterRunner, ClusterSettings
+from vptdash.runs.jobs import execute_run, fail_job, kind_of, run_now
 from vptdash.runs.store import RunStore
-from vptdash.runs.worker import PACKAGE_ROOT
 
 Echo = Callable[[dict], None]
 
@@ -184,26 +184,11 @@ def _run_in_processes(
     return [row for row in (store.get_run(run_id) for run_id in run_ids) if row]
 
 
-def train_remotely(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """The body of one Ray task: train and evaluate; never raises (errors come back as data)."""
-    config = RunConfig.from_dict(config_dict)
-    try:
-        result = run_training(config)
-    except Exception as exc:  # noqa: BLE001 - reported to the driver as data, as a local job stores it
-        return {"status": "failed", "error": job_error(exc)}
-    return {
-        "status": result.status,
-        "metrics": result.metrics,
-        "costs": result.costs,
-        "timings": result.timings,
-        "curve": result.curve,
-        "class_names": result.class_names,
-        "state": {name: tensor.numpy() for name, tensor in result.trainable_state.items()},
-    }
-
-
 class RayExecutor:
-    """One Ray task per run. Without an address, a local single-node cluster is started (and stopped)."""
+    """Runs on a Ray cluster (`runs.cluster`): as many at once as the cluster has room for, each stored
+    here as it comes back; an image set only this machine has travels to the nodes, and a run lost with
+    a node is sent again (bounded). Without an address, a local single-node cluster is started (and
+    stopped)."""
 
     def __init__(
         self,
@@ -212,68 +197,37 @@ class RayExecutor:
         cpus_per_run: float = 1.0,
         gpus_per_run: float = 0.0,
         num_cpus: int | None = None,
+        max_retries: int = 2,
     ):
-        self.address, self.cpus_per_run, self.gpus_per_run, self.num_cpus = (
-            address,
-            cpus_per_run,
-            gpus_per_run,
-            num_cpus,
+        self.settings = ClusterSettings(
+            address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, max_retries=max_retries
         )
-
-    def _start(self):
-        try:
-            import ray  # noqa: PLC0415 - optional dependency: only the Ray executor needs it
-        except ImportError as exc:
-            raise RuntimeError("the Ray executor needs the `ray` package: pip install ray") from exc
-        started_here = not ray.is_initialized()
-        if started_here:
-            # The package's own folder travels to the workers, so a cluster needs no install of vptdash.
-            ray.init(
-                address=self.address,
-                num_cpus=self.num_cpus if self.address is None else None,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-                runtime_env={"env_vars": {"PYTHONPATH": str(PACKAGE_ROOT)}},
-            )
-        return ray, started_here
+        self.num_cpus = num_cpus
 
     def run(self, store, configs, *, sweep_id, source="cli", on_done=None):
-        ray, started_here = self._start()
+        for config in configs:
+            config.validate()
+        runner = ClusterRunner(store, self.settings, num_cpus=self.num_cpus)
+        runner.connect()
         try:
-            task = ray.remote(num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run)(train_remotely)
-            pending = {}
-            for config in configs:
-                config.validate()
-                run_id = store.create_run(
-                    config.to_dict(), status="running", kind=kind_of(config), source=source, sweep_id=sweep_id
-                )
-                pending[task.remote(config.to_dict())] = run_id
-            order = list(pending.values())
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                run_id = pending.pop(ready[0])
-                row = _store_remote_result(store, run_id, ray.get(ready[0]))
-                if on_done:
-                    on_done(row)
-            return [store.get_run(run_id) for run_id in order]
+            # Created 'running' (with this process's pid): a dashboard worker sharing the store never claims
+            # them, and if this process dies they are failed as orphans, never left running.
+            waiting = [
+                (store.create_run(c.to_dict(), status="running", kind=kind_of(c), source=source, sweep_id=sweep_id), c)
+                for c in configs
+            ]
+            order = [run_id for run_id, _ in waiting]
+            waiting.sort(key=lambda pair: -_expected_work(pair[1]))  # longest first: no long run starts last
+            while waiting or runner.in_flight:
+                while waiting and len(runner.in_flight) < runner.capacity():
+                    run_id, config = waiting.pop(0)
+                    runner.submit(run_id, config.to_dict())
+                for row in runner.collect(timeout=1.0):
+                    if on_done:
+                        on_done(row)
+            return [row for row in (store.get_run(run_id) for run_id in order) if row]
         finally:
-            if started_here:
-                ray.shutdown()
-
-
-def _store_remote_result(store: RunStore, run_id: int, result: dict[str, Any]) -> dict:
-    if result["status"] == "failed":
-        store.finish_run(run_id, "failed", error=result["error"])
-        return store.get_run(run_id)
-    store.append_progress_many(run_id, result["curve"])
-    state = {name: torch.from_numpy(array.copy()) for name, array in result["state"].items()}
-    if state:
-        store.save_artifact(run_id, state, metadata={"class_names": ",".join(result["class_names"])})
-    store.finish_run(
-        run_id, result["status"], metrics=result["metrics"], costs=result["costs"], timings=result["timings"]
-    )
-    return store.get_run(run_id)
+            runner.close()
 
 
 def get_executor(name: str, **options) -> Executor:

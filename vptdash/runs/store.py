@@ -566,11 +566,19 @@ class RunStore:
 
     # ---------------------------------------------------------------- job queue
 
-    def claim_next_queued(self, *, worker_pid: int | None = None) -> dict | None:
-        """Take the oldest queued run, mark it running for `worker_pid` (default: this process)
-        and return it; None if the queue is empty. Atomic across processes."""
+    def claim_next_queued(self, *, worker_pid: int | None = None, kinds: Iterable[str] | None = None) -> dict | None:
+        """Take the oldest queued run (of one of `kinds`, when given), mark it running for `worker_pid`
+        (default: this process) and return it; None if there is none. Atomic across processes."""
+        kind_filter, params = "", []
+        if kinds is not None:
+            params = list(kinds)
+            if not params:
+                return None
+            kind_filter = f" AND kind IN ({','.join('?' * len(params))})"
         with self._write() as conn:
-            row = conn.execute("SELECT id FROM runs WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
+            row = conn.execute(
+                f"SELECT id FROM runs WHERE status = 'queued'{kind_filter} ORDER BY id LIMIT 1", params
+            ).fetchone()
             if row is None:
                 return None
             conn.execute(

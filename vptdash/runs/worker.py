@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from vptdash.runs import cluster
 from vptdash.runs.jobs import execute_run
 from vptdash.runs.store import RunStore
 
@@ -60,17 +61,34 @@ def serve(store: RunStore, *, idle_exit_s: float | None = None, poll_s: float = 
         # A run left 'running' by a worker that was killed can never finish: mark it failed now.
         store.fail_orphaned_runs()
         idle_since = time.monotonic()
-        while True:
-            job = store.claim_next_queued(worker_pid=os.getpid())
-            if job is None:
+        dispatcher = None
+        try:
+            while True:
+                dispatcher = cluster.dispatcher_for(store, dispatcher)
+                if run_next(store, dispatcher, poll_s):
+                    idle_since = time.monotonic()
+                    continue
                 if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                     return 0
                 time.sleep(poll_s)
-                continue
-            execute_run(store, job["id"])
-            idle_since = time.monotonic()
+        finally:
+            if dispatcher is not None:
+                dispatcher.close()
     finally:
         handle.close()
+
+
+def run_next(store: RunStore, dispatcher: cluster.Dispatcher | None, poll_s: float) -> bool:
+    """Where queued jobs run. With a Ray cluster configured (the dashboard's setting or
+    VPTDASH_RAY_ADDRESS) the dispatcher keeps several training runs on it at once and stores each as it
+    comes back; without one, the next job runs here, in this process. False when nothing was queued."""
+    if dispatcher is not None:
+        return dispatcher.step(poll_s)
+    job = store.claim_next_queued(worker_pid=os.getpid())
+    if job is None:
+        return False
+    execute_run(store, job["id"])
+    return True
 
 
 def ensure_worker(store: RunStore, *, idle_exit_s: float | None = 600.0) -> bool:

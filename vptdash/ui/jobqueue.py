@@ -12,6 +12,7 @@ import streamlit as st
 from vptdash.engine.train import ConfigError, RunConfig
 from vptdash.runs import jobs, worker
 from vptdash.runs.store import RunStore
+from vptdash.ui.cluster import cluster_setting
 from vptdash.ui.session import active_setup
 from vptdash.views.wording import dataset_label, is_elpv, progress_of, run_label
 
@@ -73,6 +74,7 @@ def sidebar(store: RunStore) -> None:
             st.caption("ELPV: CC BY-NC-SA 4.0, Buerhop-Lutz, Deitsch et al. (ZAE Bayern / FAU)")
         st.markdown("#### Job queue")
         _queue_panel(store)
+    cluster_setting(store)
 
 
 def _queue_panel(store: RunStore) -> None:
