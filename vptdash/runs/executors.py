@@ -52,10 +52,12 @@ class LocalExecutor:
 
     processes=1 (the default, and what the dashboard's worker does): one run after the other in this
     process. processes=N: N spawned worker processes with the threads split between them.
-    Why: few-shot runs multiply small matrices, which two threads share badly. Measured here
-    (docs/performance.md) on 2 cores: two 1-thread runs side by side train 1.4x faster in total than one
-    2-thread run. Latency must not be measured beside another run, so with N > 1 it is measured first,
-    once per architecture, on the still quiet machine, and written into each run of that architecture."""
+    Why: small training steps multiply small matrices, which two threads share badly. Measured on 2 cores:
+    two 1-thread runs side by side give 1.15x the throughput of one 2-thread run (full-split parity pairs,
+    benchmarks/performance.py; `--sections processes` measures the few-shot meeting sweep). Latency must
+    not be measured beside another run, so with N > 1 it is measured first, once per architecture, on the
+    still quiet machine, and written into each run of that architecture. A worker process that dies
+    (killed, out of memory) fails only the run it had; a fresh process takes the runs still waiting."""
 
     def __init__(self, processes: int = 1):
         if processes < 1:
