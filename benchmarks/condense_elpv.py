@@ -95,7 +95,8 @@ def paired_latency(configs: dict[int, RunConfig], rounds: int = 15) -> dict[int,
     from vptdash.engine.train import build_model
 
     models = {run_id: build_model(config, 2).eval() for run_id, config in configs.items()}
-    image = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    resolution = next(iter(configs.values())).resolution  # one benchmark, one resolution (--resolution)
+    image = torch.randn(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
     for model in models.values():
         for _ in range(2):
             model(image)
@@ -246,6 +247,7 @@ def main(argv=None) -> int:
         latency,
     )
     print(json.dumps(report["json"], indent=1))
+    print(report["markdown"])  # the section as it is (or would be) written
     if not args.no_write:
         write_section(report["markdown"])
         log(f"wrote {RESULTS.relative_to(ROOT)}")
