@@ -18,6 +18,10 @@ from vptdash.runs.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_MD = ROOT / "docs" / "results.md"
+DATA = ROOT / "benchmarks" / "data"
+# Every section a script writes into the docs is also kept here, as written: the stored output that
+# tests/test_docs_figures.py compares the docs with, so a figure edited by hand in the docs fails a test.
+SECTIONS = DATA / "sections"
 
 
 def machine() -> str:
@@ -39,8 +43,15 @@ def today() -> str:
     return _dt.date.today().isoformat()
 
 
+def section_output(heading: str, path: Path = RESULTS_MD) -> Path:
+    """Where the stored copy of a docs section lives: benchmarks/data/sections/<doc>--<heading>.md."""
+    slug = re.sub(r"[^a-z0-9]+", "-", heading.lstrip("#").lower()).strip("-")
+    return SECTIONS / f"{path.stem}--{slug}.md"
+
+
 def write_section(heading: str, body: str, path: Path = RESULTS_MD) -> None:
-    """Replace (or append) the section that starts with `heading` ("## ...") up to the next "## "."""
+    """Replace (or append) the section that starts with `heading` ("## ...") up to the next "## ", and keep
+    a copy of it in benchmarks/data/sections/."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = (
         path.read_text()
@@ -54,6 +65,9 @@ def write_section(heading: str, body: str, path: Path = RESULTS_MD) -> None:
     else:
         text = text.rstrip() + "\n\n" + section
     path.write_text(text.rstrip() + "\n")
+    stored = section_output(heading, path)
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_text(section)
 
 
 def pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:

@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import common  # noqa: E402
 from benchmarks.common import recount_store_costs  # noqa: E402
 from vptdash.engine import paths
 from vptdash.engine.train import RunConfig  # noqa: E402
@@ -94,7 +95,8 @@ def paired_latency(configs: dict[int, RunConfig], rounds: int = 15) -> dict[int,
     from vptdash.engine.train import build_model
 
     models = {run_id: build_model(config, 2).eval() for run_id, config in configs.items()}
-    image = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    resolution = next(iter(configs.values())).resolution  # one benchmark, one resolution (--resolution)
+    image = torch.randn(1, 3, resolution, resolution, generator=torch.Generator().manual_seed(0))
     for model in models.values():
         for _ in range(2):
             model(image)
@@ -245,6 +247,7 @@ def main(argv=None) -> int:
         latency,
     )
     print(json.dumps(report["json"], indent=1))
+    print(report["markdown"])  # the section as it is (or would be) written
     if not args.no_write:
         write_section(report["markdown"])
         log(f"wrote {RESULTS.relative_to(ROOT)}")
@@ -434,20 +437,26 @@ def summarise(args, probe, runs, pulls, total_s: dict, latency: dict[int, float]
     )
     lines.append("")
     lines.append(
-        "Fine-tuning recipe: a first attempt fine-tuned at the parent's lr (1e-2) without warm-up; the loss "
-        "jumped from 0.6 to 5.2 on the second step and the 50 %-kept deep-50 run ended as a majority-class "
-        "predictor (77.6 % pruned → 68.3 %). The condensation default is now a tenth of the parent's lr."
+        "Fine-tuning recipe: a first attempt fine-tuned at the parent's lr (1e-2) without warm-up; its loss "
+        "jumped on the second step and a condensed run ended as a majority-class predictor (those runs were "
+        "not kept, so their figures are not quoted). The condensation default is now a tenth of the parent's lr."
     )
     lines.append("")
+    probe_gmacs = probe["costs"].get("gmacs") if probe and probe["status"] == "done" else None
+    extra = (
+        "; ".join(f"{e['prompts_per_block']} per block add {100 * (e['gmacs'] / probe_gmacs - 1):.0f} %" for e in rows)
+        if probe_gmacs
+        else ""
+    )
     lines.append(
         "Caveats: one seed and one split; the standard error of a 656-image accuracy near 75 % is about 1.7 "
         "points, so '<= 1 point' is a statement about this split, not a significance claim (the comparison is "
         "paired: same test images). Condensed GMACs equal a fresh run with the same per-block counts; vs a "
         "uniform deep run with the same total they differ only through the last block, where each kept "
         "prompt is 2d(R-1) MACs cheaper (deep prompts are keys and values only: a block's cost is linear in "
-        "its prompt count; tests/test_condense.py). Deep prompts are cheap to begin with (10 per block "
-        "add 3 % to the probe's GMACs, 100 add 31 %), so condensing them saves less compute than "
-        "condensing shallow ones would."
+        "its prompt count; tests/test_condense.py). Deep prompts are cheap to begin with"
+        + (f" ({extra} to the probe's GMACs)" if extra else "")
+        + ", so condensing them saves less compute than condensing shallow ones would."
     )
     lines.append("")
     return {
@@ -463,25 +472,11 @@ def summarise(args, probe, runs, pulls, total_s: dict, latency: dict[int, float]
 
 
 def write_section(section: str) -> None:
-    """Replace (or append) our section only: from HEADING to the next '## ' heading."""
-    text = (
-        RESULTS.read_text()
-        if RESULTS.exists()
-        else "# Results\n\nEvery figure here is printed by a script in `benchmarks/`.\n"
-    )
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == HEADING), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = (
-            "\n".join(
-                lines[:start] + section.rstrip("\n").splitlines() + ([""] if end < len(lines) else []) + lines[end:]
-            )
-            + "\n"
-        )
-    RESULTS.write_text(new)
+    """Replace (or append) our section only: from HEADING to the next '## ' heading (and keep its copy)."""
+    body = section.strip()
+    if body.startswith(HEADING):
+        body = body[len(HEADING) :]
+    common.write_section(HEADING, body, RESULTS)
 
 
 if __name__ == "__main__":

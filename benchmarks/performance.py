@@ -10,9 +10,14 @@
    16 shots: 10 deep prompts and the linear probe, 5 epochs, as many seeds as asked (docs/performance.md
    has 18: three could not resolve a 0.5-point band), with a paired 95% interval of the mean.
 
+5. One 2-thread process or two 1-thread processes: the meeting sweep end to end both ways (what
+   `sweep --processes 2` buys on few-shot runs), alternating, as many rounds as asked; every timing is
+   kept in benchmarks/data/sweep_processes.json and the section is written from the file.
+
     python benchmarks/performance.py                             # sections 1-3, about 20 minutes on 2 CPU cores
     python benchmarks/performance.py --sections bench            # section 1 only, about 7 minutes
     python benchmarks/performance.py --sections parity-full      # section 4 only, about 30 minutes
+    python benchmarks/performance.py --sections processes --seeds 0-1   # section 5, 2 rounds, ~20 minutes
     python benchmarks/performance.py --sections parity-full --seeds 0-17 --processes 2 --resume
         # two 1-thread processes side by side (1.15x the throughput of one 2-thread process here: 315 vs
         # 362 s per pair); every pair is kept in benchmarks/data/parity_full_runs.json as it finishes
@@ -34,10 +39,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import ROOT, machine, today, write_section  # noqa: E402
 from benchmarks.profile_step import profile_table  # noqa: E402
+from vptdash.bench import time_meeting_sweep  # noqa: E402
 from vptdash.engine.train import run_training  # noqa: E402
 from vptdash.runs import presets  # noqa: E402
 from vptdash.runs.executors import set_worker_threads  # noqa: E402
@@ -47,7 +55,8 @@ PARITY_SETTINGS = {"10 deep prompts": dict(num_prompts=10, placement="deep"), "l
 # The full training split: 1,706 images instead of 32, so one seed's accuracy moves by tenths of a point,
 # not by ten points; 5 epochs at batch 32 (267 steps) keep a run to a few minutes.
 FULL_SPLIT = dict(shots=None, epochs=5, batch_size=32, lr=1e-2, val_fraction=0.1)
-SECTIONS = ("bench", "parity", "profile", "parity-full")
+SECTIONS = ("bench", "parity", "profile", "parity-full", "processes")
+PROCESSES_RUNS = ROOT / "benchmarks" / "data" / "sweep_processes.json"
 # Every full-split pair ever trained, so more seeds can be added later without training the first again.
 PARITY_FULL_RUNS = ROOT / "benchmarks" / "data" / "parity_full_runs.json"
 
@@ -289,6 +298,48 @@ def main() -> None:
             f"test = the stratified 25% (656 images).{runs_note}\n\n{parity_markdown(rows)}",
             PERFORMANCE_MD,
         )
+    if "processes" in sections:  # --seeds numbers the rounds here
+        runs = time_processes(seeds)
+        write_section(
+            "## Sweep throughput: one process or two",
+            f"{header} The meeting sweep (`bench --sweep`'s workload: few-shot runs, latency measured first) "
+            "end to end with one process using every thread, and with two processes splitting them "
+            f"(`sweep --processes 2`), alternating. Timings: `benchmarks/data/sweep_processes.json`.\n\n"
+            f"{processes_markdown(runs)}",
+            PERFORMANCE_MD,
+        )
+
+
+def time_processes(rounds: list[int], path: Path = PROCESSES_RUNS) -> list[dict]:
+    """The meeting sweep with 1 process (all threads) and with 2 (threads split), alternating so that any
+    drift in the machine's load hits both alike; appended to `path` as each finishes."""
+    runs = json.loads(path.read_text()) if path.exists() else []
+    for round_ in rounds:
+        for processes in (1, 2):
+            seconds = time_meeting_sweep(processes)
+            row = {"round": round_, "processes": processes, "threads": torch.get_num_threads(), "seconds": seconds}
+            print(json.dumps(row), flush=True)
+            runs.append({**row, "commit": _git_commit(), "date": today(), "machine": machine()})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(runs, indent=1) + "\n")
+    return runs
+
+
+def processes_markdown(runs: list[dict]) -> str:
+    one = [r["seconds"] for r in runs if r["processes"] == 1]
+    two = [r["seconds"] for r in runs if r["processes"] == 2]
+    if not one or not two:
+        return "No timings yet: run `python benchmarks/performance.py --sections processes`."
+    ratios = [a / b for a, b in zip(one, two)]
+    return (
+        "| sweep | runs | median s | min s | max s |\n|---|---|---|---|---|\n"
+        + "\n".join(
+            f"| {label} | {len(times)} | {statistics.median(times):.0f} | {min(times):.0f} | {max(times):.0f} |"
+            for label, times in (("1 process, all threads", one), ("2 processes, threads split", two))
+        )
+        + f"\n\nThroughput of two processes over one: {statistics.median(one) / statistics.median(two):.2f}x "
+        f"(ratio of medians; per alternating round {min(ratios):.2f}x to {max(ratios):.2f}x)."
+    )
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -1,10 +1,14 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from vptdash import cli
 from vptdash.engine.train import RunConfig
@@ -137,3 +141,77 @@ def test_queued_sweep_runs_through_execute_run(image_folder):
     for run_id in ids:
         assert execute_run(store, run_id)["status"] == "done"
     assert store.progress(ids[1])[-1]["phase"] in ("cost", "test")
+
+
+# ----------------------------------------------------------------------------- sweep --resume
+RESUME_GRID = ["--prompts", "0,2,4", "--placement", "shallow,deep", "--seeds", "0"]
+
+
+def config_key(row: dict) -> str:
+    return json.dumps(RunConfig.from_dict(row["config"]).to_dict(), sort_keys=True)
+
+
+def test_an_interrupted_sweep_resumes_with_only_the_missing_configurations(image_folder, tmp_path):
+    """Ctrl-C (a real SIGINT to the main thread) while the sweep's third run trains; `--resume` then runs
+    the configurations without a finished run, each once."""
+    store_path = tmp_path / "runs.sqlite"
+    common = ["sweep", "--dataset", str(image_folder), *TINY, *RESUME_GRID, "--store", str(store_path), "--quiet"]
+    store = RunStore(store_path)
+    fired = threading.Event()
+
+    def interrupt_mid_run() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            running = store.list_runs(status="running")
+            if len(store.list_runs(status="done")) >= 2 and running and store.progress(running[0]["id"]):
+                fired.set()
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=interrupt_mid_run, daemon=True)
+    watcher.start()
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(common)
+    assert fired.is_set()
+    first = store.list_runs()
+    first_done = {config_key(r): r["id"] for r in first if r["status"] == "done"}
+    assert 2 <= len(first_done) < 5, [r["status"] for r in first]  # interrupted part-way
+    # the grid: linear probe + {2, 4} prompts x {shallow, deep}, seed 0
+    grid = {
+        config_key({"config": c.to_dict()})
+        for c in sweep_configs(
+            cli.config_from_args(cli.build_parser().parse_args(common)), [0, 2, 4], ["shallow", "deep"], [0]
+        )
+    }
+    assert len(grid) == 5 and set(first_done) <= grid
+
+    assert cli.main([*common, "--resume"]) == 0
+    after = RunStore(store_path).list_runs()
+    new = [r for r in after if r["id"] not in {r["id"] for r in first}]
+    # exactly the configurations that had no finished run, each once, all in one new sweep
+    assert sorted(config_key(r) for r in new) == sorted(grid - set(first_done))
+    assert all(r["status"] == "done" for r in new) and len({r["sweep_id"] for r in new}) == 1
+    done = [config_key(r) for r in after if r["status"] == "done"]
+    assert sorted(done) == sorted(grid)  # every configuration done, none twice
+    # the first pass's finished runs are kept as they were, not run again
+    assert {config_key(r): r["id"] for r in after if r["id"] in first_done.values()} == first_done
+
+    # resuming a complete sweep runs nothing
+    assert cli.main([*common, "--resume"]) == 0
+    assert len(RunStore(store_path).list_runs()) == len(after)
+
+
+def test_resume_runs_a_failed_configuration_again_and_a_grown_grid_only_its_new_part(image_folder, tmp_path):
+    store_path = tmp_path / "runs.sqlite"
+    base = ["sweep", "--dataset", str(image_folder), *TINY, "--store", str(store_path), "--quiet"]
+    grid = ["--prompts", "0,2", "--placement", "deep"]
+    assert cli.main([*base, *grid, "--seeds", "0"]) == 0
+    store = RunStore(store_path)
+    probe, prompted = sorted(store.list_runs(), key=lambda r: r["config"]["num_prompts"])
+    store.finish_run(prompted["id"], "failed", error="interrupted")  # a run that did not finish
+    assert cli.main([*base, *grid, "--seeds", "0,1", "--resume"]) == 0
+    new = [r for r in store.list_runs() if r["id"] not in (probe["id"], prompted["id"])]
+    ran = sorted((r["config"]["seed"], r["config"]["num_prompts"]) for r in new)
+    assert ran == [(0, 2), (1, 0), (1, 2)]  # the failed one again, and seed 1's two; seed 0's probe not again
+    assert all(r["status"] == "done" for r in new)

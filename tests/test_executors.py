@@ -1,3 +1,9 @@
+import multiprocessing
+import os
+import signal
+import threading
+import time
+
 import pytest
 
 from vptdash import cli
@@ -122,3 +128,43 @@ def test_architecture_key_ignores_what_only_changes_training():
 def test_zero_processes_are_refused(image_folder, capsys):
     assert cli.main(["sweep", "--dataset", str(image_folder), *TINY, "--processes", "0"]) == 2
     assert "--processes" in capsys.readouterr().err
+
+
+def test_a_worker_process_killed_in_a_parallel_sweep_fails_its_run_alone(image_folder, tmp_path):
+    """SIGKILL one of the two worker processes while it trains: its run fails saying so, the other runs
+    (the one on the surviving process and those not started yet) finish, and nothing is left 'running'."""
+    from vptdash.runs.executors import LocalExecutor
+
+    store = RunStore(tmp_path / "s.sqlite")
+    base = dict(backbone="tiny-random", dataset=str(image_folder), resolution=32, batch_size=2, measure_latency=False)
+    configs = [RunConfig(**base, epochs=20, num_prompts=1)] + [
+        RunConfig(**base, epochs=2, num_prompts=n) for n in (2, 3, 4)
+    ]
+    killed = {}
+
+    def kill_one_worker_mid_run() -> None:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            children = multiprocessing.active_children()
+            training = [r for r in store.list_runs(status="running") if store.progress(r["id"])]
+            if len(children) == 2 and training:
+                victim = children[0]
+                killed["pid"] = victim.pid
+                os.kill(victim.pid, signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_one_worker_mid_run, daemon=True)
+    watcher.start()
+    rows = LocalExecutor(processes=2).run(store, configs, sweep_id="s")
+    watcher.join()
+    assert killed, "no worker was killed"
+    statuses = sorted(r["status"] for r in rows)
+    assert statuses == ["done", "done", "done", "failed"], [(r["status"], r["error"]) for r in rows]
+    (failed,) = [r for r in rows if r["status"] == "failed"]
+    assert (
+        "worker process died" in failed["error"]
+        and "killed by SIGKILL" in failed["error"]
+        and "Traceback" not in failed["error"]
+    )
+    assert store.list_runs(status="running") == []

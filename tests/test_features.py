@@ -91,3 +91,54 @@ def test_cached_late_placement_matches_uncached(image_folder):
     second = run_training(config, compute_costs=False)  # now served from the cache
     for key in first.trainable_state:
         assert torch.allclose(first.trainable_state[key], second.trainable_state[key])
+
+
+# ----------------------------------------------------------------------------- memory bound
+def entry(key: str, calls: list, *, persist: bool = False, n_images: int = 4, width: int = 100) -> torch.Tensor:
+    """Encodings of all `n_images` under `key`: float32 (n_images, width), 1,600 bytes at the defaults.
+    Each call of the encoder is recorded with its key."""
+
+    def encode(missing: torch.Tensor) -> torch.Tensor:
+        calls.append(key)
+        return missing.float()[:, None].expand(-1, width) + 0.5
+
+    return features.cached_encodings(key, n_images, torch.arange(n_images), encode, persist=persist)
+
+
+def test_memory_keeps_the_most_recently_used_entries_within_the_budget(monkeypatch):
+    one = 4 * 100 * 4  # bytes of one entry
+    monkeypatch.setattr(features, "MEMORY_BUDGET_BYTES", 2 * one + one // 2)  # room for two entries, not three
+    calls = []
+    entry("a", calls)
+    entry("b", calls)
+    entry("a", calls)  # a used again: b is now the least recently used
+    assert calls == ["a", "b"]
+    entry("c", calls)  # three entries exceed the budget: b goes
+    assert calls == ["a", "b", "c"]
+    entry("a", calls)
+    entry("c", calls)
+    assert calls == ["a", "b", "c"]  # a and c stayed
+    entry("b", calls)  # b was evicted: encoded again (and now a, the least recent, goes)
+    assert calls == ["a", "b", "c", "b"]
+    entry("c", calls)
+    entry("a", calls)
+    assert calls == ["a", "b", "c", "b", "a"]
+
+
+def test_an_entry_evicted_from_memory_is_read_back_from_disk_when_persisted(monkeypatch):
+    monkeypatch.setattr(features, "MEMORY_BUDGET_BYTES", 4 * 100 * 4)  # one entry at a time
+    calls = []
+    first = entry("pooled", calls, persist=True)
+    entry("other", calls)  # pushes "pooled" out of memory
+    again = entry("pooled", calls, persist=True)
+    assert calls == ["pooled", "other"]  # read back from disk, not encoded again
+    assert torch.equal(first, again)
+
+
+def test_a_budget_of_zero_still_returns_the_encodings(monkeypatch):
+    monkeypatch.setattr(features, "MEMORY_BUDGET_BYTES", 0)  # nothing fits: every call encodes, none fails
+    calls = []
+    values = entry("k", calls)
+    assert values.shape == (4, 100) and torch.equal(values[:, 0], torch.arange(4).float() + 0.5)
+    entry("k", calls)
+    assert calls == ["k", "k"]

@@ -117,12 +117,18 @@ def test_other_block_types_run_whole():
 
 def test_bf16_autocast_stays_close_to_whole_blocks():
     model = PromptedViT(vit(), 3, num_prompts=5, placement="deep", seed=0)
-    images = torch.randn(3, 3, IMG, IMG)
+    images = torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fast = model(images).float()
         model.row_selection = False
         whole = model(images).float()
-    assert torch.allclose(fast, whole, atol=5e-2)
+    # Measured (20 seeded inputs, 2026-11-26): the two paths gave identical bf16 logits every time, and
+    # bf16 itself moves these logits (up to 0.25) by at most 1.5e-4 from fp32. 1e-3 leaves room for a
+    # kernel that rounds differently, and is 20x below the change of scaling the logits by 0.1.
+    tolerance = 1e-3
+    assert whole.abs().max() > 0.1
+    assert torch.allclose(fast, whole, atol=tolerance, rtol=0)
+    assert not torch.allclose(0.1 * fast, whole, atol=tolerance, rtol=0)
 
 
 def bf16_step(model: PromptedViT, images: torch.Tensor):

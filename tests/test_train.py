@@ -139,7 +139,7 @@ def test_bf16_training_steps_use_explicit_attention_and_restore_it():
     model = PromptedViT(load_backbone("tiny-random", None, 32), 2, num_prompts=3, placement="deep", seed=0)
     fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
     assert fused, "timm attention modules expected"
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with training_precision(model, "fp32"):
         assert all(m.fused_attn for m in fused)
         reference = model(x)
@@ -147,4 +147,10 @@ def test_bf16_training_steps_use_explicit_attention_and_restore_it():
         assert not any(m.fused_attn for m in fused)
         approx = model(x)
     assert all(m.fused_attn for m in fused)
-    assert torch.allclose(approx.float(), reference, atol=5e-2, rtol=5e-2)
+    # Measured on this model (20 seeded inputs, 2026-11-26): bf16 moves these logits by 0.0006 typically,
+    # 0.0012 at most, while the logits reach 0.04-0.12. 5e-3 is 4x the largest error seen; outputs off by
+    # a factor (scaled by 0.1, say) miss it by far more, as the last line checks.
+    tolerance = 5e-3
+    assert reference.abs().max() > 5 * tolerance  # logits large enough for the check to mean something
+    assert torch.allclose(approx.float(), reference, atol=tolerance, rtol=0)
+    assert not torch.allclose(0.1 * approx.float(), reference, atol=tolerance, rtol=0)

@@ -1,7 +1,9 @@
 """uploads.py: stored image sets, validated, atomic, traversal-proof."""
 
 import io
+import os
 import threading
+import time
 import zipfile
 
 import pytest
@@ -132,3 +134,28 @@ def test_list_ignores_broken_folders():
     (paths.uploads_dir() / "garbled").mkdir()
     (paths.uploads_dir() / "garbled" / uploads.META_FILE).write_text("{not json")
     assert [u.slug for u in uploads.list_uploads()] == ["good"]
+
+
+def test_stale_staging_folders_are_removed_by_the_next_upload_and_fresh_ones_kept():
+    """A staging folder older than STAGING_MAX_AGE_S is a crashed process's leftover; a younger one may
+    belong to an upload still in progress in another tab."""
+    root = paths.uploads_dir()
+    now = time.time()
+
+    def folder(name: str, age_s: float):
+        path = root / name
+        path.mkdir()
+        (path / "part.png").write_bytes(png(10))
+        os.utime(path, (now - age_s, now - age_s))
+        return path
+
+    stale = folder(f"{uploads.STAGING_PREFIX}crashed", uploads.STAGING_MAX_AGE_S + 60)
+    fresh = folder(f"{uploads.STAGING_PREFIX}in-progress", uploads.STAGING_MAX_AGE_S - 60)
+    old_dataset = folder("old-dataset", uploads.STAGING_MAX_AGE_S * 10)  # not staging: never touched
+    info = uploads.save_zip_upload(
+        "cells", make_zip({"a/1.png": png(10), "a/2.png": png(20), "b/1.png": png(200), "b/2.png": png(220)})
+    )
+    assert not stale.exists()
+    assert fresh.exists() and (fresh / "part.png").exists()
+    assert old_dataset.exists()
+    assert info.slug in visible_entries()

@@ -1,11 +1,18 @@
 import os
 import signal
 import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
 
 from vptdash.engine.train import RunConfig
-from vptdash.runs import worker
+from vptdash.runs import reference, worker
 from vptdash.runs.jobs import submit_run
 from vptdash.runs.store import RunStore
+from vptdash.ui import jobqueue
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 
 def tiny(image_folder, **overrides):
@@ -52,26 +59,160 @@ def test_ensure_worker_starts_a_detached_process_that_runs_jobs(image_folder):
     assert not worker.worker_alive(store)
 
 
-def test_a_killed_worker_leaves_its_run_failed_not_running(image_folder):
-    store = RunStore()
-    run_id = submit_run(store, tiny(image_folder, epochs=500, batch_size=2))
-    worker.ensure_worker(store, idle_exit_s=30)
-    deadline = time.time() + 60
-    while time.time() < deadline and store.get_run(run_id)["status"] != "running":
+# ----------------------------------------------------------------------------- a worker killed mid-run
+# The worker is a real process started by the product (`ensure_worker`) and killed with SIGKILL while it
+# trains. It is deliberately not reaped: in the dashboard its parent is the Streamlit server, which never
+# waits for it, so the dead worker lingers as a zombie whose pid `os.kill(pid, 0)` still finds.
+
+
+def kill_worker_mid_run(store, run_id) -> int:
+    """Start a real worker on `store`, wait until it has written progress for `run_id`, SIGKILL it."""
+    assert worker.ensure_worker(store, idle_exit_s=30) is True
+    deadline = time.time() + 90
+    while time.time() < deadline and not store.progress(run_id):  # mid-run: training has begun
         time.sleep(0.1)
-    pid = store.get_run(run_id)["worker_pid"]
+    row = store.get_run(run_id)
+    assert row["status"] == "running" and store.progress(run_id), row
+    pid = row["worker_pid"]
     os.kill(pid, signal.SIGKILL)
     deadline = time.time() + 10
-    while time.time() < deadline:
+    while worker.worker_alive(store) and time.time() < deadline:  # the kernel drops its lock as it dies
+        time.sleep(0.05)
+    assert not worker.worker_alive(store)
+    return pid
+
+
+def long_run(image_folder):
+    return tiny(image_folder, epochs=500, batch_size=2)
+
+
+def reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def stop_worker_of(store, run_id) -> None:
+    """A worker the dashboard started lingers for 10 idle minutes: end it when the test is done."""
+    pid = store.get_run(run_id)["worker_pid"]
+    if pid and pid != os.getpid():
         try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        try:
-            os.kill(pid, 0)
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
-            break
+            pass
+        deadline = time.time() + 10
+        while worker.worker_alive(store) and time.time() < deadline:
+            time.sleep(0.05)
+        reap(pid)
+
+
+def wait_for_idle_exit(store) -> None:
+    """Wait for a worker just started by ensure_worker to take its lock, then to exit when idle."""
+    deadline = time.time() + 60
+    while not worker.worker_alive(store) and time.time() < deadline:
+        time.sleep(0.05)
+    while worker.worker_alive(store) and time.time() < deadline:
         time.sleep(0.1)
-    assert store.fail_orphaned_runs() == [run_id]
-    row = store.get_run(run_id)
-    assert row["status"] == "failed" and "died" in row["error"]
+    assert not worker.worker_alive(store)
+
+
+def test_a_new_worker_fails_the_run_a_killed_worker_left_running_then_serves_the_queue(image_folder):
+    store = RunStore()
+    stuck = submit_run(store, long_run(image_folder))
+    waiting = submit_run(store, tiny(image_folder))
+    dead = kill_worker_mid_run(store, stuck)
+    try:
+        assert store.get_run(stuck)["status"] == "running"  # nothing has looked yet
+        assert worker.serve(store, idle_exit_s=0.2, poll_s=0.05) == 0  # the next worker's start
+        row = store.get_run(stuck)
+        assert row["status"] == "failed" and row["error"] == "worker process died"
+        assert row["finished_at"] is not None
+        assert store.get_run(waiting)["status"] == "done"  # the queue went on
+        assert store.queue_summary()["running"] == []
+    finally:
+        reap(dead)
+
+
+def test_ensure_worker_fails_the_killed_workers_run_before_starting_a_new_one(image_folder):
+    store = RunStore()
+    stuck = submit_run(store, long_run(image_folder))
+    dead = kill_worker_mid_run(store, stuck)
+    try:
+        assert worker.ensure_worker(store, idle_exit_s=0.5) is True
+        # failed by ensure_worker itself, at once: not left for the new process to find
+        row = store.get_run(stuck)
+        assert row["status"] == "failed" and row["error"] == "worker process died"
+        wait_for_idle_exit(store)
+        assert store.get_run(stuck)["status"] == "failed"  # nobody resurrected or re-ran it
+        assert store.progress(stuck)  # its progress so far is kept, not lost
+    finally:
+        reap(dead)
+
+
+def test_a_live_worker_is_not_mistaken_for_a_dead_one(image_folder):
+    store = RunStore()
+    run_id = submit_run(store, tiny(image_folder))
+    store.claim_next_queued(worker_pid=os.getpid())  # "running" in a process that is alive: this one
+    assert store.fail_orphaned_runs() == []
+    assert worker.ensure_worker(store, idle_exit_s=0.2) is True
+    assert store.get_run(run_id)["status"] == "running"
+    wait_for_idle_exit(store)
+    assert store.get_run(run_id)["status"] == "running"  # the new worker's start left it alone too
+
+
+# ----------------------------------------------------------------------------- the dashboard's queue panel
+@pytest.fixture
+def app_home(tmp_path, monkeypatch):
+    """The app on this test's own VPTDASH_HOME (conftest), without warm-up or the shipped reference sweep."""
+    monkeypatch.setenv("VPTDASH_NO_WARMUP", "1")
+    monkeypatch.setattr(reference, "REFERENCE_FILE", tmp_path / "no-reference-sweep.json")
+
+
+def sidebar_text(at) -> str:
+    return "\n".join(str(c.value) for c in at.sidebar.caption)
+
+
+def test_the_queue_panel_shows_a_killed_workers_run_failed_and_offers_a_working_start_button(
+    app_home, image_folder, monkeypatch
+):
+    store = RunStore()
+    stuck = submit_run(store, long_run(image_folder))
+    waiting = submit_run(store, tiny(image_folder))
+    # the warning waits WORKER_START_GRACE_S after the oldest queued run, for a worker just starting
+    monkeypatch.setattr(jobqueue, "WORKER_START_GRACE_S", 0.0)
+    dead = kill_worker_mid_run(store, stuck)
+    try:
+        at = AppTest.from_file(APP, default_timeout=60)
+        at.run(timeout=60)
+        assert not at.exception, at.exception
+        row = store.get_run(stuck)
+        assert row["status"] == "failed" and row["error"] == "worker process died"
+        assert "1 queued · 0 done · 1 failed" in sidebar_text(at)
+        assert not at.sidebar.get("progress")  # nothing shown as running
+        assert [w.value for w in at.sidebar.warning] == ["Runs are queued but no worker is running."]
+        at.sidebar.button(key="sidebar_start_worker").click().run(timeout=60)
+        assert not at.exception, at.exception
+        deadline = time.time() + 120
+        while time.time() < deadline and store.get_run(waiting)["status"] in ("queued", "running"):
+            time.sleep(0.2)
+        row = store.get_run(waiting)
+        assert row["status"] == "done", row["error"]
+        assert row["worker_pid"] not in (os.getpid(), dead)  # run by the worker the button started
+        at.run(timeout=60)
+        assert not at.sidebar.warning
+        assert "0 queued · 1 done · 1 failed" in sidebar_text(at)
+    finally:
+        stop_worker_of(store, waiting)
+        reap(dead)
+
+
+def test_the_queue_panel_warns_only_after_the_grace_period(app_home, image_folder, monkeypatch):
+    store = RunStore()
+    submit_run(store, tiny(image_folder))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run(timeout=60)
+    assert not at.sidebar.warning  # just queued: a worker may still be starting
+    monkeypatch.setattr(jobqueue, "WORKER_START_GRACE_S", 0.0)
+    at.run(timeout=60)
+    assert [w.value for w in at.sidebar.warning] == ["Runs are queued but no worker is running."]

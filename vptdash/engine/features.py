@@ -25,7 +25,7 @@ import torch
 
 from vptdash.engine import paths
 
-_MEMORY_BUDGET_BYTES = 3 * 1024**3
+MEMORY_BUDGET_BYTES = 3 * 1024**3  # token encodings kept in memory; least recently used go first
 _lock = threading.Lock()
 _memory: "OrderedDict[str, _Entry]" = OrderedDict()
 _fingerprints: dict[int, tuple[torch.Tensor, str]] = {}
@@ -93,7 +93,7 @@ def _save_to_disk(key: str, entry: _Entry) -> None:
 
 
 def _evict_over_budget() -> None:
-    while _memory and sum(e.nbytes() for e in _memory.values()) > _MEMORY_BUDGET_BYTES:
+    while _memory and sum(e.nbytes() for e in _memory.values()) > MEMORY_BUDGET_BYTES:
         _memory.popitem(last=False)
 
 

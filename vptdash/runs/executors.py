@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import signal
 import sys
 import types
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import deque
 from contextlib import contextmanager
-from typing import Callable, Protocol, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -27,7 +29,7 @@ from vptdash.engine.cost import latency_costs
 from vptdash.engine.data import load_image_set
 from vptdash.engine.train import RunConfig, build_model
 from vptdash.runs.cluster import ClusterRunner, ClusterSettings
-from vptdash.runs.jobs import execute_run, fail_job, kind_of, run_now
+from vptdash.runs.jobs import execute_run, kind_of, run_now
 from vptdash.runs.store import RunStore
 
 Echo = Callable[[dict], None]
@@ -50,10 +52,12 @@ class LocalExecutor:
 
     processes=1 (the default, and what the dashboard's worker does): one run after the other in this
     process. processes=N: N spawned worker processes with the threads split between them.
-    Why: few-shot runs multiply small matrices, which two threads share badly. Measured here
-    (docs/performance.md) on 2 cores: two 1-thread runs side by side train 1.4x faster in total than one
-    2-thread run. Latency must not be measured beside another run, so with N > 1 it is measured first,
-    once per architecture, on the still quiet machine, and written into each run of that architecture."""
+    Why: small training steps multiply small matrices, which two threads share badly. Measured on 2 cores:
+    two 1-thread runs side by side give 1.15x the throughput of one 2-thread run (full-split parity pairs,
+    benchmarks/performance.py; `--sections processes` measures the few-shot meeting sweep). Latency must
+    not be measured beside another run, so with N > 1 it is measured first, once per architecture, on the
+    still quiet machine, and written into each run of that architecture. A worker process that dies
+    (killed, out of memory) fails only the run it had; a fresh process takes the runs still waiting."""
 
     def __init__(self, processes: int = 1):
         if processes < 1:
@@ -122,8 +126,25 @@ def set_worker_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _execute_without_latency(store_path: str, run_id: int) -> None:
-    execute_run(RunStore(store_path), run_id, measure_latency=False)
+def _serve_runs(store_path: str, connection: Connection, threads: int) -> None:
+    """One worker process of a parallel sweep: run the ids it is sent, one at a time, until sent None."""
+    set_worker_threads(threads)
+    store = RunStore(store_path)
+    while (run_id := connection.recv()) is not None:
+        execute_run(store, run_id, measure_latency=False)
+        connection.send(run_id)
+
+
+def death_reason(exitcode: int | None) -> str:
+    """What a run whose worker process died stores as its error."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"was killed by signal {-exitcode}"
+    else:
+        how = f"exited with code {exitcode}"
+    return f"worker process died: the process running it {how} (out of memory, or stopped by hand?)"
 
 
 @contextmanager
@@ -157,30 +178,71 @@ def _run_in_processes(
         for c in configs
     ]
     threads = max(1, torch.get_num_threads() // processes)
+    # Longest first (prompt count is the proxy: tokens per block), so the last runs to finish are short
+    # ones and neither process idles long at the end.
+    waiting = deque(sorted(zip(run_ids, configs), key=lambda pair: -_expected_work(pair[1])))
+    # Worker processes of our own rather than a ProcessPoolExecutor: a pool whose worker is killed (out of
+    # memory, by hand) breaks, failing every run it had; here a death fails only the run that process had,
+    # a fresh process takes over, and the other runs go on.
     # spawn, not fork: a forked child would inherit this process's OpenMP thread pool in a broken state.
-    with ProcessPoolExecutor(
-        processes, mp_context=multiprocessing.get_context("spawn"), initializer=set_worker_threads, initargs=(threads,)
-    ) as pool:
-        # Longest first (prompt count is the proxy: tokens per block), so the last runs to finish are short
-        # ones and neither process idles long at the end.
-        by_work = sorted(zip(run_ids, configs), key=lambda pair: -_expected_work(pair[1]))
-        with _spawning_without_main_module():  # the workers start on the first submissions
-            futures = {
-                pool.submit(_execute_without_latency, str(store.path), run_id): (run_id, config)
-                for run_id, config in by_work
-            }
-        for future in as_completed(futures):
-            run_id, config = futures[future]
-            try:
-                future.result()
-            except Exception as exc:  # noqa: BLE001 - e.g. the worker process was killed: that run fails, others go on
-                fail_job(store, run_id, exc)
+    context = multiprocessing.get_context("spawn")
+    busy: dict[Connection, tuple[Any, int, RunConfig]] = {}  # connection -> (process, run id, config)
+    started = []
+
+    def give_work(process=None, connection=None) -> None:
+        if not waiting:
+            if connection is not None:
+                connection.send(None)  # nothing left: that process exits
+            return
+        if process is None:
+            connection, child_end = context.Pipe()
+            process = context.Process(target=_serve_runs, args=(str(store.path), child_end, threads), daemon=True)
+            with _spawning_without_main_module():
+                process.start()
+            started.append(process)
+            child_end.close()
+        run_id, config = waiting.popleft()
+        connection.send(run_id)
+        busy[connection] = (process, run_id, config)
+
+    def finished(run_id: int, config: RunConfig) -> None:
+        row = store.get_run(run_id)
+        if row and row["status"] == "done" and architecture_key(config) in latency:
+            store.update_results(run_id, costs=latency[architecture_key(config)])
             row = store.get_run(run_id)
-            if row and row["status"] == "done" and architecture_key(config) in latency:
-                store.update_results(run_id, costs=latency[architecture_key(config)])
-                row = store.get_run(run_id)
-            if on_done and row:
-                on_done(row)
+        if on_done and row:
+            on_done(row)
+
+    try:
+        for _ in range(min(processes, len(waiting))):
+            give_work()
+        while busy:
+            sentinels = {process.sentinel: connection for connection, (process, _, _) in busy.items()}
+            ready = wait([*busy, *sentinels])
+            for item in ready:
+                connection = sentinels.get(item, item)
+                if connection not in busy:
+                    continue  # its result and its exit were both ready: handled once
+                process, run_id, config = busy.pop(connection)
+                try:
+                    connection.recv()  # buffered even when the process died right after sending it
+                except (EOFError, OSError):  # died during the run
+                    process.join(5)
+                    connection.close()
+                    row = store.get_run(run_id)
+                    if row and row["status"] == "running":
+                        store.finish_run(run_id, "failed", error=death_reason(process.exitcode))
+                    finished(run_id, config)
+                    give_work()  # a fresh process for the runs still waiting
+                    continue
+                finished(run_id, config)
+                give_work(process, connection)
+    finally:
+        for connection, (process, _, _) in busy.items():  # interrupted (Ctrl-C): stop what still runs
+            process.terminate()
+            connection.close()
+        for process in started:
+            process.join(5)
     return [row for row in (store.get_run(run_id) for run_id in run_ids) if row]
 
 

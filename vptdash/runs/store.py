@@ -171,7 +171,9 @@ def _pid_or_own(pid: int | None) -> int:
     return os.getpid() if pid is None else pid
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs. A zombie counts as dead: a worker killed while its parent (the
+    Streamlit server, which never waits for it) lives on stays a zombie that `os.kill(pid, 0)` still finds."""
     if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
         return True
     try:
@@ -180,7 +182,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (macOS): trust os.kill
+        return True
+    return state not in ("Z", "X")
 
 
 def dedupe_key(source: str, kind: str, sweep_id: str | None, config: dict, created_at: float | None = None) -> str:
@@ -614,7 +620,7 @@ class RunStore:
         A pid is alive if it is in `alive_pids`, or, when that is None, if `os.kill(pid, 0)`
         finds it. Running runs without a recorded pid are left alone (nothing to check).
         """
-        is_alive = _pid_alive if alive_pids is None else alive_pids.__contains__
+        is_alive = pid_alive if alive_pids is None else alive_pids.__contains__
         failed = []
         with self._write() as conn:
             rows = conn.execute(

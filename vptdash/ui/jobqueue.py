@@ -3,7 +3,6 @@ background worker."""
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -11,7 +10,7 @@ import streamlit as st
 
 from vptdash.engine.train import ConfigError, RunConfig
 from vptdash.runs import jobs, worker
-from vptdash.runs.store import RunStore
+from vptdash.runs.store import RunStore, pid_alive
 from vptdash.ui.cluster import cluster_setting
 from vptdash.ui.session import active_setup
 from vptdash.views.wording import dataset_label, is_elpv, progress_of, run_label
@@ -104,12 +103,9 @@ def _worker_gone(run: dict) -> bool:
     if not pid:
         return False
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OSError, ValueError):
+        return not pid_alive(int(pid))
+    except (OSError, ValueError):
         return False
-    return False
 
 
 def render_queue(store: RunStore, summary: dict) -> None:
@@ -134,6 +130,7 @@ def render_queue(store: RunStore, summary: dict) -> None:
         oldest = min((run["created_at"] for run in waiting), default=time.time())
         if time.time() - oldest > WORKER_START_GRACE_S:  # a worker just started needs a few seconds
             st.warning("Runs are queued but no worker is running.")
-            if st.button("Start worker", key="sidebar_start_worker"):
-                start_worker(store)
-                st.rerun(scope="fragment")
+            # A callback, not `if st.button(...)` + st.rerun(scope="fragment"): it runs before whichever rerun
+            # the click causes (a fragment rerun in the browser, a full one under AppTest), so no explicit
+            # rerun is needed, and a fragment-scoped rerun cannot be called outside a fragment rerun.
+            st.button("Start worker", key="sidebar_start_worker", on_click=start_worker, args=(store,))
