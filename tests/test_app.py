@@ -25,14 +25,14 @@ from vptdash.runs.store import RunStore
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 REAL_REFERENCE = reference.REFERENCE_FILE
 PAGES = [
-    "pages/home.py",
-    "pages/data.py",
-    "pages/train.py",
-    "pages/budget.py",
-    "pages/levers.py",
-    "pages/attention.py",
-    "pages/continual.py",
-    "pages/runs.py",
+    "app_pages/home.py",
+    "app_pages/data.py",
+    "app_pages/train.py",
+    "app_pages/budget.py",
+    "app_pages/levers.py",
+    "app_pages/attention.py",
+    "app_pages/continual.py",
+    "app_pages/runs.py",
 ]
 TIMEOUT = 30
 
@@ -146,9 +146,9 @@ def test_pages_render_with_runs_and_an_upload(home, store):
     jobs.execute_queued(store, ids)
     for page in PAGES:
         goto(at, page)
-    goto(at, "pages/data.py")
+    goto(at, "app_pages/data.py")
     assert "notes.txt" in json.dumps([df.value.to_dict() for df in at.dataframe])  # every skipped file listed
-    goto(at, "pages/runs.py")
+    goto(at, "app_pages/runs.py")
     assert {b.label for b in at.get("download_button")} >= {"Export CSV", "HTML report"}
 
 
@@ -165,7 +165,7 @@ def test_a_fresh_store_gets_the_shipped_reference_sweep(home, store, monkeypatch
     assert {r["source"] for r in runs} == {"precomputed"}
     counts = {(r["config"]["num_prompts"], r["config"]["placement"]) for r in runs}
     assert {(10, "shallow"), (10, "deep"), (100, "deep")} <= counts
-    goto(at, "pages/budget.py")
+    goto(at, "app_pages/budget.py")
     assert not at.exception
     assert "precomputed" in texts(at.caption)
 
@@ -183,7 +183,7 @@ def test_demo_button_queues_the_preset_and_opens_the_budget_explorer(home, store
     assert home, "the worker was started"
     assert at.title[0].value == "Budget explorer"
     assert "queued" in texts(at.sidebar.caption)
-    goto(at, "pages/home.py")  # a second click must not queue the demo twice
+    goto(at, "app_pages/home.py")  # a second click must not queue the demo twice
     assert "demo is under way" in texts(at.info)
     assert not [b for b in at.button if b.key == "demo_button"]
     at.button(key="demo_watch").click().run(timeout=TIMEOUT)
@@ -193,7 +193,7 @@ def test_demo_button_queues_the_preset_and_opens_the_budget_explorer(home, store
 
 # ------------------------------------------------------------------------------------ data
 def test_zip_upload_becomes_the_active_dataset(home):
-    at = goto(app(), "pages/data.py")
+    at = goto(app(), "app_pages/data.py")
     at.radio(key="data_source").set_value("My own images").run(timeout=TIMEOUT)
     at.file_uploader(key="data_zip").upload("tiny.zip", tiny_zip(), "application/zip").run(timeout=TIMEOUT)
     at.text_input(key="data_zip_name").input("dark vs bright").run(timeout=TIMEOUT)
@@ -208,7 +208,7 @@ def test_zip_upload_becomes_the_active_dataset(home):
 
 
 def test_bad_upload_shows_the_message_not_a_traceback(home):
-    at = goto(app(), "pages/data.py")
+    at = goto(app(), "app_pages/data.py")
     at.radio(key="data_source").set_value("My own images").run(timeout=TIMEOUT)
     at.file_uploader(key="data_zip").upload("broken.zip", b"this is not a zip", "application/zip")
     at.run(timeout=TIMEOUT)
@@ -225,7 +225,7 @@ def test_one_class_upload_is_refused_clearly(home):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(png, "PNG")
         for i in range(4):
             archive.writestr(f"only/{i}.png", png.getvalue())
-    at = goto(app(), "pages/data.py")
+    at = goto(app(), "app_pages/data.py")
     at.radio(key="data_source").set_value("My own images").run(timeout=TIMEOUT)
     at.file_uploader(key="data_zip").upload("one.zip", buffer.getvalue()).run(timeout=TIMEOUT)
     at.button(key="data_zip_save").click().run(timeout=TIMEOUT)
@@ -238,7 +238,7 @@ def test_deleted_active_upload_falls_back_without_crashing(home):
     at = app()
     use_tiny_setup(at, uploads.upload_spec(info.slug))
     uploads.delete_upload(info.slug)  # e.g. from another tab
-    goto(at, "pages/data.py")
+    goto(at, "app_pages/data.py")
     assert "cannot be loaded" in texts(at.error)
     for page in PAGES:
         goto(at, page)
@@ -249,7 +249,7 @@ def test_train_controls_build_the_submitted_config(home):
     at = app()
     at.session_state["active_backbone"] = "tiny-random"
     at.session_state["active_resolution"] = 32
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     at.select_slider(key="train_prompts").set_value(50).run(timeout=TIMEOUT)
     at.button_group(key="train_placement").set_value("deep").run(timeout=TIMEOUT)
     at.number_input(key="train_epochs").set_value(3).run(timeout=TIMEOUT)
@@ -274,7 +274,7 @@ def test_train_submits_the_config_and_starts_the_worker(home, store):
     at = app()
     at.session_state["active_backbone"] = "tiny-random"
     at.session_state["active_resolution"] = 32
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     at.select_slider(key="train_prompts").set_value(5).run(timeout=TIMEOUT)
     at.button(key="train_submit").click().run(timeout=TIMEOUT)
     [run] = store.list_runs()
@@ -291,7 +291,7 @@ def test_invalid_config_is_an_error_and_queues_nothing(home, store):
     at = app()
     at.session_state["active_backbone"] = "tiny-random"
     at.session_state["active_resolution"] = 16  # below the 32 px minimum
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     at.button(key="train_submit").click().run(timeout=TIMEOUT)
     assert not at.exception
     assert "resolution must be between 32 and 1024" in texts(at.error)
@@ -302,7 +302,7 @@ def test_cancel_button_cancels_a_queued_run(home, store):
     at = app()
     at.session_state["active_backbone"] = "tiny-random"
     at.session_state["active_resolution"] = 32
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     at.button(key="train_submit").click().run(timeout=TIMEOUT)
     at.button(key="train_cancel").click().run(timeout=TIMEOUT)
     assert store.list_runs()[0]["status"] == "cancelled"
@@ -315,7 +315,7 @@ def test_failed_run_shows_its_error(home, store):
     run_id = jobs.submit_run(store, RunConfig(backbone="tiny-random", dataset="/nowhere/at/all", resolution=32))
     jobs.execute_queued(store, [run_id])
     at.session_state["train_run_id"] = run_id
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     assert "dataset not found" in texts(at.error)
 
 
@@ -325,7 +325,7 @@ def test_tiny_run_end_to_end_reaches_the_budget_chart(home, store):
     spec = uploads.upload_spec(info.slug)
     at = app()
     use_tiny_setup(at, spec)
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     at.select_slider(key="train_prompts").set_value(5).run(timeout=TIMEOUT)
     at.number_input(key="train_epochs").set_value(3).run(timeout=TIMEOUT)
     at.toggle(key="train_latency").set_value(False).run(timeout=TIMEOUT)
@@ -350,7 +350,7 @@ def test_tiny_run_end_to_end_reaches_the_budget_chart(home, store):
     at.run(timeout=TIMEOUT)
     assert any(m.proto.delta for m in at.metric), "deltas against the linear probe"
 
-    goto(at, "pages/budget.py")
+    goto(at, "app_pages/budget.py")
     [chart] = [
         s
         for s in plotly_specs(at)
@@ -385,7 +385,7 @@ def test_tiny_run_end_to_end_reaches_the_budget_chart(home, store):
     ]
     assert max(sizes) > min(sizes), sizes
 
-    goto(at, "pages/runs.py")
+    goto(at, "app_pages/runs.py")
     assert "**2 of 2 runs**" in texts(at.markdown)
     at.session_state["runs_table"] = {"selection": {"rows": [0, 1], "columns": [], "cells": []}}
     at.run(timeout=TIMEOUT)
@@ -398,7 +398,7 @@ def test_budget_estimate_before_anything_runs(home, store):
     at = app()
     at.session_state["active_backbone"] = "tiny-random"
     at.session_state["active_resolution"] = 32
-    goto(at, "pages/budget.py")
+    goto(at, "app_pages/budget.py")
     at.multiselect(key="budget_counts").set_value([0, 10, 50]).run(timeout=TIMEOUT)
     at.multiselect(key="budget_placements").set_value(["shallow"]).run(timeout=TIMEOUT)
     estimate = next(s for s in plotly_specs(at) if "Estimated" in s["layout"]["title"]["text"])
@@ -421,7 +421,7 @@ def test_runs_page_delete_with_confirmation(home, store):
 
     ids = [jobs.submit_run(store, RunConfig(backbone="tiny-random", num_prompts=n)) for n in (1, 2)]
     store.request_cancel(ids[0])
-    at = goto(app(), "pages/runs.py")
+    at = goto(app(), "app_pages/runs.py")
     at.session_state["runs_confirm_delete"] = [ids[0]]
     at.run(timeout=TIMEOUT)
     assert "cannot be undone" in texts(at.warning)
@@ -441,7 +441,7 @@ def test_cancel_really_stops_a_run_in_the_real_worker(monkeypatch, tmp_path):
     spec = uploads.upload_spec(uploads.save_zip_upload("tiny", tiny_zip()).slug)
     at = app()
     use_tiny_setup(at, spec)
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     at.number_input(key="train_epochs").set_value(500).run(timeout=TIMEOUT)
     at.toggle(key="train_latency").set_value(False).run(timeout=TIMEOUT)
     at.button(key="train_submit").click().run(timeout=TIMEOUT)
@@ -524,12 +524,12 @@ def test_odd_history_never_crashes_a_page(home, store):
     at.session_state["last_sweep_id"] = "odd-sweep"  # a sweep whose failed run has an empty error
     for page in PAGES:
         goto(at, page)
-    goto(at, "pages/budget.py")
+    goto(at, "app_pages/budget.py")
     at.button_group(key="budget_metric").set_value("balanced_accuracy_mean").run(timeout=TIMEOUT)
     at.slider(key="budget_tolerance").set_value(10.0).run(timeout=TIMEOUT)
     at.toggle(key="budget_match").set_value(False).run(timeout=TIMEOUT)
     assert not at.exception, [e.message for e in at.exception]
-    goto(at, "pages/runs.py")
+    goto(at, "app_pages/runs.py")
     at.multiselect(key="runs_f_status").set_value(["done"]).run(timeout=TIMEOUT)
     assert not at.exception, [e.message for e in at.exception]
 
@@ -540,7 +540,7 @@ def test_files_with_class_names_upload(home):
         Image.fromarray(np.full((24, 24), level, np.uint8)).save(buffer, "PNG")
         return buffer.getvalue()
 
-    at = goto(app(), "pages/data.py")
+    at = goto(app(), "app_pages/data.py")
     at.radio(key="data_source").set_value("My own images").run(timeout=TIMEOUT)
     at.text_input(key="data_class_0").input("cracked").run(timeout=TIMEOUT)
     at.text_input(key="data_class_1").input("fine").run(timeout=TIMEOUT)
@@ -563,12 +563,12 @@ def test_files_with_class_names_upload(home):
 def test_unavailable_backbone_is_a_message(home, store):
     at = app()
     at.session_state["active_backbone"] = "vit_tiny_patch16_224.augreg_in21k"  # needs the HF Hub: offline here
-    for page in ("pages/train.py", "pages/budget.py"):
+    for page in ("app_pages/train.py", "app_pages/budget.py"):
         goto(at, page)
         if at.error:
             assert "cannot be built here" in texts(at.error)
         else:  # the machine reached the hub (or had the weights cached): then it simply works
             assert not at.exception
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     if at.error:
         assert at.button(key="train_submit").disabled

@@ -170,7 +170,7 @@ with controls_col:
                 f"Suggest {int(skip_k)} blocks",
                 key="train_skip_suggest",
                 width="stretch",
-                icon=":material/content_cut:",
+                icon="✂️",
                 disabled=backbone_error is not None,
                 help="Searches on your training and validation images; a long search runs "
                 "in the background (watch it here or on Cost levers).",
@@ -318,7 +318,7 @@ with controls_col:
     if st.button(
         f"Train {pending.label()}",
         type="primary",
-        icon=":material/play_arrow:",
+        icon="▶️",
         key="train_submit",
         disabled=backbone_error is not None,
         width="stretch",
@@ -330,7 +330,7 @@ with controls_col:
         key="train_probe",
         disabled=backbone_error is not None,
         width="stretch",
-        icon=":material/linear_scale:",
+        icon="📏",
         help="Baseline: frozen features + a linear head, no prompts.",
     ):
         submit(session.base_config(tuning="linear", num_prompts=0, placement="none", lr=float(lr), **common))
@@ -339,7 +339,7 @@ with controls_col:
         key="train_full",
         disabled=backbone_error is not None,
         width="stretch",
-        icon=":material/all_inclusive:",
+        icon="♾️",
         help=f"Baseline: every backbone weight is trained (learning rate {FULL_FINETUNE_LR:g}).",
     ):
         submit(session.base_config(tuning="full", num_prompts=0, placement="none", lr=FULL_FINETUNE_LR, **common))
@@ -348,7 +348,7 @@ with controls_col:
 recent = [run for run in store.list_runs(limit=40) if run["source"] != "precomputed" and run["kind"] != "skip-search"]
 with monitor_col:
     if not recent:
-        st.info("No run yet: set a budget on the left and press **Train**.", icon=":material/arrow_back:")
+        st.info("No run yet: set a budget on the left and press **Train**.", icon="⬅️")
         st.stop()
     by_id = {run["id"]: run for run in recent}
     if st.session_state.get("train_watch") not in by_id:
@@ -451,14 +451,14 @@ def monitor(run_id: int) -> None:
         st.subheader(f"Run #{run_id}: {wording.run_label(run)}")
         if status == "queued":
             ahead = sum(1 for r in store.list_runs(status=["queued", "running"]) if r["id"] < run_id)
-            st.info(f"Queued: {ahead} run{'s' if ahead != 1 else ''} ahead of it.", icon=":material/schedule:")
+            st.info(f"Queued: {ahead} run{'s' if ahead != 1 else ''} ahead of it.", icon="⏳")
         elif status == "running":
             fraction, text = wording.progress_of(run, events[-1] if events else None)
             st.progress(fraction, text=text)
         if status in LIVE:
             if run["cancel_requested"]:
                 st.caption("Cancelling: the worker stops before the next training step.")
-            elif st.button("Cancel", key="train_cancel", icon=":material/stop:"):
+            elif st.button("Cancel", key="train_cancel", icon="⏹️"):
                 store.request_cancel(run_id)
                 st.rerun(scope="fragment")
 

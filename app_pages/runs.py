@@ -117,7 +117,7 @@ e[0].download_button(
     file_name="vptdash-runs.csv",
     mime="text/csv",
     on_click="ignore",
-    icon=":material/download:",
+    icon="📥",
     key="runs_csv",
     width="stretch",
 )
@@ -135,7 +135,7 @@ e[1].download_button(
     file_name="vptdash-report.html",
     mime="text/html",
     on_click="ignore",
-    icon=":material/description:",
+    icon="📄",
     key="runs_report",
     width="stretch",
     disabled=not report_rows,
@@ -146,7 +146,7 @@ if e[2].button(
     f"Delete {len(selected_ids)} selected",
     key="runs_delete",
     disabled=not selected_ids,
-    icon=":material/delete:",
+    icon="🗑️",
     width="stretch",
 ):
     st.session_state["runs_confirm_delete"] = selected_ids

@@ -93,7 +93,7 @@ if source == SOURCE_ELPV:
         st.info(
             "**ELPV** electroluminescence images of solar-cell modules, labelled by experts with a defect "
             f"probability.  \n**Licence:** {data.ELPV_LICENSE}",
-            icon=":material/copyright:",
+            icon="©️",
         )
 else:
     saved = uploads.list_uploads()

@@ -144,7 +144,7 @@ with skip_tab:
             f"Find {int(k)} blocks to skip",
             key="levers_search",
             type="primary",
-            icon=":material/content_cut:",
+            icon="✂️",
             width="stretch",
         )
     if search_clicked:
@@ -175,7 +175,7 @@ with skip_tab:
         if r["config"].get("backbone") == setup["backbone"] and r["config"].get("resolution") == setup["resolution"]
     ]
     if not searches:
-        st.info("No search on this setup yet.", icon=":material/search:")
+        st.info("No search on this setup yet.", icon="🔍")
         st.stop()
     by_id = {r["id"]: r for r in searches}
     if st.session_state.get("levers_watch") not in by_id:
@@ -200,7 +200,7 @@ with skip_tab:
             events = store.progress(watch)
             fraction, text = wording.progress_of(row, events[-1] if events else None)
             st.progress(fraction, text=f"{row['status']}: {text}")
-            if st.button("Cancel search", key="levers_cancel", icon=":material/stop:"):
+            if st.button("Cancel search", key="levers_cancel", icon="⏹️"):
                 store.request_cancel(watch)
                 st.rerun(scope="fragment")
             return
@@ -231,10 +231,10 @@ with skip_tab:
         if st.button(
             f"Use on the Train page: skip {', '.join(map(str, result.skip))}",
             key="levers_apply",
-            icon=":material/model_training:",
+            icon="🏋️",
         ):
             st.session_state["skip_suggestion"] = list(result.skip)
-            st.switch_page("pages/train.py")
+            st.switch_page("app_pages/train.py")
         left, right = st.columns(2)
         with left:
             if any(v is not None for v in result.redundancy):

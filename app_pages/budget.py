@@ -121,7 +121,7 @@ def results() -> None:
             with tab:
                 recommendation = budget.recommend(agg, tolerance, cost=cost, metric=metric) if len(agg) else None
                 if recommendation is not None:
-                    st.success(f"#### {recommendation.sentence}", icon=":material/recommend:")
+                    st.success(f"#### {recommendation.sentence}", icon="👍")
                 fig = charts.cost_accuracy_figure(
                     agg, cost=cost, metric=metric, recommendation=recommendation, highlight_ids=selected
                 )
@@ -147,7 +147,7 @@ results()
 
 # ------------------------------------------------------------------------------------ plan a sweep
 done_here = store.list_runs(status="done", dataset=setup["dataset"], limit=1)
-with st.expander("Plan a sweep: estimated cost before anything runs", expanded=not done_here, icon=":material/tune:"):
+with st.expander("Plan a sweep: estimated cost before anything runs", expanded=not done_here, icon="🎛️"):
     c = st.columns([3, 2, 2, 1, 1])
     counts = c[0].multiselect(
         "Prompt counts",
@@ -275,7 +275,7 @@ with st.expander("Plan a sweep: estimated cost before anything runs", expanded=n
         type="primary",
         key="budget_queue",
         disabled=not configs,
-        icon=":material/playlist_add:",
+        icon="➕",
     ):
         sweep_id = jobqueue.queue_sweep(store, configs, "Not queued")
         if sweep_id:
