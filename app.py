@@ -33,5 +33,5 @@ pages = [
 page = st.navigation(pages)  # first: the menu is drawn before any slow work
 store = resources.get_store()  # also imports the precomputed reference sweep, once per process
 resources.warm_up()  # default backbone + ELPV load in the background, once per process
-jobqueue.sidebar(store)
+jobqueue.sidebar(store, licence=page.url_path != "data")  # the Data page shows the licence itself
 page.run()

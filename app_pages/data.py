@@ -36,7 +36,9 @@ def save_and_use(save) -> None:
         st.error(f"That upload cannot be used: {exc}")
         return
     use_dataset(uploads.upload_spec(info.slug))
-    st.session_state["data_saved_pick"] = info.slug
+    # The saved-uploads selectbox already exists in this run: its value may only be set before it
+    # is created, so the next run applies this pending pick first.
+    st.session_state["data_pending_pick"] = info.slug
     st.session_state["data_upload_message"] = (info.name, info.n_images, len(info.skipped))
     st.rerun()
 
@@ -107,6 +109,9 @@ else:
             current = next(
                 (info.slug for info in saved if uploads.upload_spec(info.slug) == setup["dataset"]), saved[0].slug
             )
+            pending = st.session_state.pop("data_pending_pick", None)
+            if pending in by_slug:
+                st.session_state["data_saved_pick"] = pending
             if st.session_state.get("data_saved_pick") not in by_slug:
                 st.session_state["data_saved_pick"] = current
             pick = st.selectbox(
@@ -283,7 +288,7 @@ with chart_col:
     look.show_plotly(fig, key="data_split_chart")
 with table_col:
     st.dataframe(per_class, hide_index=True, width="stretch")
-    if image_set.license:
+    if image_set.license and not wording.is_elpv(setup["dataset"]):  # ELPV's is in the box at the top
         st.caption(f"Licence: {image_set.license}")
     if image_set.source:
         st.caption(f"Source: {image_set.source}")

@@ -207,6 +207,32 @@ def test_zip_upload_becomes_the_active_dataset(home):
     assert len(at.image) >= 2  # a thumbnail strip per class
 
 
+def test_second_upload_while_one_is_saved_becomes_the_pick(home):
+    first = uploads.save_zip_upload("first set", tiny_zip())
+    at = goto(app(), "app_pages/data.py")
+    at.radio(key="data_source").set_value("My own images").run(timeout=TIMEOUT)
+    assert at.selectbox(key="data_saved_pick").value == first.slug  # the saved-uploads box exists now
+    at.file_uploader(key="data_zip").upload("second.zip", tiny_zip(), "application/zip").run(timeout=TIMEOUT)
+    at.text_input(key="data_zip_name").input("second set").run(timeout=TIMEOUT)
+    at.button(key="data_zip_save").click().run(timeout=TIMEOUT)
+    assert not at.exception, [e.message for e in at.exception]
+    [second] = [info for info in uploads.list_uploads() if info.slug != first.slug]
+    assert at.session_state["active_dataset"] == uploads.upload_spec(second.slug)
+    assert at.selectbox(key="data_saved_pick").value == second.slug
+    assert "Saved **second set**" in texts(at.success)
+
+
+def test_elpv_licence_is_shown_once_on_the_data_page(home):
+    def licences(at: AppTest) -> int:
+        shown = [*at.info, *at.caption, *at.markdown]  # page and sidebar
+        return sum("BY-NC-SA" in str(element.value) for element in shown)
+
+    at = goto(app(), "app_pages/data.py")
+    assert licences(at) == 1
+    goto(at, "app_pages/budget.py")
+    assert licences(at) == 1  # other pages keep the sidebar's credit line
+
+
 def test_bad_upload_shows_the_message_not_a_traceback(home):
     at = goto(app(), "app_pages/data.py")
     at.radio(key="data_source").set_value("My own images").run(timeout=TIMEOUT)

@@ -57,8 +57,8 @@ def run_table_columns() -> dict[str, Any]:
     }
 
 
-def sidebar(store: RunStore) -> None:
-    """Active setup + live job queue, on every page."""
+def sidebar(store: RunStore, *, licence: bool = True) -> None:
+    """Active setup + live job queue, on every page (`licence=False` where the page shows it itself)."""
     setup = active_setup()
     with st.sidebar:
         st.markdown("#### Active setup")
@@ -69,7 +69,7 @@ def sidebar(store: RunStore) -> None:
             f"**Images** {setup['resolution']} px · "
             f"{'all' if shots is None else shots} shots per class"
         )
-        if is_elpv(setup["dataset"]):
+        if licence and is_elpv(setup["dataset"]):
             st.caption("ELPV: CC BY-NC-SA 4.0, Buerhop-Lutz, Deitsch et al. (ZAE Bayern / FAU)")
         st.markdown("#### Job queue")
         _queue_panel(store)
