@@ -455,6 +455,36 @@ def test_runs_page_delete_with_confirmation(home, store):
     assert [r["id"] for r in store.list_runs()] == [ids[1]]
 
 
+def test_runs_report_covers_one_setup_of_the_listed_runs(home, store):
+    from test_budget import make_run
+
+    toy = "/somewhere/toy-set"
+    store.import_runs(
+        [make_run(i, 10, seed=i) for i in (1, 2, 3)] + [make_run(i, 5, seed=i, dataset=toy) for i in (4, 5)]
+    )
+    at = goto(app(), "app_pages/runs.py")
+    box = at.selectbox(key="runs_report_setup")
+    assert len(box.options) == 2 and not box.disabled
+    assert box.value[0] == "elpv-binary"  # not the active setup's backbone: the setup with the most runs
+    assert "ELPV" in box.options[box.index]  # shown in words
+    toy_label = next(label for label in at.multiselect(key="runs_f_dataset").options if "ELPV" not in label)
+    at.multiselect(key="runs_f_dataset").set_value([toy_label]).run(timeout=TIMEOUT)
+    assert not at.exception, [e.message for e in at.exception]
+    box = at.selectbox(key="runs_report_setup")
+    assert len(box.options) == 1 and box.disabled and box.value[0] == toy
+
+
+def test_the_active_setup_is_kept_with_the_run_store(home):
+    info = uploads.save_zip_upload("kept set", tiny_zip())
+    first = goto(app(), "app_pages/data.py")
+    first.radio(key="data_source").set_value("My own images").run(timeout=TIMEOUT)
+    first.button(key="data_use_saved").click().run(timeout=TIMEOUT)
+    assert first.session_state["active_dataset"] == uploads.upload_spec(info.slug)
+    second = app()  # a second tab, or a reload
+    assert second.session_state["active_dataset"] == uploads.upload_spec(info.slug)
+    assert "kept set" in texts(second.sidebar.markdown)
+
+
 def test_cancel_really_stops_a_run_in_the_real_worker(monkeypatch, tmp_path):
     """The one AppTest with the real background worker: a long tiny run is cancelled from the page."""
     import os
