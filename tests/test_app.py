@@ -485,6 +485,25 @@ def test_the_active_setup_is_kept_with_the_run_store(home):
     assert "kept set" in texts(second.sidebar.markdown)
 
 
+def test_a_run_made_here_is_announced_when_it_lands(home, store):
+    from test_budget import make_run
+
+    from vptdash.engine.train import RunConfig
+
+    store.import_runs([make_run(1, 10, placement="<b>x</b>")])  # precomputed: never announced
+    spec = uploads.upload_spec(uploads.save_zip_upload("tiny", tiny_zip()).slug)
+    at = app()
+    assert not at.toast  # the first look only takes note
+    config = RunConfig(backbone="tiny-random", dataset=spec, resolution=32, epochs=1, measure_latency=False)
+    run_id = jobs.submit_run(store, config)
+    jobs.execute_queued(store, [run_id])
+    at.run(timeout=TIMEOUT)
+    toasts = [toast.value for toast in at.toast]
+    assert len(toasts) == 1 and f"New result \\#{run_id}" in toasts[0] and "test accuracy" in toasts[0], toasts
+    at.run(timeout=TIMEOUT)
+    assert not at.toast  # announced once
+
+
 def test_cancel_really_stops_a_run_in_the_real_worker(monkeypatch, tmp_path):
     """The one AppTest with the real background worker: a long tiny run is cancelled from the page."""
     import os

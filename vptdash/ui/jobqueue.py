@@ -4,6 +4,7 @@ background worker."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
 
@@ -13,7 +14,7 @@ from vptdash.engine.train import ConfigError, RunConfig
 from vptdash.runs import jobs, worker
 from vptdash.runs.store import RunStore
 from vptdash.ui.session import active_setup
-from vptdash.views.wording import dataset_label, is_elpv, progress_of, run_label
+from vptdash.views.wording import dataset_label, fmt_pct, is_elpv, progress_of, run_label
 
 QUEUE_POLL_BUSY_S = 1.0  # sidebar refresh while something runs
 
@@ -22,6 +23,45 @@ WORKER_START_GRACE_S = 20.0  # a fresh worker process takes a few seconds to imp
 
 
 QUEUE_POLL_IDLE_S = 3.0  # ... and while idle (notices runs queued from another tab)
+
+
+ANNOUNCE_AT_MOST = 3  # toasts per poll: a finished sweep announces its first results and a count
+_MD_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
+_LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+
+
+def _literal(text: object) -> str:
+    """`text` shown literally in a toast (Markdown): run labels carry users' placement strings."""
+    return _MD_SPECIAL.sub(r"\\\1", _LINE_BREAKS.sub(" ", str(text)))
+
+
+def announcement(run: dict) -> str:
+    """The toast for a run made here that just finished: its number, label and test accuracy."""
+    accuracy = (run.get("metrics") or {}).get("accuracy")
+    tail = f": {fmt_pct(accuracy)} test accuracy" if accuracy is not None else ""
+    return _literal(f"New result #{run['id']} {run_label(run)}{tail}")
+
+
+def announce_new_results(store: RunStore, summary: dict) -> list[int]:
+    """Toast each run made here (not precomputed) that finished since this session last looked;
+    the first look only takes note. Reads the run list only when the count of finished runs moved.
+    Returns the ids announced."""
+    seen = st.session_state.get("queue_seen_done")
+    if seen is not None and seen[0] == summary["done"]:
+        return []
+    done = store.list_runs(status="done")
+    ids = {run["id"] for run in done}
+    st.session_state["queue_seen_done"] = (summary["done"], ids)
+    if seen is None:
+        return []
+    fresh = sorted(
+        (run for run in done if run["id"] not in seen[1] and run["source"] != "precomputed"), key=lambda r: r["id"]
+    )
+    for run in fresh[:ANNOUNCE_AT_MOST]:
+        st.toast(announcement(run), icon="✅")
+    if len(fresh) > ANNOUNCE_AT_MOST:
+        st.toast(f"... and {len(fresh) - ANNOUNCE_AT_MOST} more new results", icon="✅")
+    return [run["id"] for run in fresh]
 
 
 def start_worker(store: RunStore) -> None:
@@ -93,6 +133,7 @@ def _queue_panel(store: RunStore) -> None:
             st.warning(f"Run store unavailable: {exc}")
             return
         render_queue(store, now_summary)
+        announce_new_results(store, now_summary)
 
     queue_fragment()
 

@@ -43,20 +43,28 @@ METRIC_AXES = {
     "val_accuracy": "Validation accuracy (%)",
 }
 
-# Marker symbol per run source: the reference sweep shipped with the app vs runs made here.
-SOURCE_SYMBOLS = {"precomputed": "circle", "live": "diamond", "cli": "diamond", "mixed": "square"}
+# Marker symbol per run source: the reference sweep shipped with the app vs runs made here. A
+# configuration whose seeds mix both ("mixed": any mix contains a run made here) counts as made here:
+# what a manager wants to see is where the new runs landed, not which points are all precomputed.
+SOURCE_SYMBOLS = {"precomputed": "circle", "live": "diamond", "cli": "diamond", "mixed": "diamond"}
 SOURCE_NAMES = {
     "circle": "● precomputed (reference sweep)",
     "diamond": "◆ run here (dashboard / CLI)",
-    "square": "■ precomputed + run here",
 }
 
 MARKER_SIZE = 13
+HERE_SIZE = 19  # runs made here: larger, opaque, dark outline; precomputed ones recede
 HIGHLIGHT_SIZE = 22
+PRECOMPUTED_OPACITY = 0.55
 
 
 def source_symbol(source: Any) -> str:
     return SOURCE_SYMBOLS.get(str(source), "diamond")
+
+
+def made_here(source: Any) -> bool:
+    """True for a point with at least one run made here (dashboard or CLI), not only precomputed."""
+    return source_symbol(source) == "diamond"
 
 
 def _fmt(value: Any, pattern: str, missing: str = "n/a") -> str:
@@ -88,7 +96,9 @@ def _hover(row: pd.Series) -> str:
         f"GMACs per image: {_fmt(row.get('gmacs'), '{:.3f}')}",
         f"latency (batch 1): {_fmt(row.get('latency_ms_b1'), '{:.2f} ms')}",
         f"trainable parameters: {_fmt(row.get('params_trainable'), '{:,.0f}')}",
-        f"source: {e(row.get('sources', ''))} ({SOURCE_NAMES[source_symbol(row.get('sources'))]})",
+        f"source: {e(row.get('sources', ''))} ({SOURCE_NAMES[source_symbol(row.get('sources'))]}"
+        + (", with precomputed seeds" if row.get("sources") == "mixed" else "")
+        + ")",
         f"run ids: {runs_text}",
     ]
     name = row.get("dataset_name") or row.get("dataset")
@@ -113,8 +123,8 @@ def cost_accuracy_figure(
 ) -> go.Figure:
     """Cost vs accuracy, one scatter trace per family (error bars: std over seeds).
 
-    Marker symbol by source (circle precomputed, diamond run here, square mixed; legend-only key
-    traces explain it), the Pareto front as a step line, the recommended point ringed with an
+    Marker by source (small faded circles precomputed, larger outlined diamonds for points with runs
+    made here; legend-only key traces explain it), the Pareto front as a step line, the recommended point ringed with an
     annotation, highlighted runs larger with a thick outline, and a dashed majority-class line
     when the frame knows it (accuracy metrics only)."""
     x_title = COST_AXES.get(cost) or _MORE_COST_AXES.get(cost) or cost
@@ -159,6 +169,7 @@ def cost_accuracy_figure(
         ]
         symbols = [source_symbol(s) for s in rows.get("sources", pd.Series(["live"] * len(rows), index=rows.index))]
         symbols_used.update(symbols)
+        here = [symbol == "diamond" for symbol in symbols]
         error = None
         if std_column and std_column in rows:
             stds = [100 * float(s) if finite(s) else 0.0 for s in rows[std_column]]
@@ -175,16 +186,19 @@ def cost_accuracy_figure(
                 marker={
                     "color": family_color(family),
                     "symbol": symbols,
-                    "size": [HIGHLIGHT_SIZE if h else MARKER_SIZE for h in hits],
-                    "line": {"width": [4 if h else 1 for h in hits], "color": ["#111" if h else "white" for h in hits]},
-                    "opacity": 0.9,
+                    "size": [HIGHLIGHT_SIZE if h else HERE_SIZE if n else MARKER_SIZE for h, n in zip(hits, here)],
+                    "line": {
+                        "width": [4 if h else 2 if n else 1 for h, n in zip(hits, here)],
+                        "color": ["#111" if h or n else "white" for h, n in zip(hits, here)],
+                    },
+                    "opacity": [1.0 if h or n else PRECOMPUTED_OPACITY for h, n in zip(hits, here)],
                 },
                 hovertext=[_hover(row) for _, row in rows.iterrows()],
                 hovertemplate="%{hovertext}<extra></extra>",
             )
         )
 
-    for symbol in ("circle", "diamond", "square"):
+    for symbol in ("circle", "diamond"):
         if symbol in symbols_used:
             fig.add_trace(
                 go.Scatter(  # legend key only: no points
@@ -193,7 +207,16 @@ def cost_accuracy_figure(
                     mode="markers",
                     name=SOURCE_NAMES[symbol],
                     legendgroup="sources",
-                    marker={"symbol": symbol, "color": "#555", "size": MARKER_SIZE},
+                    marker={
+                        "symbol": symbol,
+                        "color": "#555",
+                        "size": HERE_SIZE if symbol == "diamond" else MARKER_SIZE,
+                        "opacity": 1.0 if symbol == "diamond" else PRECOMPUTED_OPACITY,
+                        "line": {
+                            "width": 2 if symbol == "diamond" else 1,
+                            "color": "#111" if symbol == "diamond" else "white",
+                        },
+                    },
                     hoverinfo="skip",
                 )
             )
