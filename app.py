@@ -30,7 +30,7 @@ pages = [
     # The default page lives at "/"; a bookmarked /home reaches the same page instead of "Page not found".
     st.Page("app_pages/home.py", title="Home", icon="🏠", url_path="home", visibility="hidden"),
 ]
-page = st.navigation(pages)  # first: the menu is drawn before any slow work
+page = st.navigation(pages)  # first: from here on Streamlit ignores the legacy pages/ folder semantics
 store = resources.get_store()  # also imports the precomputed reference sweep, once per process
 resources.warm_up()  # default backbone + ELPV load in the background, once per process
 jobqueue.sidebar(store, licence=page.url_path != "data")  # the Data page shows the licence itself

@@ -7,7 +7,7 @@ from vptdash.engine.cost import block_macs
 from vptdash.engine.prompts import PROMPT_TYPES, default_prompt_rank
 from vptdash.engine.train import ConfigError, RunConfig
 from vptdash.methods import skipping
-from vptdash.runs import jobs
+from vptdash.runs import jobs, presets
 from vptdash.ui import jobqueue, look, resources, session
 from vptdash.views import budget, charts, wording
 
@@ -15,6 +15,12 @@ LR_CHOICES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 FULL_FINETUNE_LR = 1e-4  # the whole backbone moves: prompt-sized learning rates would wreck it
 PLACEMENTS = ["shallow", "deep", "pick blocks"]
 LIVE = ("queued", "running")
+# One recipe: the page starts from the meeting demo's (and so the reference sweep's) epochs and precision.
+RECIPE = presets.demo_base()
+RECIPE_HELP = (
+    f"Starts at the recipe of the meeting demo and the precomputed reference sweep ({RECIPE.epochs} epochs, "
+    f"batch {RECIPE.batch_size}, {RECIPE.precision}), so new points compare with the reference points."
+)
 INLINE_SEARCH_GMACS = 20.0  # a skip search estimated under this (about a second of CPU) runs inline, else as a job
 
 store = resources.get_store()
@@ -36,11 +42,12 @@ with controls_col:
         st.selectbox(
             "Backbone (frozen)",
             names,
-            format_func=lambda n: f"{n}: {backbones.BACKBONES.get(n, '')}",
             index=names.index(setup["backbone"]),
             **session.bind("train_backbone", "backbone"),
         )
         setup = session.active_setup()
+        if setup["backbone"] in backbones.BACKBONES:  # under the box: a long name + description would be cut off
+            st.caption(backbones.BACKBONES[setup["backbone"]])
         shape, backbone_error = resources.backbone_shape_or_error(setup["backbone"], setup["resolution"])
         c = st.columns(2)
         with c[0]:
@@ -148,7 +155,7 @@ with controls_col:
             )
             or []
         )
-        c = st.columns([2, 3, 3])
+        c = st.columns([1, 2])
         skip_k = c[0].number_input(
             "k", min_value=1, max_value=max(1, depth - 1), value=min(4, max(1, depth - 1)), step=1, key="train_skip_k"
         )
@@ -164,17 +171,16 @@ with controls_col:
             )
             or "greedy"
         )
-        with c[2]:
-            st.write("")
-            suggest_clicked = st.button(
-                f"Suggest {int(skip_k)} blocks",
-                key="train_skip_suggest",
-                width="stretch",
-                icon="✂️",
-                disabled=backbone_error is not None,
-                help="Searches on your training and validation images; a long search runs "
-                "in the background (watch it here or on Cost levers).",
-            )
+        # A row of its own: beside the search choice the label was cut off ("Suggest 4 bl...").
+        suggest_clicked = st.button(
+            f"Suggest {int(skip_k)} blocks",
+            key="train_skip_suggest",
+            width="stretch",
+            icon="✂️",
+            disabled=backbone_error is not None,
+            help="Searches on your training and validation images; a long search runs "
+            "in the background (watch it here or on Cost levers).",
+        )
 
         @st.fragment(
             run_every=2.0
@@ -208,7 +214,9 @@ with controls_col:
         st.markdown("##### Training")
         c = st.columns([2, 3, 2])
         with c[0]:
-            epochs = st.number_input("Epochs", min_value=1, max_value=500, value=10, step=1, key="train_epochs")
+            epochs = st.number_input(
+                "Epochs", min_value=1, max_value=500, value=RECIPE.epochs, step=1, key="train_epochs", help=RECIPE_HELP
+            )
         with c[1]:
             lr = st.select_slider(
                 "Learning rate", LR_CHOICES, value=1e-2, key="train_lr", format_func=lambda v: f"{v:g}"
@@ -218,7 +226,12 @@ with controls_col:
         c = st.columns([1, 1])
         with c[0]:
             precision = st.segmented_control(
-                "Precision", ["fp32", "bf16"], default="fp32", key="train_precision", required=True
+                "Precision",
+                ["fp32", "bf16"],
+                default=RECIPE.precision,
+                key="train_precision",
+                required=True,
+                help=RECIPE_HELP,
             )
         with c[1]:
             measure_latency = st.toggle(
@@ -230,7 +243,7 @@ with controls_col:
         with st.expander("More settings"):
             c = st.columns(2)
             batch_size = c[0].number_input(
-                "Batch size", min_value=1, max_value=1024, value=32, step=1, key="train_batch"
+                "Batch size", min_value=1, max_value=1024, value=RECIPE.batch_size, step=1, key="train_batch"
             )
             optimizer = c[1].selectbox("Optimizer", ["adamw", "sgd"], key="train_optimizer")
             weight_decay = c[0].number_input(
@@ -254,7 +267,7 @@ common = dict(
     optimizer=optimizer,
     weight_decay=float(weight_decay),
     warmup_epochs=float(warmup),
-    precision=precision or "fp32",
+    precision=precision or RECIPE.precision,
     measure_latency=bool(measure_latency),
 )
 pending = session.base_config(
@@ -273,7 +286,7 @@ st.session_state["train_pending_config"] = pending.to_dict()  # what "Train" wou
 
 def suggest_skips(k: int, method: str) -> None:
     """Run the skip search inline when it is tiny, else as a "skip-search" job for the worker."""
-    config = session.base_config(seed=int(seed), precision=precision or "fp32")
+    config = session.base_config(seed=int(seed), precision=precision or RECIPE.precision)
     per_image = (
         block_macs(shape["num_prefix_tokens"] + shape["num_patches"], shape["embed_dim"], shape["mlp_dim"]) / 1e9
     )

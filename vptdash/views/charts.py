@@ -44,22 +44,26 @@ METRIC_AXES = {
 }
 
 # Marker symbol per run source: the reference sweep shipped with the app vs runs made here. A
-# configuration whose seeds mix both ("mixed": any mix contains a run made here) counts as made here:
-# what a manager wants to see is where the new runs landed, not which points are all precomputed.
+# configuration whose seeds mix both ("mixed": a mix always holds a run made here) is drawn as made here:
+# a manager looks for where the new runs landed. Points made here are also larger, opaque and outlined
+# (HERE_SIZE); only-precomputed points recede (PRECOMPUTED_OPACITY). "square" is no longer drawn.
 SOURCE_SYMBOLS = {"precomputed": "circle", "live": "diamond", "cli": "diamond", "mixed": "diamond"}
 SOURCE_NAMES = {
     "circle": "● precomputed (reference sweep)",
     "diamond": "◆ run here (dashboard / CLI)",
+    "square": "■ precomputed + run here",
 }
 
 MARKER_SIZE = 13
-HERE_SIZE = 19  # runs made here: larger, opaque, dark outline; precomputed ones recede
 HIGHLIGHT_SIZE = 22
-PRECOMPUTED_OPACITY = 0.55
 
 
 def source_symbol(source: Any) -> str:
     return SOURCE_SYMBOLS.get(str(source), "diamond")
+
+
+HERE_SIZE = 19
+PRECOMPUTED_OPACITY = 0.55
 
 
 def made_here(source: Any) -> bool:
@@ -96,9 +100,7 @@ def _hover(row: pd.Series) -> str:
         f"GMACs per image: {_fmt(row.get('gmacs'), '{:.3f}')}",
         f"latency (batch 1): {_fmt(row.get('latency_ms_b1'), '{:.2f} ms')}",
         f"trainable parameters: {_fmt(row.get('params_trainable'), '{:,.0f}')}",
-        f"source: {e(row.get('sources', ''))} ({SOURCE_NAMES[source_symbol(row.get('sources'))]}"
-        + (", with precomputed seeds" if row.get("sources") == "mixed" else "")
-        + ")",
+        f"source: {e(row.get('sources', ''))} ({SOURCE_NAMES[source_symbol(row.get('sources'))]})",
         f"run ids: {runs_text}",
     ]
     name = row.get("dataset_name") or row.get("dataset")
@@ -123,8 +125,8 @@ def cost_accuracy_figure(
 ) -> go.Figure:
     """Cost vs accuracy, one scatter trace per family (error bars: std over seeds).
 
-    Marker by source (small faded circles precomputed, larger outlined diamonds for points with runs
-    made here; legend-only key traces explain it), the Pareto front as a step line, the recommended point ringed with an
+    Marker symbol by source (circle precomputed, diamond run here, square mixed; legend-only key
+    traces explain it), the Pareto front as a step line, the recommended point ringed with an
     annotation, highlighted runs larger with a thick outline, and a dashed majority-class line
     when the frame knows it (accuracy metrics only)."""
     x_title = COST_AXES.get(cost) or _MORE_COST_AXES.get(cost) or cost
@@ -169,7 +171,6 @@ def cost_accuracy_figure(
         ]
         symbols = [source_symbol(s) for s in rows.get("sources", pd.Series(["live"] * len(rows), index=rows.index))]
         symbols_used.update(symbols)
-        here = [symbol == "diamond" for symbol in symbols]
         error = None
         if std_column and std_column in rows:
             stds = [100 * float(s) if finite(s) else 0.0 for s in rows[std_column]]
@@ -186,19 +187,22 @@ def cost_accuracy_figure(
                 marker={
                     "color": family_color(family),
                     "symbol": symbols,
-                    "size": [HIGHLIGHT_SIZE if h else HERE_SIZE if n else MARKER_SIZE for h, n in zip(hits, here)],
+                    "size": [
+                        HIGHLIGHT_SIZE if h else HERE_SIZE if s == "diamond" else MARKER_SIZE
+                        for h, s in zip(hits, symbols)
+                    ],
                     "line": {
-                        "width": [4 if h else 2 if n else 1 for h, n in zip(hits, here)],
-                        "color": ["#111" if h or n else "white" for h, n in zip(hits, here)],
+                        "width": [4 if h else 2 if s == "diamond" else 1 for h, s in zip(hits, symbols)],
+                        "color": ["#111" if h or s == "diamond" else "white" for h, s in zip(hits, symbols)],
                     },
-                    "opacity": [1.0 if h or n else PRECOMPUTED_OPACITY for h, n in zip(hits, here)],
+                    "opacity": [1.0 if h or s == "diamond" else PRECOMPUTED_OPACITY for h, s in zip(hits, symbols)],
                 },
                 hovertext=[_hover(row) for _, row in rows.iterrows()],
                 hovertemplate="%{hovertext}<extra></extra>",
             )
         )
 
-    for symbol in ("circle", "diamond"):
+    for symbol in ("circle", "diamond", "square"):
         if symbol in symbols_used:
             fig.add_trace(
                 go.Scatter(  # legend key only: no points
