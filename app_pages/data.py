@@ -94,7 +94,7 @@ if source == SOURCE_ELPV:
     with right:
         st.info(
             "**ELPV** electroluminescence images of solar-cell modules, labelled by experts with a defect "
-            f"probability.  \n**Licence:** {data.ELPV_LICENSE}",
+            "probability. Licence and source: under the table of splits below.",
             icon="©️",
         )
 else:
@@ -288,7 +288,7 @@ with chart_col:
     look.show_plotly(fig, key="data_split_chart")
 with table_col:
     st.dataframe(per_class, hide_index=True, width="stretch")
-    if image_set.license and not wording.is_elpv(setup["dataset"]):  # ELPV's is in the box at the top
+    if image_set.license:
         st.caption(f"Licence: {image_set.license}")
     if image_set.source:
         st.caption(f"Source: {image_set.source}")

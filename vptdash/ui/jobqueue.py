@@ -14,7 +14,7 @@ from vptdash.engine.train import ConfigError, RunConfig
 from vptdash.runs import jobs, worker
 from vptdash.runs.store import RunStore
 from vptdash.ui.session import active_setup
-from vptdash.views.wording import dataset_label, fmt_pct, is_elpv, progress_of, run_label
+from vptdash.views.wording import dataset_label, is_elpv, progress_of, run_label
 
 QUEUE_POLL_BUSY_S = 1.0  # sidebar refresh while something runs
 
@@ -38,7 +38,7 @@ def _literal(text: object) -> str:
 def announcement(run: dict) -> str:
     """The toast for a run made here that just finished: its number, label and test accuracy."""
     accuracy = (run.get("metrics") or {}).get("accuracy")
-    tail = f": {fmt_pct(accuracy)} test accuracy" if accuracy is not None else ""
+    tail = f": {100 * float(accuracy):.1f}% test accuracy" if isinstance(accuracy, (int, float)) else ""
     return _literal(f"New result #{run['id']} {run_label(run)}{tail}")
 
 
