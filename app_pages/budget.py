@@ -121,7 +121,7 @@ def results() -> None:
             with tab:
                 recommendation = budget.recommend(agg, tolerance, cost=cost, metric=metric) if len(agg) else None
                 if recommendation is not None:
-                    st.success(f"#### {recommendation.sentence}", icon="👍")
+                    st.success(f"#### {recommendation.sentence}", icon=":material/recommend:")
                 fig = charts.cost_accuracy_figure(
                     agg, cost=cost, metric=metric, recommendation=recommendation, highlight_ids=selected
                 )
