@@ -87,10 +87,10 @@ def results() -> None:
     with table_col:
         st.markdown(f"**{len(table)} finished runs** · select rows to highlight them")
         shown = table[
-            [
+            [  # accuracy before the long label: the narrow column must not cut it off
                 "id",
-                "label",
                 "accuracy",
+                "label",
                 "balanced_accuracy",
                 "seed",
                 "gmacs",
@@ -108,7 +108,10 @@ def results() -> None:
             hide_index=True,
             width="stretch",
             height=700,
-            column_config=jobqueue.run_table_columns(),
+            column_config={
+                **jobqueue.run_table_columns(),
+                "accuracy": st.column_config.NumberColumn("Accuracy", format="percent", pinned=True),
+            },
         )
         selected = [int(shown.iloc[i]["id"]) for i in (event.selection.rows if event else []) if i < len(shown)]
     with chart_col:
