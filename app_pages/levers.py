@@ -15,12 +15,20 @@ from vptdash.methods import skipping
 from vptdash.ui import jobqueue, look, resources, session
 from vptdash.views import levers_charts, wording
 
+# What a manager should take from this page, before any of its technical detail.
+TAKEAWAY = (
+    "**In short:** prompts make every image more expensive to process, and this page shows two ways to pay "
+    "less: skip the blocks your task does not need (found here, on your images) or train bilinear prompts, "
+    "which learn fewer numbers; keep a lever only if its run on the Train page still reaches the accuracy "
+    "you need."
+)
 LIVE = ("queued", "running")
 INLINE_GMACS = 20.0  # about a second of this CPU: smaller searches run inline, bigger ones as a job
 
 store = resources.get_store()
 setup = session.active_setup()
 st.title("Cost levers")
+st.info(TAKEAWAY, icon="💡")
 st.caption(
     f"On **{wording.dataset_label(setup['dataset'], setup['cell_type'])}** with `{setup['backbone']}` at "
     f"{setup['resolution']} px (change them on the Data and Train pages). Prompts add compute; these two "

@@ -504,6 +504,25 @@ def test_a_run_made_here_is_announced_when_it_lands(home, store):
     assert not at.toast  # announced once
 
 
+def test_train_page_starts_from_the_demo_and_reference_recipe(home):
+    from vptdash.runs import presets
+
+    at = goto(app(), "app_pages/train.py")
+    config = at.session_state["train_pending_config"]
+    recipe = presets.demo_base()
+    assert (config["epochs"], config["precision"], config["batch_size"]) == (
+        recipe.epochs,
+        recipe.precision,
+        recipe.batch_size,
+    )
+    assert f"{recipe.epochs} epochs" in at.number_input(key="train_epochs").help
+
+
+def test_cost_levers_page_says_what_to_take_from_it(home):
+    at = goto(app(), "app_pages/levers.py")
+    assert "In short:" in texts(at.info)
+
+
 def test_cancel_really_stops_a_run_in_the_real_worker(monkeypatch, tmp_path):
     """The one AppTest with the real background worker: a long tiny run is cancelled from the page."""
     import os
