@@ -150,7 +150,7 @@ results()
 
 # ------------------------------------------------------------------------------------ plan a sweep
 done_here = store.list_runs(status="done", dataset=setup["dataset"], limit=1)
-with st.expander("Plan a sweep: estimated cost before anything runs", expanded=not done_here, icon="🎛️"):
+with st.expander("Plan a sweep: estimated cost before anything runs", expanded=not done_here, icon="⚙️"):
     c = st.columns([3, 2, 2, 1, 1])
     counts = c[0].multiselect(
         "Prompt counts",
@@ -278,7 +278,7 @@ with st.expander("Plan a sweep: estimated cost before anything runs", expanded=n
         type="primary",
         key="budget_queue",
         disabled=not configs,
-        icon="➕",
+        icon="▶️",
     ):
         sweep_id = jobqueue.queue_sweep(store, configs, "Not queued")
         if sweep_id:

@@ -299,7 +299,7 @@ with results:
                 f"seed {r['config'].get('seed')}: {r['status']} · {task}"
                 f"epoch {event.get('epoch', '-') if event else '-'}{eta}",
             )
-        if running and st.button("Cancel the remaining runs", key="cl_cancel", icon="⏹️"):
+        if running and st.button("Cancel the remaining runs", key="cl_cancel", icon="✖️"):
             for r in running:
                 store.request_cancel(r["id"])
             st.rerun(scope="fragment")

@@ -39,10 +39,10 @@ with left:
         "everything again on **Runs**."
     )
     nav = st.columns(4)
-    nav[0].page_link("app_pages/data.py", label="Data", icon="🖼️")
-    nav[1].page_link("app_pages/train.py", label="Train", icon="🏋️")
-    nav[2].page_link("app_pages/budget.py", label="Budget explorer", icon="📈")
-    nav[3].page_link("app_pages/runs.py", label="Runs", icon="📜")
+    nav[0].page_link("app_pages/data.py", label="Data", icon="◼️")
+    nav[1].page_link("app_pages/train.py", label="Train", icon="▶️")
+    nav[2].page_link("app_pages/budget.py", label="Budget explorer", icon="⚖️")
+    nav[3].page_link("app_pages/runs.py", label="Runs", icon="✍️")
 
 with right:
     st.subheader("Meeting demo")
@@ -73,11 +73,11 @@ with right:
         st.switch_page("app_pages/budget.py")
 
     if pending:  # a second click in a meeting must not queue the demo twice
-        st.info(f"The demo is under way: {len(pending)} of its runs still to finish.", icon="⏳")
+        st.info(f"The demo is under way: {len(pending)} of its runs still to finish.", icon="ℹ️")
         if st.button(
             "Watch it on the Budget explorer",
             type="primary",
-            icon="📈",
+            icon="⚖️",
             key="demo_watch",
             width="stretch",
         ):

@@ -28,7 +28,7 @@ INLINE_GMACS = 20.0  # about a second of this CPU: smaller searches run inline, 
 store = resources.get_store()
 setup = session.active_setup()
 st.title("Cost levers")
-st.info(TAKEAWAY, icon="💡")
+st.info(TAKEAWAY, icon="✔️")
 st.caption(
     f"On **{wording.dataset_label(setup['dataset'], setup['cell_type'])}** with `{setup['backbone']}` at "
     f"{setup['resolution']} px (change them on the Data and Train pages). Prompts add compute; these two "
@@ -183,7 +183,7 @@ with skip_tab:
         if r["config"].get("backbone") == setup["backbone"] and r["config"].get("resolution") == setup["resolution"]
     ]
     if not searches:
-        st.info("No search on this setup yet.", icon="🔍")
+        st.info("No search on this setup yet.", icon="ℹ️")
         st.stop()
     by_id = {r["id"]: r for r in searches}
     if st.session_state.get("levers_watch") not in by_id:
@@ -208,7 +208,7 @@ with skip_tab:
             events = store.progress(watch)
             fraction, text = wording.progress_of(row, events[-1] if events else None)
             st.progress(fraction, text=f"{row['status']}: {text}")
-            if st.button("Cancel search", key="levers_cancel", icon="⏹️"):
+            if st.button("Cancel search", key="levers_cancel", icon="✖️"):
                 store.request_cancel(watch)
                 st.rerun(scope="fragment")
             return
@@ -239,7 +239,7 @@ with skip_tab:
         if st.button(
             f"Use on the Train page: skip {', '.join(map(str, result.skip))}",
             key="levers_apply",
-            icon="🏋️",
+            icon="▶️",
         ):
             st.session_state["skip_suggestion"] = list(result.skip)
             st.switch_page("app_pages/train.py")

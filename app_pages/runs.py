@@ -118,7 +118,7 @@ e[0].download_button(
     file_name="vptdash-runs.csv",
     mime="text/csv",
     on_click="ignore",
-    icon="📥",
+    icon="⬇️",
     key="runs_csv",
     width="stretch",
 )
@@ -155,7 +155,7 @@ e[1].download_button(
     file_name="vptdash-report.html",
     mime="text/html",
     on_click="ignore",
-    icon="📄",
+    icon="✉️",
     key="runs_report",
     width="stretch",
     disabled=not report_rows,
@@ -166,7 +166,7 @@ if e[2].button(
     f"Delete {len(selected_ids)} selected",
     key="runs_delete",
     disabled=not selected_ids,
-    icon="🗑️",
+    icon="✖️",
     width="stretch",
 ):
     st.session_state["runs_confirm_delete"] = selected_ids

@@ -343,7 +343,7 @@ with controls_col:
         key="train_probe",
         disabled=backbone_error is not None,
         width="stretch",
-        icon="📏",
+        icon="➡️",
         help="Baseline: frozen features + a linear head, no prompts.",
     ):
         submit(session.base_config(tuning="linear", num_prompts=0, placement="none", lr=float(lr), **common))
@@ -464,14 +464,14 @@ def monitor(run_id: int) -> None:
         st.subheader(f"Run #{run_id}: {wording.run_label(run)}")
         if status == "queued":
             ahead = sum(1 for r in store.list_runs(status=["queued", "running"]) if r["id"] < run_id)
-            st.info(f"Queued: {ahead} run{'s' if ahead != 1 else ''} ahead of it.", icon="⏳")
+            st.info(f"Queued: {ahead} run{'s' if ahead != 1 else ''} ahead of it.", icon="ℹ️")
         elif status == "running":
             fraction, text = wording.progress_of(run, events[-1] if events else None)
             st.progress(fraction, text=text)
         if status in LIVE:
             if run["cancel_requested"]:
                 st.caption("Cancelling: the worker stops before the next training step.")
-            elif st.button("Cancel", key="train_cancel", icon="⏹️"):
+            elif st.button("Cancel", key="train_cancel", icon="✖️"):
                 store.request_cancel(run_id)
                 st.rerun(scope="fragment")
 

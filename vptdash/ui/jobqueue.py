@@ -58,9 +58,9 @@ def announce_new_results(store: RunStore, summary: dict) -> list[int]:
         (run for run in done if run["id"] not in seen[1] and run["source"] != "precomputed"), key=lambda r: r["id"]
     )
     for run in fresh[:ANNOUNCE_AT_MOST]:
-        st.toast(announcement(run), icon="✅")
+        st.toast(announcement(run), icon="✔️")
     if len(fresh) > ANNOUNCE_AT_MOST:
-        st.toast(f"... and {len(fresh) - ANNOUNCE_AT_MOST} more new results", icon="✅")
+        st.toast(f"... and {len(fresh) - ANNOUNCE_AT_MOST} more new results", icon="✔️")
     return [run["id"] for run in fresh]
 
 
