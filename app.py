@@ -35,4 +35,5 @@ page = st.navigation(pages)  # first: from here on Streamlit ignores the legacy 
 store = resources.get_store()  # also imports the precomputed reference sweep, once per process
 resources.warm_up()  # default backbone + ELPV load in the background, once per process
 jobqueue.sidebar(store, licence=page.url_path != "data")  # the Data page shows the licence itself
+jobqueue.adopt_worker(store)  # once per process: a worker left by the previous server follows this one
 page.run()

@@ -69,6 +69,25 @@ def start_worker(store: RunStore) -> None:
     worker.ensure_worker(store)
 
 
+@st.cache_resource(show_spinner=False)
+def _adopt_once(path: str, _store: RunStore) -> bool:
+    try:
+        if worker.adopt(_store):
+            return True
+        if _store.queue_summary()["queued"]:
+            worker.ensure_worker(_store)
+            return True
+    except Exception:  # noqa: BLE001 - a locked store must not take the app down; queueing starts one too
+        return False
+    return False
+
+
+def adopt_worker(store: RunStore) -> bool:
+    """Once per server process: a worker left by an earlier server (still finishing a job) follows
+    this one now, and runs queued before a restart start again. True if a worker serves the store."""
+    return _adopt_once(str(store.path), store)
+
+
 def queue_sweep(store: RunStore, configs: list[RunConfig], failure: str) -> str | None:
     """Queue a sweep and start the worker; the sweep id, or None after showing `failure: reason`."""
     try:

@@ -18,7 +18,7 @@ from streamlit.runtime.pages_manager import PagesManager
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from vptdash.engine import backbones, data, paths, train  # noqa: F401 - train: loaded before gc.freeze
-from vptdash.runs import jobs, reference, uploads, worker  # noqa: F401 - jobs, uploads: loaded before gc.freeze
+from vptdash.runs import jobs, reference, uploads  # noqa: F401 - jobs, uploads: loaded before gc.freeze
 from vptdash.runs.store import RunStore
 from vptdash.ui.session import DEFAULT_SETUP
 from vptdash.views import budget, charts, report  # noqa: F401 - charts, report: loaded before gc.freeze
@@ -36,22 +36,6 @@ def _reference_loaded(path: str) -> dict:
         return {"imported": int(reference.load_reference(_store_at(path))), "error": None}
     except Exception as exc:  # noqa: BLE001 - a broken reference file must not take the app down
         return {"imported": 0, "error": f"{type(exc).__name__}: {exc}"}
-
-
-@st.cache_resource(show_spinner=False)
-def _worker_adopted(path: str) -> bool:
-    """Once per server process: a worker left by an earlier server (still finishing a job) follows
-    this one now, and runs queued before a restart start again. True if a worker serves the store."""
-    store = _store_at(path)
-    try:
-        if worker.adopt(store):
-            return True
-        if store.queue_summary()["queued"]:
-            worker.ensure_worker(store)
-            return True
-    except Exception:  # noqa: BLE001 - a locked store must not take the app down; queueing starts one too
-        return False
-    return False
 
 
 def ensure_navigation() -> None:
@@ -82,7 +66,6 @@ def get_store() -> RunStore:
     path = str(paths.store_path())
     store = _store_at(path)
     _reference_loaded(path)
-    _worker_adopted(path)
     return store
 
 
