@@ -7,7 +7,8 @@ from vptdash.engine.cost import block_macs
 from vptdash.engine.prompts import PROMPT_TYPES, default_prompt_rank
 from vptdash.engine.train import ConfigError, RunConfig
 from vptdash.methods import skipping
-from vptdash.runs import jobs, presets
+from vptdash.runs import jobs
+from vptdash.runs.presets import demo_base
 from vptdash.ui import jobqueue, look, resources, session
 from vptdash.views import budget, charts, wording
 
@@ -16,7 +17,7 @@ FULL_FINETUNE_LR = 1e-4  # the whole backbone moves: prompt-sized learning rates
 PLACEMENTS = ["shallow", "deep", "pick blocks"]
 LIVE = ("queued", "running")
 # One recipe: the page starts from the meeting demo's (and so the reference sweep's) epochs and precision.
-RECIPE = presets.demo_base()
+RECIPE = demo_base()
 RECIPE_HELP = (
     f"Starts at the recipe of the meeting demo and the precomputed reference sweep ({RECIPE.epochs} epochs, "
     f"batch {RECIPE.batch_size}, {RECIPE.precision}), so new points compare with the reference points."

@@ -368,7 +368,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    return worker.serve(RunStore(args.store), idle_exit_s=args.idle_exit, follow_owner=args.follow_owner)
+    return worker.serve(RunStore(args.store), idle_exit_s=args.idle_exit, owner=args.follow_owner)
 
 
 def _add_continual_options(parser: argparse.ArgumentParser) -> None:

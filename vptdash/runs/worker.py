@@ -7,9 +7,9 @@ held by an exclusive file lock: a second `ensure_worker` from another tab finds 
 
 The worker lives in its own session (Ctrl-C on the dashboard does not reach it), so it follows an
 owner instead: `ensure_worker` writes the calling process's pid (the Streamlit server) to an owner
-file next to the lock, and a worker started by it exits within seconds of that process ending,
-cancelling the job it was running. A new server that finds a worker still alive writes its own pid
-there and so adopts it (`adopt`).
+file next to the lock, and a worker it started exits within seconds of that process ending; the run
+it was executing is stored as cancelled, queued runs stay queued. A server that finds a worker still
+alive writes its own pid there and so adopts it (`adopt`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `vptdas
 
 POLL_SECONDS = 0.5
 OWNER_POLL_SECONDS = 1.0
-CANCEL_GRACE_SECONDS = 10.0  # after its owner ended: how long a cancelled job may take to stop
+STOPPED_WITH_OWNER = "stopped: the dashboard that started this worker ended"
 
 
 def lock_path(store: RunStore) -> Path:
@@ -60,7 +60,7 @@ def read_owner(store: RunStore) -> int | None:
 
 
 def process_alive(pid: int | None) -> bool:
-    """True if `pid` runs and is not a zombie (a stopped server not yet reaped by its parent)."""
+    """True if `pid` runs and is not a zombie (a stopped server its parent has not reaped yet)."""
     if not pid:
         return False
     try:
@@ -78,6 +78,34 @@ def process_alive(pid: int | None) -> bool:
 
 def owner_alive(store: RunStore) -> bool:
     return process_alive(read_owner(store))
+
+
+def follow_owner(store: RunStore) -> threading.Thread:
+    """A daemon thread that ends this process once the owner in the owner file has ended: the run this
+    process is executing is stored as cancelled first (queued runs stay queued for the next start)."""
+
+    def watch() -> None:
+        while owner_alive(store):
+            time.sleep(OWNER_POLL_SECONDS)
+        try:
+            for run in store.list_runs(status="running"):
+                if run["worker_pid"] == os.getpid():
+                    store.finish_run(run["id"], "cancelled", error=STOPPED_WITH_OWNER)
+        finally:
+            os._exit(0)  # now, not after the job: the server is gone and nobody watches this run
+
+    thread = threading.Thread(target=watch, name="follow-owner", daemon=True)
+    thread.start()
+    return thread
+
+
+def adopt(store: RunStore) -> bool:
+    """A dashboard starting up: if a worker from an earlier server still serves this store, make
+    this process its owner (it would otherwise exit with the old server). True if one was adopted."""
+    if not worker_alive(store):
+        return False
+    set_owner(store)
+    return True
 
 
 def try_lock(path: Path):
@@ -99,78 +127,42 @@ def worker_alive(store: RunStore) -> bool:
     return False
 
 
-def _watch_owner(store: RunStore, current: dict, gone: threading.Event) -> None:
-    """Thread: once the owner has ended, cancel the running job; if it has not stopped after
-    CANCEL_GRACE_SECONDS, end the process (its run is then failed as orphaned by the next worker)."""
-    while owner_alive(store):
-        time.sleep(OWNER_POLL_SECONDS)
-    gone.set()
-    run_id = current.get("run_id")
-    if run_id is not None:
-        try:
-            store.request_cancel(run_id)
-        except (KeyError, OSError):
-            pass
-    time.sleep(CANCEL_GRACE_SECONDS)
-    os._exit(0)
-
-
 def serve(
-    store: RunStore,
-    *,
-    idle_exit_s: float | None = None,
-    poll_s: float = POLL_SECONDS,
-    follow_owner: bool = False,
+    store: RunStore, *, idle_exit_s: float | None = None, poll_s: float = POLL_SECONDS, owner: bool = False
 ) -> int:
-    """Run queued jobs until idle for `idle_exit_s` (forever when None) or, with `follow_owner`,
-    until the process in the owner file has ended. Returns an exit code."""
+    """Run queued jobs until idle for `idle_exit_s` (forever when None), and with `owner` until the
+    process in the owner file ends (`follow_owner`). Returns an exit code."""
     handle = try_lock(lock_path(store))
     if handle is None:
         print("another worker already serves this run store", file=sys.stderr)
         return 0
-    current: dict = {}
-    gone = threading.Event()
-    if follow_owner:
-        threading.Thread(target=_watch_owner, args=(store, current, gone), daemon=True).start()
+    if owner:
+        follow_owner(store)
     try:
         # A run left 'running' by a worker that was killed can never finish: mark it failed now.
         store.fail_orphaned_runs()
         idle_since = time.monotonic()
-        while not gone.is_set():
+        while True:
             job = store.claim_next_queued(worker_pid=os.getpid())
             if job is None:
                 if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                     return 0
                 time.sleep(poll_s)
                 continue
-            current["run_id"] = job["id"]
-            if gone.is_set():  # the owner ended between the claim and here
-                store.request_cancel(job["id"])
             execute_run(store, job["id"])
-            current.pop("run_id", None)
             idle_since = time.monotonic()
-        return 0
     finally:
         handle.close()
 
 
-def adopt(store: RunStore) -> bool:
-    """A dashboard starting up: if a worker from an earlier server still serves this store, make
-    this process its owner (it would otherwise exit with the old server). True if one was adopted."""
-    if not worker_alive(store):
-        return False
-    set_owner(store)
-    return True
-
-
-def ensure_worker(store: RunStore, *, idle_exit_s: float | None = 600.0, owner_pid: int | None = None) -> bool:
+def ensure_worker(store: RunStore, *, idle_exit_s: float | None = 600.0) -> bool:
     """Start a detached worker process unless one is already serving this store.
 
     Returns True when a new worker was started. The worker exits after `idle_exit_s` without work,
     or within seconds of this process ending, so nothing lingers after a meeting; the app starts it
-    again on the next queued run. A worker already running is adopted: it follows this process now."""
+    again on the next queued run."""
     store.fail_orphaned_runs()
-    set_owner(store, owner_pid)
+    set_owner(store)  # a worker already running follows this process now
     if worker_alive(store):
         return False
     command = [sys.executable, "-m", "vptdash", "worker", "--store", str(store.path), "--follow-owner"]

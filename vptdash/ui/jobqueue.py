@@ -4,7 +4,6 @@ background worker."""
 from __future__ import annotations
 
 import os
-import re
 import time
 from typing import Any
 
@@ -26,13 +25,14 @@ QUEUE_POLL_IDLE_S = 3.0  # ... and while idle (notices runs queued from another 
 
 
 ANNOUNCE_AT_MOST = 3  # toasts per poll: a finished sweep announces its first results and a count
-_MD_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
-_LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+# Markdown/HTML specials backslash-escaped, control characters and line breaks made spaces
+_LITERAL = {ord(c): "\\" + c for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"}
+_LITERAL.update({code: " " for code in [*range(32), 127, 0x2028, 0x2029]})
 
 
 def _literal(text: object) -> str:
     """`text` shown literally in a toast (Markdown): run labels carry users' placement strings."""
-    return _MD_SPECIAL.sub(r"\\\1", _LINE_BREAKS.sub(" ", str(text)))
+    return str(text).translate(_LITERAL)
 
 
 def announcement(run: dict) -> str:
