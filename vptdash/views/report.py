@@ -183,7 +183,7 @@ def build_html_report(
 
     footer = [
         "Markers: ● precomputed points come from the reference sweep shipped with the app; "
-        "◆ larger outlined points include runs made here (dashboard or CLI). "
+        "◆ points were run here (dashboard or CLI); ■ configurations mix both. "
         "Error bars: standard deviation over seeds. Costs: GMACs (multiply-adds) per image; "
         "latency measured on the machine that ran each configuration."
     ]
