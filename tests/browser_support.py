@@ -110,10 +110,51 @@ def worker_pids(home: Path) -> set[int]:
 
 
 def stop_all(server: subprocess.Popen, home: Path) -> None:
-    """Stop the server and the detached workers it started for `home`."""
+    """Stop the server and the detached workers it started for `home` (they follow the server and end
+    on their own within seconds; this is for a test that failed half-way)."""
     kill_group(server.pid)
     for pid in worker_pids(home):
         kill_group(pid)
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+LOCAL_PREFIXES = ("http://127.0.0.1:", "ws://127.0.0.1:", "data:", "blob:", "about:")
+
+
+def guard_offline(context) -> list[str]:
+    """Abort every request of a browser context that would leave 127.0.0.1, and record it: the app
+    must work with no network, so a test asserts the returned list stays empty."""
+    outside: list[str] = []
+
+    def route(route_) -> None:
+        url = route_.request.url
+        if url.startswith(LOCAL_PREFIXES):
+            route_.continue_()
+        else:
+            outside.append(url)
+            route_.abort()
+
+    context.route("**/*", route)
+    context.on(
+        "request", lambda request: None if request.url.startswith(LOCAL_PREFIXES) else outside.append(request.url)
+    )
+    return outside
+
+
+def stop_server(server: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30.0) -> None:
+    """Stop the server as a user does (Ctrl-C sends SIGINT to its process group) and reap it."""
+    try:
+        os.killpg(server.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        server.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(server.pid)
+        server.wait(timeout=10)
 
 
 def wait_idle(page, timeout_ms: int = 60_000, settle_ms: int = 0) -> None:

@@ -25,14 +25,14 @@ from vptdash.runs.store import RunStore
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 REAL_REFERENCE = reference.REFERENCE_FILE
 PAGES = [
-    "pages/home.py",
-    "pages/data.py",
-    "pages/train.py",
-    "pages/budget.py",
-    "pages/levers.py",
-    "pages/attention.py",
-    "pages/continual.py",
-    "pages/runs.py",
+    "app_pages/home.py",
+    "app_pages/data.py",
+    "app_pages/train.py",
+    "app_pages/budget.py",
+    "app_pages/levers.py",
+    "app_pages/attention.py",
+    "app_pages/continual.py",
+    "app_pages/runs.py",
 ]
 TIMEOUT = 30
 
@@ -146,9 +146,9 @@ def test_pages_render_with_runs_and_an_upload(home, store):
     jobs.execute_queued(store, ids)
     for page in PAGES:
         goto(at, page)
-    goto(at, "pages/data.py")
+    goto(at, "app_pages/data.py")
     assert "notes.txt" in json.dumps([df.value.to_dict() for df in at.dataframe])  # every skipped file listed
-    goto(at, "pages/runs.py")
+    goto(at, "app_pages/runs.py")
     assert {b.label for b in at.get("download_button")} >= {"Export CSV", "HTML report"}
 
 
@@ -165,7 +165,7 @@ def test_a_fresh_store_gets_the_shipped_reference_sweep(home, store, monkeypatch
     assert {r["source"] for r in runs} == {"precomputed"}
     counts = {(r["config"]["num_prompts"], r["config"]["placement"]) for r in runs}
     assert {(10, "shallow"), (10, "deep"), (100, "deep")} <= counts
-    goto(at, "pages/budget.py")
+    goto(at, "app_pages/budget.py")
     assert not at.exception
     assert "precomputed" in texts(at.caption)
 
@@ -183,7 +183,7 @@ def test_demo_button_queues_the_preset_and_opens_the_budget_explorer(home, store
     assert home, "the worker was started"
     assert at.title[0].value == "Budget explorer"
     assert "queued" in texts(at.sidebar.caption)
-    goto(at, "pages/home.py")  # a second click must not queue the demo twice
+    goto(at, "app_pages/home.py")  # a second click must not queue the demo twice
     assert "demo is under way" in texts(at.info)
     assert not [b for b in at.button if b.key == "demo_button"]
     at.button(key="demo_watch").click().run(timeout=TIMEOUT)
@@ -193,7 +193,7 @@ def test_demo_button_queues_the_preset_and_opens_the_budget_explorer(home, store
 
 # ------------------------------------------------------------------------------------ data
 def test_zip_upload_becomes_the_active_dataset(home):
-    at = goto(app(), "pages/data.py")
+    at = goto(app(), "app_pages/data.py")
     at.radio(key="data_source").set_value("My own images").run(timeout=TIMEOUT)
     at.file_uploader(key="data_zip").upload("tiny.zip", tiny_zip(), "application/zip").run(timeout=TIMEOUT)
     at.text_input(key="data_zip_name").input("dark vs bright").run(timeout=TIMEOUT)
@@ -207,8 +207,34 @@ def test_zip_upload_becomes_the_active_dataset(home):
     assert len(at.image) >= 2  # a thumbnail strip per class
 
 
+def test_second_upload_while_one_is_saved_becomes_the_pick(home):
+    first = uploads.save_zip_upload("first set", tiny_zip())
+    at = goto(app(), "app_pages/data.py")
+    at.radio(key="data_source").set_value("My own images").run(timeout=TIMEOUT)
+    assert at.selectbox(key="data_saved_pick").value == first.slug  # the saved-uploads box exists now
+    at.file_uploader(key="data_zip").upload("second.zip", tiny_zip(), "application/zip").run(timeout=TIMEOUT)
+    at.text_input(key="data_zip_name").input("second set").run(timeout=TIMEOUT)
+    at.button(key="data_zip_save").click().run(timeout=TIMEOUT)
+    assert not at.exception, [e.message for e in at.exception]
+    [second] = [info for info in uploads.list_uploads() if info.slug != first.slug]
+    assert at.session_state["active_dataset"] == uploads.upload_spec(second.slug)
+    assert at.selectbox(key="data_saved_pick").value == second.slug
+    assert "Saved **second set**" in texts(at.success)
+
+
+def test_elpv_licence_is_shown_once_on_the_data_page(home):
+    def licences(at: AppTest) -> int:
+        shown = [*at.info, *at.caption, *at.markdown]  # page and sidebar
+        return sum("BY-NC-SA" in str(element.value) for element in shown)
+
+    at = goto(app(), "app_pages/data.py")
+    assert licences(at) == 1
+    goto(at, "app_pages/budget.py")
+    assert licences(at) == 1  # other pages keep the sidebar's credit line
+
+
 def test_bad_upload_shows_the_message_not_a_traceback(home):
-    at = goto(app(), "pages/data.py")
+    at = goto(app(), "app_pages/data.py")
     at.radio(key="data_source").set_value("My own images").run(timeout=TIMEOUT)
     at.file_uploader(key="data_zip").upload("broken.zip", b"this is not a zip", "application/zip")
     at.run(timeout=TIMEOUT)
@@ -225,7 +251,7 @@ def test_one_class_upload_is_refused_clearly(home):
         Image.fromarray(np.zeros((8, 8), np.uint8)).save(png, "PNG")
         for i in range(4):
             archive.writestr(f"only/{i}.png", png.getvalue())
-    at = goto(app(), "pages/data.py")
+    at = goto(app(), "app_pages/data.py")
     at.radio(key="data_source").set_value("My own images").run(timeout=TIMEOUT)
     at.file_uploader(key="data_zip").upload("one.zip", buffer.getvalue()).run(timeout=TIMEOUT)
     at.button(key="data_zip_save").click().run(timeout=TIMEOUT)
@@ -238,7 +264,7 @@ def test_deleted_active_upload_falls_back_without_crashing(home):
     at = app()
     use_tiny_setup(at, uploads.upload_spec(info.slug))
     uploads.delete_upload(info.slug)  # e.g. from another tab
-    goto(at, "pages/data.py")
+    goto(at, "app_pages/data.py")
     assert "cannot be loaded" in texts(at.error)
     for page in PAGES:
         goto(at, page)
@@ -249,7 +275,7 @@ def test_train_controls_build_the_submitted_config(home):
     at = app()
     at.session_state["active_backbone"] = "tiny-random"
     at.session_state["active_resolution"] = 32
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     at.select_slider(key="train_prompts").set_value(50).run(timeout=TIMEOUT)
     at.button_group(key="train_placement").set_value("deep").run(timeout=TIMEOUT)
     at.number_input(key="train_epochs").set_value(3).run(timeout=TIMEOUT)
@@ -274,7 +300,7 @@ def test_train_submits_the_config_and_starts_the_worker(home, store):
     at = app()
     at.session_state["active_backbone"] = "tiny-random"
     at.session_state["active_resolution"] = 32
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     at.select_slider(key="train_prompts").set_value(5).run(timeout=TIMEOUT)
     at.button(key="train_submit").click().run(timeout=TIMEOUT)
     [run] = store.list_runs()
@@ -291,7 +317,7 @@ def test_invalid_config_is_an_error_and_queues_nothing(home, store):
     at = app()
     at.session_state["active_backbone"] = "tiny-random"
     at.session_state["active_resolution"] = 16  # below the 32 px minimum
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     at.button(key="train_submit").click().run(timeout=TIMEOUT)
     assert not at.exception
     assert "resolution must be between 32 and 1024" in texts(at.error)
@@ -302,7 +328,7 @@ def test_cancel_button_cancels_a_queued_run(home, store):
     at = app()
     at.session_state["active_backbone"] = "tiny-random"
     at.session_state["active_resolution"] = 32
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     at.button(key="train_submit").click().run(timeout=TIMEOUT)
     at.button(key="train_cancel").click().run(timeout=TIMEOUT)
     assert store.list_runs()[0]["status"] == "cancelled"
@@ -315,7 +341,7 @@ def test_failed_run_shows_its_error(home, store):
     run_id = jobs.submit_run(store, RunConfig(backbone="tiny-random", dataset="/nowhere/at/all", resolution=32))
     jobs.execute_queued(store, [run_id])
     at.session_state["train_run_id"] = run_id
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     assert "dataset not found" in texts(at.error)
 
 
@@ -325,7 +351,7 @@ def test_tiny_run_end_to_end_reaches_the_budget_chart(home, store):
     spec = uploads.upload_spec(info.slug)
     at = app()
     use_tiny_setup(at, spec)
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     at.select_slider(key="train_prompts").set_value(5).run(timeout=TIMEOUT)
     at.number_input(key="train_epochs").set_value(3).run(timeout=TIMEOUT)
     at.toggle(key="train_latency").set_value(False).run(timeout=TIMEOUT)
@@ -350,7 +376,7 @@ def test_tiny_run_end_to_end_reaches_the_budget_chart(home, store):
     at.run(timeout=TIMEOUT)
     assert any(m.proto.delta for m in at.metric), "deltas against the linear probe"
 
-    goto(at, "pages/budget.py")
+    goto(at, "app_pages/budget.py")
     [chart] = [
         s
         for s in plotly_specs(at)
@@ -385,7 +411,7 @@ def test_tiny_run_end_to_end_reaches_the_budget_chart(home, store):
     ]
     assert max(sizes) > min(sizes), sizes
 
-    goto(at, "pages/runs.py")
+    goto(at, "app_pages/runs.py")
     assert "**2 of 2 runs**" in texts(at.markdown)
     at.session_state["runs_table"] = {"selection": {"rows": [0, 1], "columns": [], "cells": []}}
     at.run(timeout=TIMEOUT)
@@ -398,7 +424,7 @@ def test_budget_estimate_before_anything_runs(home, store):
     at = app()
     at.session_state["active_backbone"] = "tiny-random"
     at.session_state["active_resolution"] = 32
-    goto(at, "pages/budget.py")
+    goto(at, "app_pages/budget.py")
     at.multiselect(key="budget_counts").set_value([0, 10, 50]).run(timeout=TIMEOUT)
     at.multiselect(key="budget_placements").set_value(["shallow"]).run(timeout=TIMEOUT)
     estimate = next(s for s in plotly_specs(at) if "Estimated" in s["layout"]["title"]["text"])
@@ -421,12 +447,80 @@ def test_runs_page_delete_with_confirmation(home, store):
 
     ids = [jobs.submit_run(store, RunConfig(backbone="tiny-random", num_prompts=n)) for n in (1, 2)]
     store.request_cancel(ids[0])
-    at = goto(app(), "pages/runs.py")
+    at = goto(app(), "app_pages/runs.py")
     at.session_state["runs_confirm_delete"] = [ids[0]]
     at.run(timeout=TIMEOUT)
     assert "cannot be undone" in texts(at.warning)
     at.button(key="runs_delete_yes").click().run(timeout=TIMEOUT)
     assert [r["id"] for r in store.list_runs()] == [ids[1]]
+
+
+def test_runs_report_covers_one_setup_of_the_listed_runs(home, store):
+    from test_budget import make_run
+
+    toy = "/somewhere/toy-set"
+    store.import_runs(
+        [make_run(i, 10, seed=i) for i in (1, 2, 3)] + [make_run(i, 5, seed=i, dataset=toy) for i in (4, 5)]
+    )
+    at = goto(app(), "app_pages/runs.py")
+    box = at.selectbox(key="runs_report_setup")
+    assert len(box.options) == 2 and not box.disabled
+    assert box.value[0] == "elpv-binary"  # not the active setup's backbone: the setup with the most runs
+    assert "ELPV" in box.options[box.index]  # shown in words
+    toy_label = next(label for label in at.multiselect(key="runs_f_dataset").options if "ELPV" not in label)
+    at.multiselect(key="runs_f_dataset").set_value([toy_label]).run(timeout=TIMEOUT)
+    assert not at.exception, [e.message for e in at.exception]
+    box = at.selectbox(key="runs_report_setup")
+    assert len(box.options) == 1 and box.disabled and box.value[0] == toy
+
+
+def test_the_active_setup_is_kept_with_the_run_store(home):
+    info = uploads.save_zip_upload("kept set", tiny_zip())
+    first = goto(app(), "app_pages/data.py")
+    first.radio(key="data_source").set_value("My own images").run(timeout=TIMEOUT)
+    first.button(key="data_use_saved").click().run(timeout=TIMEOUT)
+    assert first.session_state["active_dataset"] == uploads.upload_spec(info.slug)
+    second = app()  # a second tab, or a reload
+    assert second.session_state["active_dataset"] == uploads.upload_spec(info.slug)
+    assert "kept set" in texts(second.sidebar.markdown)
+
+
+def test_a_run_made_here_is_announced_when_it_lands(home, store):
+    from test_budget import make_run
+
+    from vptdash.engine.train import RunConfig
+
+    store.import_runs([make_run(1, 10, placement="<b>x</b>")])  # precomputed: never announced
+    spec = uploads.upload_spec(uploads.save_zip_upload("tiny", tiny_zip()).slug)
+    at = app()
+    assert not at.toast  # the first look only takes note
+    config = RunConfig(backbone="tiny-random", dataset=spec, resolution=32, epochs=1, measure_latency=False)
+    run_id = jobs.submit_run(store, config)
+    jobs.execute_queued(store, [run_id])
+    at.run(timeout=TIMEOUT)
+    toasts = [toast.value for toast in at.toast]
+    assert len(toasts) == 1 and f"New result \\#{run_id}" in toasts[0] and "test accuracy" in toasts[0], toasts
+    at.run(timeout=TIMEOUT)
+    assert not at.toast  # announced once
+
+
+def test_train_page_starts_from_the_demo_and_reference_recipe(home):
+    from vptdash.runs import presets
+
+    at = goto(app(), "app_pages/train.py")
+    config = at.session_state["train_pending_config"]
+    recipe = presets.demo_base()
+    assert (config["epochs"], config["precision"], config["batch_size"]) == (
+        recipe.epochs,
+        recipe.precision,
+        recipe.batch_size,
+    )
+    assert f"{recipe.epochs} epochs" in at.number_input(key="train_epochs").help
+
+
+def test_cost_levers_page_says_what_to_take_from_it(home):
+    at = goto(app(), "app_pages/levers.py")
+    assert "In short:" in texts(at.info)
 
 
 def test_cancel_really_stops_a_run_in_the_real_worker(monkeypatch, tmp_path):
@@ -441,7 +535,7 @@ def test_cancel_really_stops_a_run_in_the_real_worker(monkeypatch, tmp_path):
     spec = uploads.upload_spec(uploads.save_zip_upload("tiny", tiny_zip()).slug)
     at = app()
     use_tiny_setup(at, spec)
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     at.number_input(key="train_epochs").set_value(500).run(timeout=TIMEOUT)
     at.toggle(key="train_latency").set_value(False).run(timeout=TIMEOUT)
     at.button(key="train_submit").click().run(timeout=TIMEOUT)
@@ -524,12 +618,12 @@ def test_odd_history_never_crashes_a_page(home, store):
     at.session_state["last_sweep_id"] = "odd-sweep"  # a sweep whose failed run has an empty error
     for page in PAGES:
         goto(at, page)
-    goto(at, "pages/budget.py")
+    goto(at, "app_pages/budget.py")
     at.button_group(key="budget_metric").set_value("balanced_accuracy_mean").run(timeout=TIMEOUT)
     at.slider(key="budget_tolerance").set_value(10.0).run(timeout=TIMEOUT)
     at.toggle(key="budget_match").set_value(False).run(timeout=TIMEOUT)
     assert not at.exception, [e.message for e in at.exception]
-    goto(at, "pages/runs.py")
+    goto(at, "app_pages/runs.py")
     at.multiselect(key="runs_f_status").set_value(["done"]).run(timeout=TIMEOUT)
     assert not at.exception, [e.message for e in at.exception]
 
@@ -540,7 +634,7 @@ def test_files_with_class_names_upload(home):
         Image.fromarray(np.full((24, 24), level, np.uint8)).save(buffer, "PNG")
         return buffer.getvalue()
 
-    at = goto(app(), "pages/data.py")
+    at = goto(app(), "app_pages/data.py")
     at.radio(key="data_source").set_value("My own images").run(timeout=TIMEOUT)
     at.text_input(key="data_class_0").input("cracked").run(timeout=TIMEOUT)
     at.text_input(key="data_class_1").input("fine").run(timeout=TIMEOUT)
@@ -563,12 +657,12 @@ def test_files_with_class_names_upload(home):
 def test_unavailable_backbone_is_a_message(home, store):
     at = app()
     at.session_state["active_backbone"] = "vit_tiny_patch16_224.augreg_in21k"  # needs the HF Hub: offline here
-    for page in ("pages/train.py", "pages/budget.py"):
+    for page in ("app_pages/train.py", "app_pages/budget.py"):
         goto(at, page)
         if at.error:
             assert "cannot be built here" in texts(at.error)
         else:  # the machine reached the hub (or had the weights cached): then it simply works
             assert not at.exception
-    goto(at, "pages/train.py")
+    goto(at, "app_pages/train.py")
     if at.error:
         assert at.button(key="train_submit").disabled

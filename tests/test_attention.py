@@ -219,7 +219,7 @@ def test_attention_page_renders_maps_pull_and_queues_a_condensation(tmp_path, mo
     )
     shallow = jobs.run_now(store, RunConfig(**base, num_prompts=2, placement="shallow"))["id"]
     deep = jobs.run_now(store, RunConfig(**base, num_prompts=3, placement="deep"))["id"]
-    page = Path(__file__).resolve().parent.parent / "pages" / "attention.py"
+    page = Path(__file__).resolve().parent.parent / "app_pages" / "attention.py"
     script = (
         f"import streamlit as st\nfrom vptdash.ui import session\nsession.init_state()\n"
         f"st.navigation([st.Page({str(page)!r}, title='Attention')]).run()\n"

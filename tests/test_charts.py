@@ -59,6 +59,36 @@ def test_cost_accuracy_one_trace_per_family_with_expected_points(agg):
     assert fig.layout.title.text and fig.layout.font.size == style.BASE_FONT_SIZE
 
 
+def test_points_made_here_stand_out_from_precomputed_ones():
+    """A configuration with a seed run here (even next to precomputed seeds) is a diamond, larger and
+    opaque with a dark outline; only-precomputed configurations are small faded circles."""
+    rows = [
+        make_run(1, 0, tuning="linear", accuracy=0.80, gmacs=1.0),
+        make_run(2, 10, seed=0, accuracy=0.84, gmacs=1.47),
+        make_run(3, 10, seed=1, accuracy=0.86, gmacs=1.47, source="live"),  # joins a precomputed seed
+        make_run(4, 50, "deep", accuracy=0.87, gmacs=4.71, source="cli"),
+    ]
+    agg = budget.aggregate_over_seeds(budget.runs_table(rows))
+    fig = charts.cost_accuracy_figure(agg)
+    marks = {}
+    for trace in fig.data:
+        if trace.mode == "markers" and trace.x and trace.x[0] is not None:
+            for i, x in enumerate(trace.x):
+                marks[x] = (
+                    trace.marker.symbol[i],
+                    trace.marker.size[i],
+                    trace.marker.opacity[i],
+                    trace.marker.line.color[i],
+                )
+    assert marks[1.0] == ("circle", charts.MARKER_SIZE, charts.PRECOMPUTED_OPACITY, "white")
+    for x in (1.47, 4.71):  # mixed and CLI-only
+        assert marks[x] == ("diamond", charts.HERE_SIZE, 1.0, "#111")
+    assert charts.HERE_SIZE > charts.MARKER_SIZE and charts.PRECOMPUTED_OPACITY < 1
+    names = [t.name for t in fig.data]
+    assert charts.SOURCE_NAMES["diamond"] in names and not any("■" in (n or "") for n in names)
+    assert charts.made_here("mixed") and charts.made_here("cli") and not charts.made_here("precomputed")
+
+
 def test_recommendation_and_highlight(agg):
     rec = budget.recommend(agg, 2.5)
     fig = charts.cost_accuracy_figure(agg, recommendation=rec, highlight_ids=[4])

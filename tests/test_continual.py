@@ -361,7 +361,7 @@ def test_page_renders_and_shows_a_finished_experiment(four_classes, monkeypatch)
 
     monkeypatch.setattr(worker, "ensure_worker", lambda store, **kw: True)
     store = RunStore()
-    at = AppTest.from_file(str(ROOT / "pages" / "continual.py"), default_timeout=60)
+    at = AppTest.from_file(str(ROOT / "app_pages" / "continual.py"), default_timeout=60)
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     assert at.title and "Continual" in at.title[0].value

@@ -2,9 +2,10 @@
 
 import re
 
+import pytest
 from test_budget import make_run
 
-from vptdash.views import budget, report
+from vptdash.views import budget, report, scope
 
 
 def rows():
@@ -37,6 +38,35 @@ def test_report_escapes_user_strings():
     assert evil not in text and "&lt;script&gt;alert(1)" in text
     assert "<b>t</b>" not in text
     assert report.ELPV_NOTICE not in text  # no ELPV, no ELPV licence line
+
+
+def test_report_refuses_runs_from_two_data_sets():
+    mixed = [*rows(), make_run(9, 10, dataset="/uploads/toy", accuracy=1.0)]
+    with pytest.raises(scope.MixedSetupsError, match="one data set and one setup") as caught:
+        report.build_html_report(mixed)
+    assert "2:" in str(caught.value) and "ELPV" in str(caught.value)
+
+
+def test_report_refuses_one_data_set_at_two_resolutions():
+    other = make_run(9, 10, accuracy=0.9)
+    other["config"]["resolution"] = 224
+    with pytest.raises(scope.MixedSetupsError, match="224 px"):
+        report.build_html_report([*rows(), other])
+
+
+def test_report_rows_are_one_setup_chosen_from_many():
+    toy = [make_run(10 + i, 10, seed=i, dataset="/uploads/toy", accuracy=1.0) for i in range(3)]
+    listed = [*rows(), *toy]
+    setups = scope.setups_in(listed)
+    assert len(setups) == 2 and setups[0] == scope.setup_of(rows()[0])  # ELPV has more runs: first
+    toy_setup = scope.setup_of(toy[0])
+    active = scope.as_dict(toy_setup)
+    assert scope.default_setup(setups, active) == toy_setup  # the active setup wins when listed
+    assert scope.default_setup(setups, {"dataset": "elsewhere"}) == setups[0]
+    chosen = scope.runs_of_setup(listed, toy_setup)
+    assert [run["id"] for run in chosen] == [10, 11, 12]
+    text = report.build_html_report(chosen)  # one setup: accepted
+    assert "100.0%" in text and "ELPV" not in scope.describe(toy_setup)
 
 
 def test_report_without_runs():

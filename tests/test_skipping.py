@@ -237,8 +237,8 @@ from vptdash.ui import resources
 from vptdash.ui import session
 
 session.init_state()
-page = st.navigation([st.Page("pages/levers.py", title="Cost levers", default=True),
-                      st.Page("pages/train.py", title="Train")])
+page = st.navigation([st.Page("app_pages/levers.py", title="Cost levers", default=True),
+                      st.Page("app_pages/train.py", title="Train")])
 store = resources.get_store()
 page.run()
 """
@@ -246,7 +246,7 @@ page.run()
 
 @pytest.fixture
 def levers_app(tmp_path, monkeypatch, image_folder):
-    """The Cost levers and Train pages in a small navigation (app.py registers pages/levers.py in the real app)."""
+    """The Cost levers and Train pages in a small navigation (app.py registers app_pages/levers.py in the real app)."""
     from pathlib import Path
 
     from streamlit.testing.v1 import AppTest
@@ -258,7 +258,7 @@ def levers_app(tmp_path, monkeypatch, image_folder):
     monkeypatch.setattr(worker, "ensure_worker", lambda store, **kw: True)
     app_dir = tmp_path / "app"
     app_dir.mkdir()
-    (app_dir / "pages").symlink_to(root / "pages", target_is_directory=True)
+    (app_dir / "app_pages").symlink_to(root / "app_pages", target_is_directory=True)
     (app_dir / "app.py").write_text(APP_TEMPLATE)
     monkeypatch.syspath_prepend(str(root))
     at = AppTest.from_file(str(app_dir / "app.py"), default_timeout=60)
@@ -298,7 +298,7 @@ def test_levers_page_burstiness_search_and_apply(levers_app):
 
 def test_train_page_prompt_type_rank_and_skip_controls(levers_app):
     at = levers_app
-    at.switch_page("pages/train.py").run()
+    at.switch_page("app_pages/train.py").run()
     at.select_slider(key="train_prompts").set_value(5).run()
     at.button_group(key="train_prompt_type").set_value("bilinear-whitened").run()
     at.number_input(key="train_prompt_rank").set_value(3).run()

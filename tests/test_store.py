@@ -323,6 +323,35 @@ def test_export_import_round_trip_keeps_lineage(store, tmp_path):
     assert other.progress(imported["train"]["id"]) == [{"step": 0}]
 
 
+def test_csv_timestamps_are_iso_8601_with_time_zone(store, tmp_path):
+    import datetime as dt
+
+    from vptdash.runs.store import iso_timestamp
+
+    run_id = store.create_run(_config())
+    store.mark_running(run_id)
+    store.finish_run(run_id, "done", metrics={"accuracy": 0.5})
+    queued = store.create_run(_config(seed=1))
+    read = pd.read_csv(store.export_csv(tmp_path / "runs.csv"), keep_default_na=False).set_index("id")
+    run = store.get_run(run_id)
+    for column in ("created_at", "started_at", "finished_at"):
+        text = read.at[run_id, column]
+        parsed = dt.datetime.fromisoformat(text)
+        assert parsed.utcoffset() == dt.timedelta(0) and text.endswith("+00:00"), text
+        assert abs(parsed.timestamp() - run[column]) < 1  # the same instant, to the second
+    assert read.at[queued, "finished_at"] == ""  # not finished: empty, not "NaN"
+    assert iso_timestamp(0) == "1970-01-01T00:00:00+00:00"
+    assert iso_timestamp(float("nan")) is None and iso_timestamp(None) is None
+
+
+def test_settings_are_shared_by_every_store_on_the_file(store):
+    assert store.get_setting("active_setup") is None
+    assert store.get_setting("active_setup", {"a": 1}) == {"a": 1}
+    store.set_setting("active_setup", {"dataset": "elpv", "shots": None})
+    store.set_setting("active_setup", {"dataset": "elpv", "shots": 8})  # replaced, not duplicated
+    assert RunStore(store.path).get_setting("active_setup") == {"dataset": "elpv", "shots": 8}
+
+
 def test_runs_frame_columns_and_csv(store, tmp_path):
     a = store.create_run(_config(placement={"layers": [0, 1]}), sweep_id="s")
     store.mark_running(a)

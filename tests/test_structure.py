@@ -17,7 +17,7 @@ from vptdash.runs.store import RunStore
 ROOT = Path(__file__).resolve().parent.parent
 CHECKED = [
     *sorted((ROOT / "vptdash").rglob("*.py")),
-    *sorted((ROOT / "pages").glob("*.py")),
+    *sorted((ROOT / "app_pages").glob("*.py")),
     ROOT / "app.py",
     *sorted((ROOT / "benchmarks").glob("*.py")),
 ]

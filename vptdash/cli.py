@@ -442,7 +442,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    return worker.serve(RunStore(args.store), idle_exit_s=args.idle_exit)
+    return worker.serve(RunStore(args.store), idle_exit_s=args.idle_exit, owner=args.follow_owner)
 
 
 def _add_continual_options(parser: argparse.ArgumentParser) -> None:
@@ -621,6 +621,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="the dashboard's background worker: runs queued jobs one at a time")
     worker.add_argument("--store", default=None)
     worker.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    worker.add_argument(
+        "--follow-owner",
+        action="store_true",
+        help="exit (cancelling the running job) once the process in the store's .worker.owner file ends",
+    )
     return parser
 
 

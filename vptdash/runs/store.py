@@ -20,6 +20,9 @@ Conventions:
   non-finite floats (NaN, inf) become ``null`` and numpy / 0-d torch scalars become Python
   numbers, so whatever a training loop reports can be stored;
 * ``metrics`` / ``costs`` / ``timings`` read back as dicts (``{}`` when nothing was recorded);
+* CSV exports write the timestamps as ISO 8601 with the time zone (``iso_timestamps``), so a
+  spreadsheet shows dates, not epoch floats;
+* ``settings`` holds small JSON values every process and browser tab shares (the active setup);
 * artifacts (learned prompts, heads) are safetensors files next to the database, under
   ``<database stem>.artifacts/run_<id>.safetensors``: one folder per database, so two stores in the same
   folder never overwrite each other's run files.
@@ -30,6 +33,7 @@ queue polling and the CLI stay light.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import math
@@ -72,6 +76,7 @@ FRAME_BASE_COLUMNS = (
     "sweep_id",
     "error",
 )
+TIMESTAMP_COLUMNS = ("created_at", "started_at", "finished_at")
 # (run dict key, prefix used when one of its keys collides with an earlier column)
 _FRAME_GROUPS = (("config", "config."), ("metrics", "metric."), ("costs", "cost."), ("timings", "timing."))
 _RESULT_FIELDS = ("metrics", "costs", "timings")
@@ -106,6 +111,12 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs(status);
 CREATE INDEX IF NOT EXISTS runs_sweep ON runs(sweep_id);
+-- Shared preferences (JSON values); added without a version bump: CREATE IF NOT EXISTS adds it to
+-- an existing file, and an older vptdash simply ignores it.
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS progress (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     seq    INTEGER NOT NULL,            -- 0, 1, 2 ... per run: `progress(since=n)` is seq >= n
@@ -565,10 +576,30 @@ class RunStore:
     # ---------------------------------------------------------------- export
 
     def export_csv(self, path: str | Path, **filters) -> Path:
-        """`runs_frame(**filters)` as CSV (no index column)."""
+        """`runs_frame(**filters)` as CSV (no index column), timestamps in ISO 8601 (`iso_timestamps`)."""
         path = Path(path)
-        self.runs_frame(**filters).to_csv(path, index=False)
+        iso_timestamps(self.runs_frame(**filters)).to_csv(path, index=False)
         return path
+
+    # ---------------------------------------------------------------- settings
+
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        """A shared setting (JSON value) or `default` when unset or unreadable."""
+        with self._read() as conn:
+            row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return default
+        try:
+            return json.loads(row[0])
+        except ValueError:
+            return default
+
+    def set_setting(self, key: str, value: Any) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, _dumps(value)),
+            )
 
     # ---------------------------------------------------------------- job queue
 
@@ -820,3 +851,23 @@ def _frame_record(run: dict, names: dict[tuple[str, str], str]) -> dict:
         value = run[group].get(key)
         record[name] = _dumps(value) if isinstance(value, (dict, list)) else value
     return record
+
+
+def iso_timestamp(value: Any) -> str | None:
+    """Epoch seconds -> "2026-11-26T12:36:16+00:00" (UTC, to the second); None when missing."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(seconds):
+        return None
+    return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def iso_timestamps(frame: "pandas.DataFrame") -> "pandas.DataFrame":
+    """A copy of a runs frame with TIMESTAMP_COLUMNS as ISO 8601 strings with the time zone."""
+    frame = frame.copy()
+    for column in TIMESTAMP_COLUMNS:
+        if column in frame:
+            frame[column] = [iso_timestamp(value) for value in frame[column]]
+    return frame

@@ -4,6 +4,12 @@ Training inside the Streamlit script would die with every rerun, so the app only
 store and makes sure this worker is alive. The worker survives reruns, page switches and closed tabs,
 and every tab sees the same queue because the queue *is* the run store. One worker per data dir,
 held by an exclusive file lock: a second `ensure_worker` from another tab finds it and does nothing.
+
+The worker lives in its own session (Ctrl-C on the dashboard does not reach it), so it follows an
+owner instead: `ensure_worker` writes the calling process's pid (the Streamlit server) to an owner
+file next to the lock, and a worker it started exits within seconds of that process ending; the run
+it was executing is stored as cancelled, queued runs stay queued. A server that finds a worker still
+alive writes its own pid there and so adopts it (`adopt`).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import fcntl
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +29,8 @@ from vptdash.runs.store import RunStore
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `vptdash/`, for `python -m vptdash`
 
 POLL_SECONDS = 0.5
+OWNER_POLL_SECONDS = 1.0
+STOPPED_WITH_OWNER = "stopped: the dashboard that started this worker ended"
 
 
 def lock_path(store: RunStore) -> Path:
@@ -30,6 +39,74 @@ def lock_path(store: RunStore) -> Path:
 
 def log_path(store: RunStore) -> Path:
     return Path(store.path).with_suffix(".worker.log")
+
+
+def owner_path(store: RunStore) -> Path:
+    return Path(store.path).with_suffix(".worker.owner")
+
+
+def set_owner(store: RunStore, pid: int | None = None) -> None:
+    """Record `pid` (default: this process) as the process a dashboard-started worker follows."""
+    path = owner_path(store)
+    scratch = path.with_suffix(f".tmp{os.getpid()}")
+    scratch.write_text(str(pid or os.getpid()))
+    scratch.replace(path)  # atomic: a worker never reads half a pid
+
+
+def read_owner(store: RunStore) -> int | None:
+    try:
+        return int(owner_path(store).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def process_alive(pid: int | None) -> bool:
+    """True if `pid` runs and is not a zombie (a stopped server its parent has not reaped yet)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): kill(0) is all we know
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def owner_alive(store: RunStore) -> bool:
+    return process_alive(read_owner(store))
+
+
+def follow_owner(store: RunStore) -> threading.Thread:
+    """A daemon thread that ends this process once the owner in the owner file has ended: the run this
+    process is executing is stored as cancelled first (queued runs stay queued for the next start)."""
+
+    def watch() -> None:
+        while owner_alive(store):
+            time.sleep(OWNER_POLL_SECONDS)
+        try:
+            for run in store.list_runs(status="running"):
+                if run["worker_pid"] == os.getpid():
+                    store.finish_run(run["id"], "cancelled", error=STOPPED_WITH_OWNER)
+        finally:
+            os._exit(0)  # now, not after the job: the server is gone and nobody watches this run
+
+    thread = threading.Thread(target=watch, name="follow-owner", daemon=True)
+    thread.start()
+    return thread
+
+
+def adopt(store: RunStore) -> bool:
+    """A dashboard starting up: if a worker from an earlier server still serves this store, make
+    this process its owner (it would otherwise exit with the old server). True if one was adopted."""
+    if not worker_alive(store):
+        return False
+    set_owner(store)
+    return True
 
 
 def try_lock(path: Path):
@@ -51,12 +128,17 @@ def worker_alive(store: RunStore) -> bool:
     return False
 
 
-def serve(store: RunStore, *, idle_exit_s: float | None = None, poll_s: float = POLL_SECONDS) -> int:
-    """Run queued jobs until idle for `idle_exit_s` (forever when None). Returns an exit code."""
+def serve(
+    store: RunStore, *, idle_exit_s: float | None = None, poll_s: float = POLL_SECONDS, owner: bool = False
+) -> int:
+    """Run queued jobs until idle for `idle_exit_s` (forever when None), and with `owner` until the
+    process in the owner file ends (`follow_owner`). Returns an exit code."""
     handle = try_lock(lock_path(store))
     if handle is None:
         print("another worker already serves this run store", file=sys.stderr)
         return 0
+    if owner:
+        follow_owner(store)
     try:
         # A run left 'running' by a worker that was killed can never finish: mark it failed now.
         store.fail_orphaned_runs()
@@ -95,11 +177,13 @@ def ensure_worker(store: RunStore, *, idle_exit_s: float | None = 600.0) -> bool
     """Start a detached worker process unless one is already serving this store.
 
     Returns True when a new worker was started. The worker exits after `idle_exit_s` without work,
-    so nothing lingers after a meeting; the app starts it again on the next queued run."""
+    or within seconds of this process ending, so nothing lingers after a meeting; the app starts it
+    again on the next queued run."""
     store.fail_orphaned_runs()
+    set_owner(store)  # a worker already running follows this process now
     if worker_alive(store):
         return False
-    command = [sys.executable, "-m", "vptdash", "worker", "--store", str(store.path)]
+    command = [sys.executable, "-m", "vptdash", "worker", "--store", str(store.path), "--follow-owner"]
     if idle_exit_s is not None:
         command += ["--idle-exit", str(idle_exit_s)]
     log = open(log_path(store), "ab")

@@ -24,9 +24,68 @@ WORKER_START_GRACE_S = 20.0  # a fresh worker process takes a few seconds to imp
 QUEUE_POLL_IDLE_S = 3.0  # ... and while idle (notices runs queued from another tab)
 
 
+ANNOUNCE_AT_MOST = 3  # toasts per poll: a finished sweep announces its first results and a count
+# Markdown/HTML specials backslash-escaped, control characters and line breaks made spaces
+_LITERAL = {ord(c): "\\" + c for c in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"}
+_LITERAL.update({code: " " for code in [*range(32), 127, 0x2028, 0x2029]})
+
+
+def _literal(text: object) -> str:
+    """`text` shown literally in a toast (Markdown): run labels carry users' placement strings."""
+    return str(text).translate(_LITERAL)
+
+
+def announcement(run: dict) -> str:
+    """The toast for a run made here that just finished: its number, label and test accuracy."""
+    accuracy = (run.get("metrics") or {}).get("accuracy")
+    tail = f": {100 * float(accuracy):.1f}% test accuracy" if isinstance(accuracy, (int, float)) else ""
+    return _literal(f"New result #{run['id']} {run_label(run)}{tail}")
+
+
+def announce_new_results(store: RunStore, summary: dict) -> list[int]:
+    """Toast each run made here (not precomputed) that finished since this session last looked;
+    the first look only takes note. Reads the run list only when the count of finished runs moved.
+    Returns the ids announced."""
+    seen = st.session_state.get("queue_seen_done")
+    if seen is not None and seen[0] == summary["done"]:
+        return []
+    done = store.list_runs(status="done")
+    ids = {run["id"] for run in done}
+    st.session_state["queue_seen_done"] = (summary["done"], ids)
+    if seen is None:
+        return []
+    fresh = sorted(
+        (run for run in done if run["id"] not in seen[1] and run["source"] != "precomputed"), key=lambda r: r["id"]
+    )
+    for run in fresh[:ANNOUNCE_AT_MOST]:
+        st.toast(announcement(run), icon="✔️")
+    if len(fresh) > ANNOUNCE_AT_MOST:
+        st.toast(f"... and {len(fresh) - ANNOUNCE_AT_MOST} more new results", icon="✔️")
+    return [run["id"] for run in fresh]
+
+
 def start_worker(store: RunStore) -> None:
     """Queue consumers call this after submitting: start the background worker if none runs."""
     worker.ensure_worker(store)
+
+
+@st.cache_resource(show_spinner=False)
+def _adopt_once(path: str, _store: RunStore) -> bool:
+    try:
+        if worker.adopt(_store):
+            return True
+        if _store.queue_summary()["queued"]:
+            worker.ensure_worker(_store)
+            return True
+    except Exception:  # noqa: BLE001 - a locked store must not take the app down; queueing starts one too
+        return False
+    return False
+
+
+def adopt_worker(store: RunStore) -> bool:
+    """Once per server process: a worker left by an earlier server (still finishing a job) follows
+    this one now, and runs queued before a restart start again. True if a worker serves the store."""
+    return _adopt_once(str(store.path), store)
 
 
 def queue_sweep(store: RunStore, configs: list[RunConfig], failure: str) -> str | None:
@@ -57,8 +116,8 @@ def run_table_columns() -> dict[str, Any]:
     }
 
 
-def sidebar(store: RunStore) -> None:
-    """Active setup + live job queue, on every page."""
+def sidebar(store: RunStore, *, licence: bool = True) -> None:
+    """Active setup + live job queue, on every page (`licence=False` where the page shows it itself)."""
     setup = active_setup()
     with st.sidebar:
         st.markdown("#### Active setup")
@@ -69,7 +128,7 @@ def sidebar(store: RunStore) -> None:
             f"**Images** {setup['resolution']} px · "
             f"{'all' if shots is None else shots} shots per class"
         )
-        if is_elpv(setup["dataset"]):
+        if licence and is_elpv(setup["dataset"]):
             st.caption("ELPV: CC BY-NC-SA 4.0, Buerhop-Lutz, Deitsch et al. (ZAE Bayern / FAU)")
         st.markdown("#### Job queue")
         _queue_panel(store)
@@ -94,6 +153,7 @@ def _queue_panel(store: RunStore) -> None:
             st.warning(f"Run store unavailable: {exc}")
             return
         render_queue(store, now_summary)
+        announce_new_results(store, now_summary)
 
     queue_fragment()
 

@@ -43,8 +43,11 @@ METRIC_AXES = {
     "val_accuracy": "Validation accuracy (%)",
 }
 
-# Marker symbol per run source: the reference sweep shipped with the app vs runs made here.
-SOURCE_SYMBOLS = {"precomputed": "circle", "live": "diamond", "cli": "diamond", "mixed": "square"}
+# Marker symbol per run source: the reference sweep shipped with the app vs runs made here. A
+# configuration whose seeds mix both ("mixed": a mix always holds a run made here) is drawn as made here:
+# a manager looks for where the new runs landed. Points made here are also larger, opaque and outlined
+# (HERE_SIZE); only-precomputed points recede (PRECOMPUTED_OPACITY). "square" is no longer drawn.
+SOURCE_SYMBOLS = {"precomputed": "circle", "live": "diamond", "cli": "diamond", "mixed": "diamond"}
 SOURCE_NAMES = {
     "circle": "● precomputed (reference sweep)",
     "diamond": "◆ run here (dashboard / CLI)",
@@ -57,6 +60,15 @@ HIGHLIGHT_SIZE = 22
 
 def source_symbol(source: Any) -> str:
     return SOURCE_SYMBOLS.get(str(source), "diamond")
+
+
+HERE_SIZE = 19
+PRECOMPUTED_OPACITY = 0.55
+
+
+def made_here(source: Any) -> bool:
+    """True for a point with at least one run made here (dashboard or CLI), not only precomputed."""
+    return source_symbol(source) == "diamond"
 
 
 def _fmt(value: Any, pattern: str, missing: str = "n/a") -> str:
@@ -175,9 +187,15 @@ def cost_accuracy_figure(
                 marker={
                     "color": family_color(family),
                     "symbol": symbols,
-                    "size": [HIGHLIGHT_SIZE if h else MARKER_SIZE for h in hits],
-                    "line": {"width": [4 if h else 1 for h in hits], "color": ["#111" if h else "white" for h in hits]},
-                    "opacity": 0.9,
+                    "size": [
+                        HIGHLIGHT_SIZE if h else HERE_SIZE if s == "diamond" else MARKER_SIZE
+                        for h, s in zip(hits, symbols)
+                    ],
+                    "line": {
+                        "width": [4 if h else 2 if s == "diamond" else 1 for h, s in zip(hits, symbols)],
+                        "color": ["#111" if h or s == "diamond" else "white" for h, s in zip(hits, symbols)],
+                    },
+                    "opacity": [1.0 if h or s == "diamond" else PRECOMPUTED_OPACITY for h, s in zip(hits, symbols)],
                 },
                 hovertext=[_hover(row) for _, row in rows.iterrows()],
                 hovertemplate="%{hovertext}<extra></extra>",
@@ -193,7 +211,16 @@ def cost_accuracy_figure(
                     mode="markers",
                     name=SOURCE_NAMES[symbol],
                     legendgroup="sources",
-                    marker={"symbol": symbol, "color": "#555", "size": MARKER_SIZE},
+                    marker={
+                        "symbol": symbol,
+                        "color": "#555",
+                        "size": HERE_SIZE if symbol == "diamond" else MARKER_SIZE,
+                        "opacity": 1.0 if symbol == "diamond" else PRECOMPUTED_OPACITY,
+                        "line": {
+                            "width": 2 if symbol == "diamond" else 1,
+                            "color": "#111" if symbol == "diamond" else "white",
+                        },
+                    },
                     hoverinfo="skip",
                 )
             )

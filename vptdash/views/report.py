@@ -14,7 +14,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from vptdash.engine import data
-from vptdash.views import budget, charts
+from vptdash.views import budget, charts, scope
 from vptdash.views.style import finite
 
 REPORT_COSTS = ("gmacs", "latency_ms_b1", "params_trainable")
@@ -124,7 +124,10 @@ def _unique(values) -> list[str]:
 def build_html_report(
     rows: list[dict], *, tolerance_points: float = 1.0, cost: str = "gmacs", title: str = "vptdash report"
 ) -> str:
-    """The whole report as one HTML string (plotly.js inlined once; no network needed)."""
+    """The whole report as one HTML string (plotly.js inlined once; no network needed).
+
+    The runs must share one data set and setup (`scope.SCOPE_KEYS`): scope.MixedSetupsError otherwise."""
+    scope.require_one_setup(rows)
     table = budget.runs_table(rows)
     agg = budget.aggregate_over_seeds(table)
     recommendation = budget.recommend(agg, tolerance_points, cost=cost)

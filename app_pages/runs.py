@@ -6,8 +6,9 @@ import pandas as pd
 import streamlit as st
 
 from vptdash.engine.train import RunConfig
-from vptdash.ui import jobqueue, resources
-from vptdash.views import report, wording
+from vptdash.runs.store import iso_timestamps
+from vptdash.ui import jobqueue, resources, session
+from vptdash.views import report, scope, wording
 
 RESULT_COLUMNS = ["accuracy", "balanced_accuracy", "gmacs", "latency_ms_b1", "params_trainable"]
 HIDDEN_IN_COMPARE = {"id", "created_at", "started_at", "finished_at", "duration_s", "sweep_id", "parent_id"}
@@ -104,11 +105,11 @@ selected_ids = [int(view.iloc[i]["id"]) for i in rows]
 # ------------------------------------------------------------------------------------ export
 view_ids = set(int(i) for i in view["id"])
 export = frame[frame["id"].isin(view_ids)].drop(columns=["created"])
-e = st.columns([1, 1, 1, 3])
+e = st.columns([1, 1, 1, 3], vertical_alignment="bottom")
 
 
 def build_csv(frame=export) -> bytes:  # built when clicked, on a separate thread: no st.* here
-    return frame.to_csv(index=False).encode("utf-8")
+    return iso_timestamps(frame).to_csv(index=False).encode("utf-8")
 
 
 e[0].download_button(
@@ -117,16 +118,35 @@ e[0].download_button(
     file_name="vptdash-runs.csv",
     mime="text/csv",
     on_click="ignore",
-    icon=":material/download:",
+    icon="⬇️",
     key="runs_csv",
     width="stretch",
 )
-report_rows = [by_id[i] for i in (selected_ids or sorted(view_ids)) if by_id[i]["status"] == "done"]
+# A report is about one data set and one setup: the listed (or selected) runs of one setup, the
+# active one by default, never a mix.
+finished = [by_id[i] for i in (selected_ids or sorted(view_ids)) if by_id[i]["status"] == "done"]
+setups = scope.setups_in(finished)
+report_setup = scope.default_setup(setups, session.active_setup())
+if report_setup is not None:
+    if st.session_state.get("runs_report_setup") not in setups:
+        st.session_state["runs_report_setup"] = report_setup
+    report_setup = e[3].selectbox(
+        "Report on",
+        setups,
+        key="runs_report_setup",
+        format_func=scope.describe,
+        disabled=len(setups) == 1,
+        help=f"The {'selected' if selected_ids else 'listed'} runs come from {len(setups)} "
+        f"setup{'s' if len(setups) != 1 else ''}. A report covers one data set and one setup (backbone, "
+        "resolution, shots): accuracies across them are not comparable.",
+    )
+report_rows = scope.runs_of_setup(finished, report_setup) if report_setup is not None else []
 tolerance = float(st.session_state.get("budget_tolerance", 1.0))
+report_title = "vptdash: prompt budget report" + (f" · {scope.describe(report_setup)}" if report_rows else "")
 
 
-def build_report(rows=report_rows, tolerance=tolerance) -> str:  # runs on a separate thread: no st.* here
-    return report.build_html_report(rows, tolerance_points=tolerance, title="vptdash: prompt budget report")
+def build_report(rows=report_rows, tolerance=tolerance, title=report_title) -> str:  # separate thread: no st.*
+    return report.build_html_report(rows, tolerance_points=tolerance, title=title)
 
 
 e[1].download_button(
@@ -135,18 +155,18 @@ e[1].download_button(
     file_name="vptdash-report.html",
     mime="text/html",
     on_click="ignore",
-    icon=":material/description:",
+    icon="✉️",
     key="runs_report",
     width="stretch",
     disabled=not report_rows,
-    help=f"A self-contained page with the charts and the recommendation for the "
-    f"{len(report_rows)} finished {'selected' if selected_ids else 'listed'} runs.",
+    help=f"A self-contained page with the charts and the recommendation for the {len(report_rows)} "
+    f"finished {'selected' if selected_ids else 'listed'} runs of the setup chosen under 'Report on'.",
 )
 if e[2].button(
     f"Delete {len(selected_ids)} selected",
     key="runs_delete",
     disabled=not selected_ids,
-    icon=":material/delete:",
+    icon="✖️",
     width="stretch",
 ):
     st.session_state["runs_confirm_delete"] = selected_ids

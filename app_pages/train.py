@@ -9,6 +9,7 @@ from vptdash.engine.prompts import PROMPT_TYPES, default_prompt_rank
 from vptdash.engine.train import ConfigError, RunConfig
 from vptdash.methods import skipping, vlprompts
 from vptdash.runs import jobs
+from vptdash.runs.presets import demo_base
 from vptdash.ui import jobqueue, look, resources, session
 from vptdash.views import budget, charts, wording
 
@@ -16,6 +17,12 @@ LR_CHOICES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 FULL_FINETUNE_LR = 1e-4  # the whole backbone moves: prompt-sized learning rates would wreck it
 PLACEMENTS = ["shallow", "deep", "pick blocks"]
 LIVE = ("queued", "running")
+# One recipe: the page starts from the meeting demo's (and so the reference sweep's) epochs and precision.
+RECIPE = demo_base()
+RECIPE_HELP = (
+    f"Starts at the recipe of the meeting demo and the precomputed reference sweep ({RECIPE.epochs} epochs, "
+    f"batch {RECIPE.batch_size}, {RECIPE.precision}), so new points compare with the reference points."
+)
 INLINE_SEARCH_GMACS = 20.0  # a skip search estimated under this (about a second of CPU) runs inline, else as a job
 
 store = resources.get_store()
@@ -37,11 +44,12 @@ with controls_col:
         st.selectbox(
             "Backbone (frozen)",
             names,
-            format_func=lambda n: f"{n}: {backbones.BACKBONES.get(n, '')}",
             index=names.index(setup["backbone"]),
             **session.bind("train_backbone", "backbone"),
         )
         setup = session.active_setup()
+        if setup["backbone"] in backbones.BACKBONES:  # under the box: a long name + description would be cut off
+            st.caption(backbones.BACKBONES[setup["backbone"]])
         shape, backbone_error = resources.backbone_shape_or_error(setup["backbone"], setup["resolution"])
         c = st.columns(2)
         with c[0]:
@@ -149,7 +157,7 @@ with controls_col:
             )
             or []
         )
-        c = st.columns([2, 3, 3])
+        c = st.columns([1, 2])
         skip_k = c[0].number_input(
             "k", min_value=1, max_value=max(1, depth - 1), value=min(4, max(1, depth - 1)), step=1, key="train_skip_k"
         )
@@ -165,17 +173,16 @@ with controls_col:
             )
             or "greedy"
         )
-        with c[2]:
-            st.write("")
-            suggest_clicked = st.button(
-                f"Suggest {int(skip_k)} blocks",
-                key="train_skip_suggest",
-                width="stretch",
-                icon=":material/content_cut:",
-                disabled=backbone_error is not None,
-                help="Searches on your training and validation images; a long search runs "
-                "in the background (watch it here or on Cost levers).",
-            )
+        # A row of its own: beside the search choice the label was cut off ("Suggest 4 bl...").
+        suggest_clicked = st.button(
+            f"Suggest {int(skip_k)} blocks",
+            key="train_skip_suggest",
+            width="stretch",
+            icon="✂️",
+            disabled=backbone_error is not None,
+            help="Searches on your training and validation images; a long search runs "
+            "in the background (watch it here or on Cost levers).",
+        )
 
         @st.fragment(
             run_every=2.0
@@ -209,7 +216,9 @@ with controls_col:
         st.markdown("##### Training")
         c = st.columns([2, 3, 2])
         with c[0]:
-            epochs = st.number_input("Epochs", min_value=1, max_value=500, value=10, step=1, key="train_epochs")
+            epochs = st.number_input(
+                "Epochs", min_value=1, max_value=500, value=RECIPE.epochs, step=1, key="train_epochs", help=RECIPE_HELP
+            )
         with c[1]:
             lr = st.select_slider(
                 "Learning rate", LR_CHOICES, value=1e-2, key="train_lr", format_func=lambda v: f"{v:g}"
@@ -219,7 +228,12 @@ with controls_col:
         c = st.columns([1, 1])
         with c[0]:
             precision = st.segmented_control(
-                "Precision", ["fp32", "bf16"], default="fp32", key="train_precision", required=True
+                "Precision",
+                ["fp32", "bf16"],
+                default=RECIPE.precision,
+                key="train_precision",
+                required=True,
+                help=RECIPE_HELP,
             )
         with c[1]:
             measure_latency = st.toggle(
@@ -231,7 +245,7 @@ with controls_col:
         with st.expander("More settings"):
             c = st.columns(2)
             batch_size = c[0].number_input(
-                "Batch size", min_value=1, max_value=1024, value=32, step=1, key="train_batch"
+                "Batch size", min_value=1, max_value=1024, value=RECIPE.batch_size, step=1, key="train_batch"
             )
             optimizer = c[1].selectbox("Optimizer", ["adamw", "sgd"], key="train_optimizer")
             weight_decay = c[0].number_input(
@@ -255,7 +269,7 @@ common = dict(
     optimizer=optimizer,
     weight_decay=float(weight_decay),
     warmup_epochs=float(warmup),
-    precision=precision or "fp32",
+    precision=precision or RECIPE.precision,
     measure_latency=bool(measure_latency),
 )
 pending = session.base_config(
@@ -274,7 +288,7 @@ st.session_state["train_pending_config"] = pending.to_dict()  # what "Train" wou
 
 def suggest_skips(k: int, method: str) -> None:
     """Run the skip search inline when it is tiny, else as a "skip-search" job for the worker."""
-    config = session.base_config(seed=int(seed), precision=precision or "fp32")
+    config = session.base_config(seed=int(seed), precision=precision or RECIPE.precision)
     per_image = (
         block_macs(shape["num_prefix_tokens"] + shape["num_patches"], shape["embed_dim"], shape["mlp_dim"]) / 1e9
     )
@@ -319,7 +333,7 @@ with controls_col:
     if st.button(
         f"Train {pending.label()}",
         type="primary",
-        icon=":material/play_arrow:",
+        icon="▶️",
         key="train_submit",
         disabled=backbone_error is not None,
         width="stretch",
@@ -331,7 +345,7 @@ with controls_col:
         key="train_probe",
         disabled=backbone_error is not None,
         width="stretch",
-        icon=":material/linear_scale:",
+        icon="➡️",
         help="Baseline: frozen features + a linear head, no prompts.",
     ):
         submit(session.base_config(tuning="linear", num_prompts=0, placement="none", lr=float(lr), **common))
@@ -340,7 +354,7 @@ with controls_col:
         key="train_full",
         disabled=backbone_error is not None,
         width="stretch",
-        icon=":material/all_inclusive:",
+        icon="♾️",
         help=f"Baseline: every backbone weight is trained (learning rate {FULL_FINETUNE_LR:g}).",
     ):
         submit(session.base_config(tuning="full", num_prompts=0, placement="none", lr=FULL_FINETUNE_LR, **common))
@@ -427,7 +441,7 @@ with controls_col, st.expander("Vision-language prompts on CLIP: zero-shot, CoOp
 recent = [run for run in store.list_runs(limit=40) if run["source"] != "precomputed" and run["kind"] != "skip-search"]
 with monitor_col:
     if not recent:
-        st.info("No run yet: set a budget on the left and press **Train**.", icon=":material/arrow_back:")
+        st.info("No run yet: set a budget on the left and press **Train**.", icon="⬅️")
         st.stop()
     by_id = {run["id"]: run for run in recent}
     if st.session_state.get("train_watch") not in by_id:
@@ -533,14 +547,14 @@ def monitor(run_id: int) -> None:
         st.subheader(f"Run #{run_id}: {wording.run_label(run)}")
         if status == "queued":
             ahead = sum(1 for r in store.list_runs(status=["queued", "running"]) if r["id"] < run_id)
-            st.info(f"Queued: {ahead} run{'s' if ahead != 1 else ''} ahead of it.", icon=":material/schedule:")
+            st.info(f"Queued: {ahead} run{'s' if ahead != 1 else ''} ahead of it.", icon="ℹ️")
         elif status == "running":
             fraction, text = wording.progress_of(run, events[-1] if events else None)
             st.progress(fraction, text=text)
         if status in LIVE:
             if run["cancel_requested"]:
                 st.caption("Cancelling: the worker stops before the next training step.")
-            elif st.button("Cancel", key="train_cancel", icon=":material/stop:"):
+            elif st.button("Cancel", key="train_cancel", icon="✖️"):
                 store.request_cancel(run_id)
                 st.rerun(scope="fragment")
 

@@ -36,7 +36,9 @@ def save_and_use(save) -> None:
         st.error(f"That upload cannot be used: {exc}")
         return
     use_dataset(uploads.upload_spec(info.slug))
-    st.session_state["data_saved_pick"] = info.slug
+    # The saved-uploads selectbox already exists in this run: its value may only be set before it
+    # is created, so the next run applies this pending pick first.
+    st.session_state["data_pending_pick"] = info.slug
     st.session_state["data_upload_message"] = (info.name, info.n_images, len(info.skipped))
     st.rerun()
 
@@ -92,8 +94,8 @@ if source == SOURCE_ELPV:
     with right:
         st.info(
             "**ELPV** electroluminescence images of solar-cell modules, labelled by experts with a defect "
-            f"probability.  \n**Licence:** {data.ELPV_LICENSE}",
-            icon=":material/copyright:",
+            "probability. Licence and source: under the table of splits below.",
+            icon="©️",
         )
 else:
     saved = uploads.list_uploads()
@@ -107,6 +109,9 @@ else:
             current = next(
                 (info.slug for info in saved if uploads.upload_spec(info.slug) == setup["dataset"]), saved[0].slug
             )
+            pending = st.session_state.pop("data_pending_pick", None)
+            if pending in by_slug:
+                st.session_state["data_saved_pick"] = pending
             if st.session_state.get("data_saved_pick") not in by_slug:
                 st.session_state["data_saved_pick"] = current
             pick = st.selectbox(

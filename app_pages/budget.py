@@ -88,10 +88,10 @@ def results() -> None:
     with table_col:
         st.markdown(f"**{len(table)} finished runs** · select rows to highlight them")
         shown = table[
-            [
+            [  # accuracy before the long label: the narrow column must not cut it off
                 "id",
-                "label",
                 "accuracy",
+                "label",
                 "balanced_accuracy",
                 "seed",
                 "gmacs",
@@ -109,7 +109,10 @@ def results() -> None:
             hide_index=True,
             width="stretch",
             height=700,
-            column_config=jobqueue.run_table_columns(),
+            column_config={
+                **jobqueue.run_table_columns(),
+                "accuracy": st.column_config.NumberColumn("Accuracy", format="percent", pinned=True),
+            },
         )
         selected = [int(shown.iloc[i]["id"]) for i in (event.selection.rows if event else []) if i < len(shown)]
     with chart_col:
@@ -148,7 +151,7 @@ results()
 
 # ------------------------------------------------------------------------------------ plan a sweep
 done_here = store.list_runs(status="done", dataset=setup["dataset"], limit=1)
-with st.expander("Plan a sweep: estimated cost before anything runs", expanded=not done_here, icon=":material/tune:"):
+with st.expander("Plan a sweep: estimated cost before anything runs", expanded=not done_here, icon="⚙️"):
     c = st.columns([3, 2, 2, 1, 1])
     counts = c[0].multiselect(
         "Prompt counts",
@@ -276,7 +279,7 @@ with st.expander("Plan a sweep: estimated cost before anything runs", expanded=n
         type="primary",
         key="budget_queue",
         disabled=not configs,
-        icon=":material/playlist_add:",
+        icon="▶️",
     ):
         sweep_id = jobqueue.queue_sweep(store, configs, "Not queued")
         if sweep_id:

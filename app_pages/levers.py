@@ -15,12 +15,20 @@ from vptdash.methods import skipping
 from vptdash.ui import jobqueue, look, resources, session
 from vptdash.views import levers_charts, wording
 
+# What a manager should take from this page, before any of its technical detail.
+TAKEAWAY = (
+    "**In short:** prompts make every image more expensive to process, and this page shows two ways to pay "
+    "less: skip the blocks your task does not need (found here, on your images) or train bilinear prompts, "
+    "which learn fewer numbers; keep a lever only if its run on the Train page still reaches the accuracy "
+    "you need."
+)
 LIVE = ("queued", "running")
 INLINE_GMACS = 20.0  # about a second of this CPU: smaller searches run inline, bigger ones as a job
 
 store = resources.get_store()
 setup = session.active_setup()
 st.title("Cost levers")
+st.info(TAKEAWAY, icon="✔️")
 st.caption(
     f"On **{wording.dataset_label(setup['dataset'], setup['cell_type'])}** with `{setup['backbone']}` at "
     f"{setup['resolution']} px (change them on the Data and Train pages). Prompts add compute; these two "
@@ -144,7 +152,7 @@ with skip_tab:
             f"Find {int(k)} blocks to skip",
             key="levers_search",
             type="primary",
-            icon=":material/content_cut:",
+            icon="✂️",
             width="stretch",
         )
     if search_clicked:
@@ -175,7 +183,7 @@ with skip_tab:
         if r["config"].get("backbone") == setup["backbone"] and r["config"].get("resolution") == setup["resolution"]
     ]
     if not searches:
-        st.info("No search on this setup yet.", icon=":material/search:")
+        st.info("No search on this setup yet.", icon="ℹ️")
         st.stop()
     by_id = {r["id"]: r for r in searches}
     if st.session_state.get("levers_watch") not in by_id:
@@ -200,7 +208,7 @@ with skip_tab:
             events = store.progress(watch)
             fraction, text = wording.progress_of(row, events[-1] if events else None)
             st.progress(fraction, text=f"{row['status']}: {text}")
-            if st.button("Cancel search", key="levers_cancel", icon=":material/stop:"):
+            if st.button("Cancel search", key="levers_cancel", icon="✖️"):
                 store.request_cancel(watch)
                 st.rerun(scope="fragment")
             return
@@ -231,10 +239,10 @@ with skip_tab:
         if st.button(
             f"Use on the Train page: skip {', '.join(map(str, result.skip))}",
             key="levers_apply",
-            icon=":material/model_training:",
+            icon="▶️",
         ):
             st.session_state["skip_suggestion"] = list(result.skip)
-            st.switch_page("pages/train.py")
+            st.switch_page("app_pages/train.py")
         left, right = st.columns(2)
         with left:
             if any(v is not None for v in result.redundancy):

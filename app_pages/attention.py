@@ -280,7 +280,7 @@ query = c[0].segmented_control(
 look.show_plotly(attention_charts.pull_per_block_figure(series, query=query or "cls_pull"), key="att_pull_blocks")
 
 if image is not None and maps:
-    with st.expander("Which prompts attract attention (this image)", icon=":material/grid_on:"):
+    with st.expander("Which prompts attract attention (this image)", icon="◻️"):
         for run_id, run_maps in maps.items():
             values = [
                 attention.per_prompt_pull(run_maps, b, "cls").numpy()
@@ -313,7 +313,7 @@ with st.container(border=True):
     if st.button(
         f"Measure prompt pull for {min(len(same), MAX_PULL_RUNS)} run(s)",
         key="att_pull_all",
-        icon=":material/bar_chart:",
+        icon="↗️",
         help="One forward pass per run over the fixed test images.",
     ):
         st.session_state[measured_key] = True
@@ -410,7 +410,7 @@ else:
         + (f", {shown / placed:.1f} per block on average over {placed} blocks" if placed > 1 else "")
         + ". The condensed run costs the GMACs of a fresh run with the same per-block counts."
     )
-    if st.button("Queue condensation", type="primary", key="att_condense_go", icon=":material/compress:"):
+    if st.button("Queue condensation", type="primary", key="att_condense_go", icon="⚗️"):
         try:
             new_id = condense.submit_condense(store, parent_id, keep=keep, keep_fraction=fraction, epochs=epochs)
         except ConfigError as exc:

@@ -39,10 +39,10 @@ with left:
         "everything again on **Runs**."
     )
     nav = st.columns(4)
-    nav[0].page_link("pages/data.py", label="Data", icon=":material/photo_library:")
-    nav[1].page_link("pages/train.py", label="Train", icon=":material/model_training:")
-    nav[2].page_link("pages/budget.py", label="Budget explorer", icon=":material/insights:")
-    nav[3].page_link("pages/runs.py", label="Runs", icon=":material/history:")
+    nav[0].page_link("app_pages/data.py", label="Data", icon="◼️")
+    nav[1].page_link("app_pages/train.py", label="Train", icon="▶️")
+    nav[2].page_link("app_pages/budget.py", label="Budget explorer", icon="⚖️")
+    nav[3].page_link("app_pages/runs.py", label="Runs", icon="✍️")
 
 with right:
     st.subheader("Meeting demo")
@@ -70,21 +70,19 @@ with right:
             resolution=first.resolution,
             shots=first.shots,
         )
-        st.switch_page("pages/budget.py")
+        st.switch_page("app_pages/budget.py")
 
     if pending:  # a second click in a meeting must not queue the demo twice
-        st.info(f"The demo is under way: {len(pending)} of its runs still to finish.", icon=":material/schedule:")
+        st.info(f"The demo is under way: {len(pending)} of its runs still to finish.", icon="ℹ️")
         if st.button(
             "Watch it on the Budget explorer",
             type="primary",
-            icon=":material/insights:",
+            icon="⚖️",
             key="demo_watch",
             width="stretch",
         ):
             watch_demo()
-    elif st.button(
-        "Run the meeting demo", type="primary", icon=":material/play_arrow:", key="demo_button", width="stretch"
-    ):
+    elif st.button("Run the meeting demo", type="primary", icon="▶️", key="demo_button", width="stretch"):
         sweep_id = jobqueue.queue_sweep(store, demo, "The demo preset is not valid")
         if sweep_id:
             st.session_state["last_sweep_id"] = sweep_id

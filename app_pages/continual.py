@@ -173,7 +173,7 @@ with controls:
         f"Run {count} continual run{'s' if count != 1 else ''}",
         type="primary",
         key="cl_submit",
-        icon=":material/play_arrow:",
+        icon="▶️",
         width="stretch",
         disabled=not methods or max_tasks < 2,
     ):
@@ -270,7 +270,7 @@ with results:
     if not groups:
         st.info(
             "No continual experiment yet: pick the data, tasks and methods, then press **Run**.",
-            icon=":material/arrow_back:",
+            icon="⬅️",
         )
         st.stop()
     by_id = {g["id"]: g for g in groups}
@@ -299,7 +299,7 @@ with results:
                 f"seed {r['config'].get('seed')}: {r['status']} · {task}"
                 f"epoch {event.get('epoch', '-') if event else '-'}{eta}",
             )
-        if running and st.button("Cancel the remaining runs", key="cl_cancel", icon=":material/stop:"):
+        if running and st.button("Cancel the remaining runs", key="cl_cancel", icon="✖️"):
             for r in running:
                 store.request_cancel(r["id"])
             st.rerun(scope="fragment")
