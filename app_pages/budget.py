@@ -287,7 +287,7 @@ with st.expander("Plan a sweep: estimated cost before anything runs", expanded=n
             st.rerun()
 
 # ------------------------------------------------------------------------------------ search instead of a grid
-with st.expander("Search instead of the grid: the cheapest budget within X points", icon=":material/travel_explore:"):
+with st.expander("Search instead of the grid: the cheapest budget within X points", icon="✳️"):
     st.caption(
         "Tries every configuration above once, then spends seeds only where they could change the answer. "
         "Its runs land here like a sweep's. Replayed on the reference sweep: docs/results.md."

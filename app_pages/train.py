@@ -412,7 +412,7 @@ with controls_col, st.expander("Vision-language prompts on CLIP: zero-shot, CoOp
         key="train_clip_b2n",
         help="Train on the first half of the classes; test base and novel classes apart (needs 4 classes).",
     )
-    if st.button("Queue CLIP run", key="train_clip_submit", icon=":material/play_arrow:", width="stretch"):
+    if st.button("Queue CLIP run", key="train_clip_submit", icon="▶️", width="stretch"):
         active = session.active_setup()
         clip_config = vlprompts.VLPromptConfig(
             backbone=clip_backbone,

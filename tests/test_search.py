@@ -142,7 +142,7 @@ def test_the_budget_explorer_starts_a_search_and_the_sidebar_saves_the_cluster(t
     at.run()
     at.session_state["active_backbone"] = "tiny-random"
     at.session_state["active_resolution"] = 32
-    at.switch_page("pages/budget.py").run()
+    at.switch_page("app_pages/budget.py").run()
     assert not at.exception, [e.message for e in at.exception]
     at.button(key="search_start").click().run()
     assert not at.exception, [e.message for e in at.exception]

@@ -289,7 +289,7 @@ def test_train_page_queues_a_clip_run_that_the_budget_table_labels(image_folder,
     at.run()
     for key, value in {"dataset": str(image_folder), "backbone": "tiny-random", "resolution": 32, "shots": 2}.items():
         at.session_state[f"active_{key}"] = value
-    at.switch_page("pages/train.py").run()
+    at.switch_page("app_pages/train.py").run()
     at.button_group(key="train_clip_method").set_value("maple").run()
     at.number_input(key="train_clip_text").set_value(2).run()
     at.button(key="train_clip_submit").click().run()
@@ -311,15 +311,15 @@ def test_train_page_queues_a_clip_run_that_the_budget_table_labels(image_folder,
     assert wording.run_label(done).startswith("MaPLe, 2 text + 2 vision prompts")
     assert wording.run_family(done["config"]) == "MaPLe"
     assert "Text tower: " in wording.clip_summary(done["metrics"], done["costs"])
-    at.switch_page("pages/train.py").run()  # the result card of the finished CLIP run
+    at.switch_page("app_pages/train.py").run()  # the result card of the finished CLIP run
     assert not at.exception, [e.message for e in at.exception]
     assert "Text tower: " in texts(at.caption)
-    at.switch_page("pages/budget.py").run()
+    at.switch_page("app_pages/budget.py").run()
     at.toggle(key="budget_match").set_value(False).run()  # another backbone than the active one
     assert not at.exception, [e.message for e in at.exception]
     traces = [trace.get("name") for chart in at.get("plotly_chart") for trace in json.loads(chart.proto.spec)["data"]]
     assert "MaPLe" in traces
-    at.switch_page("pages/attention.py").run()  # the CLIP run's image tower, not as a prompted ViT
+    at.switch_page("app_pages/attention.py").run()  # the CLIP run's image tower, not as a prompted ViT
     assert not at.exception, [e.message for e in at.exception]
     assert "vision prompts at this layer" in texts(at.caption)
 
