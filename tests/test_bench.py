@@ -15,6 +15,13 @@ KEYS = (
     "speedup_vs_naive",
     "engine_gflops",
     "efficiency_vs_bf16_peak",
+    "efficiency_vs_best_peak",
+    "engine_images_per_s_b8",
+    "naive_images_per_s_b8",
+    "speedup_vs_naive_b8",
+    "speedup_vs_naive_late_b8",
+    "precision",
+    "precision_reason",
     "sweep_seconds",
 )
 
@@ -42,12 +49,16 @@ def test_step_flops_counts_attention_and_backward():
 
 
 def test_bench_prints_the_json_keys_last(capsys):
-    code = cli.main(["bench", "--json", "--backbone", "tiny-random", "--resolution", "32", "--steps", "1"])
+    argv = ["bench", "--json", "--backbone", "tiny-random", "--resolution", "32", "--steps", "1", "--precision", "fp32"]
+    code = cli.main(argv)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0
     assert set(KEYS) <= set(result)
     assert result["engine_images_per_s"] > 0 and result["speedup_vs_naive"] > 0
     assert result["speedup_vs_naive_late"] > 0
+    assert result["precision"] == "fp32" and result["precision_reason"] == "fp32 as requested"
+    best = max(result["peak_gflops_fp32"], result["peak_gflops_bf16"])
+    assert result["efficiency_vs_best_peak"] == result["engine_gflops"] / best  # the definition
 
 
 def test_parity_record_keeps_pairs_across_invocations(tmp_path):

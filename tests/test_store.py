@@ -468,3 +468,24 @@ def test_a_store_reimporting_its_own_export_adds_nothing(store):
     store.finish_run(run, "done", metrics={"acc": 0.9})
     assert store.import_runs(store.export_runs(), source="cli") == 0
     assert len(store.list_runs()) == 1
+
+
+def test_versions_grow_with_every_change_and_only_then(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    start = store.versions()
+    run_id = store.create_run({"dataset": "x"}, status="queued")
+    after_create = store.versions()
+    assert after_create[0] > start[0] and after_create[1] == start[1]
+    store.list_runs()
+    store.get_run(run_id)
+    assert store.versions() == after_create  # reading changes nothing
+    store.append_progress(run_id, {"phase": "train", "step": 1})
+    after_progress = store.versions()
+    assert after_progress[1] == after_create[1] + 1 and after_progress[0] == after_create[0]
+    store.mark_running(run_id)
+    store.finish_run(run_id, "done", metrics={"accuracy": 0.5})
+    after_finish = store.versions()
+    assert after_finish[0] >= after_progress[0] + 2
+    store.delete_run(run_id)
+    assert store.versions()[0] > after_finish[0]
+    assert RunStore(tmp_path / "runs.sqlite").versions() == store.versions()  # another connection, same counters

@@ -610,14 +610,20 @@ def build_parser() -> argparse.ArgumentParser:
     runs_sub.add_parser("list")
     export = runs_sub.add_parser("export")
     export.add_argument("--csv", required=True)
-    bench = sub.add_parser("bench", help="engine speed against the machine's peak and a naive reference loop")
-    bench.add_argument("--json", action="store_true")
-    bench.add_argument("--sweep", action="store_true", help="also time the standard meeting sweep end to end")
-    bench.add_argument(
+    bench_cmd = sub.add_parser("bench", help="engine speed against the machine's peak and a naive reference loop")
+    bench_cmd.add_argument("--json", action="store_true")
+    bench_cmd.add_argument("--sweep", action="store_true", help="also time the standard meeting sweep end to end")
+    bench_cmd.add_argument(
         "--steps", type=int, default=10, help="timed steps per loop (median; the first, warm-up step is not timed)"
     )
-    bench.add_argument("--backbone", default="dinov2_s14")
-    bench.add_argument("--resolution", type=int, default=112)
+    bench_cmd.add_argument("--backbone", default="dinov2_s14")
+    bench_cmd.add_argument("--resolution", type=int, default=112)
+    bench_cmd.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="the engine's precision (auto: whichever measures faster on this machine; the naive loop is fp32)",
+    )
     worker = sub.add_parser("worker", help="the dashboard's background worker: runs queued jobs one at a time")
     worker.add_argument("--store", default=None)
     worker.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
@@ -667,7 +673,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_worker(args)
     if args.command == "bench":
         return bench.main(
-            as_json=args.json, sweep=args.sweep, steps=args.steps, backbone=args.backbone, resolution=args.resolution
+            as_json=args.json,
+            sweep=args.sweep,
+            steps=args.steps,
+            backbone=args.backbone,
+            resolution=args.resolution,
+            precision=args.precision,
         )
     return 2
 

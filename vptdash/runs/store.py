@@ -27,8 +27,7 @@ Conventions:
   ``<database stem>.artifacts/run_<id>.safetensors``: one folder per database, so two stores in the same
   folder never overwrite each other's run files.
 
-torch/safetensors and pandas are imported only by the methods that need them, so the worker's
-queue polling and the CLI stay light.
+pandas is imported only by the methods that build frames: the worker never needs it.
 """
 
 from __future__ import annotations
@@ -124,6 +123,21 @@ CREATE TABLE IF NOT EXISTS progress (
     event  TEXT NOT NULL,
     PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
+-- Change counters: a page polls these (one cheap read) and redraws only when something changed.
+-- Triggers keep them right whichever process (server, worker, CLI) writes.
+INSERT OR IGNORE INTO meta(key, value) VALUES ('runs_version', '0'), ('progress_version', '0');
+CREATE TRIGGER IF NOT EXISTS runs_version_insert AFTER INSERT ON runs BEGIN
+    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'runs_version';
+END;
+CREATE TRIGGER IF NOT EXISTS runs_version_update AFTER UPDATE ON runs BEGIN
+    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'runs_version';
+END;
+CREATE TRIGGER IF NOT EXISTS runs_version_delete AFTER DELETE ON runs BEGIN
+    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'runs_version';
+END;
+CREATE TRIGGER IF NOT EXISTS progress_version_insert AFTER INSERT ON progress BEGIN
+    UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'progress_version';
+END;
 """
 
 
@@ -665,6 +679,14 @@ class RunStore:
                     )
                     failed.append(row["id"])
         return failed
+
+    def versions(self) -> tuple[int, int]:
+        """(runs version, progress version): counters that grow with every change to any run (created,
+        claimed, finished, updated, deleted) and with every progress event. Equal values mean nothing
+        changed, so a polling page can skip its redraw."""
+        with self._read() as conn:
+            values = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('runs_version', 'progress_version')"))
+        return int(values.get("runs_version", 0)), int(values.get("progress_version", 0))
 
     def queue_summary(self) -> dict:
         """{"running": [run dicts, each with "latest_progress"], "queued": n, "done": n,

@@ -1,0 +1,141 @@
+"""The meeting demo as a presenter sees it: one press, with the Budget explorer open, timed.
+
+    python benchmarks/meeting_demo.py --json          # one JSON line on stdout (progress on stderr)
+
+Starts `streamlit run app.py` on a free port with a fresh VPTDASH_HOME (nothing cached: the first
+press of a fresh install), opens Home in headless Chromium (Debian's /usr/bin/chromium through
+Playwright), presses "Run the meeting demo" (the app switches to the Budget explorer and stays there)
+and waits until every run of the demo has finished. Prints:
+
+  first_point_s      click -> the first demo run stored as done (a new point on the open chart)
+  demo_complete_s    click -> the last demo run done
+  runs               per run: its label, status, queue wait, and its phases from the run store:
+                     setup (data, backbone, frozen encoding), train, test (held-out evaluation),
+                     cost (GMAC counts, latency) and the precision it trained in
+  machine            CPU model, the flags that decide bf16 speed, threads, load average at the start
+
+Targets (2 cores): first point within 15 s, demo complete within 60 s. Timings are only comparable
+side by side on one machine in one run: this script records the machine and the load with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.browser_support import (  # noqa: E402
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    free_port,
+    start_server,
+    stop_all,
+    wait_healthy,
+    wait_idle,
+)
+from vptdash.engine.precision import cpu_description  # noqa: E402
+from vptdash.engine.train import RunConfig  # noqa: E402
+from vptdash.runs.store import RunStore  # noqa: E402
+
+PHASES = ("setup", "train", "test", "cost")
+
+
+def phase_split(run: dict, events: list[dict]) -> dict:
+    """Seconds per phase of one stored run, from its progress events' elapsed times and its finish time.
+
+    A phase lasts from its first event to the next phase's first event; the last phase ends when the
+    run was stored as finished. "val" events count as training (validation runs inside the epochs)."""
+    starts: dict[str, float] = {}
+    for event in events:
+        phase = "train" if event.get("phase") == "val" else event.get("phase")
+        if phase in PHASES and phase not in starts and event.get("elapsed_s") is not None:
+            starts[phase] = float(event["elapsed_s"])
+    total = None
+    if run.get("finished_at") and run.get("started_at"):
+        total = float(run["finished_at"]) - float(run["started_at"])
+    ordered = sorted(starts.items(), key=lambda item: item[1])
+    split = {}
+    for index, (phase, start) in enumerate(ordered):
+        end = ordered[index + 1][1] if index + 1 < len(ordered) else total
+        split[f"{phase}_s"] = None if end is None else round(max(0.0, end - start), 2)
+    return split
+
+
+def demo_runs(store: RunStore, after: float) -> list[dict]:
+    return [run for run in store.list_runs() if run["created_at"] >= after and run["source"] == "live"]
+
+
+def measure(timeout_s: float, width: int = 1600, height: int = 1000) -> dict:
+    from playwright.sync_api import sync_playwright  # noqa: PLC0415 - only this script needs a browser
+
+    home = Path(tempfile.mkdtemp(prefix="vptdash-demo-"))
+    port = free_port()
+    machine = {**cpu_description(), "load_average": os.getloadavg(), "cores": os.cpu_count()}
+    server = start_server(home, port, home / "streamlit.log")
+    try:
+        wait_healthy(port, server)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(f"http://127.0.0.1:{port}/")
+            wait_idle(page, timeout_ms=120_000)
+            store = RunStore(home / "data" / "runs.sqlite")
+            before = time.time()
+            page.get_by_role("button", name="Run the meeting demo").click()
+            clicked = time.time()
+            first_done = complete = None
+            while time.time() - clicked < timeout_s:
+                runs = demo_runs(store, before)
+                finished = [r for r in runs if r["status"] in ("done", "failed", "cancelled")]
+                done = [r for r in runs if r["status"] == "done"]
+                if done and first_done is None:
+                    first_done = min(float(r["finished_at"]) for r in done) - clicked
+                    print(f"first point after {first_done:.1f} s", file=sys.stderr, flush=True)
+                if runs and len(finished) == len(runs):
+                    complete = max(float(r["finished_at"]) for r in finished) - clicked
+                    break
+                page.wait_for_timeout(200)  # the page keeps polling the store, as in a meeting
+            browser.close()
+        rows = []
+        for run in sorted(demo_runs(store, before), key=lambda r: r["id"]):
+            rows.append(
+                {
+                    "id": run["id"],
+                    "label": RunConfig.from_dict(run["config"] or {}).label(),
+                    "status": run["status"],
+                    "queue_wait_s": round(float(run["started_at"]) - float(run["created_at"]), 2)
+                    if run.get("started_at")
+                    else None,
+                    "precision": (run.get("metrics") or {}).get("precision") or (run["config"] or {}).get("precision"),
+                    **phase_split(run, store.progress(run["id"])),
+                }
+            )
+    finally:
+        stop_all(server, home)
+    return {
+        "first_point_s": None if first_done is None else round(first_done, 1),
+        "demo_complete_s": None if complete is None else round(complete, 1),
+        "runs": rows,
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON line (the default prints it too)")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds to wait for the demo to finish")
+    args = parser.parse_args(argv)
+    result = measure(args.timeout)
+    print(json.dumps(result))
+    return 0 if result["demo_complete_s"] is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
