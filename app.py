@@ -6,7 +6,7 @@ Entry point: `streamlit run app.py`. Pages only lay out widgets and charts; the 
 
 import streamlit as st
 
-from vptdash.ui import jobqueue, look, resources, session
+from vptdash.ui import access, jobqueue, look, resources, session
 
 st.set_page_config(layout="wide", page_title="vptdash", page_icon=":material/tune:")
 
@@ -24,6 +24,7 @@ pages = [
     st.Page("pages/runs.py", title="Runs", icon=":material/history:"),
 ]
 page = st.navigation(pages)  # first: from here on Streamlit ignores the legacy pages/ folder semantics
+access.require_access()  # shared on a network: nothing below runs until this session entered the token
 store = resources.get_store()  # also imports the precomputed reference sweep, once per process
 resources.warm_up()  # default backbone + ELPV load in the background, once per process
 jobqueue.sidebar(store)
