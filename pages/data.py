@@ -300,7 +300,7 @@ for index, name in enumerate(image_set.class_names):
     picks = np.sort(rng.choice(members, size=min(THUMBS_PER_CLASS, len(members)), replace=False))
     thumbs = [image_set.images[i].permute(1, 2, 0).numpy() for i in picks]
     st.markdown(f"**{wording.md_escape(name)}** · {counts[name]} images")
-    st.image(thumbs, width=112, caption=[Path(image_set.files[i]).name[:18] for i in picks])
+    st.image(thumbs, width=112, caption=[wording.md_escape(Path(image_set.files[i]).name[:18]) for i in picks])
 
 st.subheader(f"Skipped files ({len(image_set.skipped)})")
 if image_set.skipped:

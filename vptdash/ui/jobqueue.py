@@ -11,7 +11,7 @@ import streamlit as st
 
 from vptdash.engine.train import ConfigError, RunConfig
 from vptdash.runs import jobs, worker
-from vptdash.runs.store import RunStore
+from vptdash.runs.store import RunStore, StoreError
 from vptdash.ui.cluster import cluster_setting
 from vptdash.ui.session import active_setup
 from vptdash.views.wording import dataset_md, is_elpv, md_escape, progress_of, run_label
@@ -34,7 +34,7 @@ def queue_sweep(store: RunStore, configs: list[RunConfig], failure: str) -> str 
     """Queue a sweep and start the worker; the sweep id, or None after showing `failure: reason`."""
     try:
         sweep_id, _ = jobs.submit_sweep(store, configs)
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
         st.error(f"{failure}: {md_escape(exc)}")
         return None
     start_worker(store)
@@ -114,7 +114,7 @@ def _worker_gone(run: dict) -> bool:
 
 def render_queue(store: RunStore, summary: dict) -> None:
     running = summary["running"]
-    if any(_worker_gone(run) for run in running):  # killed worker: show its run as failed, not running forever
+    if any(_worker_gone(run) for run in running) and not store.read_only:  # killed worker: failed, not running
         store.fail_orphaned_runs()
         summary = store.queue_summary()
         running = summary["running"]
