@@ -25,7 +25,7 @@ from vptdash.methods import condense, continual, search, skipping, vlprompts
 from vptdash.runs import cluster, worker
 from vptdash.runs.executors import get_executor
 from vptdash.runs.jobs import new_sweep_id, run_now, sweep_configs
-from vptdash.runs.store import RunStore, StoreError, recover_store
+from vptdash.runs.store import RunStore, StoreError, disk_hint, recover_store
 
 JSON_KEYS = (
     "accuracy",
@@ -710,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:  # e.g. "database or disk is full" while recording
-        print(f"error: the run store could not record this: {exc}", file=sys.stderr)
+        print(f"error: the run store could not record this: {exc}{disk_hint(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""

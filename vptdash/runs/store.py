@@ -231,7 +231,9 @@ class RunStore:
                 self._check_readable()
             else:
                 self._init_db()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.OperationalError as exc:  # no room for the -wal/-shm files, a locked or vanished disk
+            raise StoreError(f"the run store {self.path} cannot be opened: {exc}{disk_hint(exc)}") from None
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
             raise self._corrupt(str(exc)) from None
 
     def _corrupt(self, detail: str) -> StoreCorrupt:
@@ -918,6 +920,12 @@ class RunStore:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def disk_hint(exc: BaseException) -> str:
+    """What SQLite's terse I/O errors usually mean on a laptop."""
+    text = str(exc).lower()
+    return " (is the disk full? free some space and try again)" if ("i/o" in text or "full" in text) else ""
 
 
 def first_line_of(text: str) -> str:

@@ -98,10 +98,8 @@ def get_store() -> RunStore:
         )
     if store.read_only:
         st.warning(
-            md_escape(
-                f"The data folder {store.path.parent} is read-only: the run history can be read, but nothing can "
-                "be recorded. Make it writable (or set VPTDASH_HOME to a writable folder) and restart."
-            )
+            f"The data folder {md_escape(store.path.parent)} is read-only: the run history can be read, but "
+            "nothing can be recorded. Make it writable (or set `VPTDASH_HOME` to a writable folder) and restart."
         )
     _reference_loaded(path)
     return store
