@@ -97,7 +97,12 @@ with controls:
                 st.caption("Pick every class once; until then the data set's order is used.")
             try:
                 split = continual.split_classes(len(names), tasks, order)
-                st.caption(" → ".join(f"**T{i + 1}** " + ", ".join(names[c] for c in t) for i, t in enumerate(split)))
+                st.caption(
+                    " → ".join(
+                        f"**T{i + 1}** " + ", ".join(wording.md_escape(names[c]) for c in t)
+                        for i, t in enumerate(split)
+                    )
+                )
             except ConfigError as exc:
                 st.error(wording.md_escape(exc))
 

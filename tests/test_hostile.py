@@ -382,7 +382,8 @@ def hostile_app(monkeypatch, tmp_path):
     monkeypatch.setattr(reference, "REFERENCE_FILE", tmp_path / "no-reference.json")
     monkeypatch.setattr(worker, "ensure_worker", lambda store, **kw: True)
     files = [(f"{HOSTILE[:30]}{i}.png", png(40 + i), HOSTILE_CLASS) for i in range(8)]
-    files += [(f"[b](x.y){i}.png", png(200 + i), "[b](x.y)") for i in range(8)]
+    for level, name in ((200, "[b](x.y)"), (120, "![d](d.png)"), (80, "[e](e.e)")):  # 4 classes: Continual
+        files += [(f"{name}{i}.png", png(level + i), name) for i in range(8)]
     info = uploads.save_files_upload(HOSTILE, files)
     spec = uploads.upload_spec(info.slug)
     store = RunStore()
@@ -405,6 +406,7 @@ def test_pages_show_hostile_names_as_text(page, hostile_app):
     at.session_state["active_dataset"] = hostile_app
     at.session_state["active_backbone"] = "tiny-random"
     at.session_state["active_resolution"] = 32
+    at.session_state["cl_dataset"] = hostile_app
     at.run()
     at.switch_page(page).run()
     assert not at.exception, [e.value for e in at.exception]
