@@ -164,7 +164,7 @@ def test_a_really_full_disk(image_folder, tmp_path, monkeypatch, capsys):
             print(line)
         assert leftovers(home) == []
         shutil.rmtree(home / "cache")  # room again: the history is as it was, not damaged
-        store_module._CHECKED_FILES.clear()
+        store_module.forget_integrity_checks()
         assert isinstance(RunStore(home / "data" / "runs.sqlite").list_runs(), list)  # not damaged by it
 
 
@@ -192,7 +192,7 @@ def test_damaged_store_is_refused_then_recovered_from_the_backup(how, capsys):
     path = store.path
     damage(path, how)
     damaged_bytes = path.read_bytes()
-    store_module._CHECKED_FILES.clear()  # a new process: the check runs again
+    store_module.forget_integrity_checks()  # a new process: the check runs again
 
     with pytest.raises(StoreCorrupt, match="damaged"):
         RunStore(path)
@@ -237,7 +237,7 @@ def test_damaged_store_on_the_dashboard_offers_to_start_again(monkeypatch, tmp_p
     store = history_store(3)
     store.backup()
     damage(store.path, "truncated")
-    store_module._CHECKED_FILES.clear()
+    store_module.forget_integrity_checks()
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
     assert not at.exception
     assert "damaged" in at.error[0].value and len(at.error[0].value.splitlines()) == 1
@@ -255,7 +255,7 @@ def test_read_only_data_dir_reads_the_history_and_says_what_to_fix(image_folder,
     data_dir = store.path.parent
     before = sorted(p.name for p in data_dir.iterdir())
     with read_only(data_dir):
-        store_module._CHECKED_FILES.clear()
+        store_module.forget_integrity_checks()
         assert cli.main(["runs", "list"]) == 0
         assert capsys.readouterr().out.count(" done ") == 4
         assert cli.main(["runs", "export", "--csv", str(tmp_path / "out.csv")]) == 0

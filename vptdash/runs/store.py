@@ -922,6 +922,11 @@ class RunStore:
 # --------------------------------------------------------------------------- helpers
 
 
+def forget_integrity_checks() -> None:
+    """Check every store file again when next opened, as a new process would (tests; after a repair)."""
+    _CHECKED_FILES.clear()
+
+
 def disk_hint(exc: BaseException) -> str:
     """What SQLite's terse I/O errors usually mean on a laptop."""
     text = str(exc).lower()
