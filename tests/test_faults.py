@@ -307,3 +307,13 @@ def test_a_signal_cancels_the_cli_run_with_one_line(sig, code, words, image_fold
     assert "Traceback" not in err
     run = store.get_run(runs[0]["id"])
     assert run["status"] == "cancelled" and run["finished_at"] is not None
+
+
+def test_a_store_cannot_be_created_in_a_read_only_folder(tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    with read_only(folder):
+        assert cli.main(["runs", "--store", str(folder / "runs.sqlite"), "list"]) == 1
+        line = one_line(capsys.readouterr().err)
+        assert "read-only" in line and "cannot be created" in line
+    assert list(folder.iterdir()) == []

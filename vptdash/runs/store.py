@@ -224,6 +224,11 @@ class RunStore:
         self.read_only = self.path.exists() and not (
             os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
         )
+        if not self.path.exists() and not os.access(self.path.parent, os.W_OK):
+            raise StoreReadOnly(
+                f"the run store {self.path} cannot be created: {self.path.parent} is read-only; make it "
+                "writable, or set VPTDASH_HOME to a writable folder"
+            )
         try:
             if self.path.exists() and self.path.stat().st_size > 0:
                 self._check_integrity()  # before any write: nothing is written into a damaged file

@@ -77,7 +77,11 @@ def get_store() -> RunStore:
     except StoreCorrupt as exc:
         st.error(md_escape(exc))
         if st.button("Move the damaged file aside and start again", key="store_recover", type="primary"):
-            outcome = recover_store(path)
+            try:
+                outcome = recover_store(path)
+            except (StoreError, sqlite3.Error, OSError) as problem:
+                st.error(md_escape(f"It could not be moved: {getattr(problem, 'strerror', None) or problem}"))
+                st.stop()
             _store_at.clear()
             _reference_loaded.clear()
             st.session_state["store_recovered"] = outcome
