@@ -317,3 +317,36 @@ def test_a_store_cannot_be_created_in_a_read_only_folder(tmp_path, capsys):
         line = one_line(capsys.readouterr().err)
         assert "read-only" in line and "cannot be created" in line
     assert list(folder.iterdir()) == []
+
+
+def test_sigterm_stops_a_parallel_sweep_and_its_worker_processes(image_folder, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "vptdash", "sweep", "--dataset", str(image_folder), *TINY, "--epochs", "500"]
+    argv += ["--prompts", "1,2", "--placement", "shallow", "--processes", "2", "--quiet"]
+    process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store = RunStore()
+    deadline = time.monotonic() + 240
+    try:
+        while not any(
+            (store.latest_progress(run["id"]) or {}).get("phase") in ("train", "val")
+            for run in store.list_runs(status="running")
+        ):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no run started training"
+            time.sleep(0.3)
+        children = [int(p) for p in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)  # without stopping its workers it would wait for all 500 epochs
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143
+    assert "marked cancelled" in [x for x in err.strip().splitlines() if x.strip()][-1]
+    assert {run["status"] for run in store.list_runs()} == {"cancelled"}
+    time.sleep(1)
+    alive = [
+        pid
+        for pid in children
+        if Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    ]
+    assert alive == [] or all("resource_tracker" in Path(f"/proc/{pid}/cmdline").read_text() for pid in alive)

@@ -169,18 +169,27 @@ def _run_in_processes(
                 pool.submit(_execute_without_latency, str(store.path), run_id): (run_id, config)
                 for run_id, config in by_work
             }
-        for future in as_completed(futures):
-            run_id, config = futures[future]
-            try:
-                future.result()
-            except Exception as exc:  # noqa: BLE001 - e.g. the worker process was killed: that run fails, others go on
-                fail_job(store, run_id, exc)
-            row = store.get_run(run_id)
-            if row and row["status"] == "done" and architecture_key(config) in latency:
-                store.update_results(run_id, costs=latency[architecture_key(config)])
+        try:
+            for future in as_completed(futures):
+                run_id, config = futures[future]
+                try:
+                    future.result()
+                except Exception as exc:  # noqa: BLE001 - e.g. the worker process was killed: that run fails, others go on
+                    fail_job(store, run_id, exc)
                 row = store.get_run(run_id)
-            if on_done and row:
-                on_done(row)
+                if row and row["status"] == "done" and architecture_key(config) in latency:
+                    store.update_results(run_id, costs=latency[architecture_key(config)])
+                    row = store.get_run(run_id)
+                if on_done and row:
+                    on_done(row)
+        except BaseException:
+            # Ctrl-C or SIGTERM: leaving the `with` would wait for every queued run to finish; stop the workers
+            # now (the caller marks the sweep's runs cancelled).
+            for future in futures:
+                future.cancel()
+            for child in multiprocessing.active_children():
+                child.terminate()
+            raise
     return [row for row in (store.get_run(run_id) for run_id in run_ids) if row]
 
 
