@@ -84,7 +84,7 @@ if clip_runs:
             clip_model, clip_config, clip_words = vlprompts.trained_model(store, clip_id)
             clip_images = attention.run_images(clip_config, "test", limit=32)
         except (ConfigError, DatasetError, BackboneError, KeyError) as exc:
-            st.error(f"This run cannot be inspected here: {exc}")
+            st.error(f"This run cannot be inspected here: {wording.md_escape(exc)}")
         else:
             c = st.columns(2)
             clip_image = c[0].slider(
@@ -206,7 +206,7 @@ if image is not None:
         try:
             maps[run_id] = image_maps(path, run_id, row["finished_at"], image_key, image)
         except (attention.AttentionError, KeyError, ConfigError) as exc:
-            st.error(f"Run #{run_id}: {exc}")
+            st.error(f"Run #{run_id}: {wording.md_escape(exc)}")
     if maps:
         first = next(iter(maps.values()))
         c = st.columns([3, 2, 2])
@@ -268,7 +268,7 @@ for run_id in chosen:
     try:
         result = pull_of(path, run_id, by_id[run_id]["finished_at"])
     except (attention.AttentionError, DatasetError, KeyError, ConfigError) as exc:
-        st.error(f"Run #{run_id}: {exc}")
+        st.error(f"Run #{run_id}: {wording.md_escape(exc)}")
         continue
     series[f"#{run_id} {wording.run_label(by_id[run_id])}"] = result["blocks"]
 c = st.columns([1, 3])

@@ -321,12 +321,12 @@ with st.expander("Search instead of the grid: the cheapest budget within X point
         )
     except ValueError as exc:
         search_spec = None
-        st.warning(f"Blocks to skip: {exc}")
+        st.warning(f"Blocks to skip: {wording.md_escape(exc)}")
     if st.button("Start the search", key="search_start", disabled=not configs or search_spec is None):
         try:
             search_id = search.submit_search(store, session.base_config(epochs=int(epochs)), search_spec)
         except ConfigError as exc:
-            st.error(f"Not started: {exc}")
+            st.error(f"Not started: {wording.md_escape(exc)}")
         else:
             st.session_state["last_search_id"] = search_id
             jobqueue.start_worker(store)

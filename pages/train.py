@@ -418,7 +418,7 @@ with controls_col, st.expander("Vision-language prompts on CLIP: zero-shot, CoOp
         try:
             clip_run = vlprompts.submit_vlprompt(store, clip_config)
         except ConfigError as exc:
-            st.error(f"Not queued: {exc}")
+            st.error(f"Not queued: {wording.md_escape(exc)}")
         else:
             jobqueue.start_worker(store)
             st.session_state["train_run_id"] = clip_run
