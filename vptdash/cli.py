@@ -679,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that run jobs in this process: Ctrl-C or SIGTERM cancels their runs.
-_RUNS_HERE = ("train", "probe", "sweep", "condense", "continual", "skip-search")
+_RUNS_HERE = ("train", "probe", "sweep", "search", "condense", "continual", "skip-search")
 
 
 class _Terminated(KeyboardInterrupt):

@@ -18,6 +18,7 @@ import os
 import secrets
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 SHARE_ENV = "VPTDASH_SHARE"
 TOKEN_ENV = "VPTDASH_TOKEN"
@@ -55,6 +56,10 @@ def is_shared(address: str | None = None, env: dict | None = None) -> bool:
 def require_access() -> None:
     """Call near the top of app.py, before any page runs: on a shared server, shows only the token
     prompt until this browser session has entered the right token, then stops the script."""
+    if get_script_run_ctx() is None:
+        # Not a browser session: a process re-running app.py as its __main__ (multiprocessing's spawn
+        # does that for a sweep started under AppTest) has no visitor to ask and no config to read.
+        return
     if not is_shared(st.get_option("server.address")):
         return
     st.set_option("client.showErrorDetails", "none")  # visitors see that something failed, not where
