@@ -12,7 +12,7 @@ emoji font (a bare Linux, the screenshots) still draws them rather than empty bo
 
 import streamlit as st
 
-from vptdash.ui import jobqueue, look, resources, session
+from vptdash.ui import access, jobqueue, look, resources, session
 
 st.set_page_config(layout="wide", page_title="vptdash", page_icon="⚖️")
 
@@ -32,6 +32,7 @@ pages = [
     st.Page("app_pages/home.py", title="Home", icon="ℹ️", url_path="home", visibility="hidden"),
 ]
 page = st.navigation(pages)  # first: from here on Streamlit ignores the legacy pages/ folder semantics
+access.require_access()  # shared on a network: nothing below runs until this session entered the token
 store = resources.get_store()  # also imports the precomputed reference sweep, once per process
 resources.warm_up()  # default backbone + ELPV load in the background, once per process
 jobqueue.sidebar(store, licence=page.url_path != "data")  # the Data page shows the licence itself

@@ -3,6 +3,8 @@ over the image, and prompt condensation (keep the important prompts, fine-tune, 
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -82,7 +84,7 @@ if clip_runs:
             clip_model, clip_config, clip_words = vlprompts.trained_model(store, clip_id)
             clip_images = attention.run_images(clip_config, "test", limit=32)
         except (ConfigError, DatasetError, BackboneError, KeyError) as exc:
-            st.error(f"This run cannot be inspected here: {exc}")
+            st.error(f"This run cannot be inspected here: {wording.md_escape(exc)}")
         else:
             c = st.columns(2)
             clip_image = c[0].slider(
@@ -171,14 +173,15 @@ try:
     images = test_images(split_key(config_a))
 except (DatasetError, OSError) as exc:
     images = None
-    st.warning(f"The run's data set cannot be loaded here: {exc}")
+    st.warning(f"The run's data set cannot be loaded here: {wording.md_escape(exc)}")
 if source == "Test split" and images is not None:
     index = c[1].number_input(
         f"Test image (0 to {len(images.labels) - 1})", 0, len(images.labels) - 1, 0, 1, key="att_image_index"
     )
     image = images.images[int(index) : int(index) + 1]
     image_key = f"test:{split_key(config_a)}:{int(index)}"
-    caption = f"{images.files[int(index)]} · class {images.class_names[int(images.labels[int(index)])]}"
+    # html.escape: the caption becomes a plotly title, and plotly reads tags such as <a href> in titles
+    caption = html.escape(f"{images.files[int(index)]} · class {images.class_names[int(images.labels[int(index)])]}")
 elif source == "Upload":
     upload = c[1].file_uploader(
         "An image (png, jpg, tif...)", type=["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"], key="att_upload"
@@ -186,9 +189,9 @@ elif source == "Upload":
     if upload is not None:
         try:
             image = attention.image_from_bytes(upload.getvalue(), config_a.resolution)
-            image_key, caption = f"upload:{upload.file_id}", upload.name
+            image_key, caption = f"upload:{upload.file_id}", html.escape(upload.name)
         except DatasetError as exc:
-            st.error(f"Cannot use this image: {exc}")
+            st.error(f"Cannot use this image: {wording.md_escape(exc)}")
 if image is None:
     st.info("Pick a test image or upload one.")
 
@@ -203,7 +206,7 @@ if image is not None:
         try:
             maps[run_id] = image_maps(path, run_id, row["finished_at"], image_key, image)
         except (attention.AttentionError, KeyError, ConfigError) as exc:
-            st.error(f"Run #{run_id}: {exc}")
+            st.error(f"Run #{run_id}: {wording.md_escape(exc)}")
     if maps:
         first = next(iter(maps.values()))
         c = st.columns([3, 2, 2])
@@ -265,7 +268,7 @@ for run_id in chosen:
     try:
         result = pull_of(path, run_id, by_id[run_id]["finished_at"])
     except (attention.AttentionError, DatasetError, KeyError, ConfigError) as exc:
-        st.error(f"Run #{run_id}: {exc}")
+        st.error(f"Run #{run_id}: {wording.md_escape(exc)}")
         continue
     series[f"#{run_id} {wording.run_label(by_id[run_id])}"] = result["blocks"]
 c = st.columns([1, 3])
@@ -325,7 +328,7 @@ with st.container(border=True):
                 result = pull_of(path, row["id"], row["finished_at"])
                 records.append({**result, "accuracy": (row.get("metrics") or {}).get("accuracy")})
             except Exception as exc:  # noqa: BLE001 - one broken run must not hide the others
-                st.warning(f"Run #{row['id']}: {exc}")
+                st.warning(f"Run #{row['id']}: {wording.md_escape(exc)}")
             progress.progress((position + 1) / min(len(same), MAX_PULL_RUNS))
         progress.empty()
         look.show_plotly(
@@ -414,7 +417,7 @@ else:
         try:
             new_id = condense.submit_condense(store, parent_id, keep=keep, keep_fraction=fraction, epochs=epochs)
         except ConfigError as exc:
-            st.error(f"Not queued: {exc}")
+            st.error(f"Not queued: {wording.md_escape(exc)}")
         else:
             jobqueue.start_worker(store)
             st.session_state["att_condense_run"] = new_id
@@ -434,7 +437,7 @@ def condensations() -> None:
             fraction, text = wording.progress_of(row, store.latest_progress(pending))
             st.progress(fraction, text=f"Run #{pending}: {text}")
         elif row["status"] == "failed":
-            st.error(f"Run #{pending} failed: {wording.first_line(row.get('error'))}")
+            st.error(f"Run #{pending} failed: {wording.md_escape(wording.first_line(row.get('error')))}")
     rows = store.list_runs(status="done")
     pairs = condense.condensation_pairs(rows)
     if not pairs:

@@ -18,7 +18,7 @@ store = resources.get_store()
 setup = session.active_setup()
 st.title("Budget explorer")
 st.caption(
-    f"Accuracy against cost on **{wording.dataset_label(setup['dataset'], setup['cell_type'])}**: "
+    f"Accuracy against cost on **{wording.dataset_md(setup['dataset'], setup['cell_type'])}**: "
     "each point is one configuration (mean over seeds, bars = spread). Change the data set on the Data page."
 )
 
@@ -43,7 +43,7 @@ def results() -> None:
         if failed:
             st.error(
                 f"{len(failed)} run(s) of the sweep failed, e.g. #{failed[0]['id']}: "
-                f"{wording.first_line(failed[0].get('error'))}"
+                f"{wording.md_escape(wording.first_line(failed[0].get('error')))}"
             )
 
     c = st.columns([2, 3, 3])
@@ -190,7 +190,7 @@ with st.expander("Plan a sweep: estimated cost before anything runs", expanded=n
     n_classes = resources.num_classes(setup["dataset"], setup["resolution"], setup["cell_type"])
     grid, configs, problem = None, [], None
     if backbone_error:
-        problem = f"Backbone `{setup['backbone']}` cannot be built here: {backbone_error}"
+        problem = f"Backbone `{setup['backbone']}` cannot be built here: {wording.md_escape(backbone_error)}"
     elif n_classes is None:
         problem = "The active data set cannot be loaded: pick another one on the Data page."
     elif not counts or (not grid_placements and any(counts)):
@@ -324,12 +324,12 @@ with st.expander("Search instead of the grid: the cheapest budget within X point
         )
     except ValueError as exc:
         search_spec = None
-        st.warning(f"Blocks to skip: {exc}")
+        st.warning(f"Blocks to skip: {wording.md_escape(exc)}")
     if st.button("Start the search", key="search_start", disabled=not configs or search_spec is None):
         try:
             search_id = search.submit_search(store, session.base_config(epochs=int(epochs)), search_spec)
         except ConfigError as exc:
-            st.error(f"Not started: {exc}")
+            st.error(f"Not started: {wording.md_escape(exc)}")
         else:
             st.session_state["last_search_id"] = search_id
             jobqueue.start_worker(store)

@@ -65,7 +65,7 @@ with controls:
         try:
             names = class_names(spec, int(setup["resolution"]), cell_type)
         except Exception as exc:  # noqa: BLE001 - unreadable data: say so, keep the page
-            st.error(f"Cannot read this image set: {exc}")
+            st.error(f"Cannot read this image set: {wording.md_escape(exc)}")
             names = []
         max_tasks = len(names) // 2
         tasks, order = 1, list(range(len(names)))
@@ -97,9 +97,14 @@ with controls:
                 st.caption("Pick every class once; until then the data set's order is used.")
             try:
                 split = continual.split_classes(len(names), tasks, order)
-                st.caption(" → ".join(f"**T{i + 1}** " + ", ".join(names[c] for c in t) for i, t in enumerate(split)))
+                st.caption(
+                    " → ".join(
+                        f"**T{i + 1}** " + ", ".join(wording.md_escape(names[c]) for c in t)
+                        for i, t in enumerate(split)
+                    )
+                )
             except ConfigError as exc:
-                st.error(str(exc))
+                st.error(wording.md_escape(exc))
 
     with st.container(border=True):
         st.markdown("##### Methods")
@@ -183,7 +188,7 @@ with controls:
             for config in configs:
                 continual.submit_continual(store, config, sweep_id=sweep_id)
         except ConfigError as exc:
-            st.error(f"Not queued: {exc}")
+            st.error(f"Not queued: {wording.md_escape(exc)}")
         else:
             st.session_state["cl_experiment"] = sweep_id
             jobqueue.start_worker(store)
@@ -204,7 +209,7 @@ def show_results(rows: list[dict]) -> None:
         if r["status"] == "failed":
             st.error(
                 f"Run #{r['id']} ({r['config'].get('method')}, seed {r['config'].get('seed')}) failed: "
-                f"{wording.first_line(r.get('error'))}"
+                f"{wording.md_escape(wording.first_line(r.get('error')))}"
             )
     if not done:
         st.info("No finished run in this experiment yet.")

@@ -1,5 +1,6 @@
 """Data: pick built-in ELPV or upload your own images; see what the model will be trained on."""
 
+import html
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def save_and_use(save) -> None:
         with st.spinner("Checking every image..."):
             info = save()
     except data.DatasetError as exc:
-        st.error(f"That upload cannot be used: {exc}")
+        st.error(f"That upload cannot be used: {wording.md_escape(exc)}")
         return
     use_dataset(uploads.upload_spec(info.slug))
     # The saved-uploads selectbox already exists in this run: its value may only be set before it
@@ -129,7 +130,8 @@ else:
             doomed = st.session_state.get("data_confirm_delete")
             if doomed in by_slug:
                 st.warning(
-                    f"Delete the upload **{by_slug[doomed].name}** from disk? Runs trained on it stay in the history."
+                    f"Delete the upload **{wording.md_escape(by_slug[doomed].name)}** from disk? "
+                    "Runs trained on it stay in the history."
                 )
                 c1, c2 = st.columns(2)
                 if c1.button("Yes, delete", key="data_delete_yes", type="primary", width="stretch"):
@@ -137,7 +139,7 @@ else:
                     try:
                         uploads.delete_upload(doomed)
                     except (OSError, ValueError) as exc:
-                        st.error(f"Could not delete it: {exc}")
+                        st.error(f"Could not delete it: {wording.md_escape(exc)}")
                     st.session_state.pop("data_confirm_delete", None)
                     st.session_state.pop("data_saved_pick", None)
                     if was_active:
@@ -192,19 +194,20 @@ message = st.session_state.pop("data_upload_message", None)
 if message:
     name, n_images, n_skipped = message
     st.success(
-        f"Saved **{name}**: {n_images} images" + (f", {n_skipped} files skipped (listed below)." if n_skipped else ".")
+        f"Saved **{wording.md_escape(name)}**: {n_images} images"
+        + (f", {n_skipped} files skipped (listed below)." if n_skipped else ".")
     )
 
 # ------------------------------------------------------------------------------------ preview
 setup = session.active_setup()
 st.divider()
-st.header(f"Active data set: {wording.dataset_label(setup['dataset'], setup['cell_type'])}")
+st.header(f"Active data set: {wording.dataset_md(setup['dataset'], setup['cell_type'])}")
 
 try:
     with st.spinner("Loading images (the first time takes a few seconds)..."):
         image_set = resources.load_image_set(setup["dataset"], setup["resolution"], setup["cell_type"])
 except data.DatasetError as exc:
-    st.error(f"This data set cannot be loaded: {exc}")
+    st.error(f"This data set cannot be loaded: {wording.md_escape(exc)}")
     if st.button("Switch back to ELPV", key="data_back_to_elpv"):
         use_dataset(session.DEFAULT_SETUP["dataset"])
         st.rerun()
@@ -229,7 +232,7 @@ counts = image_set.class_counts()
 try:
     split = data.split_image_set(image_set, test_fraction=setup["test_fraction"], shots=setup["shots"])
 except data.DatasetError as exc:
-    st.error(f"These images cannot be split for training and testing: {exc}")
+    st.error(f"These images cannot be split for training and testing: {wording.md_escape(exc)}")
     st.stop()
 
 labels = image_set.labels.numpy()
@@ -256,7 +259,7 @@ m[4].metric("Skipped files", len(image_set.skipped))
 chart_col, table_col = st.columns([3, 2], gap="large")
 with chart_col:
     fig = go.Figure()
-    names = [row["class"] for row in per_class]
+    names = [html.escape(row["class"]) for row in per_class]  # plotly reads tags such as <a href> in labels
     unused = [row["images"] - row["train"] - row["val"] - row["test"] for row in per_class]
     for part, color, values in (
         ("train", "#1f77b4", [r["train"] for r in per_class]),
@@ -289,9 +292,9 @@ with chart_col:
 with table_col:
     st.dataframe(per_class, hide_index=True, width="stretch")
     if image_set.license:
-        st.caption(f"Licence: {image_set.license}")
+        st.caption(f"Licence: {wording.md_escape(image_set.license)}")
     if image_set.source:
-        st.caption(f"Source: {image_set.source}")
+        st.caption(f"Source: {wording.md_escape(image_set.source)}")
 
 st.subheader("Examples per class")
 rng = np.random.default_rng(0)
@@ -301,8 +304,8 @@ for index, name in enumerate(image_set.class_names):
         continue
     picks = np.sort(rng.choice(members, size=min(THUMBS_PER_CLASS, len(members)), replace=False))
     thumbs = [image_set.images[i].permute(1, 2, 0).numpy() for i in picks]
-    st.markdown(f"**{name}** · {counts[name]} images")
-    st.image(thumbs, width=112, caption=[Path(image_set.files[i]).name[:18] for i in picks])
+    st.markdown(f"**{wording.md_escape(name)}** · {counts[name]} images")
+    st.image(thumbs, width=112, caption=[wording.md_escape(Path(image_set.files[i]).name[:18]) for i in picks])
 
 st.subheader(f"Skipped files ({len(image_set.skipped)})")
 if image_set.skipped:

@@ -26,7 +26,7 @@ with left:
     shots = setup["shots"]
     with st.container(border=True):
         st.markdown(
-            f"**Data set:** {wording.dataset_label(setup['dataset'], setup['cell_type'])}  \n"
+            f"**Data set:** {wording.dataset_md(setup['dataset'], setup['cell_type'])}  \n"
             f"**Backbone (frozen):** `{setup['backbone']}`: {backbones.BACKBONES.get(setup['backbone'], '')}  \n"
             f"**Images:** {setup['resolution']} px, "
             f"{'all training images' if shots is None else f'{shots} training images per class (few-shot)'}"
@@ -49,7 +49,7 @@ with right:
     demo = presets.demo_configs()
     first = demo[0]
     st.markdown(
-        f"Queues **{len(demo)} runs** on {wording.dataset_label(first.dataset, first.cell_type)}, "
+        f"Queues **{len(demo)} runs** on {wording.dataset_md(first.dataset, first.cell_type)}, "
         f"{first.shots} images per class, `{first.backbone}` at {first.resolution} px, "
         f"{first.epochs} epochs: {', '.join(config.label() for config in demo)}. "
         "Points appear on the Budget explorer as each run finishes: the first in about 20 s, all in about "
@@ -91,6 +91,6 @@ with right:
     done = store.list_runs(status="done", limit=1)
     status = resources.reference_status()
     if status.get("error"):
-        st.warning(f"The precomputed reference sweep could not be loaded: {status['error']}")
+        st.warning(f"The precomputed reference sweep could not be loaded: {wording.md_escape(status['error'])}")
     elif not done:
         st.info("No finished runs yet: the demo button fills the charts in about a minute and a half.")

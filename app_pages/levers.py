@@ -30,14 +30,14 @@ setup = session.active_setup()
 st.title("Cost levers")
 st.info(TAKEAWAY, icon="✔️")
 st.caption(
-    f"On **{wording.dataset_label(setup['dataset'], setup['cell_type'])}** with `{setup['backbone']}` at "
+    f"On **{wording.dataset_md(setup['dataset'], setup['cell_type'])}** with `{setup['backbone']}` at "
     f"{setup['resolution']} px (change them on the Data and Train pages). Prompts add compute; these two "
     "levers spend less of it: bilinear prompts learn faster per parameter, skipped blocks are never executed."
 )
 
 shape, backbone_error = resources.backbone_shape_or_error(setup["backbone"], setup["resolution"])
 if backbone_error:
-    st.error(f"Backbone `{setup['backbone']}` cannot be built here: {backbone_error}")
+    st.error(f"Backbone `{setup['backbone']}` cannot be built here: {wording.md_escape(backbone_error)}")
     st.stop()
 depth = int(shape["depth"])
 
@@ -84,7 +84,7 @@ with burst_tab:
         with st.spinner("Reading the training images' patch tokens..."):
             result = burstiness_of(tuple(sorted(config.to_dict().items(), key=lambda kv: kv[0])), int(block))
     except (DatasetError, BackboneError, ConfigError, PromptConfigError) as exc:
-        st.error(f"Cannot compute it on this setup: {exc}")
+        st.error(f"Cannot compute it on this setup: {wording.md_escape(exc)}")
     else:
         m = st.columns(4)
         m[0].metric("Kurtosis before", f"{result['kurtosis_before']:.1f}", help="3 for a Gaussian, 6 for a Laplacian.")
@@ -172,7 +172,7 @@ with skip_tab:
                 jobqueue.start_worker(store)
                 row = store.get_run(run_id)
         except ConfigError as exc:
-            st.error(f"Not started: {exc}")
+            st.error(f"Not started: {wording.md_escape(exc)}")
         else:
             st.session_state["levers_watch"] = row["id"]
             st.rerun()
@@ -213,7 +213,7 @@ with skip_tab:
                 st.rerun(scope="fragment")
             return
         if row["status"] == "failed":
-            st.error(f"The search failed: {row.get('error') or 'no message'}")
+            st.error(f"The search failed: {wording.md_escape(wording.first_line(row.get('error')))}")
             return
         result = skipping.stored_result(store, watch)
         if result is None:

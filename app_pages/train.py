@@ -1,5 +1,7 @@
 """Train: one prompt budget (or a baseline), watched live, with a result card against the linear probe."""
 
+import html
+
 import streamlit as st
 
 from vptdash.engine import backbones
@@ -29,7 +31,7 @@ store = resources.get_store()
 st.title("Train one budget")
 setup = session.active_setup()
 st.caption(
-    f"On **{wording.dataset_label(setup['dataset'], setup['cell_type'])}** (change it on the Data page). "
+    f"On **{wording.dataset_md(setup['dataset'], setup['cell_type'])}** (change it on the Data page). "
     "Training runs in a background worker: leave the page or queue more, nothing is lost."
 )
 
@@ -65,7 +67,7 @@ with controls_col:
         with c[1]:
             session.shots_widget("train_shots", "Images per class (shots)")
         if backbone_error:
-            st.error(f"Backbone `{setup['backbone']}` cannot be built here: {backbone_error}")
+            st.error(f"Backbone `{setup['backbone']}` cannot be built here: {wording.md_escape(backbone_error)}")
 
     depth = shape["depth"] if shape else 12
     with st.container(border=True):
@@ -198,7 +200,7 @@ with controls_col:
                 fraction, text = wording.progress_of(job, events[-1] if events else None)
                 st.progress(fraction, text=f"Search #{job['id']} {job['status']}: {text}")
             elif job["status"] == "failed":
-                st.error(f"Search #{job['id']} failed: {wording.first_line(job.get('error'))}")
+                st.error(f"Search #{job['id']} failed: {wording.md_escape(wording.first_line(job.get('error')))}")
             else:
                 found = skipping.stored_result(store, job["id"])
                 if found is not None and st.button(
@@ -297,14 +299,14 @@ def suggest_skips(k: int, method: str) -> None:
             row = skipping.skip_search_now(store, config, k, method, source="live")
             found = skipping.stored_result(store, row["id"])
             if found is None:
-                st.error(f"Search failed: {row.get('error') or row['status']}")
+                st.error(f"Search failed: {wording.md_escape(wording.first_line(row.get('error') or row['status']))}")
                 return
             st.session_state["skip_suggestion"] = list(found.skip)
         else:
             st.session_state["train_skip_job"] = skipping.submit_skip_search(store, config, k, method)
             jobqueue.start_worker(store)
     except ConfigError as exc:
-        st.error(f"Search not started: {exc}")
+        st.error(f"Search not started: {wording.md_escape(exc)}")
         return
     st.rerun()
 
@@ -321,7 +323,7 @@ def submit(config: RunConfig) -> None:
         config.validate(depth=shape["depth"] if shape else None)
         run_id = jobs.submit_run(store, config)
     except ConfigError as exc:
-        st.error(f"Not queued: {exc}")
+        st.error(f"Not queued: {wording.md_escape(exc)}")
         return
     jobqueue.start_worker(store)
     st.session_state["train_run_id"] = run_id
@@ -430,7 +432,7 @@ with controls_col, st.expander("Vision-language prompts on CLIP: zero-shot, CoOp
         try:
             clip_run = vlprompts.submit_vlprompt(store, clip_config)
         except ConfigError as exc:
-            st.error(f"Not queued: {exc}")
+            st.error(f"Not queued: {wording.md_escape(exc)}")
         else:
             jobqueue.start_worker(store)
             st.session_state["train_run_id"] = clip_run
@@ -521,7 +523,7 @@ def result_card(run: dict) -> None:
             try:
                 jobs.submit_run(store, probe)
             except ConfigError as exc:
-                st.error(f"Not queued: {exc}")
+                st.error(f"Not queued: {wording.md_escape(exc)}")
             else:
                 jobqueue.start_worker(store)
                 st.rerun()
@@ -544,7 +546,7 @@ def monitor(run_id: int) -> None:
         st.session_state["train_events"] = cache
         events, status = cache["events"], run["status"]
 
-        st.subheader(f"Run #{run_id}: {wording.run_label(run)}")
+        st.subheader(f"Run #{run_id}: {wording.md_escape(wording.run_label(run))}")
         if status == "queued":
             ahead = sum(1 for r in store.list_runs(status=["queued", "running"]) if r["id"] < run_id)
             st.info(f"Queued: {ahead} run{'s' if ahead != 1 else ''} ahead of it.", icon="ℹ️")
@@ -561,7 +563,7 @@ def monitor(run_id: int) -> None:
         if status == "done":
             result_card(run)
         elif status == "failed":
-            st.error(f"This run failed: {run.get('error') or 'no error message recorded'}")
+            st.error(f"This run failed: {wording.md_escape(wording.first_line(run.get('error')))}")
         elif status == "cancelled":
             epochs_done = (run.get("timings") or {}).get("epochs_completed")
             st.warning("Cancelled" + (f" after {epochs_done} epoch(s)." if epochs_done is not None else "."))
@@ -571,7 +573,10 @@ def monitor(run_id: int) -> None:
         if status == "done":
             metrics = run["metrics"]
             look.show_plotly(
-                charts.confusion_figure(metrics.get("confusion_matrix") or [], metrics.get("class_names") or []),
+                charts.confusion_figure(
+                    metrics.get("confusion_matrix") or [],
+                    [html.escape(str(n)) for n in metrics.get("class_names") or []],  # plotly reads tags in labels
+                ),
                 key="train_confusion",
             )
 

@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated VPTDASH_HOME per test and small generated image sets."""
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,15 @@ def isolated_home(tmp_path_factory, monkeypatch):
     (home / "cache").symlink_to(shared_cache, target_is_directory=True)
     monkeypatch.setenv("VPTDASH_HOME", str(home))
     return home
+
+
+@pytest.fixture(autouse=True)
+def keep_main_module():
+    """AppTest leaves the app script as sys.modules["__main__"]; multiprocessing's spawn would then re-run
+    it in every child a later test starts (tests/test_store.py's writers died of it). Put it back."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
 
 
 def make_image_folder(

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import sqlite3
 import sys
 from typing import Any, Sequence
 
 from vptdash import bench
 from vptdash.engine.clip import is_clip_backbone
-from vptdash.engine.train import ConfigError, RunConfig
+from vptdash.engine.train import MAX_SEED, ConfigError, RunConfig
 from vptdash.methods import condense, continual, search, skipping, vlprompts
 from vptdash.runs import cluster, worker
 from vptdash.runs.executors import get_executor
 from vptdash.runs.jobs import new_sweep_id, run_now, sweep_configs
-from vptdash.runs.store import RunStore
+from vptdash.runs.store import RunStore, StoreError, disk_hint, recover_store
 
 JSON_KEYS = (
     "accuracy",
@@ -43,6 +46,24 @@ def _int_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip() != ""]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _seed(text: str) -> int:
+    """A seed numpy accepts, checked before anything is stored or loaded."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seeds go from 0 to {MAX_SEED}, got {value}")
+    return value
+
+
+def _seed_list(text: str) -> list[int]:
+    seeds = [_seed(part.strip()) for part in text.split(",") if part.strip() != ""]
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds, got {text!r}")
+    return seeds
 
 
 def parse_placements(text: str) -> list[str]:
@@ -73,7 +94,7 @@ def _add_run_options(parser: argparse.ArgumentParser, *, sweep: bool = False) ->
     parser.add_argument("--resolution", type=int, default=defaults.resolution)
     parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
-    parser.add_argument("--split-seed", type=int, default=defaults.split_seed)
+    parser.add_argument("--split-seed", type=_seed, default=defaults.split_seed)
     if sweep:
         parser.add_argument("--prompts", type=_int_list, default=[0, 1, 5, 10, 50, 100])
         parser.add_argument(
@@ -82,7 +103,7 @@ def _add_run_options(parser: argparse.ArgumentParser, *, sweep: bool = False) ->
             default=["shallow", "deep"],
             help="comma-separated placements; custom block lists after ';' e.g. 'deep;8,9,10,11'",
         )
-        parser.add_argument("--seeds", type=_int_list, default=[0])
+        parser.add_argument("--seeds", type=_seed_list, default=[0])
         parser.add_argument("--resume", action="store_true", help="skip configurations already done in the store")
         parser.add_argument(
             "--executor",
@@ -107,7 +128,7 @@ def _add_run_options(parser: argparse.ArgumentParser, *, sweep: bool = False) ->
     else:
         parser.add_argument("--prompts", type=int, default=defaults.num_prompts)
         parser.add_argument("--placement", default=defaults.placement, help="shallow | deep | block list like 0,5,11")
-        parser.add_argument("--seed", type=int, default=defaults.seed)
+        parser.add_argument("--seed", type=_seed, default=defaults.seed)
         parser.add_argument("--tuning", choices=["prompt", "linear", "full"], default="prompt")
     parser.add_argument("--prompt-dropout", type=float, default=defaults.prompt_dropout)
     parser.add_argument(
@@ -198,16 +219,22 @@ def _report(row: dict, as_json: bool) -> int:
     else:
         config = RunConfig.from_dict(row["config"])
         if row["status"] == "failed":
-            print(f"run {row['id']} failed: {row['error']}", file=sys.stderr)
+            print(f"run {row['id']} failed: {result.get('error') or 'no error message recorded'}", file=sys.stderr)
+        elif row["status"] == "cancelled":
+            epochs = (row.get("timings") or {}).get("epochs_completed")
+            print(
+                f"run {row['id']} [cancelled] {config.label()} on {config.dataset}"
+                + (f" after {epochs} epoch(s)" if epochs is not None else "")
+                + ": no test accuracy",
+                file=sys.stderr,
+            )
         else:
             acc, bal = result["accuracy"], result["balanced_accuracy"]
             print(
                 f"run {row['id']} [{row['status']}] {config.label()} on {config.dataset}: "
                 + (f"test accuracy {acc:.3f} (balanced {bal:.3f}), " if acc is not None else "")
                 + (f"{result['gmacs']:.3f} GMACs/image, " if result["gmacs"] is not None else "")
-                + f"{result['params_trainable']} trainable params"
-                if result["params_trainable"]
-                else ""
+                + (f"{result['params_trainable']} trainable params" if result["params_trainable"] else "").rstrip(", ")
             )
     return 0 if row["status"] in ("done", "cancelled") else 1
 
@@ -226,6 +253,9 @@ def cmd_train(args: argparse.Namespace, *, tuning: str | None = None) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.processes < 1:  # before anything is announced or stored
+        print("error: --processes must be at least 1", file=sys.stderr)
+        return 2
     store = RunStore(args.store)
     configs = sweep_configs(config_from_args(args), args.prompts, args.placement, args.seeds)
     for config in configs:  # every configuration is checked before the first one runs
@@ -235,6 +265,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         finished = [RunConfig.from_dict(row["config"]) for row in store.list_runs(status="done")]
         configs = [c for c in configs if c not in finished]
     sweep_id = new_sweep_id()
+    args.sweep_id = sweep_id  # an interrupt cancels what is left of it (main)
     print(f"{sweep_id}: {len(configs)} runs on the {args.executor} executor", file=sys.stderr)
     outcome = {"done": 0, "failures": 0}
 
@@ -252,9 +283,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
 
-    if args.processes < 1:
-        print("error: --processes must be at least 1", file=sys.stderr)
-        return 2
     options = ray_options(args) if args.executor == "ray" else {"processes": args.processes}
     get_executor(args.executor, **options).run(store, configs, sweep_id=sweep_id, source="cli", on_done=report)
     return 1 if outcome["failures"] else 0
@@ -409,9 +437,22 @@ def cmd_skip_search(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    if args.runs_command == "recover":
+        outcome = recover_store(args.store)
+        moved = outcome["moved_to"]
+        print(
+            (f"moved the damaged store to {moved}; " if moved else "no store file was there; ")
+            + ("restored the latest backup" if outcome["restored_backup"] else "started an empty store")
+            + f" ({outcome['runs']} runs)"
+        )
+        return 0
     store = RunStore(args.store)
     if args.runs_command == "export":
-        path = store.export_csv(args.csv)
+        try:
+            path = store.export_csv(args.csv)
+        except OSError as exc:
+            print(f"error: cannot write {args.csv}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         print(f"wrote {path}")
         return 0
     frame = store.runs_frame()
@@ -459,7 +500,7 @@ def _add_continual_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method", default="sequential,nsp2,joint", help=f"comma-separated, from {','.join(continual.METHODS)}"
     )
-    parser.add_argument("--seeds", type=_int_list, default=[0])
+    parser.add_argument("--seeds", type=_seed_list, default=[0])
     parser.add_argument("--backbone", default=d.backbone)
     parser.add_argument("--weights", default=None)
     parser.add_argument("--resolution", type=int, default=d.resolution)
@@ -468,7 +509,7 @@ def _add_continual_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--test-fraction", type=float, default=d.test_fraction)
     parser.add_argument("--max-test-per-class", type=int, default=None)
-    parser.add_argument("--split-seed", type=int, default=d.split_seed)
+    parser.add_argument("--split-seed", type=_seed, default=d.split_seed)
     parser.add_argument("--prompts", type=int, default=d.num_prompts, help="prompt tokens per prompted block")
     parser.add_argument("--placement", default=d.placement, help="lastK (default last4) | deep | shallow | block list")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="epochs per task")
@@ -560,8 +601,16 @@ def _pm(line: dict, key: str) -> str:
     return "n/a" if mean is None else f"{100 * mean:.1f} ± {100 * (std or 0):.1f}"
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad option gives one line naming it, not the whole usage block (`--help` has that).
+    Subcommand parsers are of the same class (argparse uses type(parent))."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vptdash", description="Visual prompt tuning budgets, headless.")
+    parser = _Parser(prog="python -m vptdash", description="Visual prompt tuning budgets, headless.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train and evaluate one configuration")
     _add_run_options(train)
@@ -610,6 +659,11 @@ def build_parser() -> argparse.ArgumentParser:
     runs_sub.add_parser("list")
     export = runs_sub.add_parser("export")
     export.add_argument("--csv", required=True)
+    runs_sub.add_parser(
+        "recover",
+        help="move a damaged run store aside (kept, renamed *.damaged-<time>) and restore the latest backup, "
+        "or start an empty store",
+    )
     bench_cmd = sub.add_parser("bench", help="engine speed against the machine's peak and a naive reference loop")
     bench_cmd.add_argument("--json", action="store_true")
     bench_cmd.add_argument("--sweep", action="store_true", help="also time the standard meeting sweep end to end")
@@ -635,15 +689,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run jobs in this process: Ctrl-C or SIGTERM cancels their runs.
+_RUNS_HERE = ("train", "probe", "sweep", "search", "condense", "continual", "skip-search")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, like Ctrl-C's KeyboardInterrupt."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.given_options = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+    runs_here = args.command in _RUNS_HERE
+    if runs_here:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _dispatch(args)
     except ConfigError as exc:  # an impossible budget: say why, store nothing, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted (Ctrl-C)"
+        print(f"{how}: {_cancel_own_runs(args, how) if runs_here else 'stopped'}", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+    except StoreError as exc:  # damaged, read-only or unusable run store: what is wrong and what to do
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # e.g. "database or disk is full" while recording
+        print(f"error: the run store could not record this: {exc}{disk_hint(exc)}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+
+
+def _cancel_own_runs(args: argparse.Namespace, how: str) -> str:
+    """Mark the runs this process was executing as cancelled; the words for the one line printed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the bookkeeping
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        cancelled = RunStore(args.store).cancel_runs_of(
+            os.getpid(), sweep_id=getattr(args, "sweep_id", None), reason=how
+        )
+    except (StoreError, sqlite3.Error, OSError) as exc:
+        return f"the run could not be marked cancelled ({exc})"
+    if not cancelled:
+        return "nothing was running"
+    return f"run{'s' if len(cancelled) > 1 else ''} {', '.join(map(str, cancelled))} marked cancelled"
 
 
 def _dispatch(args: argparse.Namespace) -> int:

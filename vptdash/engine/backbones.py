@@ -294,6 +294,18 @@ def _cached_hub_file(name: str) -> Path | None:
 # loading weight files
 
 
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first meaningful line of a library's error: torch's unpickling errors run to paragraphs."""
+    text = str(exc)
+    if text.startswith("Weights only load failed"):  # torch's advice to load untrusted pickles: not for us
+        return "it is not a plain state dict of tensors (or not a torch file at all)"
+    for line in text.splitlines():
+        line = line.strip().rstrip(".")
+        if line:
+            return line if len(line) <= limit else line[: limit - 3] + "..."
+    return type(exc).__name__
+
+
 def _existing_file(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not path.is_file():
@@ -303,15 +315,17 @@ def _existing_file(path: str | Path) -> Path:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """safetensors by extension, otherwise torch.load with weights_only (no arbitrary pickles)."""
+    expected = "expected a .safetensors file or a torch state dict saved with torch.save(model.state_dict(), ...)"
     try:
+        if path.stat().st_size == 0:
+            raise BackboneError(f"Cannot read weights file {path.name}: the file is empty; {expected}.")
         if path.suffix == ".safetensors":
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BackboneError(
-            f"Cannot read weights file {path.name}: {exc}. Expected a .safetensors file or a torch "
-            "state dict saved with torch.save(model.state_dict(), ...)."
-        ) from exc
+    except BackboneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many kinds, with pages of advice
+        raise BackboneError(f"Cannot read weights file {path.name}: {_one_line(exc)}; {expected}.") from None
     for key in ("state_dict", "model"):  # common training-checkpoint wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -328,7 +342,7 @@ def _load_weights_file(model: VisionTransformer, path: Path, *, antialias: bool)
     try:
         state_dict = checkpoint_filter_fn(state_dict, model, antialias=antialias)
     except Exception as exc:
-        raise BackboneError(f"{path.name} does not fit {_arch(model)}: {exc}") from exc
+        raise BackboneError(f"{path.name} does not fit {_arch(model)}: {_one_line(exc)}") from None
     # Callers add their own head; a checkpoint's classifier is irrelevant (and num_classes=0 here).
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("head.", "head_dist."))}
     _check_keys(model, state_dict, path)

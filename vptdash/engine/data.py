@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 import PIL
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vptdash.engine.paths import cache_dir
 
@@ -76,7 +76,7 @@ _ELPV_BINARY_CLASSES = ["functional", "defective"]
 _CELL_TYPES = ("mono", "poly")
 
 # Bump when the decoded representation changes, so stale disk caches are never read.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: EXIF orientation applied
 
 
 @dataclass(frozen=True)
@@ -351,14 +351,18 @@ def _read_disk_cache(key: str) -> dict | None:
 
 
 def _write_disk_cache(key: str, payload: dict) -> None:
+    """Best effort: a full or read-only cache only costs speed, and leaves no partial file."""
     path = _disk_cache_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        torch.save(payload, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, tmp)  # a full disk raises RuntimeError from torch's zip writer, not OSError
         os.replace(tmp, path)  # atomic: concurrent readers see the old file or the new, never half
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full or read-only cache only costs speed
+    except (OSError, RuntimeError):
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _payload(
@@ -452,6 +456,8 @@ def _decode_image(path: Path, resolution: int, max_pixels: int) -> np.ndarray:
                 )
             if im.format == "JPEG":
                 im.draft(None, (resolution, resolution))  # decode big JPEGs at 1/2..1/8 scale
+            # Cameras store portrait shots sideways plus an orientation tag; viewers apply it, so must we.
+            im = ImageOps.exif_transpose(im)
             im = _grey_or_rgb(im)
             im = im.resize((resolution, resolution), Image.Resampling.BILINEAR)  # antialiased
             return np.asarray(im, dtype=np.uint8)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
@@ -65,18 +66,16 @@ def encoding_key(
 
 
 def _disk_path(key: str) -> Path:
-    folder = paths.cache_dir() / "features"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{key}.pt"
+    return paths.cache_dir() / "features" / f"{key}.pt"
 
 
 def _load_from_disk(key: str, n_images: int) -> _Entry | None:
-    path = _disk_path(key)
-    if not path.exists():
-        return None
     try:
+        path = _disk_path(key)
+        if not path.exists():
+            return None
         saved = torch.load(path, weights_only=True)
-    except Exception:  # a torn or foreign file is just a cache miss
+    except Exception:  # noqa: BLE001 - an unreadable cache dir, a torn or foreign file: just a cache miss
         return None
     if saved["done"].shape != (n_images,):
         return None
@@ -86,10 +85,22 @@ def _load_from_disk(key: str, n_images: int) -> _Entry | None:
 
 
 def _save_to_disk(key: str, entry: _Entry) -> None:
-    path = _disk_path(key)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({"values": entry.values, "done": entry.done}, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+    """Best effort: a full or read-only cache dir costs the next process some speed, nothing else,
+    and leaves no partial file behind."""
+    try:
+        path = _disk_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save({"values": entry.values, "done": entry.done}, tmp)  # ENOSPC arrives as RuntimeError
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+    except (OSError, RuntimeError):
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _evict_over_budget() -> None:

@@ -46,6 +46,9 @@ ENCODE_BATCH = 64
 EVAL_BATCH = 32
 
 
+MAX_SEED = 2**32 - 1
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run, with a message that says which setting and why."""
 
@@ -182,6 +185,20 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        for name, value in (("seed", self.seed), ("split seed", self.split_seed)):
+            # numpy takes seeds in [0, 2**32): anything else fails deep inside a run, after it was stored
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+                raise ConfigError(f"{name} must be a whole number between 0 and {MAX_SEED}, got {value!r}")
+        if self.tuning == "prompt" and self.prompt_counts is None:
+            if str(self.placement).strip().lower() in ("", "none"):
+                raise ConfigError(
+                    "prompt tuning needs a placement: 'shallow', 'deep' or block indices like 0,5,11 "
+                    "(for no prompts at all, run a linear probe)"
+                )
+            try:  # syntax and negative blocks now; the upper bound needs the backbone's depth
+                parse_placement(self.placement, depth or 1_000_000)
+            except PromptConfigError as exc:
+                raise ConfigError(str(exc)) from None
         if depth is not None:
             try:
                 parse_placement(self.placement, depth)

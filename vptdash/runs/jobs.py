@@ -21,7 +21,7 @@ from vptdash.engine.backbones import BackboneError
 from vptdash.engine.data import DatasetError
 from vptdash.engine.prompts import PromptConfigError
 from vptdash.engine.train import ConfigError, RunConfig, run_training
-from vptdash.runs.store import RunStore
+from vptdash.runs.store import RunStore, StoreError
 
 PROGRESS_WRITE_INTERVAL_S = 0.5  # train-step events are thinned to this rate; epoch events always land
 
@@ -134,12 +134,19 @@ def fail_job(store: RunStore, run_id: int, exc: BaseException) -> dict:
 
 
 def execute_run(
-    store: RunStore, run_id: int, *, echo: Callable[[dict], None] | None = None, measure_latency: bool | None = None
+    store: RunStore,
+    run_id: int,
+    *,
+    echo: Callable[[dict], None] | None = None,
+    measure_latency: bool | None = None,
+    keep_invalid: bool = True,
 ) -> dict:
     """Run a stored (queued or claimed) job to its end and store everything it produced.
 
     Never raises for a failing run: the run is marked failed with the error, and the row returned.
-    `measure_latency=False`: a training job stores no latency (the caller measures it; see run_training)."""
+    `measure_latency=False`: a training job stores no latency (the caller measures it; see run_training).
+    `keep_invalid=False`: a configuration that turns out invalid once the backbone is known (a block
+    beyond its depth) is deleted and its ConfigError raised: it never started, so it is no history."""
     row = store.get_run(run_id)
     if row is None:
         raise KeyError(f"no run {run_id}")
@@ -159,12 +166,28 @@ def execute_run(
             should_cancel=lambda: store.is_cancel_requested(run_id),
             measure_latency=measure_latency,
         )
+    except ConfigError as exc:
+        if keep_invalid:
+            return fail_job(store, run_id, exc)
+        store.delete_run(run_id)
+        raise
     except Exception as exc:  # noqa: BLE001 - every failure is stored with the run, none kills the worker
         return fail_job(store, run_id, exc)
     if store.get_run(run_id) is None:  # deleted while it ran (another tab): nothing left to store into
         return {"id": run_id, "status": "deleted"}
     if result.trainable_state:
-        store.save_artifact(run_id, result.trainable_state, metadata={"class_names": ",".join(result.class_names)})
+        try:
+            store.save_artifact(run_id, result.trainable_state, metadata={"class_names": ",".join(result.class_names)})
+        except StoreError as exc:  # a full disk: the numbers are still worth keeping, say what is missing
+            store.finish_run(
+                run_id,
+                "failed",
+                metrics=result.metrics,
+                costs=result.costs,
+                timings=result.timings,
+                error=str(exc),
+            )
+            return store.get_run(run_id)
     store.finish_run(run_id, result.status, metrics=result.metrics, costs=result.costs, timings=result.timings)
     return store.get_run(run_id)
 
@@ -183,7 +206,7 @@ def run_now(
     run_id = store.create_run(
         config.to_dict(), status="running", kind=kind_of(config), source=source, sweep_id=sweep_id
     )
-    return execute_run(store, run_id, echo=echo)
+    return execute_run(store, run_id, echo=echo, keep_invalid=False)
 
 
 # ---------------------------------------------------------------------------------------- sweeps

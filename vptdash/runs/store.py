@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sqlite3
 import time
 import uuid
@@ -141,8 +142,21 @@ END;
 """
 
 
+BACKUP_INTERVAL_S = 300.0  # the rolling backup is refreshed after a finished run at most this often
+SQLITE_MAGIC = b"SQLite format 3\x00"
+_CHECKED_FILES: set[tuple[str, int, int]] = set()  # files that passed the integrity check in this process
+
+
 class StoreError(RuntimeError):
     """The database file cannot be used by this version of vptdash."""
+
+
+class StoreCorrupt(StoreError):
+    """The database file is damaged; `recover_store` moves it aside (keeping it) and starts again."""
+
+
+class StoreReadOnly(StoreError):
+    """The store can be read but not written (a read-only data dir or file)."""
 
 
 # --------------------------------------------------------------------------- JSON helpers
@@ -230,8 +244,62 @@ class RunStore:
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else paths.store_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._init_db()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the folder of the run store {self.path.parent}: {exc.strerror or exc}"
+            ) from None
+        # A read-only folder or file (a copied data dir, a full-disk remount): the history can still be
+        # read, through SQLite's immutable mode, since no -wal/-shm file can be created beside it.
+        self.read_only = self.path.exists() and not (
+            os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
+        )
+        if not self.path.exists() and not os.access(self.path.parent, os.W_OK):
+            raise StoreReadOnly(
+                f"the run store {self.path} cannot be created: {self.path.parent} is read-only; make it "
+                "writable, or set VPTDASH_HOME to a writable folder"
+            )
+        try:
+            if self.path.exists() and self.path.stat().st_size > 0:
+                self._check_integrity()  # before any write: nothing is written into a damaged file
+            if self.read_only:
+                self._check_readable()
+            else:
+                self._init_db()
+        except sqlite3.OperationalError as exc:  # no room for the -wal/-shm files, a locked or vanished disk
+            raise StoreError(f"the run store {self.path} cannot be opened: {exc}{disk_hint(exc)}") from None
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
+            raise self._corrupt(str(exc)) from None
+
+    def _corrupt(self, detail: str) -> StoreCorrupt:
+        return StoreCorrupt(
+            f"the run store {self.path} is damaged ({first_line_of(detail)}); "
+            "`python -m vptdash runs recover` (or the button on the dashboard) moves it aside, keeping it, "
+            "and starts again from the latest backup or empty"
+        )
+
+    def _check_readable(self) -> None:
+        with self._read() as conn:
+            conn.execute("SELECT COUNT(*) FROM runs").fetchone()
+
+    def _check_integrity(self) -> None:
+        """Refuse a damaged file up front: a bad header or a torn page would otherwise surface as a
+        traceback somewhere later, and garbage in the middle would pass until the app wrote into it.
+        Once per file and process (a worker opens its store again and again)."""
+        stat = self.path.stat()
+        identity = (str(self.path.resolve()), stat.st_ino, stat.st_dev)
+        if identity in _CHECKED_FILES:
+            return
+        with open(self.path, "rb") as handle:
+            header = handle.read(len(SQLITE_MAGIC))
+        if header != SQLITE_MAGIC:
+            raise self._corrupt("not an SQLite file: its header is overwritten or cut off")
+        with self._read() as conn:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)").fetchall()]
+        if problems != ["ok"]:
+            raise self._corrupt("integrity check: " + "; ".join(problems))
+        _CHECKED_FILES.add(identity)
 
     def __repr__(self) -> str:
         return f"RunStore({str(self.path)!r})"
@@ -241,11 +309,23 @@ class RunStore:
     def _connect(self) -> sqlite3.Connection:
         # timeout= is SQLite's busy timeout: wait for another process's write lock instead of
         # failing. isolation_level=None: we issue BEGIN ourselves (see module docstring).
+        if self.read_only:
+            uri = f"{self.path.resolve().as_uri()}?immutable=1"
+            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            return conn
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA foreign_keys = ON")  # per connection: cascades progress deletes
         conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL, no fsync per commit
         return conn
+
+    def _refuse_write(self) -> None:
+        if self.read_only:
+            raise StoreReadOnly(
+                f"the run store {self.path} is read-only: nothing can be recorded; make "
+                f"{self.path.parent} writable, or set VPTDASH_HOME to a writable folder"
+            )
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -257,6 +337,7 @@ class RunStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        self._refuse_write()
         conn = self._connect()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -465,6 +546,44 @@ class RunStore:
                 "UPDATE runs SET status = ?, finished_at = ?, error = ? WHERE id = ?",
                 (status, time.time(), error, run_id),
             )
+        self.backup_if_due()
+
+    # ---------------------------------------------------------------- backup
+
+    def backup_path(self) -> Path:
+        return backup_path_of(self.path)
+
+    def backup_if_due(self, interval_s: float = BACKUP_INTERVAL_S) -> Path | None:
+        """Refresh the rolling backup when it is older than `interval_s`; never raises (a backup that
+        cannot be written costs only the safety net, not the run)."""
+        try:
+            target = self.backup_path()
+            if target.exists() and time.time() - target.stat().st_mtime < interval_s:
+                return None
+            return self.backup()
+        except (OSError, sqlite3.Error, StoreError):
+            return None
+
+    def backup(self) -> Path:
+        """A consistent copy of the store (SQLite's online backup: other processes keep writing),
+        written beside it and swapped in only once it passes the integrity check, so a damaged
+        store never replaces a good backup."""
+        target = self.backup_path()
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with self._read() as source:
+                dest = sqlite3.connect(tmp)
+                try:
+                    source.backup(dest)
+                    ok = dest.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+                finally:
+                    dest.close()
+            if not ok:
+                raise StoreCorrupt(f"the run store {self.path} fails its integrity check; the backup is kept as it was")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
 
     def update_results(
         self, run_id: int, *, metrics: dict | None = None, costs: dict | None = None, timings: dict | None = None
@@ -548,8 +667,14 @@ class RunStore:
         """
         with self._read() as conn:
             self._require_row(conn, run_id)
+        self._refuse_write()
         final = self._artifact_file(run_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"run {run_id}'s learned tensors cannot be saved in {final.parent}: {exc.strerror}"
+            ) from None
         tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
         # clone(): safetensors refuses views and tensors sharing storage (e.g. tied weights).
         payload = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
@@ -557,6 +682,8 @@ class RunStore:
         try:
             save_file(payload, str(tmp), metadata=meta)
             os.replace(tmp, final)
+        except Exception as exc:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+            raise StoreError(f"run {run_id}'s learned tensors could not be saved in {final.parent}: {exc}") from None
         finally:
             tmp.unlink(missing_ok=True)
         relative = final.relative_to(self.path.parent).as_posix()
@@ -651,6 +778,23 @@ class RunStore:
                 )
             elif status == "running":
                 conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", (run_id,))
+
+    def cancel_runs_of(self, pid: int, *, sweep_id: str | None = None, reason: str = "interrupted") -> list[int]:
+        """Cancel the runs process `pid` is running, and the unfinished runs of `sweep_id`: the CLI
+        after Ctrl-C or SIGTERM, so they read cancelled instead of running until a worker sweep
+        calls them dead. Returns their ids."""
+        sql = "SELECT id FROM runs WHERE (status = 'running' AND worker_pid = ?)"
+        params: list[Any] = [pid]
+        if sweep_id is not None:
+            sql += " OR (status IN ('queued', 'running') AND sweep_id = ?)"
+            params.append(sweep_id)
+        with self._write() as conn:
+            ids = [row[0] for row in conn.execute(sql + " ORDER BY id", params)]
+            conn.executemany(
+                "UPDATE runs SET status = 'cancelled', finished_at = ?, cancel_requested = 1, error = ? WHERE id = ?",
+                [(time.time(), f"cancelled: {reason}", run_id) for run_id in ids],
+            )
+        return ids
 
     def is_cancel_requested(self, run_id: int) -> bool:
         """True if cancel was requested, or if the run no longer exists (deleted while
@@ -840,6 +984,64 @@ class RunStore:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def forget_integrity_checks() -> None:
+    """Check every store file again when next opened, as a new process would (tests; after a repair)."""
+    _CHECKED_FILES.clear()
+
+
+def disk_hint(exc: BaseException) -> str:
+    """What SQLite's terse I/O errors usually mean on a laptop."""
+    text = str(exc).lower()
+    return " (is the disk full? free some space and try again)" if ("i/o" in text or "full" in text) else ""
+
+
+def first_line_of(text: str) -> str:
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else "no detail"
+
+
+def backup_path_of(store_path: str | Path) -> Path:
+    store_path = Path(store_path)
+    return store_path.with_name(f"{store_path.stem}.backup{store_path.suffix or '.sqlite'}")
+
+
+def recover_store(path: str | Path | None = None) -> dict:
+    """Move a damaged store aside (renamed, never deleted, with its -wal/-shm files) and put the
+    latest good backup in its place, or nothing (a fresh store is created on the next open).
+
+    Returns {"moved_to": path or None, "restored_backup": bool, "runs": count in the new store}."""
+    path = Path(path) if path is not None else paths.store_path()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved_to = None
+    if path.exists():
+        moved_to = path.with_name(f"{path.name}.damaged-{stamp}")
+        os.replace(path, moved_to)
+        for suffix in ("-wal", "-shm"):
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                os.replace(side, moved_to.with_name(moved_to.name + suffix))
+    restored = False
+    backup = backup_path_of(path)
+    if backup.exists():
+        try:
+            check = sqlite3.connect(f"{backup.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                restored = check.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+            finally:
+                check.close()
+        except sqlite3.Error:
+            restored = False
+        if restored:
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                shutil.copyfile(backup, tmp)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+    store = RunStore(path)
+    return {"moved_to": moved_to, "restored_backup": restored, "runs": len(store.list_runs())}
 
 
 def _run_key(run: dict) -> str:

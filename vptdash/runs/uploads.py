@@ -100,7 +100,10 @@ def _finish(name: str, staging: Path, dataset_dir: Path) -> UploadInfo:
     """Validate `dataset_dir` (inside `staging`), write the metadata, rename it into place under a
     free slug, and remove the staging folder whatever happens."""
     try:
-        image_set = data.load_image_set(dataset_dir, VALIDATION_RESOLUTION)
+        try:
+            image_set = data.load_image_set(dataset_dir, VALIDATION_RESOLUTION)
+        except data.DatasetError as exc:
+            raise _named_for_user(exc, name, staging) from None
         created_at = time.time()
         meta = {
             "name": str(name),
@@ -142,6 +145,15 @@ def _claim(source: Path, slug: str) -> Path:
     raise data.DatasetError(f"too many uploads named {slug!r}; delete some first")
 
 
+def _named_for_user(exc: data.DatasetError, name: str, staging: Path) -> data.DatasetError:
+    """The same error, naming the user's upload instead of the staging copy it was checked in."""
+    text = str(exc)
+    for internal in (staging / "dataset", staging / "extracted", staging / "upload.zip", staging):
+        text = text.replace(str(internal), repr(str(name)))
+    text = text.replace("upload.zip", repr(str(name)))
+    return data.DatasetError(text)
+
+
 # ---------------------------------------------------------------------------------------- public API
 def save_zip_upload(name: str, zip_bytes: bytes) -> UploadInfo:
     """Store a zip of an ImageFolder (`<class>/<images>`, optionally inside one wrapper folder).
@@ -159,6 +171,9 @@ def save_zip_upload(name: str, zip_bytes: bytes) -> UploadInfo:
         base = data.unwrap_wrapper_folders(extracted)
         dataset_dir = staging / "dataset"
         os.rename(base, dataset_dir)
+    except data.DatasetError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _named_for_user(exc, name, staging) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -10,10 +10,10 @@ import streamlit as st
 
 from vptdash.engine.train import ConfigError, RunConfig
 from vptdash.runs import jobs, worker
-from vptdash.runs.store import RunStore, pid_alive
+from vptdash.runs.store import RunStore, StoreError, pid_alive
 from vptdash.ui.cluster import cluster_setting
 from vptdash.ui.session import active_setup
-from vptdash.views.wording import dataset_label, is_elpv, progress_of, run_label
+from vptdash.views.wording import dataset_md, is_elpv, md_escape, progress_of, run_label
 
 QUEUE_POLL_BUSY_S = 1.0  # sidebar refresh while something runs
 
@@ -92,8 +92,8 @@ def queue_sweep(store: RunStore, configs: list[RunConfig], failure: str) -> str 
     """Queue a sweep and start the worker; the sweep id, or None after showing `failure: reason`."""
     try:
         sweep_id, _ = jobs.submit_sweep(store, configs)
-    except ConfigError as exc:
-        st.error(f"{failure}: {exc}")
+    except (ConfigError, StoreError) as exc:
+        st.error(f"{failure}: {md_escape(exc)}")
         return None
     start_worker(store)
     return sweep_id
@@ -123,8 +123,8 @@ def sidebar(store: RunStore, *, licence: bool = True) -> None:
         st.markdown("#### Active setup")
         shots = setup["shots"]
         st.markdown(
-            f"**Data** {dataset_label(setup['dataset'], setup['cell_type'])}  \n"
-            f"**Backbone** `{setup['backbone']}`  \n"
+            f"**Data** {dataset_md(setup['dataset'], setup['cell_type'])}  \n"
+            f"**Backbone** {md_escape(setup['backbone'])}  \n"
             f"**Images** {setup['resolution']} px · "
             f"{'all' if shots is None else shots} shots per class"
         )
@@ -139,7 +139,7 @@ def _queue_panel(store: RunStore) -> None:
     try:
         summary = store.queue_summary()
     except Exception as exc:  # noqa: BLE001 - a locked/broken store must not crash every page
-        st.warning(f"Run store unavailable: {exc}")
+        st.warning(f"Run store unavailable: {md_escape(exc)}")
         return
     busy = bool(summary["running"] or summary["queued"])
 
@@ -150,7 +150,7 @@ def _queue_panel(store: RunStore) -> None:
         try:
             now_summary = store.queue_summary()
         except Exception as exc:  # noqa: BLE001
-            st.warning(f"Run store unavailable: {exc}")
+            st.warning(f"Run store unavailable: {md_escape(exc)}")
             return
         render_queue(store, now_summary)
         announce_new_results(store, now_summary)
@@ -170,7 +170,7 @@ def _worker_gone(run: dict) -> bool:
 
 def render_queue(store: RunStore, summary: dict) -> None:
     running = summary["running"]
-    if any(_worker_gone(run) for run in running):  # killed worker: show its run as failed, not running forever
+    if any(_worker_gone(run) for run in running) and not store.read_only:  # killed worker: failed, not running
         store.fail_orphaned_runs()
         summary = store.queue_summary()
         running = summary["running"]
@@ -178,7 +178,7 @@ def render_queue(store: RunStore, summary: dict) -> None:
         st.caption("Idle: nothing running.")
     for run in running:
         fraction, text = progress_of(run, run.get("latest_progress"))
-        st.progress(fraction, text=f"#{run['id']} {run_label(run)}: {text}")
+        st.progress(fraction, text=f"#{run['id']} {md_escape(run_label(run))}: {md_escape(text)}")
     parts = [f"{summary['queued']} queued", f"{summary['done']} done"]
     if summary["failed"]:
         parts.append(f"{summary['failed']} failed")

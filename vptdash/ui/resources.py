@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from vptdash.engine import backbones, data, paths, train  # noqa: F401 - train: loaded before gc.freeze
 from vptdash.runs import jobs, reference, uploads  # noqa: F401 - jobs, uploads: loaded before gc.freeze
-from vptdash.runs.store import RunStore
+from vptdash.runs.store import RunStore, StoreCorrupt, StoreError, recover_store
 from vptdash.ui.session import DEFAULT_SETUP
 from vptdash.views import budget, charts, report  # noqa: F401 - charts, report: loaded before gc.freeze
+from vptdash.views.wording import md_escape
 
 
 @st.cache_resource(show_spinner=False)
@@ -32,6 +34,8 @@ def _store_at(path: str) -> RunStore:
 @st.cache_resource(show_spinner="Loading the precomputed reference sweep...")
 def _reference_loaded(path: str) -> dict:
     """Import the shipped reference sweep into this store once per process (idempotent anyway)."""
+    if _store_at(path).read_only:
+        return {"imported": 0, "error": None}  # the banner already says nothing can be written
     try:
         return {"imported": int(reference.load_reference(_store_at(path))), "error": None}
     except Exception as exc:  # noqa: BLE001 - a broken reference file must not take the app down
@@ -61,10 +65,46 @@ def ensure_navigation() -> None:
 
 
 def get_store() -> RunStore:
-    """The run store of this data dir ($VPTDASH_HOME), shared by all sessions of the process."""
+    """The run store of this data dir ($VPTDASH_HOME), shared by all sessions of the process.
+
+    A store that cannot be opened stops the page with one line saying why; a damaged one also offers
+    to move it aside (kept) and start again from the latest backup. A read-only one is shown with a
+    banner: the history can be read, nothing can be recorded."""
     ensure_navigation()
-    path = str(paths.store_path())
-    store = _store_at(path)
+    try:
+        path = str(paths.store_path())
+        store = _store_at(path)
+    except StoreCorrupt as exc:
+        st.error(md_escape(exc))
+        if st.button("Move the damaged file aside and start again", key="store_recover", type="primary"):
+            try:
+                outcome = recover_store(path)
+            except (StoreError, sqlite3.Error, OSError) as problem:
+                st.error(md_escape(f"It could not be moved: {getattr(problem, 'strerror', None) or problem}"))
+                st.stop()
+            _store_at.clear()
+            _reference_loaded.clear()
+            st.session_state["store_recovered"] = outcome
+            st.rerun()
+        st.stop()
+    except (StoreError, sqlite3.Error, OSError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        st.error(md_escape(f"The run store cannot be opened: {detail}"))
+        st.stop()
+    recovered = st.session_state.pop("store_recovered", None)
+    if recovered:
+        st.success(
+            md_escape(
+                f"The damaged store was kept as {recovered['moved_to']}; "
+                + ("the latest backup was restored" if recovered["restored_backup"] else "an empty store was started")
+                + f" ({recovered['runs']} runs)."
+            )
+        )
+    if store.read_only:
+        st.warning(
+            f"The data folder {md_escape(store.path.parent)} is read-only: the run history can be read, but "
+            "nothing can be recorded. Make it writable (or set `VPTDASH_HOME` to a writable folder) and restart."
+        )
     _reference_loaded(path)
     return store
 

@@ -4,6 +4,7 @@ counts, percentages, what a stored job is, how far a running one has got. No Str
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,21 @@ from vptdash.engine import data
 from vptdash.engine.train import RunConfig
 from vptdash.methods import vlprompts
 from vptdash.runs import uploads
+
+# Every ASCII punctuation character may be backslash-escaped in CommonMark, and each one starts some
+# construct somewhere: links and images ([ ] ( ) !), emphasis, code, headings, tables, HTML tags and
+# entities (< > &), Streamlit's :material/icon: and :red[colour] directives (:), LaTeX ($).
+_MD_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
+_LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+
+
+def md_escape(text: object) -> str:
+    """`text` as literal characters inside Streamlit Markdown (st.markdown, captions, alerts,
+    headers, widget labels): no link, image, HTML, emphasis or directive in it is interpreted, and a
+    line break cannot start a heading or a list. Use it for every string a user supplied (upload and
+    class names, file names, error messages that may quote them)."""
+    flat = _LINE_BREAKS.sub(" ", str(text))
+    return _MD_SPECIAL.sub(r"\\\1", flat)
 
 
 def upload_name(spec: str) -> str | None:
@@ -35,6 +51,11 @@ def dataset_label(spec: str, cell_type: str | None = None) -> str:
     if cell_type:
         text += f", {cell_type} cells"
     return text
+
+
+def dataset_md(spec: str, cell_type: str | None = None) -> str:
+    """`dataset_label` ready for Markdown: an upload's name is the user's text, shown literally."""
+    return md_escape(dataset_label(spec, cell_type))
 
 
 def is_elpv(spec: str) -> bool:
