@@ -5,14 +5,14 @@ import streamlit as st
 from vptdash.engine import backbones
 from vptdash.engine.cost import block_macs
 from vptdash.engine.prompts import PROMPT_TYPES, default_prompt_rank
-from vptdash.engine.train import ConfigError, RunConfig
+from vptdash.engine.train import FULL_FINETUNE_LR, LR_AUTO, ConfigError, RunConfig, parse_lr
 from vptdash.methods import skipping
 from vptdash.runs import jobs
 from vptdash.ui import jobqueue, look, resources, session
 from vptdash.views import budget, charts, wording
 
-LR_CHOICES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
-FULL_FINETUNE_LR = 1e-4  # the whole backbone moves: prompt-sized learning rates would wreck it
+# "auto": each configuration's rate is chosen on the validation split (the engine's search); numbers are fixed.
+LR_CHOICES = [LR_AUTO, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 PLACEMENTS = ["shallow", "deep", "pick blocks"]
 LIVE = ("queued", "running")
 INLINE_SEARCH_GMACS = 20.0  # a skip search estimated under this (about a second of CPU) runs inline, else as a job
@@ -211,7 +211,13 @@ with controls_col:
             epochs = st.number_input("Epochs", min_value=1, max_value=500, value=10, step=1, key="train_epochs")
         with c[1]:
             lr = st.select_slider(
-                "Learning rate", LR_CHOICES, value=1e-2, key="train_lr", format_func=lambda v: f"{v:g}"
+                "Learning rate",
+                LR_CHOICES,
+                value=LR_AUTO,
+                key="train_lr",
+                format_func=lambda v: "auto" if v == LR_AUTO else f"{v:g}",
+                help="auto: chosen for this configuration on the validation split (about twice the training "
+                "time); the linear probe is then fitted to convergence. A number: that fixed rate.",
             )
         with c[2]:
             seed = st.number_input("Seed", min_value=0, max_value=10_000, value=0, step=1, key="train_seed")
@@ -262,7 +268,7 @@ pending = session.base_config(
     num_prompts=int(num_prompts),
     placement=placement,
     prompt_dropout=float(dropout),
-    lr=float(lr),
+    lr=parse_lr(lr),
     prompt_type=prompt_type if num_prompts else "standard",
     prompt_rank=prompt_rank if num_prompts else None,
     skip_blocks=sorted(int(b) for b in skip_blocks),
@@ -333,7 +339,7 @@ with controls_col:
         icon=":material/linear_scale:",
         help="Baseline: frozen features + a linear head, no prompts.",
     ):
-        submit(session.base_config(tuning="linear", num_prompts=0, placement="none", lr=float(lr), **common))
+        submit(session.base_config(tuning="linear", num_prompts=0, placement="none", lr=parse_lr(lr), **common))
     if b[1].button(
         "Full fine-tune",
         key="train_full",
