@@ -417,6 +417,14 @@ def result_card(run: dict) -> None:
         delta(costs.get("params_trainable"), base_c.get("params_trainable"), "{:+,.0f}"),
         delta_color="inverse",
     )
+    if metrics.get("lr_source") == "validation" and metrics.get("l2") is not None:
+        st.caption(f"Logistic regression fitted to convergence; L2 strength {metrics['l2']:g} chosen on validation.")
+    elif metrics.get("lr_source") and wording.number(metrics.get("lr")) is not None:
+        how = "chosen on validation" if metrics["lr_source"] == "validation" else "fixed"
+        st.caption(f"Learning rate {metrics['lr']:g}, {how}.")
+    if metrics.get("collapsed"):
+        st.error("Collapsed: this run is not a usable model.", icon=":material/warning:")
+        st.text(str(metrics.get("collapse_reason") or ""))  # names classes (user folder names): shown as plain text
     if is_probe:
         st.caption("This run is the linear-probe baseline for its data.")
     elif baseline:
