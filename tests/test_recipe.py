@@ -20,6 +20,7 @@ from vptdash.engine.train import (
     search_schedule,
     used_lr,
 )
+from vptdash.runs import presets
 
 
 def tiny(dataset, **overrides) -> RunConfig:
@@ -216,3 +217,15 @@ def test_cli_lr_option_reads_auto_and_numbers():
     assert parser.parse_args(["train", "--lr", "0.01"]).lr == 0.01
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--lr", "fast"])
+
+
+def test_the_meeting_demo_never_searches():
+    """The demo runs live in a meeting: fixed rates measured on validation, a converged probe, no search."""
+    configs = presets.demo_configs()
+    assert all(search_cost_factor(c) == 1.0 for c in configs)
+    probes = [c for c in configs if c.is_linear_probe]
+    assert len(probes) == 1 and probes[0].probe_is_converged
+    for config in configs:
+        if not config.is_linear_probe:
+            assert config.lr == presets.DEMO_LRS[config.placement] and not config.lr_is_auto
+    assert all(search_cost_factor(c) == 1.0 for c in presets.meeting_sweep_configs())
