@@ -8,15 +8,15 @@ from vptdash.engine import backbones
 from vptdash.engine.clip import CLIP_BACKBONES, TINY_CLIP
 from vptdash.engine.cost import block_macs
 from vptdash.engine.prompts import PROMPT_TYPES, default_prompt_rank
-from vptdash.engine.train import ConfigError, RunConfig
+from vptdash.engine.train import FULL_FINETUNE_LR, LR_AUTO, ConfigError, RunConfig, parse_lr
 from vptdash.methods import skipping, vlprompts
 from vptdash.runs import jobs
 from vptdash.runs.presets import demo_base
 from vptdash.ui import jobqueue, look, resources, session
 from vptdash.views import budget, charts, wording
 
-LR_CHOICES = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
-FULL_FINETUNE_LR = 1e-4  # the whole backbone moves: prompt-sized learning rates would wreck it
+# "auto": each configuration's rate is chosen on the validation split (the engine's search); numbers are fixed.
+LR_CHOICES = [LR_AUTO, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 PLACEMENTS = ["shallow", "deep", "pick blocks"]
 LIVE = ("queued", "running")
 # One recipe: the page starts from the meeting demo's (and so the reference sweep's) epochs and precision.
@@ -223,7 +223,13 @@ with controls_col:
             )
         with c[1]:
             lr = st.select_slider(
-                "Learning rate", LR_CHOICES, value=1e-2, key="train_lr", format_func=lambda v: f"{v:g}"
+                "Learning rate",
+                LR_CHOICES,
+                value=LR_AUTO,
+                key="train_lr",
+                format_func=lambda v: "auto" if v == LR_AUTO else f"{v:g}",
+                help="auto: chosen for this configuration on the validation split (about twice the training "
+                "time); the linear probe is then fitted to convergence. A number: that fixed rate.",
             )
         with c[2]:
             seed = st.number_input("Seed", min_value=0, max_value=10_000, value=0, step=1, key="train_seed")
@@ -279,7 +285,7 @@ pending = session.base_config(
     num_prompts=int(num_prompts),
     placement=placement,
     prompt_dropout=float(dropout),
-    lr=float(lr),
+    lr=parse_lr(lr),
     prompt_type=prompt_type if num_prompts else "standard",
     prompt_rank=prompt_rank if num_prompts else None,
     skip_blocks=sorted(int(b) for b in skip_blocks),
@@ -350,7 +356,7 @@ with controls_col:
         icon="➡️",
         help="Baseline: frozen features + a linear head, no prompts.",
     ):
-        submit(session.base_config(tuning="linear", num_prompts=0, placement="none", lr=float(lr), **common))
+        submit(session.base_config(tuning="linear", num_prompts=0, placement="none", lr=parse_lr(lr), **common))
     if b[1].button(
         "Full fine-tune",
         key="train_full",
@@ -509,6 +515,14 @@ def result_card(run: dict) -> None:
     if config.get("tuning") == vlprompts.KIND:  # a CLIP run: no linear probe on its backbone to compare with
         st.caption(wording.clip_summary(metrics, costs))
         return
+    if metrics.get("lr_source") == "validation" and metrics.get("l2") is not None:
+        st.caption(f"Logistic regression fitted to convergence; L2 strength {metrics['l2']:g} chosen on validation.")
+    elif metrics.get("lr_source") and wording.number(metrics.get("lr")) is not None:
+        how = "chosen on validation" if metrics["lr_source"] == "validation" else "fixed"
+        st.caption(f"Learning rate {metrics['lr']:g}, {how}.")
+    if metrics.get("collapsed"):
+        st.error("Collapsed: this run is not a usable model.", icon="⚠️")
+        st.text(str(metrics.get("collapse_reason") or ""))  # names classes (user folder names): shown as plain text
     if is_probe:
         st.caption("This run is the linear-probe baseline for its data.")
     elif baseline:

@@ -1,4 +1,7 @@
-"""Produce the reference sweep shipped with the dashboard (vptdash/reference/elpv_reference_sweep.json).
+"""Produce the older reference sweep (vptdash/runs/reference/elpv_reference_sweep.json, fixed lr 1e-2).
+
+Superseded by benchmarks/reference_sweep.py (lr chosen on validation, several data sizes); kept so the
+old file can be re-made and its costs re-counted.
 
 It is the project's own sweep command in the meeting-demo setting (binary ELPV, 16 shots per class,
 112 px, the offline DINOv2 ViT-S/14), 3 seeds, followed by one quiet latency measurement per budget;
@@ -21,7 +24,7 @@ from benchmarks.common import machine, measure_latencies, recount_costs, today  
 from vptdash import cli  # noqa: E402
 from vptdash.engine import paths
 from vptdash.runs import presets
-from vptdash.runs.reference import REFERENCE_FILE  # noqa: E402
+from vptdash.runs.reference import REFERENCE_V1_FILE as REFERENCE_FILE  # noqa: E402
 from vptdash.runs.store import RunStore  # noqa: E402
 
 COUNTS = "0,1,5,10,50,100"
@@ -48,7 +51,7 @@ def sweep_argv(seeds: str, store: str) -> list[str]:
         "--batch-size",
         str(base.batch_size),
         "--lr",
-        str(base.lr),
+        "0.01",  # the old file's fixed rate
         "--precision",
         base.precision,
         "--val-fraction",

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from vptdash import bench
 from vptdash.engine.clip import is_clip_backbone
-from vptdash.engine.train import MAX_SEED, ConfigError, RunConfig
+from vptdash.engine.train import LR_AUTO, MAX_SEED, ConfigError, RunConfig, parse_lr, used_lr
 from vptdash.methods import condense, continual, search, skipping, vlprompts
 from vptdash.runs import cluster, worker
 from vptdash.runs.executors import get_executor
@@ -36,6 +36,9 @@ JSON_KEYS = (
     "params_total",
     "latency_ms_b1",
     "train_seconds",
+    "lr",
+    "lr_source",
+    "collapsed",
     "run_id",
     "status",
 )
@@ -64,6 +67,13 @@ def _seed_list(text: str) -> list[int]:
     if not seeds:
         raise argparse.ArgumentTypeError(f"expected comma-separated seeds, got {text!r}")
     return seeds
+
+
+def _lr_arg(text: str) -> float | str:
+    try:
+        return parse_lr(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
 
 
 def parse_placements(text: str) -> list[str]:
@@ -145,7 +155,13 @@ def _add_run_options(parser: argparse.ArgumentParser, *, sweep: bool = False) ->
     )
     parser.add_argument("--skip-blocks", type=_int_list, default=[], help="blocks never executed, e.g. 3,7")
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument(
+        "--lr",
+        type=_lr_arg,
+        default=LR_AUTO,
+        help="'auto' (default): chosen per configuration on the validation split; linear probes then fit "
+        "a converged logistic regression. A number: that fixed rate",
+    )
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default=defaults.optimizer)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -207,6 +223,10 @@ def summary(row: dict) -> dict[str, Any]:
     metrics, costs, timings = row.get("metrics") or {}, row.get("costs") or {}, row.get("timings") or {}
     merged = {**costs, **timings, **metrics, "run_id": row["id"], "status": row["status"]}
     result = {key: merged.get(key) for key in JSON_KEYS}
+    if "lr_source" not in metrics:  # stored before rates were chosen, or not finished: what its config says
+        config = RunConfig.from_dict(row.get("config") or {})
+        result["lr"] = used_lr(config, metrics)
+        result["lr_source"] = None if config.lr_is_auto else "fixed"
     if row.get("error"):
         result["error"] = row["error"].splitlines()[0]
     return result
@@ -236,6 +256,12 @@ def _report(row: dict, as_json: bool) -> int:
                 + (f"{result['gmacs']:.3f} GMACs/image, " if result["gmacs"] is not None else "")
                 + (f"{result['params_trainable']} trainable params" if result["params_trainable"] else "").rstrip(", ")
             )
+            if result["lr_source"] == "validation":
+                chosen = (row.get("metrics") or {}).get("l2")
+                what = f"L2 {chosen:g}" if result["lr"] is None and chosen is not None else f"lr {result['lr']:g}"
+                print(f"  {what}, chosen on the validation split")
+            if result["collapsed"]:
+                print(f"  warning: collapsed: {(row.get('metrics') or {}).get('collapse_reason')}")
     return 0 if row["status"] in ("done", "cancelled") else 1
 
 
@@ -617,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clip_options(train)
     probe = sub.add_parser("probe", help="linear probe on cached CLS features (the fast baseline)")
     _add_run_options(probe)
-    probe.set_defaults(epochs=100, lr=1e-2)
+    # lr "auto": a logistic regression fitted to convergence; epochs only count with a fixed --lr
+    probe.set_defaults(epochs=100)
     sweep = sub.add_parser("sweep", help="a grid of prompt counts x placements x seeds")
     _add_run_options(sweep, sweep=True)
     _add_clip_options(sweep, sweep=True)
@@ -835,6 +862,8 @@ def _vlprompt_config(args: argparse.Namespace, **overrides: Any) -> vlprompts.VL
     values.update(
         {key: getattr(args, key) for option, key in CLIP_RECIPE.items() if option in getattr(args, "given_options", ())}
     )
+    if values.get("lr") == LR_AUTO:
+        raise ConfigError("a CLIP run takes a fixed --lr (default: its recipe's); --lr auto is for visual prompt runs")
     if args.templates:
         values["templates"] = [t.strip() for t in args.templates.split("|") if t.strip()]
     values.update(overrides)

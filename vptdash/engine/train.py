@@ -38,6 +38,25 @@ EventCallback = Callable[[dict[str, Any]], None]
 CancelCheck = Callable[[], bool]
 
 MAX_PROMPTS = 1000  # beyond this the sequence is mostly prompts and a CPU run takes hours: refuse clearly
+LR_AUTO = "auto"
+# Learning rates an "auto" run chooses among on the validation split (AdamW; VPT's SGD grid scaled to Adam).
+# 1e-2 is the old fixed default: at that rate Adam's first steps move a prompt entry by about a fifth of
+# its init spread, and 14 of 30 reference runs predicted one class at some checkpoint.
+LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)
+SGD_LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)  # SGD with momentum needs larger steps than Adam for the same move
+# Full fine-tuning moves every backbone weight: a prompt-sized grid would wreck it, and a grid of full
+# fine-tunes is too slow on a CPU. "auto" there means this fixed rate (stored with source "fixed").
+FULL_FINETUNE_LR = 1e-4
+# L2 strengths the converged linear probe chooses among on validation: loss = mean cross-entropy +
+# l2 / 2 * ||W||^2 on standardised features (scikit-learn's C = 1 / (l2 * n_train)). It reaches 100 because
+# few-shot sets have far fewer images than feature dimensions (32 against 384 at 16 shots, binary): the
+# first 16-shot ELPV probe chose 1.0, the top of a grid that stopped there.
+PROBE_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+PROBE_MAX_ITER = 500
+PROBE_GRAD_TOL = 1e-6  # L-BFGS stops when the largest gradient entry of the objective is below this
+# A run diverged when its last epoch's mean training loss is above this many times its first epoch's
+# (and above chance, ln K), or when any training loss is not finite.
+DIVERGENCE_FACTOR = 2.0
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
 ENCODE_BATCH = 64
@@ -77,7 +96,10 @@ class RunConfig:
     epochs: int = 10
     batch_size: int = 32
     optimizer: str = "adamw"
-    lr: float = 1e-2
+    # "auto": chosen per configuration on the validation split (successive halving over LR_GRID, see
+    # `search_schedule`); a number: that fixed rate. Configurations stored before "auto" existed carry
+    # their number, so they keep meaning what they meant.
+    lr: float | str = LR_AUTO
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     eval_every: int = 0  # validate every N epochs (0 = automatic: about 5 points per run, and the last epoch)
@@ -92,6 +114,17 @@ class RunConfig:
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+    @property
+    def lr_is_auto(self) -> bool:
+        return isinstance(self.lr, str) and self.lr.strip().lower() == LR_AUTO
+
+    @property
+    def probe_is_converged(self) -> bool:
+        """A linear probe with lr "auto" is an L2-regularised logistic regression fitted to convergence
+        (L-BFGS) with its L2 strength chosen on validation; with a fixed lr it is the earlier recipe,
+        `epochs` of the optimizer on the head (so stored probe runs keep meaning what they meant)."""
+        return self.is_linear_probe and self.tuning != "full" and self.lr_is_auto
 
     @property
     def is_linear_probe(self) -> bool:
@@ -164,7 +197,7 @@ class RunConfig:
             ),
             (1 <= self.epochs <= 1000, f"epochs must be between 1 and 1000, got {self.epochs}"),
             (1 <= self.batch_size <= 4096, f"batch size must be between 1 and 4096, got {self.batch_size}"),
-            (0 < self.lr < 10, f"learning rate must be in (0, 10), got {self.lr}"),
+            (_lr_ok(self.lr), f"learning rate must be 'auto' or a number in (0, 10), got {self.lr!r}"),
             (self.weight_decay >= 0, "weight decay must be >= 0"),
             (self.warmup_epochs >= 0, "warm-up epochs must be >= 0"),
             (self.eval_every >= 0, "eval_every must be >= 0"),
@@ -173,6 +206,11 @@ class RunConfig:
             (0 < self.test_fraction < 1, "test fraction must be in (0, 1)"),
             (0 <= self.val_fraction < 1 - self.test_fraction, "val fraction must leave room for training images"),
             (0 <= self.prompt_dropout < 1, "prompt dropout must be in [0, 1)"),
+            (
+                not (self.lr_is_auto and self.tuning != "full" and self.val_fraction == 0),
+                "learning rate 'auto' is chosen on the validation split: give a validation fraction above 0 "
+                "or a fixed learning rate",
+            ),
             (
                 self.prompt_rank is None or (isinstance(self.prompt_rank, int) and 1 <= self.prompt_rank <= 4096),
                 f"bilinear prompt rank must be an integer between 1 and 4096, got {self.prompt_rank}",
@@ -210,6 +248,28 @@ class RunConfig:
             if len(set(self.skip_blocks)) >= depth:
                 raise ConfigError("cannot skip every block")
         return self
+
+
+def _lr_ok(lr: Any) -> bool:
+    if isinstance(lr, str):
+        return lr.strip().lower() == LR_AUTO
+    return isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < 10
+
+
+def parse_lr(text: str | float) -> float | str:
+    """'auto' (any case) or a number: the CLI's and the pages' reading of a learning rate."""
+    if isinstance(text, str) and text.strip().lower() == LR_AUTO:
+        return LR_AUTO
+    return float(text)
+
+
+def used_lr(config: RunConfig, metrics: dict | None = None) -> float | None:
+    """The learning rate a run trained with: the stored choice of an "auto" run, else its fixed rate;
+    None for a converged linear probe (L-BFGS has no learning rate) or an "auto" run not finished."""
+    stored = (metrics or {}).get("lr")
+    if stored is not None:
+        return float(stored)
+    return None if config.lr_is_auto else float(config.lr)
 
 
 @dataclass
@@ -279,10 +339,82 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> flo
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _make_optimizer(config: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+# The head's rate relative to the prompts'. Measured reasoning, not a search: the head's weights start at
+# std 0.02 and Adam moves each by about lr per step, so at the grid's smallest rate (3e-4) 80 steps can
+# still change a logit by several units: one rate serves both. The head has its own group so the
+# schedule sets each group's rate explicitly and a run's events report the head's.
+HEAD_LR_SCALE = 1.0
+
+
+def make_optimizer(config: RunConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The run's optimizer with two parameter groups: "head" (the linear classifier) and "body" (prompts,
+    or every backbone weight when fully fine-tuned). Each group's "lr_scale" multiplies the scheduled rate."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    head = [p for name, p in named if name.startswith("head.")]
+    body = [p for name, p in named if not name.startswith("head.")]
+    groups = [
+        group
+        for group in (
+            {"params": body, "name": "body", "lr_scale": 1.0},
+            {"params": head, "name": "head", "lr_scale": HEAD_LR_SCALE},
+        )
+        if group["params"]
+    ]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
+
+
+def lr_candidates(config: RunConfig) -> tuple[float, ...]:
+    """The rates a run tries: the grid for "auto" (one fixed rate for full fine-tuning), else its own."""
+    if not config.lr_is_auto:
+        return (float(config.lr),)
+    if config.tuning == "full":
+        return (FULL_FINETUNE_LR,)
+    return SGD_LR_GRID if config.optimizer == "sgd" else LR_GRID
+
+
+def search_schedule(epochs: int, candidates: int) -> list[tuple[int, int]]:
+    """Successive halving: (epoch, survivors after it) at each rung where half of the candidates stop.
+
+    Every candidate follows its own full-length schedule (warm-up, cosine to zero over `epochs`); at
+    each rung the better half by validation score goes on, so the winner's model is exactly the model
+    a full grid would have trained at that rate, and the search picks the full grid's rate unless the
+    winner ranked in the worse half at a rung. Rungs fall at epochs/2^k (rounded up): with 4 candidates
+    at a quarter and at half of the epochs, a cost of 2 runs instead of the full grid's 4."""
+    rungs: list[tuple[int, int]] = []
+    alive = candidates
+    halvings = max(0, math.ceil(math.log2(candidates))) if candidates > 1 else 0
+    for k in range(halvings, 0, -1):
+        epoch = math.ceil(epochs / 2**k)
+        if epoch >= epochs or alive <= 1:
+            continue
+        alive = math.ceil(alive / 2)
+        if rungs and rungs[-1][0] == epoch:
+            rungs[-1] = (epoch, alive)
+        else:
+            rungs.append((epoch, alive))
+    return rungs
+
+
+def search_cost_factor(config: RunConfig) -> float:
+    """Training cost of this configuration relative to one training run at a fixed rate: what a sweep's
+    cost estimate multiplies a run's training time by (cost per epoch x epochs x this factor).
+
+    1.0 for a fixed rate, for full fine-tuning (its "auto" is a fixed rate) and for the converged linear
+    probe (its L2 grid refits a logistic regression on cached features: milliseconds next to encoding);
+    for an "auto" prompt run, the epochs all candidates train under successive halving over the epochs
+    of one run, e.g. 2.0 with 4 candidates and 20 epochs. Validation passes at the rungs are not counted."""
+    candidates = lr_candidates(config)
+    if len(candidates) == 1 or config.probe_is_converged:
+        return 1.0
+    epochs = config.epochs
+    trained, alive, start = 0, len(candidates), 0
+    for epoch, survivors in search_schedule(epochs, len(candidates)):
+        trained += alive * (epoch - start)
+        alive, start = survivors, epoch
+    trained += alive * (epochs - start)
+    return trained / epochs
 
 
 def build_model(config: RunConfig, num_classes: int) -> PromptedViT:
@@ -353,8 +485,11 @@ def encode_frozen_split(
 class SplitInputs:
     """Per split: cached frozen encodings (prompt tuning, linear probe) or raw images (full fine-tuning)."""
 
-    def __init__(self, model: PromptedViT, config: RunConfig, image_set, index: torch.Tensor, mean, std):
+    def __init__(
+        self, model: PromptedViT, config: RunConfig, image_set, index: torch.Tensor, mean, std, name: str = ""
+    ):
         self.model = model
+        self.name = name  # "train" | "val" | "test": which split these are (tests check who reads which)
         self.cached = model.tuning != "full"
         if self.cached:
             self.encoded = encode_frozen_split(model, config, image_set, index, mean, std)
@@ -363,6 +498,13 @@ class SplitInputs:
 
     def __len__(self) -> int:
         return len(self.encoded) if self.cached else len(self.images)
+
+    def for_model(self, model: PromptedViT) -> "SplitInputs":
+        """The same inputs (same cached encodings, no copy) read through another model with the same
+        frozen part: the candidates of a learning-rate search share one encoding."""
+        other = copy.copy(self)
+        other.model = model
+        return other
 
     def logits(self, index: torch.Tensor) -> torch.Tensor:
         if self.cached:
@@ -380,6 +522,124 @@ def predict(inputs: SplitInputs, precision: str, batch_size: int = EVAL_BATCH) -
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
 
 
+@torch.inference_mode()
+def evaluate(
+    inputs: SplitInputs, labels: torch.Tensor, num_classes: int, precision: str, batch_size: int = EVAL_BATCH
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Predictions on one split and its metrics (`classification_metrics`) plus "loss": the mean
+    cross-entropy (NaN on an empty split)."""
+    chunks = []
+    with autocast(precision):
+        for start in range(0, len(inputs), batch_size):
+            chunks.append(inputs.logits(torch.arange(start, min(start + batch_size, len(inputs)))).float())
+    if not chunks:
+        empty = torch.empty(0, dtype=torch.long)
+        return empty, {**classification_metrics(empty, empty, num_classes), "loss": float("nan")}
+    logits = torch.cat(chunks)
+    predictions = logits.argmax(dim=1)
+    result = classification_metrics(predictions, labels, num_classes)
+    result["loss"] = float(nn.functional.cross_entropy(logits, labels.long()))
+    return predictions, result
+
+
+def detect_collapse(
+    predictions: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: list[str],
+    epoch_losses: list[float] | None = None,
+    nonfinite_step: int | None = None,
+) -> tuple[bool, str | None]:
+    """(collapsed, reason) of a finished run. Collapsed means either:
+
+    - it predicts a single class for every image of the split given (the validation split, or the
+      training split when there is none) while that split holds at least two classes; or
+    - its training diverged: a training loss was not finite (`nonfinite_step`), or the mean training
+      loss of its last epoch is above DIVERGENCE_FACTOR x the first epoch's mean and above chance
+      level ln K (K classes), so a warm-started run whose loss starts low is not flagged for ending
+      near chance. `epoch_losses`: the mean training loss of each epoch, in order."""
+    if nonfinite_step is not None:
+        return True, f"training loss was not finite at step {nonfinite_step}"
+    losses = [float(v) for v in (epoch_losses or [])]
+    if any(not math.isfinite(v) for v in losses):
+        return True, "training loss was not finite"
+    if len(losses) >= 2:
+        threshold = max(DIVERGENCE_FACTOR * losses[0], math.log(max(2, len(class_names))))
+        if losses[-1] > threshold:
+            return True, (
+                f"training loss diverged: last epoch mean {losses[-1]:.3f} > {DIVERGENCE_FACTOR:g} x first "
+                f"epoch mean {losses[0]:.3f} and above chance"
+            )
+    predictions, labels = predictions.long().cpu(), labels.long().cpu()
+    if len(predictions) and len(torch.unique(labels)) >= 2 and len(torch.unique(predictions)) == 1:
+        only = int(predictions[0])
+        name = class_names[only] if 0 <= only < len(class_names) else str(only)
+        return True, f"predicts only {name!r} on every validation image"
+    return False, None
+
+
+def correct_string(predictions: torch.Tensor, labels: torch.Tensor) -> str:
+    """'1' where the prediction is right, '0' where wrong, one character per image in split order."""
+    return "".join("1" if bool(ok) else "0" for ok in (predictions.long().cpu() == labels.long().cpu()).tolist())
+
+
+# ---------------------------------------------------------------------------------------- linear probe
+def fit_logistic(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    l2: float,
+    *,
+    max_iter: int = PROBE_MAX_ITER,
+    tol: float = PROBE_GRAD_TOL,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Multinomial logistic regression fitted to convergence with L-BFGS: minimises the mean cross-entropy
+    + l2 / 2 * ||W||^2 (the bias is not penalised) on features standardised with the training mean and
+    spread (conditioning), in float64. Returns (weight (K, d), bias (K,)) acting on the raw features, and
+    {"iterations", "loss", "grad_max"}: the objective's largest gradient entry at the end (a converged
+    fit is below `tol`). Convex with a zero start: no seed enters it."""
+    x = features.detach().double()
+    y = labels.long()
+    mean = x.mean(dim=0)
+    spread = x.std(dim=0, unbiased=False).clamp_min(1e-6) if len(x) > 1 else torch.ones_like(mean)
+    z = (x - mean) / spread
+    weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=1e-15,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+    calls = [0]
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(z @ weight.T + bias, y) + 0.5 * l2 * (weight * weight).sum()
+        loss.backward()
+        calls[0] += 1
+        return loss
+
+    optimizer.step(objective)
+    final = objective().detach()
+    grad_max = max(float(weight.grad.abs().max()), float(bias.grad.abs().max()))
+    raw_weight = (weight.detach() / spread).float()
+    raw_bias = (bias.detach() - (weight.detach() / spread) @ mean).float()
+    iterations = int(optimizer.state[weight].get("n_iter", calls[0]))  # L-BFGS keeps its count on the first parameter
+    return raw_weight, raw_bias, {"iterations": iterations, "loss": float(final), "grad_max": grad_max}
+
+
+def _rank_key(val: dict[str, Any], collapsed: bool) -> tuple:
+    """How candidates (learning rates, L2 strengths) are ordered on validation, best first: a collapsed
+    candidate last; then higher balanced accuracy (ELPV is imbalanced: plain accuracy would favour
+    answering the majority class); then lower validation cross-entropy (few images: ties are common)."""
+    loss = val.get("loss")
+    loss = loss if loss is not None and math.isfinite(loss) else math.inf
+    return (bool(collapsed), -float(val.get("balanced_accuracy") or 0.0), loss)
+
+
 # ---------------------------------------------------------------------------------------- the run
 def run_training(
     config: RunConfig,
@@ -392,10 +652,20 @@ def run_training(
 ) -> RunResult:
     """Train one configuration and evaluate it on held-out images.
 
-    Events: {"phase": "setup"|"train"|"val"|"test"|"cost", ...} with step, epoch, loss, lr,
-    val_accuracy, elapsed_s, eta_s. Cancelling (should_cancel() -> True, checked between steps)
-    returns status "cancelled" with the curve so far and no test metrics. `initial_state` (prompts and
-    head of an earlier run, e.g. the prompts kept by condensation) replaces the fresh initialisation.
+    The learning rate: a fixed `config.lr`, or with lr "auto" the best of `lr_candidates` on the
+    validation split by successive halving (`search_schedule`). A linear probe with lr "auto" is a
+    logistic regression fitted to convergence (`fit_logistic`) with its L2 strength chosen on validation.
+    The test split is read once, after every choice is made.
+
+    Metrics add to the test figures: "lr" (the rate used; None for the converged probe), "lr_source"
+    ("validation" or "fixed"), "collapsed" and "collapse_reason" (`detect_collapse`), "test_correct"
+    (`correct_string` of the test split) and the search's record ("lr_search" or "l2_search").
+
+    Events: {"phase": "setup"|"search"|"train"|"val"|"test"|"cost", ...} with step, epoch, loss, lr,
+    val_accuracy, elapsed_s, eta_s; "search" events (several candidates still training) count steps over
+    the whole search. Cancelling (should_cancel() -> True, checked between steps) returns status
+    "cancelled" with the curve so far and no test metrics. `initial_state` (prompts and head of an earlier
+    run, e.g. the prompts kept by condensation) replaces the fresh initialisation of every candidate.
     `measure_latency=False` leaves latency to the caller (a parallel sweep measures it on a quiet
     machine); None follows the config.
     """
@@ -420,38 +690,63 @@ def run_training(
     if initial_state is not None:
         model.load_trainable_state(initial_state)
     mean, std = model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"]
+    if len(split.val) == 0 and (config.probe_is_converged or len(lr_candidates(config)) > 1):
+        raise ConfigError(
+            "learning rate 'auto' chooses on the validation split, and this split has no validation images: "
+            "raise the validation fraction or give a fixed learning rate"
+        )
 
     emit({"phase": "setup", "message": "encoding frozen layers once", "elapsed_s": time.perf_counter() - started})
     cache_started = time.perf_counter()
     indices = {"train": split.train, "val": split.val, "test": split.test}
-    inputs = {name: SplitInputs(model, config, image_set, index, mean, std) for name, index in indices.items()}
+    inputs = {name: SplitInputs(model, config, image_set, index, mean, std, name) for name, index in indices.items()}
     labels = {name: image_set.labels[index] for name, index in indices.items()}
     cache_seconds = time.perf_counter() - cache_started
 
-    curve, epoch_seconds = _train_loop(config, model, inputs, labels, num_classes, emit, cancelled, started)
+    context = _RunContext(config, inputs, labels, image_set.class_names, emit, cancelled, started)
+    if config.probe_is_converged:
+        outcome = _fit_probe(context, model)
+    else:
+        outcome = _train_with_search(context, model, initial_state)
+    model = outcome.model
     train_seconds = time.perf_counter() - started
     timings = {
         "train_seconds": train_seconds,
         "cache_seconds": cache_seconds,
-        "epoch_seconds_mean": float(np.mean(epoch_seconds)) if epoch_seconds else None,
-        "epochs_completed": len(epoch_seconds),
+        "epoch_seconds_mean": float(np.mean(outcome.epoch_seconds)) if outcome.epoch_seconds else None,
+        "epochs_completed": len(outcome.epoch_seconds),
+        "epochs_trained_all_candidates": outcome.candidate_epochs,
         "threads": torch.get_num_threads(),
     }
     split_sizes = split.sizes()
-    common = {"split_sizes": split_sizes, "class_names": image_set.class_names}
-    if len(epoch_seconds) < config.epochs:
-        last_val = curve[-1] if curve else {}
+    common = {"split_sizes": split_sizes, "class_names": image_set.class_names, **outcome.choice}
+    if outcome.cancelled:
+        last_val = outcome.curve[-1] if outcome.curve else {}
         metrics = {**common, "val_accuracy": last_val.get("val_accuracy")}
-        return RunResult("cancelled", metrics, {}, timings, curve, model.trainable_state(), image_set.class_names)
+        return RunResult(
+            "cancelled", metrics, {}, timings, outcome.curve, model.trainable_state(), image_set.class_names
+        )
 
-    test_predictions = predict(inputs["test"], config.precision)
-    test = classification_metrics(test_predictions, labels["test"], num_classes)
-    final_val = curve[-1]  # the last epoch is always validated (_validate_after): no second pass over val
+    # The final model's validation predictions decide "collapsed"; without a validation split, the training split's.
+    # (the last epoch is always validated: its predictions are reused, not computed again)
+    check = "val" if len(split.val) else "train"
+    check_predictions = outcome.val_predictions
+    if check == "train" or check_predictions is None:
+        check_predictions, _ = evaluate(inputs[check].for_model(model), labels[check], num_classes, config.precision)
+    collapsed, reason = detect_collapse(
+        check_predictions, labels[check], image_set.class_names, outcome.epoch_losses, outcome.nonfinite_step
+    )
+    test_predictions, test = evaluate(inputs["test"].for_model(model), labels["test"], num_classes, config.precision)
+    test.pop("loss", None)
+    final_val = outcome.curve[-1]  # the last epoch is always validated: no second pass over val for these
     metrics = {
         **common,
         **test,
         "val_accuracy": final_val["val_accuracy"],
         "val_balanced_accuracy": final_val["val_balanced_accuracy"],
+        "collapsed": collapsed,
+        "collapse_reason": reason,
+        "test_correct": correct_string(test_predictions, labels["test"]),
     }
     emit(
         {
@@ -473,7 +768,7 @@ def run_training(
         )
         measure = config.measure_latency if measure_latency is None else measure_latency
         costs = cost.run_costs(model, config.resolution, measure=measure)
-    return RunResult("done", metrics, costs, timings, curve, model.trainable_state(), image_set.class_names)
+    return RunResult("done", metrics, costs, timings, outcome.curve, model.trainable_state(), image_set.class_names)
 
 
 def _validate_after(epoch: int, config: RunConfig) -> bool:
@@ -483,64 +778,310 @@ def _validate_after(epoch: int, config: RunConfig) -> bool:
     return epoch % every == 0 or epoch == config.epochs
 
 
-def _train_loop(config, model, inputs, labels, num_classes, emit, cancelled, started):
-    n_train = len(inputs["train"])
-    steps_per_epoch = max(1, math.ceil(n_train / config.batch_size))
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
-    optimizer = _make_optimizer(config, model.trainable_parameters())
-    generator = torch.Generator().manual_seed(config.seed)
-    curve, epoch_seconds, step = [], [], 0
-    loop_started = time.perf_counter()
+@dataclass
+class _RunContext:
+    config: RunConfig
+    inputs: dict[str, SplitInputs]
+    labels: dict[str, torch.Tensor]
+    class_names: list[str]
+    emit: EventCallback
+    cancelled: CancelCheck
+    started: float
 
-    for epoch in range(config.epochs):
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class _Outcome:
+    model: PromptedViT
+    curve: list[dict[str, Any]]
+    epoch_seconds: list[float]
+    epoch_losses: list[float]
+    choice: dict[str, Any]  # lr, lr_source and the search's record, stored in the metrics
+    cancelled: bool = False
+    nonfinite_step: int | None = None
+    candidate_epochs: int = 0
+    val_predictions: torch.Tensor | None = None  # the returned model's, at its last validation
+
+
+class _Candidate:
+    """One model training at one learning rate: its own optimizer, data order, schedule and history."""
+
+    def __init__(self, context: _RunContext, model: PromptedViT, lr: float):
+        config = context.config
+        self.context, self.model, self.lr = context, model, lr
+        self.inputs = {name: inputs.for_model(model) for name, inputs in context.inputs.items()}
+        self.optimizer = make_optimizer(config, model, lr)
+        self.generator = torch.Generator().manual_seed(config.seed)  # the same data order for every candidate
+        self.n_train = len(self.inputs["train"])
+        self.steps_per_epoch = max(1, math.ceil(self.n_train / config.batch_size))
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.warmup_steps = int(round(config.warmup_epochs * self.steps_per_epoch))
+        self.step = 0
+        self.epoch = 0
+        self.curve: list[dict[str, Any]] = []
+        self.epoch_seconds: list[float] = []
+        self.epoch_losses: list[float] = []
+        self.nonfinite_step: int | None = None
+        self.last_val: dict[str, Any] | None = None
+        self.last_val_predictions: torch.Tensor | None = None
+        self.last_loss = float("nan")
+
+    def train_epoch(self, on_step: Callable[["_Candidate", float, float], None]) -> bool:
+        """One epoch; False when cancelled before it ended."""
+        config, context = self.context.config, self.context
         epoch_started = time.perf_counter()
-        model.train()
-        order = torch.randperm(n_train, generator=generator)
-        for start in range(0, n_train, config.batch_size):
-            if cancelled():
-                return curve, epoch_seconds
+        self.model.train()
+        order = torch.randperm(self.n_train, generator=self.generator)
+        losses = []
+        for start in range(0, self.n_train, config.batch_size):
+            if context.cancelled():
+                return False
             index = order[start : start + config.batch_size]
-            lr = lr_at(step, total_steps, warmup_steps, config.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with training_precision(model, config.precision):
-                logits = inputs["train"].logits(index)
-            loss = nn.functional.cross_entropy(logits.float(), labels["train"][index])
-            optimizer.zero_grad(set_to_none=True)
+            lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            with training_precision(self.model, config.precision):
+                logits = self.inputs["train"].logits(index)
+            loss = nn.functional.cross_entropy(logits.float(), context.labels["train"][index])
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            loss = loss.detach()
-            step += 1
-            elapsed = time.perf_counter() - loop_started
-            emit(
-                {
-                    "phase": "train",
-                    "step": step,
-                    "total_steps": total_steps,
-                    "epoch": epoch + 1,
-                    "loss": float(loss),
-                    "lr": lr,
-                    "elapsed_s": time.perf_counter() - started,
-                    "eta_s": elapsed / step * (total_steps - step),
-                }
-            )
-        model.eval()
-        epoch_seconds.append(time.perf_counter() - epoch_started)
-        if not _validate_after(epoch + 1, config):
-            continue
-        val_predictions = predict(inputs["val"], config.precision)
-        val = classification_metrics(val_predictions, labels["val"], num_classes)
-        point = {
+            self.optimizer.step()
+            value = float(loss.detach())
+            self.step += 1
+            if not math.isfinite(value) and self.nonfinite_step is None:
+                self.nonfinite_step = self.step
+            losses.append(value)
+            self.last_loss = value
+            on_step(self, value, lr)
+        self.model.eval()
+        self.epoch += 1
+        self.epoch_seconds.append(time.perf_counter() - epoch_started)
+        self.epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
+        return True
+
+    def validate(self) -> dict[str, Any]:
+        context = self.context
+        self.last_val_predictions, self.last_val = evaluate(
+            self.inputs["val"], context.labels["val"], context.num_classes, context.config.precision
+        )
+        return self.last_val
+
+    def diverged(self) -> bool:
+        return self.nonfinite_step is not None or not math.isfinite(self.last_loss)
+
+    def rank_key(self) -> tuple:
+        val = self.last_val or {}
+        one_class = False
+        if self.last_val_predictions is not None:  # the same rule as `detect_collapse`
+            labels = self.context.labels["val"]
+            one_class = len(torch.unique(self.last_val_predictions)) == 1 and len(torch.unique(labels)) >= 2
+        return _rank_key(val, self.diverged() or one_class)
+
+    def curve_point(self, val: dict[str, Any], started: float, eta_s: float) -> dict[str, Any]:
+        return {
             "phase": "val",
-            "epoch": epoch + 1,
-            "step": step,
+            "epoch": self.epoch,
+            "step": self.step,
             "val_accuracy": val["accuracy"],
             "val_balanced_accuracy": val["balanced_accuracy"],
-            "loss": float(loss),
+            "loss": self.last_loss,
             "elapsed_s": time.perf_counter() - started,
-            "eta_s": (time.perf_counter() - loop_started) / step * (total_steps - step),
+            "eta_s": eta_s,
         }
-        curve.append(point)
-        emit(point)
-    return curve, epoch_seconds
+
+
+def _train_with_search(context: _RunContext, model: PromptedViT, initial_state) -> _Outcome:
+    """Train at a fixed rate, or at every candidate rate with successive halving on validation."""
+    config, emit, started = context.config, context.emit, context.started
+    rates = lr_candidates(config)
+    searching = len(rates) > 1
+    init = model.trainable_state()
+    candidates = [_Candidate(context, model, rates[0])]
+    for lr in rates[1:]:
+        other = build_model(config, context.num_classes)
+        other.load_trainable_state(init)  # every candidate starts from the same prompts and head
+        candidates.append(_Candidate(context, other, lr))
+    del initial_state  # already in `model`, hence in `init`
+    rungs = dict(search_schedule(config.epochs, len(rates))) if searching else {}
+    steps_per_epoch = candidates[0].steps_per_epoch
+    alive, total = len(candidates), 0
+    for epoch in range(1, config.epochs + 1):
+        total += alive * steps_per_epoch
+        alive = rungs.get(epoch, alive)
+    progress = {"step": 0, "total": total}
+    loop_started = time.perf_counter()
+    active = list(candidates)
+    record: dict[float, dict[str, Any]] = {}
+
+    def eta() -> float:
+        done = max(1, progress["step"])
+        return (time.perf_counter() - loop_started) / done * (progress["total"] - progress["step"])
+
+    def on_step(candidate: _Candidate, loss: float, lr: float) -> None:
+        progress["step"] += 1
+        if len(active) > 1:
+            event = {"phase": "search", "step": progress["step"], "total_steps": progress["total"]}
+            event["candidate_lr"] = candidate.lr
+        else:  # one model left: its own steps, as a run at a fixed rate reports them
+            event = {"phase": "train", "step": candidate.step, "total_steps": candidate.total_steps}
+        emit(
+            {
+                **event,
+                "epoch": candidate.epoch + 1,
+                "loss": loss,
+                "lr": lr,
+                "elapsed_s": time.perf_counter() - started,
+                "eta_s": eta(),
+            }
+        )
+
+    def outcome(winner: _Candidate, cancelled: bool) -> _Outcome:
+        choice: dict[str, Any] = {"lr": winner.lr, "lr_source": "validation" if searching else "fixed"}
+        if searching:
+            choice["lr_search"] = [record[lr] for lr in rates if lr in record]
+        return _Outcome(
+            winner.model,
+            winner.curve,
+            winner.epoch_seconds,
+            winner.epoch_losses,
+            choice,
+            cancelled=cancelled,
+            nonfinite_step=winner.nonfinite_step,
+            candidate_epochs=sum(c.epoch for c in candidates),
+            val_predictions=winner.last_val_predictions,
+        )
+
+    for epoch in range(1, config.epochs + 1):
+        for candidate in list(active):
+            if not candidate.train_epoch(on_step):
+                return outcome(min(active, key=_Candidate.rank_key), cancelled=True)
+            at_rung = epoch in rungs or (searching and epoch == config.epochs)
+            # While several candidates train, they are validated at the rungs only (a validation pass can
+            # cost more than a few-shot epoch); those points are their curves. Then on the usual schedule.
+            on_curve = at_rung if len(active) > 1 else _validate_after(epoch, config)
+            if not (on_curve or at_rung):
+                continue
+            val = candidate.validate()
+            if on_curve:
+                point = candidate.curve_point(val, started, eta())
+                candidate.curve.append(point)
+                if len(active) == 1:
+                    emit(point)
+            if at_rung:
+                record[candidate.lr] = {
+                    "lr": candidate.lr,
+                    "epochs": candidate.epoch,
+                    "val_accuracy": val["accuracy"],
+                    "val_balanced_accuracy": val["balanced_accuracy"],
+                    "val_loss": val["loss"],
+                    "collapsed": candidate.rank_key()[0],
+                }
+                emit(
+                    {
+                        "phase": "search",
+                        "step": progress["step"],
+                        "total_steps": progress["total"],
+                        "epoch": epoch,
+                        "message": f"lr {candidate.lr:g}: validation balanced accuracy "
+                        f"{100 * val['balanced_accuracy']:.1f}% after {epoch} epochs",
+                        "elapsed_s": time.perf_counter() - started,
+                        "eta_s": eta(),
+                    }
+                )
+        if epoch in rungs and len(active) > 1:
+            active = sorted(active, key=_Candidate.rank_key)[: rungs[epoch]]
+            if len(active) == 1:  # the winner's earlier validation points join the live curve now
+                for point in active[0].curve:
+                    emit(point)
+    winner = min(active, key=_Candidate.rank_key)
+    if searching and len(active) > 1:
+        for point in winner.curve:
+            emit(point)
+    return outcome(winner, cancelled=False)
+
+
+def _fit_probe(context: _RunContext, model: PromptedViT) -> _Outcome:
+    """The converged linear probe: one L-BFGS logistic regression per L2 strength on the cached pooled
+    features, the strength with the best validation score kept."""
+    config, emit, started = context.config, context.emit, context.started
+    features = context.inputs["train"].encoded
+    labels = context.labels["train"]
+    record, best, best_key = [], None, None
+    fit_started = time.perf_counter()
+    train_loss = float("nan")
+    for position, l2 in enumerate(PROBE_L2_GRID, 1):
+        if context.cancelled():
+            curve = []
+            return _Outcome(model, curve, [], [], {"lr": None, "lr_source": "validation"}, cancelled=True)
+        weight, bias, info = fit_logistic(features, labels, context.num_classes, l2)
+        with torch.no_grad():
+            model.head.weight.copy_(weight)
+            model.head.bias.copy_(bias)
+        model.eval()
+        predictions, val = evaluate(
+            context.inputs["val"].for_model(model), context.labels["val"], context.num_classes, config.precision
+        )
+        key = _rank_key(val, collapsed=False)
+        record.append(
+            {
+                "l2": l2,
+                "val_accuracy": val["accuracy"],
+                "val_balanced_accuracy": val["balanced_accuracy"],
+                "val_loss": val["loss"],
+                "iterations": info["iterations"],
+                "grad_max": info["grad_max"],
+            }
+        )
+        emit(
+            {
+                "phase": "search",
+                "step": position,
+                "total_steps": len(PROBE_L2_GRID),
+                "message": f"L2 {l2:g}: validation balanced accuracy {100 * val['balanced_accuracy']:.1f}%",
+                "elapsed_s": time.perf_counter() - started,
+            }
+        )
+        if best_key is None or key < best_key:
+            best_key, best = key, (l2, weight, bias, info, val, predictions)
+    l2, weight, bias, info, val, predictions = best
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(bias)
+    train_loss = info["loss"]
+    steps = len(PROBE_L2_GRID)
+    emit(
+        {
+            "phase": "train",
+            "step": steps,
+            "total_steps": steps,
+            "epoch": config.epochs,
+            "loss": train_loss,
+            "lr": None,
+            "elapsed_s": time.perf_counter() - started,
+            "eta_s": 0.0,
+        }
+    )
+    point = {
+        "phase": "val",
+        "epoch": config.epochs,
+        "step": steps,
+        "val_accuracy": val["accuracy"],
+        "val_balanced_accuracy": val["balanced_accuracy"],
+        "loss": train_loss,
+        "elapsed_s": time.perf_counter() - started,
+        "eta_s": 0.0,
+    }
+    emit(point)
+    choice = {
+        "lr": None,  # L-BFGS takes its steps from a line search: no learning rate
+        "lr_source": "validation",  # its one hyperparameter, the L2 strength, was chosen there
+        "probe_solver": "lbfgs",
+        "l2": l2,
+        "l2_search": record,
+        "probe_iterations": info["iterations"],
+        "probe_grad_max": info["grad_max"],
+    }
+    return _Outcome(model, [point], [time.perf_counter() - fit_started], [], choice, val_predictions=predictions)

@@ -72,6 +72,7 @@ from vptdash.engine.train import (
     classification_metrics,
     predict,
     run_training,
+    used_lr,
 )
 from vptdash.methods.attention import load_trained_model
 from vptdash.runs.jobs import ProgressWriter, claim_job, fail_job, register_kind
@@ -319,7 +320,11 @@ def submit_condense(
     if keep_fraction is not None and not 0 < float(keep_fraction) <= 1:
         raise CondenseError(f"keep fraction must be in (0, 1], got {keep_fraction}")
     values = {**parent["config"], "epochs": int(epochs), "warmup_epochs": 0.0}
-    values["lr"] = float(lr) if lr is not None else FINETUNE_LR_FACTOR * float(RunConfig.from_dict(parent["config"]).lr)
+    # the rate the parent trained with: its stored choice when it was "auto", else its fixed rate
+    parent_lr = used_lr(RunConfig.from_dict(parent["config"]), parent.get("metrics"))
+    if lr is None and parent_lr is None:
+        raise CondenseError(f"run {parent_id} stored no learning rate to scale: give the fine-tuning rate")
+    values["lr"] = float(lr) if lr is not None else FINETUNE_LR_FACTOR * parent_lr
     config = RunConfig.from_dict(values).validate().to_dict()
     config.update(
         {

@@ -1,0 +1,300 @@
+"""The reference shipped with the app, on the recipe that chooses on validation: resumable, machine recorded.
+
+Grid: ELPV binary and 4-class x 16 and 64 images per class and the whole training split x the linear
+probe and 1, 5, 10, 50 prompts shallow and deep x seeds 0, 1, 2 (162 runs). Learning rates are "auto"
+(each configuration's own, chosen on the validation split by successive halving); the probe is the
+converged logistic regression. Each finished run is appended to a checkpoint JSON (atomic rewrite), so
+a stopped sweep loses at most the run in progress and `--resume` continues with the next one. Every
+run records the machine it ran on (CPU model, its bf16/AMX flags, threads, load average) and the date.
+
+    python benchmarks/reference_sweep.py --resume                         # the whole grid (CPU hours)
+    python benchmarks/reference_sweep.py --resume --datasets elpv-binary --sizes 16 --prompts 0,10 \\
+        --placements deep --seeds 0                                       # a slice
+    python benchmarks/reference_sweep.py --write-reference                # ship what the checkpoint holds
+
+`--write-reference` writes vptdash/runs/reference/elpv_reference_v2.json (the loader prefers it to the
+older 16-shot file) and, for the runs named by SHIP_ARTIFACTS, their trained prompts and head as
+safetensors beside it, so the Attention page has trained runs on a fresh install. With
+`--examples-only` it writes only those runs, to elpv_trained_examples.json, which the app loads beside
+whichever reference ships (for use before the whole grid has run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from vptdash.engine import paths  # noqa: E402
+from vptdash.engine.train import RunConfig, run_training, search_cost_factor  # noqa: E402
+from vptdash.runs import reference  # noqa: E402
+from vptdash.runs.jobs import kind_of  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = ROOT / "benchmarks" / "data" / "reference_sweep_runs.json"
+
+
+def artifact_cache():
+    """Every run's trained state, kept out of the repository (a full grid's is about 50 MB) under the
+    data dir; --write-reference copies the few that ship."""
+    return paths.data_dir() / "reference_sweep_artifacts"
+
+
+RECIPE_NAME = "lr-auto-v1"
+
+DATASETS = ("elpv-binary", "elpv")
+SIZES = ("16", "64", "full")
+COUNTS = (0, 1, 5, 10, 50)
+PLACEMENTS = ("shallow", "deep")
+SEEDS = (0, 1, 2)
+# Per data size: epochs and batch. Few-shot sets are small, so more passes at a small batch; the whole
+# training split (about 1,700 images) gets 10 epochs at batch 32 (530 steps).
+SCHEDULE = {"16": (20, 8), "64": (20, 16), "full": (10, 32)}
+# The runs whose prompts and head ship with the app (a few hundred KiB in all).
+SHIP_ARTIFACTS = (
+    {"dataset": "elpv-binary", "shots": 16, "num_prompts": 10, "placement": "deep", "seed": 0},
+    {"dataset": "elpv-binary", "shots": 16, "num_prompts": 10, "placement": "shallow", "seed": 0},
+)
+
+
+def reference_config(dataset: str, size: str, count: int, placement: str, seed: int) -> RunConfig:
+    epochs, batch = SCHEDULE[size]
+    values = dict(
+        backbone="dinov2_s14",
+        dataset=dataset,
+        shots=None if size == "full" else int(size),
+        resolution=112,
+        epochs=epochs,
+        batch_size=batch,
+        lr="auto",
+        precision="bf16",
+        val_fraction=0.1,
+        seed=seed,
+        measure_latency=False,
+    )
+    if count == 0:
+        values.update(tuning="linear", num_prompts=0, placement="none")
+    else:
+        values.update(tuning="prompt", num_prompts=count, placement=placement)
+    return RunConfig(**values)
+
+
+def grid(datasets, sizes, counts, placements, seeds) -> list[RunConfig]:
+    configs, seen = [], set()
+    for dataset, size, seed, count, placement in itertools.product(datasets, sizes, seeds, counts, placements):
+        config = reference_config(dataset, size, count, placement, seed)
+        key = run_key(config)
+        if key not in seen:
+            seen.add(key)
+            configs.append(config)
+    return configs
+
+
+def run_key(config: RunConfig) -> str:
+    payload = json.dumps([RECIPE_NAME, config.to_dict()], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def machine() -> dict:
+    """What the run's speed and numerics depend on: CPU model and the flags bf16 matmuls use, threads, load."""
+    cpu, flags = platform.processor() or "cpu", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("cpu", platform.processor()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512f", "avx2"))
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "flags": wanted,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def read_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        return {"meta": {"recipe": RECIPE_NAME}, "runs": []}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_json(path: Path, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content, separators=(",", ":")), encoding="utf-8")
+    os.replace(tmp, path)  # a stop at any moment leaves the old checkpoint or the new one
+
+
+def run_one(config: RunConfig) -> dict:
+    """Train one configuration; the row in the shape `RunStore.import_runs` takes."""
+    events: list[dict] = []
+    started_at = time.time()
+    at_start = machine()
+
+    def keep(event: dict) -> None:  # the validation curve and the outcome, not every step
+        if event.get("phase") in ("val", "test"):
+            events.append(event)
+
+    result = run_training(config, on_event=keep, compute_costs=True, measure_latency=False)
+    key = run_key(config)
+    cache = artifact_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().contiguous().clone() for name, t in result.trainable_state.items()}
+    save_file(state, str(cache / f"{key[:24]}.safetensors"), metadata={"class_names": ",".join(result.class_names)})
+    return {
+        "config": config.to_dict(),
+        "status": result.status,
+        "kind": kind_of(config),
+        "sweep_id": f"reference-{RECIPE_NAME}",
+        "metrics": result.metrics,
+        "costs": result.costs,
+        "timings": {**result.timings, "machine": at_start, "search_cost_factor": search_cost_factor(config)},
+        "created_at": started_at,
+        "started_at": started_at,
+        "finished_at": time.time(),
+        "progress": events,
+        "dedupe_key": key,
+    }
+
+
+def sweep(configs: list[RunConfig], checkpoint: Path, *, resume: bool) -> dict:
+    content = read_checkpoint(checkpoint)
+    if content["runs"] and not resume:
+        raise SystemExit(
+            f"error: {checkpoint} already holds {len(content['runs'])} runs: pass --resume to continue, "
+            "or move the file away to start over"
+        )
+    done = {row["dedupe_key"] for row in content["runs"]}
+    todo = [c for c in configs if run_key(c) not in done]
+    print(
+        f"{len(configs) - len(todo)} of {len(configs)} runs already in {checkpoint.name}; {len(todo)} to go", flush=True
+    )
+    for position, config in enumerate(todo, 1):
+        size = "full split" if config.shots is None else f"{config.shots} shots"
+        label = f"{config.dataset}, {size}, {config.label()}, seed {config.seed}"
+        t0 = time.perf_counter()
+        row = run_one(config)
+        seconds = time.perf_counter() - t0
+        content = read_checkpoint(checkpoint)  # re-read: nothing another writer added is lost
+        content["runs"] = [r for r in content["runs"] if r["dedupe_key"] != row["dedupe_key"]] + [row]
+        content["meta"].setdefault("machines", [])
+        content["meta"]["machines"].append(row["timings"]["machine"])
+        write_json(checkpoint, content)
+        metrics = row["metrics"]
+        chosen = f"lr {metrics['lr']:g}" if metrics.get("lr") is not None else f"L2 {metrics.get('l2')}"
+        print(
+            f"[{position}/{len(todo)}] {label}: test acc {100 * metrics['accuracy']:.1f}% "
+            f"(balanced {100 * metrics['balanced_accuracy']:.1f}%), {chosen} ({metrics['lr_source']}), "
+            f"collapsed {metrics['collapsed']}, {seconds:.0f} s",
+            flush=True,
+        )
+    return read_checkpoint(checkpoint)
+
+
+def matches(config: dict, wanted: dict) -> bool:
+    return all(config.get(k) == v for k, v in wanted.items())
+
+
+def write_reference(checkpoint: Path, *, examples_only: bool = False) -> None:
+    """The shipped file from the checkpoint's finished runs, and the artifacts of SHIP_ARTIFACTS beside it.
+
+    examples_only: write only the runs whose trained prompts ship (to the examples file, which the app
+    loads beside whichever reference it ships), so the Attention page works before the whole grid is done
+    without a partial grid replacing the older reference on the Budget explorer."""
+    content = read_checkpoint(checkpoint)
+    runs = [dict(row) for row in content["runs"] if row["status"] == "done"]
+    if not runs:
+        raise SystemExit(f"error: {checkpoint} holds no finished runs")
+    folder = reference.ARTIFACT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for row in runs:
+        if any(matches(row["config"], wanted) for wanted in SHIP_ARTIFACTS):
+            source = artifact_cache() / f"{row['dedupe_key'][:24]}.safetensors"
+            if not source.is_file():
+                print(f"no trained state kept for {row['config']['num_prompts']} {row['config']['placement']}")
+                continue
+            name = f"{row['dedupe_key'][:24]}.safetensors"
+            state = load_file(str(source))
+            save_file(state, str(folder / name), metadata={"class_names": ",".join(row["metrics"]["class_names"])})
+            row["artifact"] = name
+    if examples_only:
+        runs = [row for row in runs if "artifact" in row]
+    machines = content["meta"].get("machines") or []
+    meta = {
+        "command": "python benchmarks/reference_sweep.py --resume ... then --write-reference"
+        + (" --examples-only" if examples_only else ""),
+        "recipe": f"{RECIPE_NAME}: lr chosen per configuration on the validation split (successive halving "
+        "over AdamW 3e-4, 1e-3, 3e-3, 1e-2); linear probe = L-BFGS logistic regression, L2 chosen on validation; "
+        "bf16, 112 px, val 10%, test = stratified 25% (656 images)",
+        "machine": machines[-1] if machines else machine(),
+        "machines": sorted({json.dumps({k: m.get(k) for k in ("cpu", "flags", "cores", "gpu")}) for m in machines}),
+        "date": _dt.date.today().isoformat(),
+        "note": "ELPV (binary: defective if p > 0.5; and 4 classes), offline DINOv2 ViT-S/14. ELPV: CC BY-NC-SA 4.0.",
+    }
+    path = reference.EXAMPLES_FILE if examples_only else reference.REFERENCE_V2_FILE
+    write_json(path, {"meta": meta, "runs": runs})
+    shipped = sum("artifact" in row for row in runs)
+    print(f"wrote {len(runs)} runs to {path} ({path.stat().st_size / 1024:.0f} KiB), {shipped} with trained prompts")
+
+
+def _list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--sizes", default=",".join(SIZES), help="images per class, or 'full'")
+    parser.add_argument("--prompts", default=",".join(map(str, COUNTS)), help="0 = the linear probe")
+    parser.add_argument("--placements", default=",".join(PLACEMENTS))
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    parser.add_argument("--checkpoint", default=str(CHECKPOINT))
+    parser.add_argument("--resume", action="store_true", help="continue the checkpoint's sweep")
+    parser.add_argument("--write-reference", action="store_true", help="only write the shipped reference file")
+    parser.add_argument(
+        "--examples-only",
+        action="store_true",
+        help="with --write-reference: only the runs whose trained prompts ship, to the examples file",
+    )
+    args = parser.parse_args(argv)
+    checkpoint = Path(args.checkpoint)
+    if args.write_reference:
+        write_reference(checkpoint, examples_only=args.examples_only)
+        return
+    sizes = _list(args.sizes)
+    bad = [s for s in sizes if s not in SCHEDULE]
+    if bad:
+        raise SystemExit(f"error: sizes must be among {', '.join(SCHEDULE)}, got {', '.join(bad)}")
+    configs = grid(
+        _list(args.datasets),
+        sizes,
+        [int(c) for c in _list(args.prompts)],
+        _list(args.placements),
+        [int(s) for s in _list(args.seeds)],
+    )
+    sweep(configs, checkpoint, resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
