@@ -237,7 +237,7 @@ with controls_col:
         with c[0]:
             precision = st.segmented_control(
                 "Precision",
-                ["fp32", "bf16"],
+                ["auto", "fp32", "bf16"],
                 default=RECIPE.precision,
                 key="train_precision",
                 required=True,

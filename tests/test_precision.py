@@ -68,3 +68,24 @@ def test_the_real_measurement_runs_and_names_this_cpu(tmp_path):
     choice = precision.choose_precision("auto", precision.block_shapes(64, 64, 256), cache_path=tmp_path / "r.json")
     assert choice.precision in ("fp32", "bf16") and choice.gflops_fp32 > 0 and choice.gflops_bf16 > 0
     assert precision.cpu_description()["threads"] == torch.get_num_threads()
+
+
+def test_a_run_with_precision_auto_trains_in_the_measured_precision_and_says_why(image_folder):
+    from vptdash.engine.train import RunConfig, run_training
+
+    config = RunConfig(
+        backbone="tiny-random",
+        dataset=str(image_folder),
+        resolution=32,
+        shots=None,
+        epochs=1,
+        batch_size=8,
+        lr=1e-2,
+        precision="auto",
+        measure_latency=False,
+    )
+    result = run_training(config, compute_costs=False)
+    assert result.metrics["precision"] in ("fp32", "bf16")
+    assert "faster" in result.metrics["precision_reason"] or "speed" in result.metrics["precision_reason"]
+    forced = run_training(RunConfig(**{**config.to_dict(), "precision": "fp32"}), compute_costs=False)
+    assert (forced.metrics["precision"], forced.metrics["precision_reason"]) == ("fp32", "fp32 as requested")

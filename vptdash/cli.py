@@ -166,7 +166,12 @@ def _add_run_options(parser: argparse.ArgumentParser, *, sweep: bool = False) ->
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default=defaults.optimizer)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default=defaults.precision)
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto (default): whichever of fp32 and bf16 measures faster on this machine at the run's shapes",
+    )
     parser.add_argument("--no-latency", action="store_true", help="skip latency measurement (faster)")
     parser.add_argument("--store", default=None, help="run store path (default: the user data dir, or $VPTDASH_HOME)")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the results on the last line")

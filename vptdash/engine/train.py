@@ -16,7 +16,7 @@ import copy
 import math
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from vptdash.engine import backbones, cost, data, features
+from vptdash.engine.precision import PrecisionChoice, block_shapes, choose_precision
 from vptdash.engine.prompts import (
     PROMPT_TYPES,
     TUNING_MODES,
@@ -59,6 +60,8 @@ PROBE_GRAD_TOL = 1e-6  # L-BFGS stops when the largest gradient entry of the obj
 DIVERGENCE_FACTOR = 2.0
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
+# "auto": whichever of PRECISIONS measured faster on this machine at the run's shapes (engine.precision).
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 ENCODE_BATCH = 64
 # Inference batch. Measured here (docs/performance.md): with 50-100 prompts, batches of 256 run at half
 # the per-image speed of batches of 32 (the attention working set falls out of cache); 32 is never slower.
@@ -190,7 +193,7 @@ class RunConfig:
             (self.tuning in TUNING_MODES, f"tuning must be one of {TUNING_MODES}"),
             (self.prompt_type in PROMPT_TYPES, f"prompt type must be one of {PROMPT_TYPES}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.precision in PRECISION_CHOICES, f"precision must be one of {PRECISION_CHOICES}"),
             (
                 0 <= self.num_prompts <= MAX_PROMPTS,
                 f"prompt count must be between 0 and {MAX_PROMPTS}, got {self.num_prompts}",
@@ -641,6 +644,19 @@ def _rank_key(val: dict[str, Any], collapsed: bool) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------- the run
+def choose_run_precision(config: RunConfig, model: PromptedViT) -> PrecisionChoice:
+    """The precision this run trains and evaluates in: the configured one, or for "auto" the faster of
+    fp32 and bf16 measured at this run's block shapes (batch x tokens, width, MLP width), once per
+    machine (engine.precision caches it)."""
+    backbone = model.backbone
+    prompts = max(config.prompt_counts) if config.prompt_counts else config.num_prompts
+    tokens = model.num_prefix_tokens + int(backbone.patch_embed.num_patches) + prompts
+    shapes = block_shapes(
+        config.batch_size * tokens, int(backbone.embed_dim), int(backbone.blocks[0].mlp.fc1.out_features)
+    )
+    return choose_precision(config.precision, shapes)
+
+
 def run_training(
     config: RunConfig,
     *,
@@ -689,6 +705,8 @@ def run_training(
     model = build_model(config, num_classes)
     if initial_state is not None:
         model.load_trainable_state(initial_state)
+    precision_choice = choose_run_precision(config, model)
+    config = replace(config, precision=precision_choice.precision)  # the rest of the run uses what was chosen
     mean, std = model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"]
     if len(split.val) == 0 and (config.probe_is_converged or len(lr_candidates(config)) > 1):
         raise ConfigError(
@@ -719,7 +737,13 @@ def run_training(
         "threads": torch.get_num_threads(),
     }
     split_sizes = split.sizes()
-    common = {"split_sizes": split_sizes, "class_names": image_set.class_names, **outcome.choice}
+    common = {
+        "split_sizes": split_sizes,
+        "class_names": image_set.class_names,
+        **outcome.choice,
+        "precision": precision_choice.precision,
+        "precision_reason": precision_choice.reason,
+    }
     if outcome.cancelled:
         last_val = outcome.curve[-1] if outcome.curve else {}
         metrics = {**common, "val_accuracy": last_val.get("val_accuracy")}
