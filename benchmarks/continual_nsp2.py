@@ -213,6 +213,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=continual.RECIPES["official"]["epochs"])
     parser.add_argument("--shots", type=int, default=30, help="training images per class (the set has 30)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-test", type=int, default=None, help="test images per class (default: all 10)")
     parser.add_argument("--store", default=str(paths.data_dir() / "benchmarks" / "continual.sqlite"))
     parser.add_argument("--no-write", action="store_true", help="print the section, do not touch docs/results.md")
     args = parser.parse_args(argv)
@@ -226,6 +227,7 @@ def main(argv=None) -> int:
         resolution=args.resolution,
         epochs=args.epochs,
         batch_size=args.batch_size,
+        max_test_per_class=args.max_test,
         lr=1e-2,
         weight_decay=1e-4,
         precision="fp32",
@@ -267,6 +269,7 @@ def main(argv=None) -> int:
             ("epochs", args.epochs, continual.RECIPES["official"]["epochs"]),
             ("shots", args.shots, 30),
             ("batch-size", args.batch_size, 32),
+            ("max-test", args.max_test, None),
         )
         if value != default
     )
