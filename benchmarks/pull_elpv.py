@@ -151,8 +151,23 @@ def reading(results: list[dict]) -> list[str]:
             f"- {r['prompts']} per block (seed {r['seed']}): training moved CLS pull {gain:+.1f} ± {half:.1f} points "
             f"({verdict}) and the value-weighted share {100 * r['value_gain']:+.1f} ± {100 * r['value_gain_half']:.1f}; "
             f"removing the prompts changes {pct(r['prediction_change'])} % of predictions and accuracy by "
-            f"{-removed:+.1f} points on {r['n_masked']} images (one image = {100 / r['n_masked']:.1f} points)."
+            f"{-removed:+.1f} points on {r['n_masked']} images (one image = {100 / r['n_masked']:.1f} points); "
+            f"with its untrained prompts and the trained head it scores {pct(r['accuracy_untrained_prompts'])} % "
+            f"(trained prompts {pct(r['accuracy_sample'])} %)."
         )
+    counts = sorted({r["prompts"] for r in results})
+    seeds = sorted({r["seed"] for r in results})
+    lines.append(
+        f"- Scope: {len(counts)} prompt count(s) ({', '.join(map(str, counts))} per block) and {len(seeds)} training "
+        f"seed(s): "
+        + (
+            "this cannot say how the gain over untrained prompts changes with the count, nor whether it holds "
+            "across seeds. "
+            if len(counts) < 3 or len(seeds) < 2
+            else ""
+        )
+        + "The full run (`python benchmarks/pull_elpv.py`: 1, 10, 100 per block, seeds 0-2, 10 epochs) trains 9 runs."
+    )
     return lines
 
 
