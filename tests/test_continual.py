@@ -418,6 +418,20 @@ def test_generated_textures_make_a_ten_class_folder(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ charts and page
+def test_diagnostics_chart_has_one_bar_group_per_method():
+    summary = [
+        {"method": "sequential", "seeds": 2, "learning_accuracy_mean": 0.8, "learning_accuracy_std": 0.1,
+         "ncm_accuracy_mean": 0.5, "ncm_accuracy_std": None},
+        {"method": "nsp2", "seeds": 2, "learning_accuracy_mean": 0.7, "ncm_accuracy_mean": 0.6},
+    ]  # fmt: skip
+    fig = continual_charts.diagnostics_bars(summary)
+    assert [t.name for t in fig.data] == [continual.METHOD_LABELS["sequential"], continual.METHOD_LABELS["nsp2"]]
+    keys = list(continual_charts.DIAGNOSTICS)
+    assert fig.data[0].y[keys.index("learning_accuracy")] == pytest.approx(80.0)
+    assert fig.data[1].y[keys.index("ncm_accuracy")] == pytest.approx(60.0)
+    assert fig.data[1].y[keys.index("avg_accuracy")] is None  # not measured: no bar, not a zero
+
+
 def test_charts_carry_the_matrix():
     tasks = [["a", "b"], ["c", "d"]]
     matrix = [[0.9, None], [0.6, 0.8]]
@@ -459,4 +473,4 @@ def test_page_renders_and_shows_a_finished_experiment(four_classes, monkeypatch)
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     charts = at.get("plotly_chart")
-    assert len(charts) == 3  # heatmaps, lines over tasks, summary bars
+    assert len(charts) == 4  # heatmaps, lines over tasks, summary bars, who-forgot diagnostics
