@@ -19,7 +19,7 @@ from vptdash.ui import jobqueue, look, resources, session
 from vptdash.views import attention_charts, wording
 from vptdash.views.budget import dataset_name
 
-PULL_IMAGES = 16  # test images behind each pull number (the first ones of the fixed test split)
+PULL_IMAGES = attention.PULL_SAMPLE_IMAGES  # test images behind each pull number (the first ones of the test split)
 MAX_PULL_RUNS = 24
 
 store = resources.get_store()
@@ -258,11 +258,16 @@ if image is not None:
 # ------------------------------------------------------------------------------------ prompt pull
 st.subheader("Prompt pull")
 st.caption(
-    f"Share of attention mass on prompt keys, averaged over heads and the first {PULL_IMAGES} test images, "
-    "next to the uniform share p/T (what prompts would get if attention ignored content). Above the dashed "
-    "line, prompts pull attention to themselves."
+    f"Share of attention mass on prompt keys, averaged over heads and the first {PULL_IMAGES} test images. "
+    "Two baselines: the same run's prompts **before training** (dotted: same blocks, same counts, same "
+    "seeded init, same images) and the uniform share p/T (dashed). The frozen backbone already sends far "
+    "more than p/T to untrained prompts, so only the gap to the dotted line is what training did. "
+    "*Value-weighted share* counts each key's attention times the norm of what it adds to the output "
+    "(‖W_O v‖), so a prompt that draws attention but carries little counts little."
 )
 series = {}
+baselines = {}
+influence = {}
 per_prompt = {}
 for run_id in chosen:
     try:
@@ -270,17 +275,70 @@ for run_id in chosen:
     except (attention.AttentionError, DatasetError, KeyError, ConfigError) as exc:
         st.error(f"Run #{run_id}: {wording.md_escape(exc)}")
         continue
-    series[f"#{run_id} {wording.run_label(by_id[run_id])}"] = result["blocks"]
-c = st.columns([1, 3])
+    label = f"#{run_id} {wording.run_label(by_id[run_id])}"
+    series[label] = result["blocks"]
+    baselines[label] = result.get("blocks_untrained") or []
+    influence[label] = result
+c = st.columns([2, 2])
 _default("att_query", "cls_pull")
 query = c[0].segmented_control(
-    "Queries",
-    ["cls_pull", "patch_pull"],
+    "Measure",
+    list(attention_charts.PULL_MEASURES),
     key="att_query",
     required=True,
-    format_func={"cls_pull": "CLS", "patch_pull": "patches"}.get,
+    format_func={
+        "cls_pull": "CLS attention",
+        "patch_pull": "patch attention",
+        "cls_value_share": "CLS value-weighted",
+        "patch_value_share": "patch value-weighted",
+    }.get,
 )
-look.show_plotly(attention_charts.pull_per_block_figure(series, query=query or "cls_pull"), key="att_pull_blocks")
+look.show_plotly(
+    attention_charts.pull_per_block_figure(series, query=query or "cls_pull", baselines=baselines),
+    key="att_pull_blocks",
+)
+if influence:
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "run": label,
+                    "CLS pull": r.get("cls_pull"),
+                    "untrained": r.get("cls_pull_untrained"),
+                    "uniform p/T": r.get("uniform"),
+                    "value-weighted": r.get("cls_value_share"),
+                    "value-weighted, untrained": r.get("cls_value_share_untrained"),
+                    "accuracy": r.get("accuracy_sample"),
+                    "prompts removed": r.get("accuracy_without_prompts"),
+                    "untrained prompts": r.get("accuracy_untrained_prompts"),
+                    "predictions changed": r.get("prediction_change"),
+                }
+                for label, r in influence.items()
+            ]
+        ),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            k: st.column_config.NumberColumn(format="percent")
+            for k in (
+                "CLS pull",
+                "untrained",
+                "uniform p/T",
+                "value-weighted",
+                "value-weighted, untrained",
+                "accuracy",
+                "prompts removed",
+                "untrained prompts",
+                "predictions changed",
+            )
+        },
+    )
+    st.caption(
+        f"Influence on these {PULL_IMAGES} images (the same head throughout): accuracy with the trained prompts, "
+        "with every prompt removed from the sequence, and with the untrained prompts; *predictions changed*: "
+        f"share whose class changes when the prompts are removed. {PULL_IMAGES} images: one image moves an "
+        f"accuracy by {100 / PULL_IMAGES:.1f} points, so read small differences as noise."
+    )
 
 if image is not None and maps:
     with st.expander("Which prompts attract attention (this image)", icon="◻️"):
@@ -311,7 +369,11 @@ same = [
     and RunConfig.from_dict(r["config"]).backbone == config_a.backbone
 ]
 with st.container(border=True):
-    st.markdown(f"##### Does pull saturate as accuracy does? {len(same)} stored run(s) on this data and backbone")
+    st.markdown(f"##### What did training add to the pull? {len(same)} stored run(s) on this data and backbone")
+    st.caption(
+        "Trained minus untrained pull (mean over blocks) per run: 0 is what the frozen backbone gives any "
+        "prompts of that count; open markers show where the uniform share p/T would put the bar."
+    )
     measured_key = f"att_pull_all_{run_a}"
     if st.button(
         f"Measure prompt pull for {min(len(same), MAX_PULL_RUNS)} run(s)",
@@ -342,9 +404,13 @@ with st.container(border=True):
                         "configuration": r["label"],
                         "prompts/block": r["total_prompts"] / max(r["placed_blocks"], 1),
                         "CLS pull": r["cls_pull"],
+                        "untrained CLS pull": r.get("cls_pull_untrained"),
+                        "gain (points)": 100 * (r["cls_pull"] - r.get("cls_pull_untrained", float("nan"))),
                         "patch pull": r["patch_pull"],
                         "uniform p/T": r["uniform"],
+                        "value-weighted CLS": r.get("cls_value_share"),
                         "accuracy": r["accuracy"],
+                        "acc. prompts removed": r.get("accuracy_without_prompts"),
                     }
                     for r in records
                 ]
@@ -355,9 +421,18 @@ with st.container(border=True):
                 width="stretch",
                 column_config={
                     "prompts/block": st.column_config.NumberColumn(format="%.1f"),
+                    "gain (points)": st.column_config.NumberColumn(format="%+.1f"),
                     **{
                         k: st.column_config.NumberColumn(format="percent")
-                        for k in ("CLS pull", "patch pull", "uniform p/T", "accuracy")
+                        for k in (
+                            "CLS pull",
+                            "untrained CLS pull",
+                            "patch pull",
+                            "uniform p/T",
+                            "value-weighted CLS",
+                            "accuracy",
+                            "acc. prompts removed",
+                        )
                     },
                 },
             )

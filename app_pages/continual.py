@@ -58,9 +58,11 @@ with controls:
             index=0,
             format_func=options.get,
             key="cl_dataset",
-            help="ELPV has 4 classes (2 tasks of 2). The generated textures have 10 (up to 5 tasks). "
-            "Uploads with at least 4 classes work too.",
+            help="ELPV has 4 classes (2 tasks of 2). The generated textures-30 set has 30 (5 tasks of 6, the "
+            "benchmark's setting); textures-10 has 10 (up to 5 tasks of 2). Uploads with at least 4 classes work too.",
         )
+        if spec == "elpv":
+            st.info(continual.ELPV_NOTE, icon=":material/info:")
         cell_type = setup["cell_type"] if spec == "elpv" else None
         try:
             names = class_names(spec, int(setup["resolution"]), cell_type)
@@ -68,7 +70,7 @@ with controls:
             st.error(f"Cannot read this image set: {wording.md_escape(exc)}")
             names = []
         max_tasks = len(names) // 2
-        tasks, order = 1, list(range(len(names)))
+        tasks, order, shuffle = 1, list(range(len(names))), False
         if max_tasks < 2:
             st.warning(
                 f"This set has {len(names)} classes: continual learning needs at least 4 (2 tasks of 2 classes)."
@@ -84,19 +86,32 @@ with controls:
                 help=f"The classes are split into this many tasks (at most {max_tasks}: every "
                 "task needs 2 classes), in the arrival order below.",
             )
-            picked = st.multiselect(
-                "Arrival order of the classes",
-                names,
-                default=names,
-                key=f"cl_order_{spec}",
-                help="Clear and pick the classes in the order they should arrive.",
+            shuffle = st.toggle(
+                "Shuffle the class order with each seed",
+                value=True,
+                key="cl_shuffle",
+                help="As the official NSP2 recipe does: every seed gets its own arrival order, so no result "
+                "depends on one lucky order. Off: pick the order below.",
             )
-            if sorted(picked) == sorted(names):
-                order = [names.index(n) for n in picked]
+            if shuffle:
+                order = None
+                preview = continual.ContinualConfig(seed=0).arrival_order(len(names))
+                st.caption("Seed 0's order, for example:")
             else:
-                st.caption("Pick every class once; until then the data set's order is used.")
+                picked = st.multiselect(
+                    "Arrival order of the classes",
+                    names,
+                    default=names,
+                    key=f"cl_order_{spec}",
+                    help="Clear and pick the classes in the order they should arrive.",
+                )
+                if sorted(picked) == sorted(names):
+                    order = [names.index(n) for n in picked]
+                else:
+                    st.caption("Pick every class once; until then the data set's order is used.")
+                preview = order
             try:
-                split = continual.split_classes(len(names), tasks, order)
+                split = continual.split_classes(len(names), tasks, preview)
                 st.caption(
                     " → ".join(
                         f"**T{i + 1}** " + ", ".join(wording.md_escape(names[c]) for c in t)
@@ -140,25 +155,44 @@ with controls:
             help="Stability/plasticity blend: update = eta × projected + (1 − eta) × free. 1 = pure "
             "null-space projection.",
         )
+        recipe = st.radio(
+            "Recipe",
+            list(continual.RECIPES),
+            key="cl_recipe",
+            format_func=continual.RECIPE_LABELS.get,
+            help="Official: as the NSP2 authors' code (prompts in every block, init uniform(-1, 1), projector "
+            "divided by its Frobenius norm, logits / 28 in the loss, augmented images, longer training); slow on "
+            "a CPU. Compact: the earlier CPU-friendly variant (last 4 blocks, plain projector).",
+        )
+        defaults = continual.RECIPES[recipe or "official"]
         with st.expander("Training settings"):
             c = st.columns(2)
             shots = c[0].select_slider("Training images per class", SHOTS, value=32, key="cl_shots")
-            epochs = c[1].number_input("Epochs per task", min_value=1, max_value=100, value=10, step=1, key="cl_epochs")
+            epochs = c[1].number_input(
+                "Epochs per task",
+                min_value=1,
+                max_value=100,
+                value=int(defaults["epochs"]),
+                step=1,
+                key=f"cl_epochs_{recipe}",
+            )
             prompts = c[0].select_slider("Prompts per block", [1, 2, 4, 8, 16], value=4, key="cl_prompts")
             placement = c[1].selectbox(
                 "Prompted blocks",
                 list(PLACEMENTS),
-                index=0,
+                index=list(PLACEMENTS).index(defaults["placement"]),
                 format_func=PLACEMENTS.get,
-                key="cl_placement",
-                help="Last 4 blocks: the blocks before run once per image (fast on CPU).",
+                key=f"cl_placement_{recipe}",
+                help="Every block: the official recipe. Last 4 blocks: the blocks before run once per image "
+                "(fast on CPU).",
             )
             lr = c[0].select_slider(
                 "Learning rate", LR_CHOICES, value=1e-2, key="cl_lr", format_func=lambda v: f"{v:g}"
             )
             st.caption(f"Backbone `{setup['backbone']}` at {setup['resolution']} px (from the active setup).")
 
-    base = continual.ContinualConfig(
+    base = continual.recipe_config(
+        recipe or "official",
         backbone=setup["backbone"],
         dataset=spec,
         cell_type=cell_type,
@@ -166,6 +200,7 @@ with controls:
         shots=None if shots == "all" else int(shots),
         tasks=int(tasks),
         class_order=order,
+        shuffle_classes=bool(shuffle),
         num_prompts=int(prompts),
         placement=placement,
         epochs=int(epochs),
@@ -244,6 +279,15 @@ def show_results(rows: list[dict]) -> None:
     look.show_plotly(
         continual_charts.summary_bars(summary, accuracy_key=avg_key, forgetting_key=forget_key), key="cl_summary"
     )
+    look.show_plotly(continual_charts.diagnostics_bars(summary), key="cl_diagnostics")
+    st.caption(
+        "Who forgot? A drop from *right after learning* to *after the last task* that the *task given* accuracy "
+        "does not show is old images assigned to newer classes (the heads never saw the tasks together). A drop "
+        "of the *nearest-class-mean* accuracy (class means of the pooled training features, no head) means the "
+        "features themselves got worse: that is what null-space prompts are meant to prevent."
+    )
+    recipes = sorted({str(r["config"].get("recipe", "compact")) for r in done})
+    st.caption("Recipe: " + "; ".join(continual.RECIPE_LABELS.get(r, r) for r in recipes) + ".")
     with st.expander("Per run"):
         st.dataframe(
             [

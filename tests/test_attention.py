@@ -126,6 +126,119 @@ def test_hand_built_matrix_gives_the_expected_pull():
     torch.testing.assert_close(attention.cls_patch_map(maps, 0)[0, 0, 1], torch.tensor((0.2 + 1 / 7) / 2))
 
 
+def test_value_weighted_share_by_hand():
+    """share = sum_h sum_{j in prompts} A_h,ij n_h,j / sum_h sum_j A_h,ij n_h,j (n: value-output norms)."""
+    maps = hand_maps()
+    norms = torch.tensor([[1.0, 4.0, 0.0, 1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]])[None]
+    maps.blocks[0].value_norms = norms
+    probs = maps.blocks[0].probs[0]
+    # CLS row: head 0 gives 0.3 * 4 + 0.1 * 0 on prompts out of 0.1 + 1.2 + 0 + 0.1 + 0.2 + 0.1 + 0.1 = 1.8;
+    # head 1 (uniform attention, equal norms) gives 2 * 2/7 out of 2
+    expected_cls = (1.2 + 4 / 7) / (1.8 + 2.0)
+    (row,) = attention.prompt_pull(maps)
+    assert row["cls_value_share"] == pytest.approx(expected_cls)
+    patch_rows = []
+    for i in range(3, 7):
+        num = sum(float(probs[h, i, j] * norms[0, h, j]) for h in range(2) for j in (1, 2))
+        den = sum(float(probs[h, i, j] * norms[0, h, j]) for h in range(2) for j in range(7))
+        patch_rows.append(num / den)
+    assert row["patch_value_share"] == pytest.approx(np.mean(patch_rows))
+    # without value norms the share is unknown, not invented
+    maps.blocks[0].value_norms = None
+    assert np.isnan(attention.prompt_pull(maps)[0]["cls_value_share"])
+
+
+def test_value_norms_are_each_heads_contribution_through_the_output_projection():
+    """n_h,j = ||W_O[:, head h columns] v_j,h||; summed with A they bound the block's attention output."""
+    m = model(2, "deep")
+    x, _ = m.write_prompts(m.embed(images()), 0, 0, m.prompts())
+    block = m.backbone.blocks[0]
+    attn, h = block.attn, block.norm1(x)
+    b, t, d = h.shape
+    v = attn.qkv(h).reshape(b, t, 3, attn.num_heads, attn.head_dim)[:, :, 2]  # (B, T, H, dh)
+    norms = attention.block_value_norms(block, x)
+    for head in range(attn.num_heads):
+        columns = slice(head * attn.head_dim, (head + 1) * attn.head_dim)
+        out = v[:, :, head] @ attn.proj.weight[:, columns].T  # (B, T, d)
+        torch.testing.assert_close(norms[:, head], out.norm(dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_untrained_twin_is_the_runs_own_start_and_masking_removes_the_prompts(tmp_path, monkeypatch):
+    from conftest import make_image_folder
+
+    from vptdash.engine.train import RunConfig, build_model
+    from vptdash.runs import jobs
+    from vptdash.runs.store import RunStore
+
+    monkeypatch.setenv("VPTDASH_HOME", str(tmp_path / "home"))
+    folder = make_image_folder(tmp_path / "images", per_class=12)
+    store = RunStore()
+    config = RunConfig(
+        backbone="tiny-random",
+        dataset=str(folder),
+        resolution=32,
+        shots=None,
+        epochs=2,
+        batch_size=8,
+        lr=0.1,
+        num_prompts=3,
+        placement="deep",
+        seed=3,
+        measure_latency=False,
+    )
+    run_id = jobs.run_now(store, config)["id"]
+    run = attention.load_trained_model(store, run_id)
+    twin = attention.untrained_twin(run)
+    fresh = build_model(RunConfig.from_dict(store.get_run(run_id)["config"]), run.model.head.out_features)
+    for trained, untrained, start in zip(run.model.prompts.tensors, twin.prompts.tensors, fresh.prompts.tensors):
+        assert torch.equal(untrained, start)  # the same seeded draw the run started from
+        assert not torch.equal(trained, untrained)  # and training moved it
+    assert torch.equal(twin.head.weight, run.model.head.weight)
+    assert twin.placement == run.model.placement and twin.prompt_counts == run.model.prompt_counts
+
+    result = attention.run_pull(store, run_id, n_images=6)
+    assert 1 <= result["n_images"] <= 6
+    assert result["cls_pull_gain"] == pytest.approx(result["cls_pull"] - result["cls_pull_untrained"])
+    assert len(result["blocks_untrained"]) == len(result["blocks"])
+    assert 0 <= result["cls_value_share"] <= 1 and 0 <= result["cls_value_share_untrained"] <= 1
+
+    # masking: the model without prompts is the frozen backbone with the same head
+    images = attention.run_images(run.config, "test", limit=6)
+    bare = attention.without_prompts(run.model)
+    assert bare.placement == () and torch.equal(bare.head.weight, run.model.head.weight)
+    with torch.no_grad():
+        bare_logits = bare(attention.normalize_for(bare, images.images))
+        logits = run.model.eval()(attention.normalize_for(run.model, images.images))
+    labels = bare_logits.argmax(dim=1)  # labels the bare model gets all right
+    effect = attention.masked_prompt_effect(run.model, images.images, labels, twin)
+    assert effect["accuracy_without_prompts"] == 1.0
+    changed = float((logits.argmax(dim=1) != labels).float().mean())
+    assert effect["prediction_change"] == pytest.approx(changed)
+    assert effect["accuracy_sample"] == pytest.approx(1 - changed)
+    assert effect["logit_change"] == pytest.approx(float((logits - bare_logits).norm(dim=1).mean()), rel=1e-5)
+
+
+def test_pull_charts_show_both_baselines_and_the_gain():
+    from vptdash.views import attention_charts
+
+    rows = [
+        {"block": 0, "prompts": 2, "tokens": 10, "cls_pull": 0.5, "uniform": 0.2, "skipped": False},
+        {"block": 1, "prompts": 2, "tokens": 10, "cls_pull": 0.4, "uniform": 0.2, "skipped": False},
+    ]
+    untrained = [{**r, "cls_pull": 0.3} for r in rows]
+    fig = attention_charts.pull_per_block_figure({"run": rows}, baselines={"run": untrained})
+    names = [t.name for t in fig.data]
+    assert names == ["run: trained", "run: untrained prompts", "run: uniform share p/T"]
+    assert list(fig.data[1].y) == pytest.approx([30.0, 30.0])
+    record = dict(
+        run_id=1, label="deep 2", family="deep", num_prompts=2, total_prompts=4, placed_blocks=2,
+        cls_pull=0.45, cls_pull_untrained=0.30, uniform=0.2,
+    )  # fmt: skip
+    fig = attention_charts.pull_vs_count_figure([record, {**record, "run_id": 2, "cls_pull_untrained": None}])
+    assert list(fig.data[0].y) == pytest.approx([15.0])  # trained minus untrained, points; no baseline: left out
+    assert list(fig.data[1].y) == pytest.approx([-10.0])  # p/T minus untrained
+
+
 def test_maps_have_the_patch_grid_shape():
     m = model(3, "deep")
     maps = attention.extract_attention(m, images(3))

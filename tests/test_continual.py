@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_image_folder
@@ -33,6 +34,7 @@ from vptdash.views import continual_charts
 
 ROOT = Path(__file__).resolve().parent.parent
 FOUR = ("dark", "bright", "striped", "bright-striped")
+FOUR_SORTED = sorted(FOUR)  # ImageFolder class indices follow the sorted folder names
 
 
 @pytest.fixture
@@ -208,6 +210,85 @@ def test_layernorm_consistency_loss_is_zero_at_the_reference_and_grows_with_drif
     assert continual.ln_consistency_loss(shifted, ref).item() > 0.4
 
 
+def test_frobenius_normalised_projector_takes_a_step_sqrt_k_smaller():
+    """Official NSP2: the projector divided by its Frobenius norm. For eta = 1 and nullity k the blended
+    matrix is a rank-k projector (Frobenius norm sqrt(k)), so every null-space direction is scaled 1/sqrt(k)."""
+    basis = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(0)).double())[0]
+    cov = basis @ torch.diag(torch.tensor([9.0, 4.0, 0, 0, 0, 0], dtype=torch.float64)) @ basis.T
+    plain, k = continual.projector(cov, eta=1.0, threshold=1e-9)
+    normed, k2 = continual.projector(cov, eta=1.0, threshold=1e-9, norm="frobenius")
+    assert k == k2 == 4
+    torch.testing.assert_close(normed, plain / 2.0)  # sqrt(4)
+    assert float(torch.linalg.matrix_norm(normed)) == pytest.approx(1.0, abs=1e-6)
+    free = basis[:, 2].float()  # a null-space direction
+    torch.testing.assert_close(normed @ free, free / 2.0, rtol=1e-5, atol=1e-6)
+    blended, _ = continual.projector(cov, eta=0.97, threshold=1e-9, norm="frobenius")
+    assert float(torch.linalg.matrix_norm(blended)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_recipes_official_is_the_default_and_compact_keeps_the_earlier_variant():
+    default, official = ContinualConfig(), continual.recipe_config("official")
+    assert official == default and default.recipe == "official"
+    assert (default.placement, default.prompt_init, default.projector_norm) == ("deep", "uniform-1", "frobenius")
+    assert default.temperature == 28.0 and default.augment and default.shuffle_classes
+    compact = continual.recipe_config("compact", seed=2)
+    assert (compact.placement, compact.prompt_init, compact.projector_norm) == ("last4", "vpt", "none")
+    assert compact.temperature == 1.0 and not compact.augment and compact.arrival_order(10) is None
+    assert compact.seed == 2 and compact.label().endswith("(compact recipe), 2 tasks, seed 2")
+    with pytest.raises(ConfigError, match="recipe"):
+        continual.recipe_config("fast")
+    with pytest.raises(ConfigError, match="temperature"):
+        ContinualConfig(temperature=0).validate()
+
+
+def test_class_order_is_shuffled_with_the_seed():
+    orders = [ContinualConfig(seed=s).arrival_order(30) for s in range(3)]
+    assert all(sorted(o) == list(range(30)) for o in orders)
+    assert orders[0] == ContinualConfig(seed=0).arrival_order(30)  # reproducible
+    assert len({tuple(o) for o in orders}) == 3
+    assert ContinualConfig(seed=1, class_order=[1, 0, 2, 3]).arrival_order(4) == [1, 0, 2, 3]
+
+
+def test_nearest_class_mean_by_hand():
+    train = torch.tensor([[1.0, 0.0], [2.0, 0.1], [0.0, 1.0], [0.1, 3.0]])
+    train_labels = torch.tensor([0, 0, 1, 1])
+    test = torch.tensor([[5.0, 1.0], [1.0, 5.0], [1.0, 0.9], [0.9, 1.0]])
+    # cosine to the means (directions ~(1, 0.025) and ~(0.017, 1)): 0, 1, 0, 1
+    assert continual.ncm_accuracy(train, train_labels, test, torch.tensor([0, 1, 0, 1])) == 1.0
+    assert continual.ncm_accuracy(train, train_labels, test, torch.tensor([0, 1, 1, 0])) == 0.5
+    assert continual.ncm_accuracy(train, train_labels, test[:0], torch.tensor([], dtype=torch.long)) is None
+
+
+def test_augmentation_keeps_the_shape_and_is_reproducible():
+    images = torch.rand(4, 3, 16, 16)
+    a = continual.augment_images(images, torch.Generator().manual_seed(0))
+    b = continual.augment_images(images, torch.Generator().manual_seed(0))
+    assert a.shape == images.shape and torch.equal(a, b)
+    assert not torch.equal(a, images)
+    # crops come from inside the image: values stay within the input's range
+    assert a.min() >= images.min() - 1e-6 and a.max() <= images.max() + 1e-6
+
+
+def test_uniform_prompt_init_is_seeded_and_within_bounds():
+    backbone = backbones.load_backbone("tiny-random", None, 32)
+    model = PromptedViT(backbone, 2, num_prompts=4, placement="deep", seed=0)
+    continual.init_prompts_uniform(model, seed=5)
+    first = [t.detach().clone() for t in model.prompts.tensors]
+    assert all(float(t.abs().max()) <= 1.0 for t in first)
+    assert max(float(t.abs().max()) for t in first) > 0.5  # the unit range, not VPT's small xavier bound
+    continual.init_prompts_uniform(model, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(first, model.prompts.tensors))
+
+
+def test_thirty_class_textures_make_five_tasks_of_six(tmp_path):
+    folder = continual.make_textures(tmp_path / "t30", classes=30, per_class=1, size=24)
+    assert len([p for p in folder.iterdir() if p.is_dir()]) == 30
+    classes = continual.texture_classes(30)
+    assert len({name for name, _, _ in classes}) == 30
+    assert {kind for _, kind, _ in classes} == set(range(10))
+    assert [len(t) for t in split_classes(30, 5)] == [6] * 5
+
+
 # ------------------------------------------------------------------------------------ runs
 def test_tiny_continual_run_end_to_end(four_classes):
     events = []
@@ -216,7 +297,14 @@ def test_tiny_continual_run_end_to_end(four_classes):
     m = result.metrics
     assert len(m["accuracy_matrix"]) == 2 and m["accuracy_matrix"][0][1] is None
     assert all(0 <= v <= 1 for row in m["accuracy_matrix"] for v in row if v is not None)
-    assert m["tasks"] == [["bright", "bright-striped"], ["dark", "striped"]]  # folders sort by name
+    order = tiny(four_classes).arrival_order(4)  # shuffled with the seed (the official recipe)
+    assert m["tasks"] == [[FOUR_SORTED[c] for c in order[:2]], [FOUR_SORTED[c] for c in order[2:]]]
+    # diagnostics: learning accuracy is the matrix diagonal; NCM accuracies are accuracies
+    assert m["just_learned"] == [m["accuracy_matrix"][0][0], m["accuracy_matrix"][1][1]]
+    assert m["learning_accuracy"] == pytest.approx(np.mean(m["just_learned"]))
+    assert m["just_learned_task_il"] == [m["task_il_matrix"][0][0], m["task_il_matrix"][1][1]]
+    assert 0 <= m["ncm_accuracy"] <= 1 and 0 <= m["ncm_accuracy_initial"] <= 1
+    assert m["recipe"] == "official"
     assert m["nullity"] and set(m["nullity"][0]["blocks"]) == {"0", "1", "2", "3"}
     assert [e["task"] for e in events if e["phase"] == "task"] == [1, 2]
     steps = [e["step"] for e in events if e["phase"] == "train"]
@@ -330,6 +418,20 @@ def test_generated_textures_make_a_ten_class_folder(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ charts and page
+def test_diagnostics_chart_has_one_bar_group_per_method():
+    summary = [
+        {"method": "sequential", "seeds": 2, "learning_accuracy_mean": 0.8, "learning_accuracy_std": 0.1,
+         "ncm_accuracy_mean": 0.5, "ncm_accuracy_std": None},
+        {"method": "nsp2", "seeds": 2, "learning_accuracy_mean": 0.7, "ncm_accuracy_mean": 0.6},
+    ]  # fmt: skip
+    fig = continual_charts.diagnostics_bars(summary)
+    assert [t.name for t in fig.data] == [continual.METHOD_LABELS["sequential"], continual.METHOD_LABELS["nsp2"]]
+    keys = list(continual_charts.DIAGNOSTICS)
+    assert fig.data[0].y[keys.index("learning_accuracy")] == pytest.approx(80.0)
+    assert fig.data[1].y[keys.index("ncm_accuracy")] == pytest.approx(60.0)
+    assert fig.data[1].y[keys.index("avg_accuracy")] is None  # not measured: no bar, not a zero
+
+
 def test_charts_carry_the_matrix():
     tasks = [["a", "b"], ["c", "d"]]
     matrix = [[0.9, None], [0.6, 0.8]]
@@ -371,4 +473,4 @@ def test_page_renders_and_shows_a_finished_experiment(four_classes, monkeypatch)
     at.run()
     assert not at.exception, [e.message for e in at.exception]
     charts = at.get("plotly_chart")
-    assert len(charts) == 3  # heatmaps, lines over tasks, summary bars
+    assert len(charts) == 4  # heatmaps, lines over tasks, summary bars, who-forgot diagnostics

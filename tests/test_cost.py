@@ -2,7 +2,16 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vptdash.engine.cost import analytic_gmacs, block_macs, count_parameters, fvcore_gmacs, measure_latency, run_costs
+from vptdash.engine.cost import (
+    analytic_gmacs,
+    block_macs,
+    count_parameters,
+    full_graph_gmacs,
+    fvcore_full_graph_gmacs,
+    fvcore_gmacs,
+    measure_latency,
+    run_costs,
+)
 from vptdash.engine.prompts import PromptedViT
 
 RES = 64
@@ -105,6 +114,71 @@ def test_latency_reports_median_and_spread():
 
 def test_run_costs_has_every_figure():
     costs = run_costs(PromptedViT(small_vit(), 4, num_prompts=5), RES)
-    for key in ("gmacs", "gmacs_analytic", "latency_ms_b1", "latency_ms_b32", "params_trainable", "tokens_per_block"):
+    for key in (
+        "gmacs",
+        "gmacs_full_graph",
+        "gmacs_analytic",
+        "latency_ms_b1",
+        "latency_ms_b32",
+        "params_trainable",
+        "tokens_per_block",
+    ):
         assert key in costs
     assert costs["tokens_per_block"] == [70, 70, 70]
+    # the last block computes only CLS in the executed graph: the full graph is larger
+    assert costs["gmacs_full_graph"] > costs["gmacs"]
+
+
+@pytest.fixture(scope="module")
+def vit_b16():
+    """ViT-B/16 at 224 px with random weights: the architecture of the published FLOPs tables, no download."""
+    import timm  # noqa: PLC0415 - only this fixture builds a timm model by name
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0).eval()
+
+
+@pytest.mark.parametrize(("prompts", "expected"), [(0, 17.58), (100, 27.00)])
+def test_full_graph_matches_the_published_vit_b16_table(vit_b16, prompts, expected):
+    """Kim et al. count every token through every block: 17.6 / 26.9 G at 0 / 100 prompts (their FLOPs are
+    MACs); to two decimals 17.58 / 27.00 (methods.md section 2). Deep or shallow does not matter there."""
+    for placement in ("deep", "shallow"):
+        model = PromptedViT(vit_b16, 100, num_prompts=prompts, placement=placement)
+        assert full_graph_gmacs(model, 224) == pytest.approx(expected, abs=0.005)
+        assert model.row_selection  # the full-graph count leaves the model as it was
+
+
+def test_fvcore_counts_the_same_full_graph(vit_b16):
+    model = PromptedViT(vit_b16, 100, num_prompts=100, placement="deep")
+    assert fvcore_full_graph_gmacs(model, 224) == pytest.approx(full_graph_gmacs(model, 224), rel=1e-4)
+    for placement, skip in (("deep", ()), ("shallow", ()), ("0,2", (1,))):
+        small = PromptedViT(small_vit(), 4, num_prompts=10, placement=placement, skip_blocks=skip)
+        assert fvcore_full_graph_gmacs(small, RES) == pytest.approx(full_graph_gmacs(small, RES), rel=1e-4)
+
+
+def test_executed_deep_prompts_add_keys_values_and_attention_of_the_computed_rows(vit_b16):
+    """Per block, N_p deep prompts only add keys and values (2 N_p d^2) and the computed rows R attend to
+    them (QK^T and AV: 2 R N_p d); R = 197 in blocks 0..10 and 1 (CLS) in the last block."""
+    d, n, depth = 768, 197, 12
+    base = analytic_gmacs(PromptedViT(vit_b16, 100, num_prompts=0), 224)
+    for p in (1, 50, 100):
+        model = PromptedViT(vit_b16, 100, num_prompts=p, placement="deep")
+        rows = [n] * (depth - 1) + [1]
+        assert model.rows_per_block(196) == rows
+        growth = sum(2 * p * d * d + 2 * r * p * d for r in rows) / 1e9
+        assert analytic_gmacs(model, 224) - base == pytest.approx(growth, rel=1e-9)
+    # the published reading: +53% full graph at 100 prompts, far less executed
+    deep100 = PromptedViT(vit_b16, 100, num_prompts=100, placement="deep")
+    assert analytic_gmacs(deep100, 224) == pytest.approx(18.10, abs=0.01)
+    assert base == pytest.approx(16.35, abs=0.01)
+
+
+def test_executed_growth_counted_by_fvcore():
+    """The same growth law, from the trace, on a small ViT (layer norms over prompt rows: within 2%)."""
+    d, n, depth = 192, 65, 3
+    base = fvcore_gmacs(PromptedViT(small_vit(), 4, num_prompts=0), RES)
+    for p in (10, 40):
+        model = PromptedViT(small_vit(), 4, num_prompts=p, placement="deep")
+        rows = [n] * (depth - 1) + [1]
+        growth = sum(2 * p * d * d + 2 * r * p * d for r in rows) / 1e9
+        assert fvcore_gmacs(model, RES) - base == pytest.approx(growth, rel=0.02)

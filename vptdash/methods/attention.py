@@ -11,7 +11,15 @@ prompts change where attention goes. This module measures that on a trained run:
 * `per_prompt_pull(maps, block)`: the same per prompt slot (which prompts attract attention);
 * `cls_patch_map(maps, block, head)`: CLS-to-patch attention reshaped to the patch grid;
 * `attention_rollout(maps)` (Abnar & Zuidema 2020) where it is well defined, see `rollout_unavailable_reason`;
-* `measure_pull(model, images)`: prompt pull over many images, streamed batch by batch.
+* `measure_pull(model, images)`: prompt pull over many images, streamed batch by batch;
+* `untrained_twin(run)`: the same model before training (same backbone, placement and per-block prompt
+  counts, the prompts drawn by the same seeded init, the trained head): the baseline that isolates what
+  training did. Measured on a frozen DINOv2, untrained deep prompts already draw far more CLS attention
+  than p/T, so p/T alone would credit training with what the backbone does to any prompt;
+* influence beside attention mass: `value_share` (per block, the share of the attention output's
+  norm-weighted mass that comes from prompt keys: `A_ij ||W_O,h v_j,h||`, Kobayashi et al. 2020, so a
+  prompt that draws attention but carries a small value counts little) and `masked_prompt_effect`
+  (accuracy and logits with the prompts removed from the sequence, the same head).
 
 How the probabilities are obtained (exact, and the backbone is never modified): the blocks are run
 one by one exactly as `PromptedViT.run_blocks` does (same prompt writes, same skips), and before each
@@ -59,6 +67,7 @@ class BlockAttention:
     block: int
     probs: torch.Tensor | None  # (B, heads, T, T) float32 on CPU; None for a skipped block
     num_prompts: int  # prompt tokens in the sequence entering this block
+    value_norms: torch.Tensor | None = None  # (B, heads, T): ||W_O,h v_j,h|| per key token and head
 
     @property
     def tokens(self) -> int:
@@ -131,6 +140,22 @@ def block_attention_probs(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (q @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
+def block_value_norms(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, T): the norm of what each key token j contributes per unit of attention through head h,
+    `||W_O[:, h] v_j,h||` (the output projection's columns of head h times its value vector)."""
+    attn = block.attn
+    _check_attention_module(attn)
+    h = block.norm1(x)
+    batch, tokens, dim = h.shape
+    qkv = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    v = qkv[2]  # (B, H, T, dh)
+    proj = getattr(attn, "proj", None)
+    if isinstance(proj, nn.Linear):
+        w_o = proj.weight.reshape(proj.out_features, attn.num_heads, attn.head_dim)  # (d, H, dh)
+        return torch.einsum("bhtc,ehc->bhte", v, w_o).norm(dim=-1)
+    return v.norm(dim=-1)
+
+
 def patch_grid(model: PromptedViT, images: torch.Tensor) -> tuple[int, int]:
     patch = patch_size_of(model.backbone)
     return int(images.shape[-2]) // patch, int(images.shape[-1]) // patch
@@ -156,7 +181,8 @@ def extract_attention(model: PromptedViT, images: torch.Tensor) -> AttentionMaps
                 continue
             block = model.backbone.blocks[index]
             probs = block_attention_probs(block, x)
-            blocks.append(BlockAttention(index, probs.float().cpu(), prompts_in_x))
+            values = block_value_norms(block, x)
+            blocks.append(BlockAttention(index, probs.float().cpu(), prompts_in_x, values.float().cpu()))
             x = block(x)
     finally:
         model.train(was_training)
@@ -182,14 +208,22 @@ def prompt_pull(maps: AttentionMaps) -> list[dict[str, Any]]:
     `cls_pull` = A[:, :, CLS, prompts].sum(keys).mean(images, heads); `patch_pull` = the same with
     the patch queries, also averaged over them; `uniform` = p / T, the share prompts would get if
     every key were attended equally. A pull above `uniform` means prompts attract more than their
-    share. Skipped blocks (never executed) have NaN values; 0 prompts give a pull of exactly 0.
+    share. `cls_value_share` / `patch_value_share`: the share of the value-weighted mass
+    `sum_h A_h,ij ||W_O,h v_j,h||` that comes from prompt keys (`value_share`; NaN without value norms).
+    Skipped blocks (never executed) have NaN values; 0 prompts give a pull of exactly 0.
     `cls_pull` is NaN for a backbone without a class token."""
     rows = []
+    nan = float("nan")
     for entry in maps.blocks:
         p = entry.num_prompts
         row = {"block": entry.block, "prompts": p, "tokens": entry.tokens, "skipped": entry.probs is None}
         if entry.probs is None:
-            rows.append({**row, "cls_pull": float("nan"), "patch_pull": float("nan"), "uniform": float("nan")})
+            rows.append(
+                {
+                    **row,
+                    **dict.fromkeys(("cls_pull", "patch_pull", "uniform", "cls_value_share", "patch_value_share"), nan),
+                }
+            )
             continue
         probs = entry.probs
         prompt_keys = probs[..., maps.prompt_slice(entry.block)]  # (B, H, T, p)
@@ -199,8 +233,24 @@ def prompt_pull(maps: AttentionMaps) -> list[dict[str, Any]]:
         row["cls_pull"] = float(mass[:, :, cls].mean()) if cls is not None else float("nan")
         row["patch_pull"] = float(mass[:, :, patches].mean())
         row["uniform"] = p / entry.tokens
+        shares = value_share(maps, entry.block)
+        row["cls_value_share"] = float(shares[:, 0].mean()) if cls is not None and shares is not None else nan
+        row["patch_value_share"] = float(shares[:, patches].mean()) if shares is not None else nan
         rows.append(row)
     return rows
+
+
+def value_share(maps: AttentionMaps, block: int) -> torch.Tensor | None:
+    """(B, T): per query, the share of the value-weighted attention mass that comes from prompt keys,
+    `sum_h sum_{j in prompts} A_h,ij ||W_O,h v_j,h|| / sum_h sum_j A_h,ij ||W_O,h v_j,h||` (the norm-based
+    contributions of Kobayashi et al. 2020, summed over heads). None without value norms."""
+    entry = maps.blocks[block]
+    if entry.probs is None or entry.value_norms is None:
+        return None
+    weighted = entry.probs * entry.value_norms[:, :, None, :]  # (B, H, Tq, Tk)
+    total = weighted.sum(dim=(1, 3))
+    prompts = weighted[..., maps.prompt_slice(block)].sum(dim=(1, 3))
+    return prompts / total.clamp_min(1e-12)
 
 
 def per_prompt_pull(maps: AttentionMaps, block: int, query: str = "cls") -> torch.Tensor:
@@ -306,6 +356,9 @@ class PullSummary:
     per_prompt_cls: list[np.ndarray]  # per block: (p,) CLS attention per prompt slot
     per_prompt_patches: list[np.ndarray]  # per block: (p,) mean patch-query attention per prompt slot
     n_images: int
+    # per image, the mean over executed blocks of the CLS pull and its value-weighted share: for intervals
+    # over images and paired comparisons (trained vs untrained prompts on the same images)
+    per_image: dict[str, np.ndarray] = field(default_factory=dict)
 
     def mean(self, key: str = "cls_pull") -> float:
         """Mean over the executed blocks (NaN when none)."""
@@ -321,12 +374,16 @@ class PullSummary:
         }
 
 
+_AVERAGED = ("cls_pull", "patch_pull", "cls_value_share", "patch_value_share")
+
+
 def measure_pull(model: PromptedViT, images_uint8: torch.Tensor, *, batch_size: int = 16) -> PullSummary:
     """Prompt pull over `images_uint8` (N, 3, R, R), streamed: only one batch of maps lives at a time."""
     mean, std = model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"]
     totals: list[dict[str, Any]] | None = None
     per_cls: list[np.ndarray] = []
     per_patch: list[np.ndarray] = []
+    per_image: dict[str, list[np.ndarray]] = {}
     n = 0
     for start in range(0, len(images_uint8), batch_size):
         batch = data.normalize(images_uint8[start : start + batch_size], mean, std)
@@ -343,24 +400,50 @@ def measure_pull(model: PromptedViT, images_uint8: torch.Tensor, *, batch_size: 
             per_prompt_pull(maps, b, "patches").numpy() * weight if rows[b]["prompts"] else np.zeros(rows[b]["prompts"])
             for b in range(maps.depth)
         ]
+        for key, values in _per_image(maps).items():
+            per_image.setdefault(key, []).append(values)
         if totals is None:
-            totals = [
-                {**row, "cls_pull": row["cls_pull"] * weight, "patch_pull": row["patch_pull"] * weight} for row in rows
-            ]
+            totals = [{**row, **{key: row[key] * weight for key in _AVERAGED}} for row in rows]
             per_cls, per_patch = cls, pat
         else:
             for total, row in zip(totals, rows):
-                total["cls_pull"] += row["cls_pull"] * weight
-                total["patch_pull"] += row["patch_pull"] * weight
+                for key in _AVERAGED:
+                    total[key] += row[key] * weight
             per_cls = [a + b for a, b in zip(per_cls, cls)]
             per_patch = [a + b for a, b in zip(per_patch, pat)]
         n += weight
     if totals is None:
         raise ValueError("no images to measure prompt pull on")
     for total in totals:
-        total["cls_pull"] /= n
-        total["patch_pull"] /= n
-    return PullSummary(totals, [a / n for a in per_cls], [a / n for a in per_patch], n)
+        for key in _AVERAGED:
+            total[key] /= n
+    return PullSummary(
+        totals,
+        [a / n for a in per_cls],
+        [a / n for a in per_patch],
+        n,
+        {key: np.concatenate(parts) for key, parts in per_image.items()},
+    )
+
+
+def _per_image(maps: AttentionMaps) -> dict[str, np.ndarray]:
+    """(B,) per image: CLS pull and CLS value-weighted share, each the mean over executed blocks."""
+    if not maps.has_class_token:
+        return {}
+    pulls, shares = [], []
+    for entry in maps.blocks:
+        if entry.probs is None:
+            continue
+        pulls.append(entry.probs[:, :, 0, maps.prompt_slice(entry.block)].sum(dim=-1).mean(dim=1))
+        share = value_share(maps, entry.block)
+        if share is not None:
+            shares.append(share[:, 0])
+    out = {}
+    if pulls:
+        out["cls_pull"] = torch.stack(pulls).mean(dim=0).numpy()
+    if shares and len(shares) == len(pulls):
+        out["cls_value_share"] = torch.stack(shares).mean(dim=0).numpy()
+    return out
 
 
 # ---------------------------------------------------------------------------------------- runs and images
@@ -431,13 +514,82 @@ def normalize_for(model: PromptedViT, images_uint8: torch.Tensor) -> torch.Tenso
     return data.normalize(images_uint8, model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"])
 
 
+def untrained_twin(run: TrainedRun) -> PromptedViT | None:
+    """The run's model before training: the same backbone, placement, skips and per-block prompt counts,
+    the prompts drawn by the same seeded init as the run's own start (`build_model` with its seed), and the
+    run's trained head (so its accuracy says what untrained prompts do to the trained classifier).
+    None when the run has no prompts or fine-tuned its backbone (no untrained counterpart to compare)."""
+    model = run.model
+    if not model.placement or model.tuning != "prompt":
+        return None
+    twin = build_model(run.config, int(model.head.out_features))
+    twin.head.load_state_dict(model.head.state_dict())
+    twin.eval()
+    return twin
+
+
+def without_prompts(model: PromptedViT) -> PromptedViT:
+    """The same backbone, skips and head with every prompt removed from the sequence."""
+    bare = PromptedViT(
+        model.backbone,
+        int(model.head.out_features),
+        num_prompts=0,
+        tuning="full" if model.tuning == "full" else "linear",
+        skip_blocks=model.skip_blocks,
+    )
+    bare.head.load_state_dict(model.head.state_dict())
+    return bare.eval()
+
+
+@torch.no_grad()
+def _logits(model: PromptedViT, images_uint8: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [
+            model(normalize_for(model, images_uint8[start : start + batch_size])).float()
+            for start in range(0, len(images_uint8), batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks)
+
+
+def masked_prompt_effect(
+    model: PromptedViT, images_uint8: torch.Tensor, labels: torch.Tensor, twin: PromptedViT | None = None
+) -> dict[str, Any]:
+    """What the prompts do to the output, beside where attention goes: accuracy on these images with the
+    prompts, with the prompts removed (same head), and with the untrained prompts of `twin`; the share of
+    predictions that change when the prompts are removed; the mean L2 change of the logits."""
+    with_prompts = _logits(model, images_uint8)
+    bare = _logits(without_prompts(model), images_uint8)
+    labels = labels.long()
+
+    def accuracy(logits: torch.Tensor) -> float:
+        return float((logits.argmax(dim=1) == labels).float().mean())
+
+    return {
+        "accuracy_sample": accuracy(with_prompts),
+        "accuracy_without_prompts": accuracy(bare),
+        "accuracy_untrained_prompts": accuracy(_logits(twin, images_uint8)) if twin is not None else float("nan"),
+        "prediction_change": float((with_prompts.argmax(dim=1) != bare.argmax(dim=1)).float().mean()),
+        "logit_change": float((with_prompts - bare).norm(dim=1).mean()),
+    }
+
+
 def run_pull(store, run_id: int, *, n_images: int = PULL_SAMPLE_IMAGES, split: str = "test") -> dict[str, Any]:
     """Prompt pull of one stored run on the first `n_images` of its test split (a fixed sample, the same
-    for every run on the same data and split seed), with the run's prompt count, for comparisons."""
+    for every run on the same data and split seed), with the run's prompt count, for comparisons.
+
+    Beside the trained prompts' figures: the same figures for its untrained twin (`untrained_twin`, keys
+    with the suffix `_untrained`, per block in `blocks_untrained`) and for masking the prompts
+    (`masked_prompt_effect`). `cls_pull_gain` = trained minus untrained CLS pull: what training did."""
     run = load_trained_model(store, run_id)
     images = run_images(run.config, split, limit=n_images)
     summary = measure_pull(run.model, images.images)
-    return {
+    twin = untrained_twin(run)
+    baseline = measure_pull(twin, images.images) if twin is not None else None
+    result = {
         "run_id": run_id,
         "num_prompts": run.model.num_prompts,
         "total_prompts": int(sum(run.model.prompt_counts)),
@@ -445,12 +597,19 @@ def run_pull(store, run_id: int, *, n_images: int = PULL_SAMPLE_IMAGES, split: s
         "placement": run.config.placement,
         "family": run.config.family(),
         "label": run.config.label(),
-        "cls_pull": summary.mean("cls_pull"),
-        "patch_pull": summary.mean("patch_pull"),
-        "uniform": summary.mean("uniform"),
         "n_images": summary.n_images,
         "blocks": summary.blocks,
+        "blocks_untrained": baseline.blocks if baseline is not None else [],
+        "uniform": summary.mean("uniform"),
     }
+    nan = float("nan")
+    for key in _AVERAGED:
+        result[key] = summary.mean(key)
+        result[f"{key}_untrained"] = baseline.mean(key) if baseline is not None else nan
+    result["cls_pull_gain"] = result["cls_pull"] - result["cls_pull_untrained"]
+    result["patch_pull_gain"] = result["patch_pull"] - result["patch_pull_untrained"]
+    result.update(masked_prompt_effect(run.model, images.images, images.labels, twin))
+    return result
 
 
 __all__ = [
@@ -466,6 +625,7 @@ __all__ = [
     "extract_attention",
     "image_from_bytes",
     "load_trained_model",
+    "masked_prompt_effect",
     "measure_pull",
     "normalize_for",
     "per_prompt_pull",
@@ -473,4 +633,7 @@ __all__ = [
     "rollout_unavailable_reason",
     "run_images",
     "run_pull",
+    "untrained_twin",
+    "value_share",
+    "without_prompts",
 ]

@@ -27,18 +27,27 @@ Choices, each with its reason:
   and patches) on the prompt keys, scaled by each prompt's LayerNorm sigma (the aggregation
   condition). With the LayerNorm statistics held by the consistency loss, an update in both null
   spaces leaves that block's image-token outputs unchanged to first order.
-- Projectors are true projectors (no normalisation) blended with the identity by `eta`.
 - Deep prompts: every prompted block is protected with its own projectors. Shallow prompts: only
   block 0 is protected (later blocks see changed prompt outputs), so the guarantee is weaker there.
-- Speed on CPU: prompts default to the last 4 blocks, so the blocks before them run once per image
-  (the shared frozen-encoding cache of `train`), as do every method and seed in one process.
+
+Two recipes (`RECIPES`, `recipe_config`):
+- "official" (the default): the official implementation's choices (methods.md, section 4): projectors
+  blended with the identity by `eta`, then divided by their Frobenius norm (a step about sqrt(nullity)
+  smaller); 4 prompts in every block, init uniform(-1, 1); logits divided by a temperature (28) in the
+  loss; longer training per task on augmented images (random resized crop, flip); class order shuffled
+  with the seed. On a CPU a task still trains far fewer steps than the paper's ~2,000.
+- "compact": the earlier, CPU-friendly variant: true projectors (no normalisation), prompts in the last
+  4 blocks (the blocks before them run once per image through the shared frozen-encoding cache), VPT's
+  xavier-style init, no temperature, 10 epochs without augmentation, classes in folder order.
 
 Metrics (`accuracy_metrics`): average accuracy after the last task (mean over tasks of the last
 row), average forgetting (mean over old tasks of the best earlier accuracy minus the last one), and
-the average incremental accuracy. The same figures with task identity given ("task-IL": argmax
-within the task's own classes) separate what the prompts forgot from the confusion between tasks
-that any class-incremental head adds, and `feature_drift` measures how far the pooled features of
-old tasks' test images moved.
+the average incremental accuracy. Diagnostics beside them say whether prompts or heads forgot: the
+same figures with task identity given ("task-IL": argmax within the task's own classes); the learning
+accuracy (each task tested right after it was learned: the diagonal of `A`); nearest-class-mean
+accuracy over all classes on the pooled features, before the first task and after the last (class means
+from the training images, no head involved: a drop means the features themselves got worse for old
+classes); and `feature_drift`, how far the pooled features of old tasks' test images moved.
 """
 
 from __future__ import annotations
@@ -66,6 +75,33 @@ EventCallback = Callable[[dict[str, Any]], None]
 CancelCheck = Callable[[], bool]
 
 METHODS = ("sequential", "nsp2", "joint")
+RECIPES: dict[str, dict[str, Any]] = {
+    # Settings that differ between the recipes; every other field keeps the dataclass default.
+    "official": dict(
+        placement="deep",
+        prompt_init="uniform-1",
+        projector_norm="frobenius",
+        temperature=28.0,
+        augment=True,
+        shuffle_classes=True,
+        epochs=20,
+    ),
+    "compact": dict(
+        placement="last4",
+        prompt_init="vpt",
+        projector_norm="none",
+        temperature=1.0,
+        augment=False,
+        shuffle_classes=False,
+        epochs=10,
+    ),
+}
+RECIPE_LABELS = {
+    "official": "Official NSP2 recipe (all blocks, Frobenius-normalised projector, temperature, augmentation)",
+    "compact": "Compact variant (last 4 blocks, plain projector, no temperature or augmentation)",
+}
+PROMPT_INITS = ("uniform-1", "vpt")
+PROJECTOR_NORMS = ("frobenius", "none")
 METHOD_LABELS = {
     "sequential": "Sequential fine-tuning",
     "nsp2": "Null-space prompts (NSP2)",
@@ -79,6 +115,9 @@ SUMMARY_KEYS = (
     "forgetting_balanced",
     "avg_accuracy_task_il",
     "forgetting_task_il",
+    "learning_accuracy",
+    "ncm_accuracy",
+    "ncm_accuracy_initial",
 )
 # Ways to read the results: (matrix, average after the last task, forgetting, what it means).
 VIEWS = {
@@ -109,7 +148,18 @@ DEFAULT_ETA = 0.97
 GENERATED_DATASETS = {
     "textures-10": "Generated textures, 10 classes (stripes at 4 angles, checks, dots, rings, grid, blobs, "
     "speckle), 60 images each: 5 tasks of 2 classes",
+    "textures-30": "Generated textures, 30 classes (the 10 patterns at 3 scales: coarse, medium, fine), "
+    "40 images each: 5 tasks of 6 classes",
 }
+# Classes per generated set: (pattern, scale) pairs; scale None = the original frequency range.
+ORIGINAL_BAND = (5.0, 9.0)  # textures-10's frequency range: its images stay as they were drawn
+TEXTURE_SCALES = {"coarse": (2.5, 4.5), "medium": (5.0, 8.0), "fine": (9.5, 14.0)}
+# Why ELPV cannot test class-incremental learning (shown on the page beside the data set choice).
+ELPV_NOTE = (
+    "ELPV has 4 ordinal classes: at most 2 tasks of 2 classes. With 2-class tasks the old heads' logit "
+    "scale decides most of the measured forgetting, so it cannot show what null-space prompts do; use a "
+    "generated set with 5 tasks of several classes (textures-30) for that."
+)
 _GENERATED_VERSION = 2
 TEXTURE_CLASSES = [
     "stripes-0",
@@ -140,11 +190,17 @@ class ContinualConfig:
     max_test_per_class: int | None = None  # cap on test images per class (None: the whole test split)
     split_seed: int = 0
     tasks: int = 2
-    class_order: list[int] | None = None  # class indices in arrival order (None: the data set's order)
+    class_order: list[int] | None = None  # class indices in arrival order (None: see shuffle_classes)
     method: str = "nsp2"
+    recipe: str = "official"  # a name from RECIPES: which settings below follow which recipe (for display)
     num_prompts: int = 4
-    placement: str = "last4"  # "shallow" | "deep" | "lastK" | block list "8,9,10,11"
-    epochs: int = 10  # per task (joint: over all tasks' data)
+    placement: str = "deep"  # "shallow" | "deep" | "lastK" | block list "8,9,10,11"
+    prompt_init: str = "uniform-1"  # "uniform-1": uniform(-1, 1) (official NSP2); "vpt": VPT's xavier bound
+    projector_norm: str = "frobenius"  # "frobenius": projector / its Frobenius norm (official); "none"
+    temperature: float = 28.0  # logits / temperature in the loss (official: 28 for CIFAR-100)
+    augment: bool = True  # random resized crop + horizontal flip of training images, every step
+    shuffle_classes: bool = True  # class_order None: classes shuffled with the seed (else folder order)
+    epochs: int = 20  # per task (joint: over all tasks' data)
     batch_size: int = 16  # few-shot tasks: 2 classes x 32 shots = 4 steps per epoch
     lr: float = 1e-2
     weight_decay: float = 1e-4
@@ -164,7 +220,16 @@ class ContinualConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def label(self) -> str:
-        return f"{METHOD_LABELS.get(self.method, self.method)}, {self.tasks} tasks, seed {self.seed}"
+        recipe = "" if self.recipe == "official" else f" ({self.recipe} recipe)"
+        return f"{METHOD_LABELS.get(self.method, self.method)}{recipe}, {self.tasks} tasks, seed {self.seed}"
+
+    def arrival_order(self, num_classes: int) -> list[int] | None:
+        """The class order tasks take: the given one, else shuffled with the seed, else None (folder order)."""
+        if self.class_order is not None:
+            return [int(c) for c in self.class_order]
+        if self.shuffle_classes:
+            return [int(c) for c in np.random.default_rng([self.seed, 1993]).permutation(num_classes)]
+        return None
 
     def validate(self) -> "ContinualConfig":
         checks = [
@@ -175,6 +240,16 @@ class ContinualConfig:
                 f"prompt count must be between 1 and {train.MAX_PROMPTS}, got {self.num_prompts}",
             ),
             (0.0 <= self.eta <= 1.0, f"eta must be in [0, 1], got {self.eta}"),
+            (self.recipe in RECIPES, f"recipe must be one of {tuple(RECIPES)}, got {self.recipe!r}"),
+            (self.prompt_init in PROMPT_INITS, f"prompt init must be one of {PROMPT_INITS}, got {self.prompt_init!r}"),
+            (
+                self.projector_norm in PROJECTOR_NORMS,
+                f"projector normalisation must be one of {PROJECTOR_NORMS}, got {self.projector_norm!r}",
+            ),
+            (
+                math.isfinite(self.temperature) and self.temperature > 0,
+                f"temperature must be > 0, got {self.temperature}",
+            ),
             (
                 self.null_threshold is None or 0.0 <= self.null_threshold < 1.0,
                 f"null threshold must be None (elbow) or in [0, 1), got {self.null_threshold}",
@@ -215,6 +290,13 @@ class ContinualConfig:
             precision=self.precision,
             measure_latency=False,
         )
+
+
+def recipe_config(recipe: str = "official", **overrides: Any) -> ContinualConfig:
+    """A configuration following a named recipe (`RECIPES`), with any field overridden."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
+    return ContinualConfig(**{**RECIPES[recipe], "recipe": recipe, **overrides})
 
 
 def resolve_placement(placement: str, depth: int) -> tuple[int, ...]:
@@ -281,6 +363,8 @@ def generated_dataset_path(name: str) -> Path:
 
 def resolve_dataset(spec: str) -> str | Path:
     """A generated set's name -> its folder (drawn on first use); anything else unchanged."""
+    if spec == "textures-30":
+        return make_textures(generated_dataset_path(spec), classes=30, per_class=40)
     if spec in GENERATED_DATASETS:
         return make_textures(generated_dataset_path(spec))
     return spec
@@ -291,10 +375,25 @@ def dataset_class_names(spec: str, resolution: int = 112, cell_type: str | None 
     return data.load_image_set(resolve_dataset(spec), resolution, cell_type=cell_type).class_names
 
 
-def _texture(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One grey texture in [0, 1] of class `kind` (0..9), with random frequency, phase and contrast."""
+def texture_classes(classes: int) -> list[tuple[str, int, tuple[float, float]]]:
+    """(name, pattern, frequency range) of each class of a generated set: up to 10 patterns at one scale,
+    or the 10 patterns at each of the 3 scales (30 classes), pattern-major."""
+    if classes <= len(TEXTURE_CLASSES):
+        return [(name, kind, ORIGINAL_BAND) for kind, name in enumerate(TEXTURE_CLASSES[:classes])]
+    if classes != len(TEXTURE_CLASSES) * len(TEXTURE_SCALES):
+        raise ValueError(f"a generated texture set has up to 10 or exactly 30 classes, not {classes}")
+    return [
+        (f"{name}-{scale}", kind, band)
+        for kind, name in enumerate(TEXTURE_CLASSES)
+        for scale, band in TEXTURE_SCALES.items()
+    ]
+
+
+def _texture(kind: int, size: int, rng: np.random.Generator, band: tuple[float, float] = ORIGINAL_BAND) -> np.ndarray:
+    """One grey texture in [0, 1] of class `kind` (0..9), with random frequency (within `band`, cycles
+    per image), phase and contrast."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size
-    freq = rng.uniform(5, 9)
+    freq = rng.uniform(*band)
     phase = rng.uniform(0, 2 * np.pi)
     if kind < 4:  # stripes at 0, 45, 90, 135 degrees (+- 8 degrees)
         angle = np.deg2rad(45 * kind + rng.uniform(-8, 8))
@@ -311,11 +410,14 @@ def _texture(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
         img = np.maximum(np.cos(2 * np.pi * freq * x + phase), np.cos(2 * np.pi * freq * y + phase))
         img = (img > 0.8).astype(np.float64) * 2 - 1
     elif kind == 8:  # smooth blobs: coarse noise, bicubically upsampled
-        coarse = Image.fromarray(rng.normal(size=(6, 6)).astype(np.float32))
+        cells = 6 if band == ORIGINAL_BAND else max(2, int(round(freq * 0.7)))
+        coarse = Image.fromarray(rng.normal(size=(cells, cells)).astype(np.float32))
         img = np.asarray(coarse.resize((size, size), Image.BICUBIC), dtype=np.float64)
         img = np.tanh(2 * (img - img.mean()))
-    else:  # sparse speckle
-        img = (rng.random((size, size)) > 0.93).astype(np.float64) * 2 - 1
+    else:  # sparse speckle: dots of a size that shrinks as the frequency grows
+        grain = 1 if band == ORIGINAL_BAND else max(1, int(round(size / (freq * 6))))
+        small = rng.random((-(-size // grain), -(-size // grain))) > 0.93
+        img = np.kron(small, np.ones((grain, grain)))[:size, :size].astype(np.float64) * 2 - 1
     contrast = rng.uniform(0.3, 0.5)
     img = 0.5 + contrast * img + rng.normal(0, 0.12, (size, size))
     return np.clip(img, 0, 1)
@@ -326,13 +428,12 @@ def make_textures(folder: Path, *, classes: int = 10, per_class: int = 60, size:
     folder = Path(folder)
     if folder.is_dir():
         return folder
-    names = TEXTURE_CLASSES[:classes]
     partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     rng = np.random.default_rng(seed)
-    for kind, name in enumerate(names):
+    for name, kind, band in texture_classes(classes):
         (partial / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            pixels = (_texture(kind, size, rng) * 255).round().astype(np.uint8)
+            pixels = (_texture(kind, size, rng, band) * 255).round().astype(np.uint8)
             Image.fromarray(pixels).save(partial / name / f"{i:03d}.png")
     try:
         os.replace(partial, folder)  # atomic: a concurrent reader sees no folder or a whole one
@@ -402,11 +503,18 @@ def null_space_basis(cov: torch.Tensor, threshold: float | None = None) -> torch
     return vectors[:, start:]
 
 
-def projector(cov: torch.Tensor, eta: float = DEFAULT_ETA, threshold: float | None = None) -> tuple[torch.Tensor, int]:
-    """(eta * U0 U0^T + (1 - eta) * I, nullity) in float32, U0 the null-space basis of `cov`."""
+def projector(
+    cov: torch.Tensor, eta: float = DEFAULT_ETA, threshold: float | None = None, norm: str = "none"
+) -> tuple[torch.Tensor, int]:
+    """(eta * U0 U0^T + (1 - eta) * I, nullity) in float32, U0 the null-space basis of `cov`.
+
+    norm="frobenius" divides the blended matrix by its Frobenius norm, as the official implementation
+    does: the same directions, a step about sqrt(nullity) times smaller."""
     basis = null_space_basis(cov, threshold)
     eye = torch.eye(cov.shape[0], dtype=torch.float64)
     blended = eta * (basis @ basis.T) + (1.0 - eta) * eye
+    if norm == "frobenius":
+        blended = blended / torch.linalg.matrix_norm(blended).clamp_min(1e-12)
     return blended.float(), int(basis.shape[1])
 
 
@@ -489,11 +597,11 @@ class NullSpaceMemory:
                 self.cov2[b] += sums2[b] / rows[b]
         self.tasks += 1
 
-    def projectors(self, eta: float, threshold: float | None) -> dict[int, dict[str, Any]]:
+    def projectors(self, eta: float, threshold: float | None, norm: str = "none") -> dict[int, dict[str, Any]]:
         result = {}
         for b in self.blocks:
-            b1, k1 = projector(self.cov1[b], eta, threshold)
-            b2, k2 = projector(self.cov2[b], eta, threshold)
+            b1, k1 = projector(self.cov1[b], eta, threshold, norm)
+            b2, k2 = projector(self.cov2[b], eta, threshold, norm)
             result[b] = {"b1": b1, "b2": b2, "nullity": [k1, k2], "dims": [b1.shape[0], b2.shape[0]]}
         return result
 
@@ -555,7 +663,8 @@ def run_continual(
 
     emit({"phase": "setup", "message": "loading data and backbone", "elapsed_s": 0.0})
     image_set = data.load_image_set(resolve_dataset(config.dataset), config.resolution, cell_type=config.cell_type)
-    task_classes = split_classes(len(image_set.class_names), config.tasks, config.class_order)
+    num_classes = len(image_set.class_names)
+    task_classes = split_classes(num_classes, config.tasks, config.arrival_order(num_classes))
     split = data.split_image_set(
         image_set,
         test_fraction=config.test_fraction,
@@ -570,6 +679,8 @@ def run_continual(
     model = train.build_model(run_config, num_classes=2)
     dim = model.embed_dim
     model.head = TaskHeads(dim, [len(c) for c in task_classes], config.seed)
+    if config.prompt_init == "uniform-1":
+        init_prompts_uniform(model, config.seed)
     mean, std = backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"]
 
     # Global labels follow the arrival order: task t owns the columns [offset_t, offset_t + n_t).
@@ -584,6 +695,13 @@ def run_continual(
     encode = lambda index: train.encode_frozen_split(model, run_config, image_set, index, mean, std)  # noqa: E731
     train_enc, test_enc = encode(split.train), encode(test_index)
     train_labels, test_labels = labels[split.train], labels[test_index]
+    train_images = image_set.images[split.train] if config.augment else None
+    ncm_initial = ncm_accuracy(
+        _features(model, train_enc, config.precision),
+        train_labels,
+        _features(model, test_enc, config.precision),
+        test_labels,
+    )
     train_task, test_task = task_of_label[train_labels], task_of_label[test_labels]
     cache_seconds = time.perf_counter() - started
 
@@ -612,7 +730,7 @@ def run_continual(
             enc, y = train_enc[in_stage], train_labels[in_stage]
             projections = None
             if memory is not None and memory.tasks:
-                projections = memory.projectors(config.eta, config.null_threshold)
+                projections = memory.projectors(config.eta, config.null_threshold, config.projector_norm)
                 nullity.append(
                     {
                         "task": last_task + 1,
@@ -624,8 +742,12 @@ def run_continual(
                 heads, columns = list(range(T)), (0, offsets[-1])
             else:
                 heads, columns = [last_task], (offsets[last_task], offsets[last_task + 1])
+            if train_images is None:
+                inputs: Callable[[torch.Tensor], torch.Tensor] = enc.__getitem__
+            else:
+                inputs = _augmented_inputs(model, train_images[in_stage], mean, std, config, stage_index)
             context.train_stage(
-                enc, y - columns[0], columns, heads, projections, stage_index, T, steps_per_epoch[stage_index]
+                inputs, y - columns[0], columns, heads, projections, stage_index, T, steps_per_epoch[stage_index]
             )
             if memory is not None and last_task < T - 1:
                 memory.add_task(model, enc)
@@ -672,6 +794,19 @@ def run_continual(
     summary = accuracy_metrics(matrix)
     summary_til = accuracy_metrics(task_il)
     summary_balanced = accuracy_metrics(balanced)
+    finished = status == "done"
+    ncm_final = (
+        ncm_accuracy(
+            _features(model, train_enc, config.precision),
+            train_labels,
+            _features(model, test_enc, config.precision),
+            test_labels,
+        )
+        if finished
+        else None
+    )
+    just_learned = [matrix[t][t] for t in range(T)] if config.method != "joint" else []
+    just_learned_til = [task_il[t][t] for t in range(T)] if config.method != "joint" else []
     metrics = {
         "method": config.method,
         "tasks": [[image_set.class_names[c] for c in classes] for classes in task_classes],
@@ -684,6 +819,13 @@ def run_continual(
         "forgetting_balanced": summary_balanced["forgetting"],
         "avg_accuracy_task_il": summary_til["avg_accuracy"],
         "forgetting_task_il": summary_til["forgetting"],
+        "just_learned": just_learned,
+        "just_learned_task_il": just_learned_til,
+        "learning_accuracy": _mean_finite(just_learned),
+        "learning_accuracy_task_il": _mean_finite(just_learned_til),
+        "ncm_accuracy": ncm_final,
+        "ncm_accuracy_initial": ncm_initial,
+        "recipe": config.recipe,
         "nullity": nullity,
         "train_sizes": [int((train_task == t).sum()) for t in range(T)],
         "test_sizes": [int((test_task == t).sum()) for t in range(T)],
@@ -707,6 +849,72 @@ def run_continual(
     return ContinualResult(status, metrics, timings, model.trainable_state(), image_set.class_names)
 
 
+def _mean_finite(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if _finite(v)]
+    return float(np.mean(kept)) if kept else None
+
+
+def init_prompts_uniform(model: PromptedViT, seed: int, bound: float = 1.0) -> None:
+    """Prompts drawn uniform(-bound, bound) (the official NSP2 init), reproducibly per seed."""
+    generator = torch.Generator().manual_seed(seed * 7 + 11)
+    with torch.no_grad():
+        for tensor in model.prompts.tensors:
+            tensor.copy_(torch.rand(tensor.shape, generator=generator) * 2 * bound - bound)
+
+
+def ncm_accuracy(
+    train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, test_labels: torch.Tensor
+) -> float | None:
+    """Nearest-class-mean accuracy on L2-normalised features: class means from the training features,
+    each test feature assigned to the closest mean (cosine). Uses no head, so it measures what the
+    features themselves still separate."""
+    if not len(test_labels) or not len(train_labels):
+        return None
+    train_n = nn.functional.normalize(train_features.float(), dim=1)
+    test_n = nn.functional.normalize(test_features.float(), dim=1)
+    classes = train_labels.unique()
+    means = torch.stack([train_n[train_labels == c].mean(dim=0) for c in classes])
+    means = nn.functional.normalize(means, dim=1)
+    predicted = classes[(test_n @ means.T).argmax(dim=1)]
+    return float((predicted == test_labels).float().mean())
+
+
+def augment_images(images: torch.Tensor, generator: torch.Generator, min_scale: float = 0.5) -> torch.Tensor:
+    """Random resized crop (area min_scale..1, aspect 3/4..4/3) and horizontal flip, per image, back to
+    the input size. Works on float images (B, C, H, W); the training-time augmentation of the recipe."""
+    batch, _, height, width = images.shape
+    out = torch.empty_like(images)
+    draws = torch.rand(batch, 4, generator=generator)
+    for i in range(batch):
+        area = min_scale + (1 - min_scale) * float(draws[i, 0])
+        aspect = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * float(draws[i, 1]))
+        h = max(1, min(height, int(round(height * math.sqrt(area / aspect)))))
+        w = max(1, min(width, int(round(width * math.sqrt(area * aspect)))))
+        top = int(float(draws[i, 2]) * (height - h + 1))
+        left = int(float(draws[i, 3]) * (width - w + 1))
+        crop = images[i : i + 1, :, top : top + h, left : left + w]
+        crop = nn.functional.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)
+        out[i] = crop[0]
+    flip = torch.rand(batch, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def _augmented_inputs(model: PromptedViT, images_uint8: torch.Tensor, mean, std, config, stage_index: int):
+    """index -> the frozen-prefix encodings of freshly augmented training images (one new draw per call)."""
+    generator = torch.Generator().manual_seed(config.seed * 1000 + stage_index + 500)
+
+    def inputs(index: torch.Tensor) -> torch.Tensor:
+        images = augment_images(data.normalize(images_uint8[index], mean, std), generator)
+        with torch.no_grad(), train.autocast(config.precision):
+            tokens = model.embed(images)
+            if model.first_prompt_block:
+                tokens, _ = model.run_blocks(tokens, 0, model.first_prompt_block)
+        return tokens.float()
+
+    return inputs
+
+
 @torch.inference_mode()
 def _features(model: PromptedViT, encoded: torch.Tensor, precision: str) -> torch.Tensor:
     chunks = []
@@ -725,7 +933,8 @@ class _TrainContext:
         self.config, self.model, self.emit, self.cancelled = config, model, emit, cancelled
         self.started, self.total_steps, self.progress = started, total_steps, progress
 
-    def train_stage(self, encoded, local_labels, columns, heads, projections, stage_index, tasks, steps_per_epoch):
+    def train_stage(self, inputs, local_labels, columns, heads, projections, stage_index, tasks, steps_per_epoch):
+        """inputs: index tensor -> that batch's frozen-prefix encodings (cached, or augmented afresh)."""
         config, model = self.config, self.model
         prompt_params = list(model.prompts.tensors)
         head_params = [p for t in heads for p in model.head.heads[t].parameters()]
@@ -747,8 +956,9 @@ class _TrainContext:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with train.autocast(config.precision):
-                    logits = model.forward_from_frozen(encoded[index])
-                loss = nn.functional.cross_entropy(logits.float()[:, columns[0] : columns[1]], local_labels[index])
+                    logits = model.forward_from_frozen(inputs(index))
+                scaled = logits.float()[:, columns[0] : columns[1]] / config.temperature
+                loss = nn.functional.cross_entropy(scaled, local_labels[index])
                 if reference is not None and config.ln_loss_weight:
                     loss = loss + config.ln_loss_weight * ln_consistency_loss(prompt_params, reference)
                 model.zero_grad(set_to_none=True)

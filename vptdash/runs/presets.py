@@ -1,8 +1,8 @@
 """Named configurations the dashboard, the CLI benchmarks and the docs share.
 
 The meeting demo and the shipped reference sweep use the same data setting (binary ELPV, 16 images per
-class, 112 px, 20 epochs at batch 8, the faster precision of this machine), so the demo's live points land beside the reference curves
-on the Budget explorer.
+class, 112 px, 20 epochs at batch 8, the faster precision of this machine), so the demo's live points
+land beside the reference curves on the Budget explorer.
 """
 
 from __future__ import annotations

@@ -83,72 +83,109 @@ def overlay_figure(image_uint8, heat, *, title: str, opacity: float = 0.45, capt
     return fig
 
 
-def pull_per_block_figure(series: dict[str, list[dict[str, Any]]], *, query: str = "cls_pull") -> go.Figure:
-    """Prompt pull (percent of attention mass on prompt keys) per block, one line per run, with each
-    run's uniform share p / T dashed. `series`: label -> `attention.prompt_pull` rows."""
-    words = {"cls_pull": "from the CLS query", "patch_pull": "from patch queries"}
+PULL_MEASURES = {
+    "cls_pull": ("Attention on prompts (%)", "attention mass from the CLS query"),
+    "patch_pull": ("Attention on prompts (%)", "attention mass from patch queries"),
+    "cls_value_share": ("Value-weighted share from prompts (%)", "value-weighted share, CLS query"),
+    "patch_value_share": ("Value-weighted share from prompts (%)", "value-weighted share, patch queries"),
+}
+
+
+def pull_per_block_figure(
+    series: dict[str, list[dict[str, Any]]],
+    *,
+    query: str = "cls_pull",
+    baselines: dict[str, list[dict[str, Any]]] | None = None,
+) -> go.Figure:
+    """Prompt pull (or value-weighted share) per block, one solid line per run, with its two baselines:
+    the same measure for the run's untrained prompts (dotted; `baselines`: label -> rows) and, for
+    attention mass, the uniform share p / T (dashed). `series`: label -> `attention.prompt_pull` rows."""
+    axis, words = PULL_MEASURES.get(query, ("%", query))
     fig = go.Figure()
     _layout(
         fig,
-        f"Prompt pull per block ({words.get(query, query)})",
+        f"Prompt pull per block ({words}): trained vs untrained prompts",
         xaxis_title="Block",
-        yaxis_title="Attention on prompts (%)",
-        height=460,
+        yaxis_title=axis,
+        height=480,
         hovermode="x unified",
     )
     fig.update_yaxes(ticksuffix="%", rangemode="tozero")
     if not series:
         placeholder(fig, "Pick a run")
         return fig
+    baselines = baselines or {}
     for position, (label, rows) in enumerate(series.items()):
         color = PULL_COLORS[position % len(PULL_COLORS)]
-        rows = [r for r in rows if not r.get("skipped")]
+        rows = [r for r in rows if not r.get("skipped") and finite(r.get(query))]
         blocks = [r["block"] for r in rows]
         fig.add_trace(
             go.Scatter(
                 x=blocks,
                 y=[100 * r[query] for r in rows],
                 mode="lines+markers",
-                name=label,
+                name=f"{label}: trained",
                 line={"color": color, "width": 3},
                 marker={"size": 9},
                 customdata=[[r["prompts"], r["tokens"]] for r in rows],
-                hovertemplate="%{y:.1f}% on %{customdata[0]} prompts of %{customdata[1]} tokens<extra>"
+                hovertemplate="trained %{y:.1f}% (%{customdata[0]} prompts of %{customdata[1]} tokens)<extra>"
                 + html.escape(label)
                 + "</extra>",
             )
         )
-        fig.add_trace(
-            go.Scatter(
-                x=blocks,
-                y=[100 * r["uniform"] for r in rows],
-                mode="lines",
-                name=f"{label}: uniform share p/T",
-                line={"color": color, "width": 2, "dash": "dash"},
-                hovertemplate="uniform %{y:.1f}%<extra></extra>",
+        untrained = [r for r in baselines.get(label) or [] if not r.get("skipped") and finite(r.get(query))]
+        if untrained:
+            fig.add_trace(
+                go.Scatter(
+                    x=[r["block"] for r in untrained],
+                    y=[100 * r[query] for r in untrained],
+                    mode="lines+markers",
+                    name=f"{label}: untrained prompts",
+                    line={"color": color, "width": 2, "dash": "dot"},
+                    marker={"size": 6, "symbol": "circle-open"},
+                    hovertemplate="untrained %{y:.1f}%<extra></extra>",
+                )
             )
-        )
+        if query in ("cls_pull", "patch_pull"):
+            fig.add_trace(
+                go.Scatter(
+                    x=blocks,
+                    y=[100 * r["uniform"] for r in rows],
+                    mode="lines",
+                    name=f"{label}: uniform share p/T",
+                    line={"color": color, "width": 1.5, "dash": "dash"},
+                    hovertemplate="uniform %{y:.1f}%<extra></extra>",
+                )
+            )
     fig.update_xaxes(dtick=1)
     fig.update_layout(legend={"orientation": "h", "yanchor": "top", "y": -0.2, "x": 0})
     return fig
 
 
 def pull_vs_count_figure(records: list[dict[str, Any]], *, query: str = "cls_pull") -> go.Figure:
-    """Mean prompt pull over blocks against prompts per block, one point per stored run (by family),
-    with the uniform share of each run as open markers: does pull saturate as accuracy does?"""
+    """What training did to prompt pull, against prompts per block: trained minus untrained pull (mean
+    over blocks), one point per stored run (by family); 0 = the untrained prompts' pull, the frozen
+    backbone's own doing. Open markers: where the uniform share p/T lies on the same scale (p/T minus
+    untrained), the yardstick that would credit training with the backbone's preference for prompts.
+    Runs without an untrained baseline (no prompts, full fine-tuning) are left out."""
     fig = go.Figure()
-    words = {"cls_pull": "CLS query", "patch_pull": "patch queries"}
+    axis, words = PULL_MEASURES.get(query, ("%", query))
     _layout(
         fig,
-        f"Prompt pull vs prompt count ({words.get(query, query)}, mean over blocks)",
+        f"Prompt pull gained by training vs prompt count ({words}, mean over blocks)",
         xaxis_title="Prompts per block",
-        yaxis_title="Attention on prompts (%)",
+        yaxis_title="Trained minus untrained (points)",
         height=480,
     )
-    fig.update_yaxes(ticksuffix="%", rangemode="tozero")
-    records = [r for r in records if finite(r.get(query)) and finite(r.get("num_prompts"))]
+    fig.update_yaxes(ticksuffix=" pt", zeroline=True, zerolinewidth=2, zerolinecolor="#888")
+    baseline = f"{query}_untrained"
+    records = [
+        r
+        for r in records
+        if finite(r.get(query)) and finite(r.get(baseline)) and finite(r.get("num_prompts")) and r["num_prompts"] > 0
+    ]
     if not records:
-        placeholder(fig, "No stored runs with prompts on this data yet")
+        placeholder(fig, "No stored runs with prompts (and an untrained baseline) on this data yet")
         return fig
     frame = pd.DataFrame(records)
     frame["x"] = (
@@ -156,35 +193,39 @@ def pull_vs_count_figure(records: list[dict[str, Any]], *, query: str = "cls_pul
         if "placed_blocks" in frame
         else frame["num_prompts"]
     )
+    frame["gain"] = 100 * (frame[query] - frame[baseline])
+    show_uniform = query in ("cls_pull", "patch_pull") and "uniform" in frame
     for family, rows in frame.groupby("family", sort=True):
         rows = rows.sort_values("x")
         color = family_color(family)
         fig.add_trace(
             go.Scatter(
                 x=rows["x"],
-                y=100 * rows[query],
+                y=rows["gain"],
                 mode="lines+markers",
-                name=str(family),
+                name=f"{family}: trained − untrained",
                 line={"color": color, "width": 2.5},
                 marker={"size": 12, "color": color},
                 hovertext=[
-                    f"run {int(r.run_id)}: {html.escape(str(r.label))}<br>pull {100 * r[query]:.1f}% "
-                    f"(uniform {100 * r.uniform:.1f}%)"
+                    f"run {int(r.run_id)}: {html.escape(str(r.label))}<br>trained {100 * r[query]:.1f}%, "
+                    f"untrained {100 * r[baseline]:.1f}%: {r.gain:+.1f} points"
+                    + (f"<br>uniform share p/T {100 * r.uniform:.1f}%" if show_uniform else "")
                     for _, r in rows.iterrows()
                 ],
                 hovertemplate="%{hovertext}<extra></extra>",
             )
         )
-        fig.add_trace(
-            go.Scatter(
-                x=rows["x"],
-                y=100 * rows["uniform"],
-                mode="markers",
-                name=f"{family}: uniform share p/T",
-                marker={"size": 10, "color": color, "symbol": "circle-open", "line": {"width": 2}},
-                hovertemplate="uniform %{y:.1f}%<extra></extra>",
+        if show_uniform:
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["x"],
+                    y=100 * (rows["uniform"] - rows[baseline]),
+                    mode="markers",
+                    name=f"{family}: uniform share p/T − untrained",
+                    marker={"size": 10, "color": color, "symbol": "circle-open", "line": {"width": 2}},
+                    hovertemplate="p/T minus untrained: %{y:+.1f} points<extra></extra>",
+                )
             )
-        )
     if frame["x"].min() > 0 and frame["x"].max() / frame["x"].min() > 10:
         fig.update_xaxes(type="log")
     return fig

@@ -191,3 +191,43 @@ def summary_bars(
     fig.update_yaxes(title_text="%", row=1, col=1)
     fig.update_xaxes(showticklabels=False)
     return apply_layout(fig, title, height=440, barmode="group")
+
+
+DIAGNOSTICS = {
+    # key in `continual.summarize_runs` -> what it says
+    "learning_accuracy": "Right after learning (class-incr.)",
+    "avg_accuracy": "After the last task (class-incr.)",
+    "avg_accuracy_task_il": "After the last task (task given)",
+    "ncm_accuracy_initial": "Nearest class mean, untrained prompts",
+    "ncm_accuracy": "Nearest class mean, after the last task",
+}
+
+
+def diagnostics_bars(summary: Sequence[dict[str, Any]], *, title: str = "Who forgot: prompts or heads?") -> go.Figure:
+    """Grouped bars per diagnostic, one colour per method, mean ± sample std over seeds.
+
+    Reading: a drop from 'right after learning' to 'after the last task' that the task-given accuracy does
+    not show is confusion between heads; a drop of the nearest-class-mean accuracy (no head involved) is
+    the features themselves getting worse for some classes."""
+    fig = go.Figure()
+    labels = list(DIAGNOSTICS.values())
+    if not summary:
+        placeholder(fig, "no finished run yet")
+        return apply_layout(fig, title)
+    for row in summary:
+        means = [row.get(f"{key}_mean") for key in DIAGNOSTICS]
+        stds = [row.get(f"{key}_std") for key in DIAGNOSTICS]
+        fig.add_trace(
+            go.Bar(
+                x=labels,
+                y=[100 * m if _ok(m) else None for m in means],
+                name=method_label(row["method"]),
+                marker_color=METHOD_COLORS.get(row["method"], "#bcbd22"),
+                error_y={"type": "data", "array": [100 * s if _ok(s) else 0 for s in stds], "visible": True},
+                hovertemplate="%{x}: %{y:.1f}%<extra>"
+                + method_label(row["method"])
+                + f" ({row.get('seeds', '?')} seeds)</extra>",
+            )
+        )
+    fig.update_yaxes(title_text="Accuracy (%)", range=[0, 102])
+    return apply_layout(fig, title, height=460, barmode="group")

@@ -1,0 +1,286 @@
+"""Continual learning: sequential prompt tuning vs null-space prompts (NSP2, the official recipe) vs joint
+training, on the generated 30-class textures (5 tasks of 6 classes, class order shuffled per seed), with
+the offline DINOv2 ViT-S/14. Prints a markdown section and writes it into docs/results.md (only the
+section "## Continual learning").
+
+    python benchmarks/continual_nsp2.py                          # the full run: 3 seeds, 112 px, 20 epochs
+    python benchmarks/continual_nsp2.py --seeds 0 --resolution 56 --epochs 4 --shots 16   # a reduced run
+
+ELPV is not benchmarked here: 4 ordinal classes make at most 2 tasks of 2 classes, where the old heads'
+logit scale decides most of the measured forgetting (`continual.ELPV_NOTE`).
+Runs go into their own run store (default: <data dir>/benchmarks/continual.sqlite); finished runs with
+the same configuration are reused, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import machine, today, write_section  # noqa: E402
+from vptdash.engine import paths  # noqa: E402
+from vptdash.methods import continual  # noqa: E402
+from vptdash.methods.continual import ContinualConfig  # noqa: E402
+from vptdash.runs.store import RunStore  # noqa: E402
+
+HEADING = "## Continual learning"
+# Two-sided 95 % quantiles of Student's t, df 1..10; beyond 10 df the last one (errs wide).
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+DATASET = "textures-30"
+# The paper (ViT-B/16 IN-21k, 10-split CIFAR-100): sequential VPT 87.3 / 12.3, NSP2 91.7 / 3.3.
+PAPER_SEQ_FORGETTING, PAPER_NSP_FORGETTING = 12.3, 3.3
+PAPER = (
+    "NSP2 paper (ViT-B/16 IN-21k, 10 tasks of 10 classes): forgetting 12.3 → 3.3 points on CIFAR-100 "
+    "(−73 %), 19.4 → 5.1 on ImageNet-R (−74 %)"
+)
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def finished(store: RunStore, config: ContinualConfig) -> dict | None:
+    wanted = config.to_dict()
+    for row in store.list_runs(status="done", kind=continual.KIND):
+        if all(row["config"].get(k) == v for k, v in wanted.items()):
+            return row
+    return None
+
+
+def interval(values: list[float | None], scale: float = 100.0) -> str:
+    """mean [95 % t-interval over seeds]; the mean alone for one seed (no interval: say so)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    mean = float(np.mean(values)) * scale
+    if len(values) < 2:
+        return f"{mean:.1f} (1 seed)"
+    half = T95[min(len(values) - 1, len(T95)) - 1] * float(np.std(values, ddof=1)) / np.sqrt(len(values)) * scale
+    return f"{mean:.1f} [{mean - half:.1f}, {mean + half:.1f}]"
+
+
+def paired_interval(a: list[float], b: list[float], scale: float = 100.0) -> tuple[float, float | None]:
+    """Mean of a - b over seeds (same seed = same class order and images) and its 95 % half-width."""
+    diffs = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+    mean = float(np.mean(diffs)) * scale
+    if len(diffs) < 2:
+        return mean, None
+    return mean, T95[min(len(diffs) - 1, len(T95)) - 1] * float(np.std(diffs, ddof=1)) / np.sqrt(len(diffs)) * scale
+
+
+def metric(rows: list[dict], key: str) -> list[float | None]:
+    return [r["metrics"].get(key) for r in sorted(rows, key=lambda r: r["config"]["seed"])]
+
+
+def matrix_text(matrix) -> str:
+    return "[" + "; ".join(" ".join("—" if v is None else f"{100 * v:.0f}" for v in row) for row in matrix) + "]"
+
+
+def observations(by_method: dict[str, list[dict]]) -> list[str]:
+    """What the table says, as sentences computed from it (so a rerun cannot leave stale prose)."""
+    seq, nsp, joint = by_method.get("sequential") or [], by_method.get("nsp2") or [], by_method.get("joint") or []
+    if not seq or not nsp:
+        return []
+    seeds = len(seq)
+    lines = []
+    f_seq, f_nsp = metric(seq, "forgetting"), metric(nsp, "forgetting")
+    diff, half = paired_interval(f_nsp, f_seq)
+    m_seq, m_nsp = 100 * float(np.mean(f_seq)), 100 * float(np.mean(f_nsp))
+    noise = "" if half is None else f" (95 % interval of the paired difference ±{half:.1f})"
+    within = half is not None and abs(diff) <= half
+    reduction = f"{100 * (m_nsp / m_seq - 1):+.0f} %" if m_seq > 0.5 else "n/a: sequential hardly forgets"
+    paper = 100 * (PAPER_NSP_FORGETTING / PAPER_SEQ_FORGETTING - 1)
+    verdict = (
+        "within noise: this run cannot tell them apart"
+        if within
+        else "one seed: no interval, so no verdict beyond this seed"
+        if half is None
+        else "outside the seeds' noise"
+    )
+    lines.append(
+        f"- Class-incremental forgetting, NSP2 vs sequential: {m_nsp:.1f} vs {m_seq:.1f} points, "
+        f"NSP2 − sequential = {diff:+.1f}{noise}, {verdict}. Relative change {reduction}; the paper's is "
+        f"{paper:.0f} % ({PAPER_SEQ_FORGETTING} → {PAPER_NSP_FORGETTING})."
+    )
+    a_seq, a_nsp = metric(seq, "avg_accuracy"), metric(nsp, "avg_accuracy")
+    diff, half = paired_interval(a_nsp, a_seq)
+    lines.append(
+        f"- Final class-incremental accuracy, NSP2 − sequential: {diff:+.1f} points"
+        + (f" (±{half:.1f})" if half is not None else " (one seed)")
+        + (f"; joint training reaches {100 * np.mean(metric(joint, 'avg_accuracy')):.1f}." if joint else ".")
+    )
+    t_seq, t_nsp = metric(seq, "forgetting_task_il"), metric(nsp, "forgetting_task_il")
+    lines.append(
+        f"- With the task given, forgetting is {100 * np.mean(t_nsp):.1f} (NSP2) vs {100 * np.mean(t_seq):.1f} "
+        "(sequential) points: what the prompts themselves lost for old tasks; the rest of the class-incremental "
+        "forgetting is old images assigned to newer classes by heads that never saw them together."
+    )
+    for name, entries in (("sequential", seq), ("NSP2", nsp), ("joint", joint)):
+        if not entries:
+            continue
+        before = 100 * float(np.mean(metric(entries, "ncm_accuracy_initial")))
+        after = 100 * float(np.mean(metric(entries, "ncm_accuracy")))
+        lines.append(
+            f"- Nearest-class-mean accuracy over all {len(entries[0]['metrics']['class_names'])} classes, "
+            f"{name}: {before:.1f} with untrained prompts → {after:.1f} after the last task ({after - before:+.1f})."
+        )
+    l_seq, l_nsp = metric(seq, "learning_accuracy"), metric(nsp, "learning_accuracy")
+    lines.append(
+        f"- Learning accuracy (each task right after it was learned, class-incremental): NSP2 "
+        f"{100 * np.mean(l_nsp):.1f} vs sequential {100 * np.mean(l_seq):.1f}"
+        + (": the projection also limits what new tasks learn." if np.mean(l_nsp) < np.mean(l_seq) - 0.05 else ".")
+    )
+    lines.append(f"- Seeds: {seeds} per method.")
+    return lines
+
+
+def section(rows: list[dict], settings: dict, command: str, wall_minutes: float, loads: list[float]) -> list[str]:
+    by_method = {m: [r for r in rows if r["config"]["method"] == m] for m in continual.METHODS}
+    example = rows[0]
+    lines = [
+        f"Machine: {machine()}, shared with other developers' jobs (load average {min(loads):.0f}–{max(loads):.0f} "
+        f"on 2 cores while it ran: times are indicative). Date: {today()}.",
+        f"Command: `{command}` ({len(rows)} runs, {wall_minutes:.0f} min of wall time in this invocation; finished "
+        "runs in the benchmark's store are reused).",
+        "",
+        f"Settings: generated `{DATASET}` (10 patterns × 3 scales; {' / '.join(map(str, example['metrics']['test_sizes']))} "
+        f"test images per task), {settings['tasks']} tasks of 6 classes in an order shuffled per seed, "
+        f"{settings['shots']} training images per class, offline DINOv2 ViT-S/14 at {settings['resolution']} px. "
+        f"Official NSP2 recipe (`recipe='official'`): {settings['num_prompts']} prompts in every block, init "
+        f"uniform(−1, 1), logits / {settings['temperature']:g} in the loss, random resized crop + flip every step, "
+        f"AdamW lr {settings['lr']:g} with a warm-up epoch and cosine decay, {settings['epochs']} epochs per task "
+        f"(batch {settings['batch_size']}: {settings['epochs'] * -(-settings['shots'] * 6 // settings['batch_size'])} "
+        "steps; the paper trains about 2,000), projectors blended with eta = 0.97 and divided by their "
+        "Frobenius norm, LayerNorm consistency loss. Joint: one training on all tasks' images for the same "
+        "number of epochs.",
+        "",
+        "Columns in % (mean [95 % t-interval over seeds]): *avg accuracy* after the last task, class-incremental; "
+        "*forgetting*: mean over old tasks of best earlier minus final accuracy; *task given*: prediction among "
+        "the task's own classes; *learning*: each task right after it was learned; *NCM*: nearest-class-mean "
+        "accuracy over all classes on the pooled features (no head), with untrained prompts and after the last task.",
+        "",
+        "| method | avg accuracy | forgetting | task given: avg | task given: forgetting | learning | NCM before | "
+        "NCM after | minutes per run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, entries in by_method.items():
+        if not entries:
+            continue
+        lines.append(
+            f"| {continual.METHOD_LABELS[method]} | {interval(metric(entries, 'avg_accuracy'))} | "
+            f"{interval(metric(entries, 'forgetting'))} | {interval(metric(entries, 'avg_accuracy_task_il'))} | "
+            f"{interval(metric(entries, 'forgetting_task_il'))} | "
+            f"{interval(metric(entries, 'learning_accuracy')) if method != 'joint' else '—'} | "
+            f"{interval(metric(entries, 'ncm_accuracy_initial'))} | {interval(metric(entries, 'ncm_accuracy'))} | "
+            f"{np.mean([r['timings']['train_seconds'] for r in entries]) / 60:.1f} |"
+        )
+    lines += ["", *observations(by_method), ""]
+    lines.append(
+        "Mean accuracy matrices (rows: after task i, columns: task j, %, class-incremental): "
+        + ", ".join(
+            f"{continual.METHOD_LABELS[m].split(' (')[0]} {matrix_text(continual.mean_matrix(entries))}"
+            for m, entries in by_method.items()
+            if entries and m != "joint"
+        )
+        + "."
+    )
+    nullity = [n for r in by_method["nsp2"] for n in r["metrics"]["nullity"]]
+    if nullity:
+        k1 = [k[0] for n in nullity for k in n["blocks"].values()]
+        k2 = [k[1] for n in nullity for k in n["blocks"].values()]
+        dims = next(iter(nullity[0]["dims"].values()))
+        lines += [
+            "",
+            f"NSP2 nullity at the elbow, per prompted block and task: {min(k1)}–{max(k1)} of {dims[0]} "
+            f"(affinity condition), {min(k2)}–{max(k2)} of {dims[1]} (aggregation condition).",
+        ]
+    lines += ["", PAPER + ".", ""]
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default=",".join(continual.METHODS))
+    parser.add_argument("--resolution", type=int, default=112)
+    parser.add_argument("--epochs", type=int, default=continual.RECIPES["official"]["epochs"])
+    parser.add_argument("--shots", type=int, default=30, help="training images per class (the set has 30)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-test", type=int, default=None, help="test images per class (default: all 10)")
+    parser.add_argument("--store", default=str(paths.data_dir() / "benchmarks" / "continual.sqlite"))
+    parser.add_argument("--no-write", action="store_true", help="print the section, do not touch docs/results.md")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    methods = [m for m in args.methods.split(",") if m]
+    settings = dict(
+        backbone="dinov2_s14",
+        dataset=DATASET,
+        tasks=5,
+        shots=args.shots,
+        resolution=args.resolution,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_test_per_class=args.max_test,
+        lr=1e-2,
+        weight_decay=1e-4,
+        precision="fp32",
+    )
+    base = continual.recipe_config("official", **settings)
+    settings = base.to_dict()
+    Path(args.store).parent.mkdir(parents=True, exist_ok=True)
+    store = RunStore(args.store)
+    rows, loads, started = [], [os.getloadavg()[0]], time.perf_counter()
+    for config in continual.continual_configs(base, methods, seeds):
+        row = finished(store, config)
+        if row is None:
+            log(f"{config.label()} ...")
+            last = [0.0]
+
+            def echo(event: dict) -> None:
+                if event.get("phase") == "task" or time.perf_counter() - last[0] > 60:
+                    last[0] = time.perf_counter()
+                    log(
+                        f"  {event.get('phase')} task {event.get('task')} step {event.get('step')}/{event.get('total_steps')}"
+                    )
+
+            row = continual.run_continual_now(store, config, sweep_id=f"bench-{DATASET}", echo=echo)
+            loads.append(os.getloadavg()[0])
+            if row["status"] != "done":
+                log(f"  {row['status']}: {row.get('error')}")
+                return 1
+        m = row["metrics"]
+        log(
+            f"  {config.method} seed {config.seed}: avg {m['avg_accuracy']:.3f}, forgetting {m['forgetting']}, "
+            f"NCM {m['ncm_accuracy_initial']:.3f} -> {m['ncm_accuracy']:.3f}, {row['timings']['train_seconds'] / 60:.1f} min"
+        )
+        rows.append(row)
+    command = "python benchmarks/continual_nsp2.py" + "".join(
+        f" --{flag} {value}"
+        for flag, value, default in (
+            ("seeds", args.seeds, "0,1,2"),
+            ("resolution", args.resolution, 112),
+            ("epochs", args.epochs, continual.RECIPES["official"]["epochs"]),
+            ("shots", args.shots, 30),
+            ("batch-size", args.batch_size, 32),
+            ("max-test", args.max_test, None),
+        )
+        if value != default
+    )
+    body = section(rows, settings, command, (time.perf_counter() - started) / 60, loads)
+    text = HEADING + "\n\n" + "\n".join(body)
+    print(text)
+    if not args.no_write:
+        write_section(HEADING, "\n".join(body))
+        log("wrote docs/results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
