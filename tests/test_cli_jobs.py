@@ -29,6 +29,9 @@ def test_train_json_has_every_key(image_folder, capsys):
     assert code == 0
     assert set(cli.JSON_KEYS) <= set(result)
     assert result["status"] == "done" and isinstance(result["run_id"], int)
+    # both compute conventions: every token through every block costs more than the rows actually computed
+    assert result["gmacs_full_graph"] > result["gmacs"] > 0
+    assert result["precision"] in ("fp32", "bf16")  # "auto" resolved by measurement
     row = RunStore().get_run(result["run_id"])
     assert row["config"]["placement"] == "0,2" and row["config"]["shots"] is None  # whole training split
     assert row["artifact_path"] and Path(row["artifact_path"]).exists()

@@ -32,6 +32,7 @@ JSON_KEYS = (
     "balanced_accuracy",
     "val_accuracy",
     "gmacs",
+    "gmacs_full_graph",
     "params_trainable",
     "params_total",
     "latency_ms_b1",
@@ -39,6 +40,7 @@ JSON_KEYS = (
     "lr",
     "lr_source",
     "collapsed",
+    "precision",
     "run_id",
     "status",
 )
