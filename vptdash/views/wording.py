@@ -12,6 +12,14 @@ from vptdash.engine import data
 from vptdash.engine.train import RunConfig
 from vptdash.runs import uploads
 
+_MARKDOWN_SPECIALS = set("\\`*_{}[]<>()#+-.!|~$:")
+
+
+def plain_markdown(text: Any) -> str:
+    """`text` escaped so that Streamlit's Markdown shows it as typed (labels, names and messages come
+    from users: no links, emphasis, HTML or LaTeX)."""
+    return "".join("\\" + ch if ch in _MARKDOWN_SPECIALS else ch for ch in str(text))
+
 
 def upload_name(spec: str) -> str | None:
     """The name a user gave an uploaded image set, or None when `spec` is not one of the uploads."""
