@@ -488,3 +488,71 @@ def test_learning_rates_and_lr_source_reach_the_aggregate():
     agg = budget.aggregate_over_seeds(budget.runs_table(rows))
     assert agg.iloc[0]["lr_text"] == "1e-03 (validation), 3e-03 (validation)"
     assert budget.aggregate_over_seeds(budget.runs_table(seeded(1, [0.8]))).iloc[0]["lr_text"] == ""
+
+
+def test_one_seed_with_per_image_results_says_its_interval_is_image_noise_only():
+    probe = probe_runs([0.70])  # 200 test images: 140 right, the prompts 170
+    prompts = seeded(1, [0.85])
+    probe[0]["metrics"]["test_correct"] = "1" * 140 + "0" * 60
+    prompts[0]["metrics"]["test_correct"] = "1" * 170 + "0" * 30
+    rec = decide(probe + prompts)
+    assert rec.chosen_vs_probe.method == stats.PAIRED_BOOTSTRAP
+    # the difference is the share of images 140..169 drawn: binomial(200, 0.15) / 200, sd 2.5 points
+    assert rec.chosen_vs_probe.difference == pytest.approx(0.15)
+    assert rec.chosen_vs_probe.low == pytest.approx(0.15 - 1.96 * 0.02525, abs=0.01)
+    assert rec.sentence.startswith("10 deep prompts: +15.0 points over the linear probe (95% CI +10.")
+    assert rec.sentence.endswith("; one seed, so test-image noise only) at +3% compute.")
+
+
+def test_every_aggregated_column_from_two_seeds_by_hand():
+    def run(run_id, seed, accuracy, **extra):
+        row = make_run(run_id, 5, "deep", seed=seed, accuracy=accuracy, gmacs=1.0 + seed, latency=2.0 + 2 * seed)
+        row["config"].update(backbone="dinov2_s14", resolution=112, shots=16)
+        row["metrics"].update(val_accuracy=0.6 + seed / 10, majority_accuracy=0.5 + seed / 10, **extra)
+        row["metrics"]["confusion_matrix"] = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+        row["costs"].update(gmacs_analytic=3.0 + seed, latency_ms_b32=0.5 + seed, params_total=100 + seed)
+        row["costs"]["params_trainable"] = 10 + seed
+        row["timings"]["train_seconds"] = 20.0 + 10 * seed
+        return row
+
+    rows = [run(7, 1, 0.90, test_correct="10"), run(5, 0, 0.80, lr=0.001, lr_source="fixed")]
+    [row] = budget.aggregate_over_seeds(budget.runs_table(rows)).to_dict("records")
+    assert row["family"] == "deep" and row["label"] == "5 deep prompts" and row["placement"] == "deep"
+    assert (row["dataset"], row["backbone"], row["resolution"], row["shots"]) == ("elpv-binary", "dinov2_s14", 112, 16)
+    assert row["tuning"] == "prompt" and row["num_prompts"] == 5 and row["dataset_name"] == "elpv-binary"
+    assert row["n_seeds"] == 2 and row["seeds"] == [0, 1] and row["n_collapsed"] == 0 and row["collapsed_runs"] == []
+    assert row["run_ids"] == [5, 7]  # sorted by seed
+    assert row["accuracy_mean"] == pytest.approx(0.85) and row["accuracy_std"] == pytest.approx(0.1 / math.sqrt(2))
+    # two seeds: 0.85 -/+ 12.706 * 0.0707 / sqrt(2) = 0.85 -/+ 0.6353
+    assert row["accuracy_low"] == pytest.approx(0.85 - 0.6353, abs=1e-4)
+    assert row["accuracy_high"] == pytest.approx(0.85 + 0.6353, abs=1e-4)
+    assert row["balanced_accuracy_mean"] == pytest.approx(0.80)  # make_run stores accuracy - 0.05
+    assert row["balanced_accuracy_std"] == pytest.approx(0.1 / math.sqrt(2))
+    assert row["balanced_accuracy_low"] == pytest.approx(0.80 - 0.6353, abs=1e-4)
+    assert row["balanced_accuracy_high"] == pytest.approx(0.80 + 0.6353, abs=1e-4)
+    assert row["val_accuracy_mean"] == pytest.approx(0.65) and row["majority_accuracy"] == pytest.approx(0.55)
+    assert row["gmacs"] == 1.5 and row["gmacs_analytic"] == 3.5 and row["latency_ms_b32"] == 1.0
+    assert row["latency_ms_b1"] == 3.0 and row["latency_ms_b1_std"] == pytest.approx(2 / math.sqrt(2))
+    assert row["params_trainable"] == 10.5 and row["params_total"] == 100.5 and row["train_seconds"] == 25.0
+    assert row["sources"] == "precomputed" and row["n_classes"] == 3 and row["lr_text"] == "1e-03 (fixed)"
+    assert row["seed_runs"] == [
+        {
+            "id": 5,
+            "seed": 0,
+            "accuracy": 0.80,
+            "balanced_accuracy": pytest.approx(0.75),
+            "test_correct": None,
+            "test_labels": None,
+        },
+        {
+            "id": 7,
+            "seed": 1,
+            "accuracy": 0.90,
+            "balanced_accuracy": pytest.approx(0.85),
+            "test_correct": "10",
+            "test_labels": None,
+        },
+    ]
+    assert list(budget.aggregate_over_seeds(budget.runs_table([])).columns) == budget.AGG_COLUMNS
+    unknown = budget.aggregate_over_seeds(budget.runs_table([make_run(1, 5, source=None)])).iloc[0]
+    assert unknown["sources"] == "unknown" and math.isnan(unknown["n_classes"])

@@ -312,8 +312,8 @@ def _seed_run(row: pd.Series) -> dict:
         "seed": int(row["seed"]) if row["seed"] == row["seed"] else None,
         "accuracy": float(row["accuracy"]),
         "balanced_accuracy": float(row["balanced_accuracy"]),
-        "test_correct": row.get("test_correct"),
-        "test_labels": row.get("test_labels"),
+        "test_correct": row.get("test_correct") if isinstance(row.get("test_correct"), str) else None,
+        "test_labels": row.get("test_labels") if isinstance(row.get("test_labels"), (list, str)) else None,
     }
 
 
@@ -604,7 +604,10 @@ def _signed_points(value: float) -> str:
 
 
 def _ci(comparison: stats.Comparison) -> str:
-    return f"95% CI {100 * comparison.low:+.1f} to {100 * comparison.high:+.1f}"
+    text = f"95% CI {100 * comparison.low:+.1f} to {100 * comparison.high:+.1f}"
+    if min(comparison.n_a, comparison.n_b) < 2:
+        text += "; one seed, so test-image noise only"  # how much the seed moves it is unknown
+    return text
 
 
 def _relative_cost(value: float, reference: float, cost: str) -> str:
