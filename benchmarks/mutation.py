@@ -6,6 +6,7 @@ statistics) and runs the tests that reach the changed function; a mutant is kill
 
     python benchmarks/mutation.py --json          # one JSON line: mutants, killed, score, ...
     python benchmarks/mutation.py --write-docs    # also rewrites the section of docs/testing.md
+    python benchmarks/mutation.py --from benchmarks/data/mutation.json --write-docs   # re-read the last run
     python benchmarks/mutation.py --known-bugs    # the bugs a review found, put back one at a time
                                                   # (with --write-docs: its section of docs/testing.md)
 
@@ -32,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "testing.md"
+STORED = ROOT / "benchmarks" / "data" / "mutation.json"  # the last run, re-read by --from
 BEGIN, END = "<!-- mutation:begin (benchmarks/mutation.py --write-docs) -->", "<!-- mutation:end -->"
 
 # The decision modules and, in budget.py, the functions that decide (not the wording, the sweep cost
@@ -91,6 +93,9 @@ def prepare(copy: Path) -> None:
     )
     with open(copy / "pyproject.toml", "a", encoding="utf-8") as handle:
         handle.write(config)
+    # mutants/ must exist when Python starts: a PYTHONPATH entry missing at start is skipped for good,
+    # and the editable install of the checkout would be tested instead of the mutants
+    (copy / "mutants").mkdir()
 
 
 def mutmut(copy: Path, *args: str, home: str) -> subprocess.CompletedProcess:
@@ -144,7 +149,7 @@ def run(max_children: int) -> dict:
         prepare(copy)
         done = mutmut(copy, "run", "--max-children", str(max_children), *PATTERNS, home=str(home))
         statuses = results(copy)
-        if not statuses:
+        if not statuses or all(s == "not checked" for s in statuses.values()):
             raise SystemExit(f"mutmut produced no results:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         survivors = sorted(n for n, s in statuses.items() if s not in ("killed", "timeout") and n not in EQUIVALENT)
         diffs = mutant_diffs(copy, survivors)
@@ -228,6 +233,20 @@ def known_bugs() -> dict[str, str]:
     return caught
 
 
+def rescore(result: dict) -> dict:
+    """A stored result with today's EQUIVALENT applied: equivalent survivors leave the count."""
+    survivors = result["survived"] + result["equivalent"]
+    equivalent = sorted(n for n in survivors if n in EQUIVALENT)
+    mutants = result["mutants"] + len(result["equivalent"]) - len(equivalent)
+    return {
+        **result,
+        "mutants": mutants,
+        "score": round(result["killed"] / mutants, 4) if mutants else 0.0,
+        "survived": sorted(n for n in survivors if n not in EQUIVALENT),
+        "equivalent": equivalent,
+    }
+
+
 def changed_lines(diff: str) -> str:
     lines = [line for line in diff.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))]
     return "\n".join(lines)
@@ -280,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-docs", action="store_true", help=f"rewrite the mutation section of {DOC.name}")
     parser.add_argument("--known-bugs", action="store_true", help="put back the known bugs; print what caught each")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--from", dest="stored", type=Path, help=f"re-read a stored run ({STORED.relative_to(ROOT)}) instead of running"
+    )
     args = parser.parse_args(argv)
     if args.known_bugs:
         caught = known_bugs()
@@ -290,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.write_docs:
             write_docs(lines, "<!-- known-bugs:begin -->", "<!-- known-bugs:end -->")
         return 1 if "MISSED" in caught.values() else 0
-    result = run(args.max_children)
+    if args.stored:
+        result = rescore(json.loads(args.stored.read_text(encoding="utf-8")))
+    else:
+        result = run(args.max_children)
+        STORED.parent.mkdir(parents=True, exist_ok=True)
+        STORED.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     if args.write_docs:
         write_docs(doc_section(result))
     if args.json:
