@@ -11,6 +11,12 @@ from vptdash.engine.prompts import PromptedViT
 from vptdash.views import budget, stats
 
 
+@pytest.fixture(autouse=True)
+def fresh_comparisons():
+    """Every test computes its comparisons: a cached answer from another test would hide a bug."""
+    stats.clear_cache()
+
+
 def make_run(
     run_id,
     num_prompts,

@@ -8,6 +8,12 @@ import pytest
 from vptdash.views import stats
 
 
+@pytest.fixture(autouse=True)
+def fresh_comparisons():
+    """Every test computes its comparisons: a cached answer from another test would hide a bug."""
+    stats.clear_cache()
+
+
 def bits(pattern) -> str:
     return "".join("1" if b else "0" for b in pattern)
 

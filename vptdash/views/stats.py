@@ -259,6 +259,11 @@ def compare(a_runs: Sequence[dict], b_runs: Sequence[dict], metric: str = "accur
         return compare_runs(a_runs, b_runs, metric)
 
 
+def clear_cache() -> None:
+    """Forget cached comparisons (tests, and mutation testing, whose forked runs would else reuse them)."""
+    _compare_cached.cache_clear()
+
+
 @functools.lru_cache(maxsize=1024)
 def _compare_cached(a: tuple, b: tuple, metric: str) -> Comparison:
     def runs(frozen: tuple) -> list[dict]:
