@@ -19,7 +19,8 @@ setup = session.active_setup()
 st.title("Budget explorer")
 st.caption(
     f"Accuracy against cost on **{wording.dataset_md(setup['dataset'], setup['cell_type'])}**: "
-    "each point is one configuration (mean over seeds, bars = spread). Change the data set on the Data page."
+    "each point is one configuration (mean over seeds, bars = 95% interval; hollow circles = collapsed runs, "
+    "left out of the means). Change the data set on the Data page."
 )
 
 # ------------------------------------------------------------------------------------ results
@@ -46,15 +47,22 @@ def results() -> None:
                 f"{wording.md_escape(wording.first_line(failed[0].get('error')))}"
             )
 
+    finished = store.list_runs(status="done", dataset=setup["dataset"])
+    # the majority class's share is a property of the test set: every run on this data set knows it
+    on_data, _ = budget.comparable_runs(finished, setup, same_setup=False)
+
     c = st.columns([2, 3, 3])
     metric = c[0].segmented_control(
         "Metric",
         list(METRICS),
         format_func=METRICS.get,
         key="budget_metric",
-        default="accuracy_mean",
+        default=budget.default_metric(
+            budget.runs_table(on_data)
+        ),  # balanced when one class is over 60% of the test set
         required=True,
-        help="Balanced accuracy = mean recall over classes (honest on imbalanced data).",
+        help="Balanced accuracy = mean recall over classes (honest on imbalanced data; the default when one "
+        "class is over 60% of the test set). Accuracy's chance line is the majority class, balanced accuracy's 1/K.",
     )
     tolerance = c[1].slider(
         "Tolerance (accuracy points)",
@@ -72,15 +80,14 @@ def results() -> None:
         value=True,
         help="Compare like with like: runs on the active backbone, resolution and shots.",
     )
-    finished = store.list_runs(status="done", dataset=setup["dataset"])
     rows, left_out = budget.comparable_runs(finished, setup, same_setup=match)
+    table = budget.runs_table(rows)
+    agg = budget.aggregate_over_seeds(table)
     if left_out and not rows:
         st.info(
             f"{left_out} finished run(s) on this data set use another backbone, resolution or shots: "
             "turn the switch off to see them."
         )
-    table = budget.runs_table(rows)
-    agg = budget.aggregate_over_seeds(table)
     metric = metric or "accuracy_mean"
     st.session_state["budget_points"] = len(agg)
 
@@ -125,7 +132,7 @@ def results() -> None:
             with tab:
                 recommendation = budget.recommend(agg, tolerance, cost=cost, metric=metric) if len(agg) else None
                 if recommendation is not None:
-                    st.success(f"#### {recommendation.sentence}", icon=":material/recommend:")
+                    st.success(f"#### {wording.md_escape(recommendation.sentence)}", icon="✔️")
                 fig = charts.cost_accuracy_figure(
                     agg, cost=cost, metric=metric, recommendation=recommendation, highlight_ids=selected
                 )
@@ -136,6 +143,13 @@ def results() -> None:
                     legend={"orientation": "h", "x": 0, "y": -0.16, "yanchor": "top"}, margin={"b": 40}, height=680
                 )
                 look.show_plotly(fig, key=f"budget_chart_{cost}")
+        collapsed = budget.collapsed_lines(agg)
+        if collapsed:
+            st.markdown(
+                f"**○ {len(collapsed)} collapsed run{'s' if len(collapsed) != 1 else ''}**, drawn hollow and left "
+                "out of every mean and of the recommendation:\n"
+                + "\n".join(f"- {wording.md_escape(line)}" for line in collapsed)
+            )
     sources = set(table["source"].dropna()) if len(table) else set()
     if "precomputed" in sources:
         info = resources.reference_info() or {}

@@ -62,7 +62,7 @@ with controls:
             "benchmark's setting); textures-10 has 10 (up to 5 tasks of 2). Uploads with at least 4 classes work too.",
         )
         if spec == "elpv":
-            st.info(continual.ELPV_NOTE, icon=":material/info:")
+            st.info(continual.ELPV_NOTE, icon="ℹ️")
         cell_type = setup["cell_type"] if spec == "elpv" else None
         try:
             names = class_names(spec, int(setup["resolution"]), cell_type)

@@ -8,7 +8,13 @@ import pytest
 
 from vptdash.engine.cost import analytic_gmacs
 from vptdash.engine.prompts import PromptedViT
-from vptdash.views import budget
+from vptdash.views import budget, stats
+
+
+@pytest.fixture(autouse=True)
+def fresh_comparisons():
+    """Every test computes its comparisons: a cached answer from another test would hide a bug."""
+    stats.clear_cache()
 
 
 def make_run(
@@ -137,9 +143,12 @@ def test_recommend_cheapest_within_tolerance_and_sentence_numbers():
     df["family"] = ["linear probe", "shallow", "deep", "deep"]
     rec = budget.recommend(df, 3.0)
     assert rec.best["label"] == "50 deep prompts" and rec.chosen["label"] == "10 shallow prompts"
+    # one value per configuration and no per-image results: point estimates, and the sentence says so
+    assert rec.verdict == budget.VERDICT_NO_INTERVAL
     assert rec.sentence == (
         "10 shallow prompts reach 97% of the best accuracy (84.1% vs 86.7% for 50 deep prompts) "
-        "at 31% of its compute (1.47 vs 4.71 GMACs per image)."
+        "at 31% of its compute (1.47 vs 4.71 GMACs per image). "
+        "One seed and no per-image results: no interval yet, so this is not evidence."
     )
     same = budget.recommend(df, 1.0)
     assert same.chosen_is_best and same.sentence.startswith("The best configuration, 50 deep prompts")
@@ -148,6 +157,8 @@ def test_recommend_cheapest_within_tolerance_and_sentence_numbers():
     assert linear.chosen["family"] == "linear probe"
     assert linear.sentence.startswith("A linear probe (no prompts) is within 6.7 points of the best accuracy")
     assert budget.recommend(df.iloc[0:0]) is None
+    assert budget.recommend(df.assign(accuracy_mean=float("nan"))) is None
+    assert budget.recommend(df, metric="no_such_metric") is None
 
 
 def test_recommend_latency_and_params_wording():
@@ -269,3 +280,285 @@ def test_the_baseline_is_the_probe_on_the_same_images_and_seed_first():
     assert budget.matching_probe(rows, run)["id"] == 11
     assert budget.matching_probe([r for r in rows if r["id"] != 11], run)["id"] == 10  # another seed, same images
     assert budget.matching_probe([rows[2], rows[3], rows[4]], run) is None  # other shots, not a probe, other split
+
+
+# ------------------------------------------------------------------------------------ decision rules
+def costed(points, **columns):
+    """A frame of configurations (label, cost, mean), more columns as lists; no per-seed data, so every
+    comparison is a point estimate and the rules are the plain ones."""
+    df = frame(points)
+    for name, values in columns.items():
+        df[name] = values
+    return df
+
+
+def test_a_configuration_without_a_known_cost_is_never_chosen():
+    # the best has no cost; a cheaper-looking one with no cost sits within the tolerance too
+    df = costed(
+        [("best, cost unknown", float("nan"), 0.90), ("costed", 2.0, 0.895), ("also unknown", float("nan"), 0.899)]
+    )
+    rec = budget.recommend(df, 1.0)
+    assert rec.best["label"] == "best, cost unknown"
+    assert rec.chosen["label"] == "costed"
+    nothing_costed = costed([("a", float("nan"), 0.90), ("b", float("nan"), 0.95)])
+    rec = budget.recommend(nothing_costed, 10.0)
+    assert rec.chosen["label"] == "b" == rec.best["label"]  # no cost anywhere: the best, as it is
+
+
+def test_ties_for_best_go_to_the_cheapest_then_to_the_most_seeds():
+    df = costed([("dear", 2.0, 0.90), ("cheap", 1.0, 0.90), ("worse", 0.5, 0.80)])
+    rec = budget.recommend(df, 0.0)
+    assert rec.best["label"] == "cheap" and rec.chosen["label"] == "cheap"
+    assert rec.chosen_is_best
+    # same mean, same cost: the one with more seeds is the best, and equally cheap means the best itself
+    df = costed([("one seed", 1.0, 0.90), ("three seeds", 1.0, 0.90)], n_seeds=[1, 3])
+    rec = budget.recommend(df, 1.0)
+    assert rec.best["label"] == "three seeds"
+    assert rec.chosen["label"] == "three seeds" and rec.chosen_is_best
+    assert "The best configuration" in rec.sentence
+
+
+def test_among_equally_cheap_candidates_the_higher_mean_is_chosen():
+    df = costed([("best", 3.0, 0.90), ("cheap, lower", 1.0, 0.86), ("cheap, higher", 1.0, 0.88)])
+    assert budget.recommend(df, 5.0).chosen["label"] == "cheap, higher"
+
+
+def test_tolerance_edges():
+    df = costed([("best", 3.0, 0.90), ("one point below", 1.0, 0.89), ("far below", 0.5, 0.80)])
+    assert budget.recommend(df, 1.0).chosen["label"] == "one point below"  # exactly at the edge: within
+    assert budget.recommend(df, 0.99).chosen["label"] == "best"  # just short of it: not
+    assert budget.recommend(df, 10.0).chosen["label"] == "far below"  # 10 points: the cheapest
+    assert budget.recommend(df, 9.9).chosen["label"] == "one point below"
+    negative = budget.recommend(df, -5.0)  # a negative tolerance counts as none
+    assert negative.chosen["label"] == "best" and negative.tolerance_points == -5.0
+
+
+def test_the_pareto_front_in_any_row_order():
+    df = frame([("e", 4.0, 0.90), ("a", 1.0, 0.80), ("d", 3.0, 0.85), ("b", 2.0, 0.85), ("x", 0.5, float("nan"))])
+    front = budget.pareto_front(df)
+    assert list(front["label"]) == ["a", "b", "e"]  # d: same accuracy as b at a higher cost
+    assert list(front.index) == [1, 3, 0]  # the original index is kept
+    assert budget.pareto_front(df, metric="missing").empty and budget.pareto_front(df.iloc[0:0]).empty
+    lonely = budget.pareto_front(frame([("only", 1.0, 0.5)]))
+    assert list(lonely["label"]) == ["only"]
+    better_and_cheaper = budget.pareto_front(frame([("dear", 2.0, 0.80), ("cheap", 1.0, 0.90)]))
+    assert list(better_and_cheaper["label"]) == ["cheap"]
+
+
+def seeded(run_id, accuracies, *, num_prompts=10, placement="deep", tuning="prompt", gmacs=1.03, **kw):
+    """Stored runs of one configuration, one per seed."""
+    return [
+        make_run(run_id + seed, num_prompts, placement, seed=seed, accuracy=acc, gmacs=gmacs, tuning=tuning, **kw)
+        for seed, acc in enumerate(accuracies)
+    ]
+
+
+def probe_runs(accuracies, run_id=100, gmacs=1.0):
+    return seeded(run_id, accuracies, num_prompts=0, placement="shallow", tuning="linear", gmacs=gmacs)
+
+
+def decide(rows, tolerance=1.0, metric="accuracy_mean", cost="gmacs"):
+    return budget.recommend(budget.aggregate_over_seeds(budget.runs_table(rows)), tolerance, metric=metric, cost=cost)
+
+
+def test_a_clear_winner_gets_its_gain_over_the_probe_with_the_interval():
+    # per-seed differences 0.14, 0.15, 0.13: mean +14.0 points; s = 1 point, t(2) = 4.303:
+    # 95% CI 14.0 -/+ 4.303 / sqrt(3) = 11.5 to 16.5; compute 1.03 vs 1.0 GMACs: +3%
+    rows = probe_runs([0.70, 0.72, 0.74]) + seeded(1, [0.84, 0.87, 0.87])
+    rec = decide(rows)
+    assert rec.verdict == budget.VERDICT_BEATS_PROBE
+    assert rec.sentence == "10 deep prompts: +14.0 points over the linear probe (95% CI +11.5 to +16.5) at +3% compute."
+    assert rec.chosen["label"] == "10 deep prompts" and rec.probe["family"] == "linear probe"
+    assert rec.chosen_vs_probe.method == stats.PAIRED_T
+    assert rec.chosen_vs_probe.low == pytest.approx(0.14 - 4.303 * 0.01 / math.sqrt(3), abs=1e-9)
+
+
+def test_within_noise_says_so_and_recommends_the_probe():
+    # differences +0.04, -0.05, +0.04: mean +1.0 point, s = 5.196 points: 95% CI 1.0 -/+ 12.909
+    rows = probe_runs([0.70, 0.78, 0.72]) + seeded(1, [0.74, 0.73, 0.76])
+    rec = decide(rows)
+    assert rec.verdict == budget.VERDICT_WITHIN_NOISE
+    assert rec.sentence == (
+        "No budget beats the linear probe beyond noise at 16 images per class; the differences in accuracy are "
+        "within ±1.0 points (the best, 10 deep prompts: +1.0 points, 95% CI -11.9 to +13.9). "
+        "More images or seeds would tell them apart."
+    )
+    assert rec.chosen["family"] == "linear probe" and rec.best["label"] == "10 deep prompts"
+    # the probe on top: nothing beats it, the closest configuration is named
+    rows = probe_runs([0.76, 0.78, 0.75]) + seeded(1, [0.74, 0.73, 0.76])
+    rec = decide(rows)
+    assert rec.verdict == budget.VERDICT_WITHIN_NOISE and rec.chosen["family"] == "linear probe"
+    assert "(the closest, 10 deep prompts: -2.0 points, 95% CI" in rec.sentence
+    full = [dict(r, config={**r["config"], "shots": None}) for r in rows]
+    assert "beyond noise on the full training split;" in decide(full).sentence
+
+
+def test_the_probe_within_the_tolerance_of_a_real_gain():
+    # prompts beat the probe beyond noise by 0.5 points (differences 0.004, 0.005, 0.006): within 1 point
+    rows = probe_runs([0.800, 0.810, 0.820]) + seeded(1, [0.804, 0.815, 0.826])
+    rec = decide(rows, 1.0)
+    assert rec.verdict == budget.VERDICT_PROBE_ENOUGH and rec.chosen["family"] == "linear probe"
+    assert rec.sentence.startswith(
+        "The linear probe (no prompts) is within 1 point of the best accuracy: 10 deep prompts is +0.5 points (95% CI"
+    )
+    assert rec.sentence.endswith("at +3% compute.")
+    assert decide(rows, 0.5).verdict == budget.VERDICT_BEATS_PROBE  # 0.5 points: its lower bound is not within
+
+
+def test_a_cheaper_configuration_is_within_the_tolerance_only_as_the_data_shows():
+    # 50 deep (best, mean 0.88) vs 1 deep (mean 0.87): differences +0.01, -0.05, +0.01 -> mean -1.0,
+    # s = 3.464 points, 95% CI -1.0 -/+ 8.61: the gap may be as large as 9.6 points
+    best = seeded(1, [0.86, 0.90, 0.88], num_prompts=50, gmacs=4.0)
+    cheap = seeded(10, [0.87, 0.85, 0.89], num_prompts=1, gmacs=1.0)
+    rec = decide(best + cheap, 2.0)
+    assert rec.chosen["label"] == "50 deep prompts"  # 1 point below on average, but not shown within 2
+    assert rec.verdict == budget.VERDICT_NO_PROBE
+    rec = decide(best + cheap, 10.0)
+    assert rec.chosen["label"] == "1 deep prompts"
+    assert rec.chosen_vs_best.low == pytest.approx(-0.01 - 4.303 * 0.034641 / math.sqrt(3), abs=1e-5)
+    assert rec.sentence.endswith("The gap to the best: -1.0 points (95% CI -9.6 to +7.6).")
+
+
+def test_a_cheaper_configuration_within_noise_of_the_probe_is_flagged():
+    probe = probe_runs([0.70, 0.72, 0.74])
+    best = seeded(1, [0.84, 0.87, 0.87], num_prompts=50, gmacs=4.0)  # +14 points, beyond noise
+    shaky = seeded(10, [0.80, 0.86, 0.86], num_prompts=1, gmacs=1.01)  # differences 0.10, 0.14, 0.12
+    close = seeded(20, [0.70, 0.90, 0.70], num_prompts=5, gmacs=1.005)  # +1.3 points, CI very wide
+    rec = decide(probe + best + shaky + close, 10.0)
+    # within 10 points of the best as the data shows: 1 deep (gap -2.0, CI -8.7 to +4.7); 5 deep is not
+    assert rec.chosen["label"] == "1 deep prompts" and rec.verdict == budget.VERDICT_BEATS_PROBE
+    # a tolerance wide enough for 5 deep prompts admits the probe too, unless its cost is unknown
+    probe = probe_runs([0.70, 0.72, 0.74], gmacs=None)
+    rec = decide(probe + best + close, 40.0)  # its gap to the best: -9.3 points, CI down to -36.1
+    assert rec.chosen["label"] == "5 deep prompts" and rec.verdict == budget.VERDICT_UNCLEAR
+    assert "over the linear probe, within noise (95% CI" in rec.sentence
+    assert "50 deep prompts does beat it (+14.0 points, 95% CI +11.5 to +16.5)" in rec.sentence
+
+
+def test_collapsed_runs_are_counted_apart_and_never_recommended():
+    rows = seeded(1, [0.80, 0.83, 0.89]) + seeded(10, [0.95, 0.96], num_prompts=50, gmacs=2.0)
+    rows[1]["metrics"].update(collapsed=True, collapse_reason="predicts one class on validation")
+    for run in rows[3:]:  # 50 deep prompts: older runs whose test predictions are all one class
+        run["metrics"]["confusion_matrix"] = [[0, 60], [0, 40]]
+    table = budget.runs_table(rows)
+    assert list(table["collapsed"]) == [False, True, False, True, True]
+    agg = budget.aggregate_over_seeds(table).set_index("label")
+    ten = agg.loc["10 deep prompts"]
+    assert ten["n_seeds"] == 2 and ten["seeds"] == [0, 2] and ten["n_collapsed"] == 1
+    assert ten["accuracy_mean"] == pytest.approx(0.845)  # (0.80 + 0.89) / 2: the collapsed 0.83 is out
+    assert ten["run_ids"] == [1, 2, 3]  # every run, for highlighting
+    assert ten["collapsed_runs"] == [
+        {
+            "id": 2,
+            "seed": 1,
+            "accuracy": 0.83,
+            "balanced_accuracy": pytest.approx(0.78),
+            "reason": "predicts one class on validation",
+        }
+    ]
+    fifty = agg.loc["50 deep prompts"]
+    assert math.isnan(fifty["accuracy_mean"]) and fifty["n_collapsed"] == 2 and fifty["gmacs"] == 2.0
+    rec = budget.recommend(agg.reset_index(), 50.0)
+    assert rec.best["label"] == "10 deep prompts" == rec.chosen["label"]
+    lines = budget.collapsed_lines(agg.reset_index())
+    assert lines == [
+        "#2 10 deep prompts, seed 1: predicts one class on validation",
+        "#10 50 deep prompts, seed 0: predicts a single class on test",
+        "#11 50 deep prompts, seed 1: predicts a single class on test",
+    ]
+    only_collapsed = budget.aggregate_over_seeds(budget.runs_table(rows[3:]))
+    assert budget.recommend(only_collapsed, 50.0) is None
+
+
+def test_intervals_over_seeds_in_the_aggregate():
+    agg = budget.aggregate_over_seeds(budget.runs_table(seeded(1, [0.80, 0.83, 0.89])))
+    row = agg.iloc[0]
+    # mean 0.84, s = 0.045826, 4.303 * s / sqrt(3) = 0.113847
+    assert row["accuracy_low"] == pytest.approx(0.84 - 0.113847, abs=1e-6)
+    assert row["accuracy_high"] == pytest.approx(0.84 + 0.113847, abs=1e-6)
+    one = budget.aggregate_over_seeds(budget.runs_table(seeded(1, [0.80]))).iloc[0]
+    assert math.isnan(one["accuracy_low"]) and one["accuracy_std"] == 0.0
+
+
+def test_the_default_metric_follows_the_majority_share():
+    assert budget.default_metric(pd.DataFrame({"majority_accuracy": [0.55, 0.6]})) == "accuracy_mean"
+    assert budget.default_metric(pd.DataFrame({"majority_accuracy": [0.55, 0.61]})) == "balanced_accuracy_mean"
+    assert budget.default_metric(pd.DataFrame({"x": [1]})) == "accuracy_mean"
+    assert budget.default_metric(pd.DataFrame({"majority_accuracy": [None]})) == "accuracy_mean"
+
+
+def test_learning_rates_and_lr_source_reach_the_aggregate():
+    rows = seeded(1, [0.8, 0.82])
+    rows[0]["metrics"].update(lr=1e-3, lr_source="validation")
+    rows[1]["metrics"].update(lr=3e-3, lr_source="validation")
+    agg = budget.aggregate_over_seeds(budget.runs_table(rows))
+    assert agg.iloc[0]["lr_text"] == "1e-03 (validation), 3e-03 (validation)"
+    assert budget.aggregate_over_seeds(budget.runs_table(seeded(1, [0.8]))).iloc[0]["lr_text"] == ""
+
+
+def test_one_seed_with_per_image_results_says_its_interval_is_image_noise_only():
+    probe = probe_runs([0.70])  # 200 test images: 140 right, the prompts 170
+    prompts = seeded(1, [0.85])
+    probe[0]["metrics"]["test_correct"] = "1" * 140 + "0" * 60
+    prompts[0]["metrics"]["test_correct"] = "1" * 170 + "0" * 30
+    rec = decide(probe + prompts)
+    assert rec.chosen_vs_probe.method == stats.PAIRED_BOOTSTRAP
+    # the difference is the share of images 140..169 drawn: binomial(200, 0.15) / 200, sd 2.5 points
+    assert rec.chosen_vs_probe.difference == pytest.approx(0.15)
+    assert rec.chosen_vs_probe.low == pytest.approx(0.15 - 1.96 * 0.02525, abs=0.01)
+    assert rec.sentence.startswith("10 deep prompts: +15.0 points over the linear probe (95% CI +10.")
+    assert rec.sentence.endswith("; one seed, so test-image noise only) at +3% compute.")
+
+
+def test_every_aggregated_column_from_two_seeds_by_hand():
+    def run(run_id, seed, accuracy, **extra):
+        row = make_run(run_id, 5, "deep", seed=seed, accuracy=accuracy, gmacs=1.0 + seed, latency=2.0 + 2 * seed)
+        row["config"].update(backbone="dinov2_s14", resolution=112, shots=16)
+        row["metrics"].update(val_accuracy=0.6 + seed / 10, majority_accuracy=0.5 + seed / 10, **extra)
+        row["metrics"]["confusion_matrix"] = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+        row["costs"].update(gmacs_analytic=3.0 + seed, latency_ms_b32=0.5 + seed, params_total=100 + seed)
+        row["costs"]["params_trainable"] = 10 + seed
+        row["timings"]["train_seconds"] = 20.0 + 10 * seed
+        return row
+
+    rows = [run(7, 1, 0.90, test_correct="10"), run(5, 0, 0.80, lr=0.001, lr_source="fixed")]
+    [row] = budget.aggregate_over_seeds(budget.runs_table(rows)).to_dict("records")
+    assert row["family"] == "deep" and row["label"] == "5 deep prompts" and row["placement"] == "deep"
+    assert (row["dataset"], row["backbone"], row["resolution"], row["shots"]) == ("elpv-binary", "dinov2_s14", 112, 16)
+    assert row["tuning"] == "prompt" and row["num_prompts"] == 5 and row["dataset_name"] == "elpv-binary"
+    assert row["n_seeds"] == 2 and row["seeds"] == [0, 1] and row["n_collapsed"] == 0 and row["collapsed_runs"] == []
+    assert row["run_ids"] == [5, 7]  # sorted by seed
+    assert row["accuracy_mean"] == pytest.approx(0.85) and row["accuracy_std"] == pytest.approx(0.1 / math.sqrt(2))
+    # two seeds: 0.85 -/+ 12.706 * 0.0707 / sqrt(2) = 0.85 -/+ 0.6353
+    assert row["accuracy_low"] == pytest.approx(0.85 - 0.6353, abs=1e-4)
+    assert row["accuracy_high"] == pytest.approx(0.85 + 0.6353, abs=1e-4)
+    assert row["balanced_accuracy_mean"] == pytest.approx(0.80)  # make_run stores accuracy - 0.05
+    assert row["balanced_accuracy_std"] == pytest.approx(0.1 / math.sqrt(2))
+    assert row["balanced_accuracy_low"] == pytest.approx(0.80 - 0.6353, abs=1e-4)
+    assert row["balanced_accuracy_high"] == pytest.approx(0.80 + 0.6353, abs=1e-4)
+    assert row["val_accuracy_mean"] == pytest.approx(0.65) and row["majority_accuracy"] == pytest.approx(0.55)
+    assert row["gmacs"] == 1.5 and row["gmacs_analytic"] == 3.5 and row["latency_ms_b32"] == 1.0
+    assert row["latency_ms_b1"] == 3.0 and row["latency_ms_b1_std"] == pytest.approx(2 / math.sqrt(2))
+    assert row["params_trainable"] == 10.5 and row["params_total"] == 100.5 and row["train_seconds"] == 25.0
+    assert row["sources"] == "precomputed" and row["n_classes"] == 3 and row["lr_text"] == "1e-03 (fixed)"
+    assert row["seed_runs"] == [
+        {
+            "id": 5,
+            "seed": 0,
+            "accuracy": 0.80,
+            "balanced_accuracy": pytest.approx(0.75),
+            "test_correct": None,
+            "test_labels": None,
+        },
+        {
+            "id": 7,
+            "seed": 1,
+            "accuracy": 0.90,
+            "balanced_accuracy": pytest.approx(0.85),
+            "test_correct": "10",
+            "test_labels": None,
+        },
+    ]
+    assert list(budget.aggregate_over_seeds(budget.runs_table([])).columns) == budget.AGG_COLUMNS
+    unknown = budget.aggregate_over_seeds(budget.runs_table([make_run(1, 5, source=None)])).iloc[0]
+    assert unknown["sources"] == "unknown" and math.isnan(unknown["n_classes"])

@@ -46,14 +46,20 @@ def test_cost_accuracy_one_trace_per_family_with_expected_points(agg):
     front = next(t for t in fig.data if t.name == "Pareto front")
     assert front.line.shape == "hv"
     shallow = next(t for t in fig.data if t.name == "shallow")
-    assert shallow.error_y.array[0] == pytest.approx(100 * np.std([0.84, 0.86], ddof=1))
+    # 95% t interval of two seeds: t(1 df) = 12.706 times s / sqrt(2), s = 0.01414 -> 12.706 points each way
+    assert shallow.error_y.array[0] == pytest.approx(12.706, abs=1e-6)
+    assert shallow.error_y.arrayminus[0] == pytest.approx(12.706, abs=1e-6)
+    assert np.std([0.84, 0.86], ddof=1) / np.sqrt(2) == pytest.approx(0.01)
     assert shallow.marker.color == style.FAMILY_COLORS["shallow"]
-    assert "2, 3" in shallow.hovertext[0] and "± " in shallow.hovertext[0]
+    assert "2, 3" in shallow.hovertext[0] and "accuracy: 85.0% (95% CI 72.3 to 97.7)" in shallow.hovertext[0]
+    linear = next(t for t in fig.data if t.name == "linear probe")
+    assert linear.error_y.array is None  # one seed: no spread, no bar
+    assert "accuracy: 80.0% (one seed: no spread)" in linear.hovertext[0]
     deep = next(t for t in fig.data if t.name == "deep")
     assert list(deep.marker.symbol) == ["diamond"] and list(shallow.marker.symbol) == ["circle"]
     names = {t.name for t in fig.data}
     assert charts.SOURCE_NAMES["circle"] in names and charts.SOURCE_NAMES["diamond"] in names
-    assert any(n.startswith("Majority class (70.0%)") for n in names)
+    assert "Chance: majority class (70.0%)" in names
     assert fig.layout.xaxis.title.text == "GMACs per image"
     assert fig.layout.yaxis.title.text == "Test accuracy (%)"
     assert fig.layout.title.text and fig.layout.font.size == style.BASE_FONT_SIZE
@@ -135,3 +141,40 @@ def test_confusion_figure():
     assert [list(r) for r in heatmap.z] == [[5, 1], [2, 7]] and list(heatmap.y) == ["functional", "defective"]
     assert fig.layout.yaxis.title.text == "True class"
     charts.confusion_figure([], [])  # placeholder, no crash
+
+
+def test_collapsed_runs_are_hollow_points_outside_the_means():
+    rows = [
+        make_run(1, 10, "deep", seed=0, accuracy=0.84, gmacs=1.5),
+        make_run(2, 10, "deep", seed=1, accuracy=0.31, gmacs=1.5),
+        make_run(3, 50, "deep", seed=0, accuracy=0.69, gmacs=4.0),
+    ]
+    rows[1]["metrics"].update(collapsed=True, collapse_reason="loss diverged")
+    rows[2]["metrics"]["confusion_matrix"] = [[69, 0], [31, 0]]  # an older run: one class on test
+    rows[0]["metrics"].update(lr=1e-3, lr_source="validation")
+    agg = budget.aggregate_over_seeds(budget.runs_table(rows))
+    fig = charts.cost_accuracy_figure(agg)
+    points = by_trace(fig)
+    assert points["deep"] == [(1.5, pytest.approx(84.0))]  # the mean of the one run that did not collapse
+    assert sorted(points[charts.COLLAPSED_NAME]) == [(1.5, pytest.approx(31.0)), (4.0, pytest.approx(69.0))]
+    hollow = next(t for t in fig.data if t.name == charts.COLLAPSED_NAME)
+    assert hollow.marker.symbol == "circle-open"
+    assert "loss diverged" in hollow.hovertext[0] and "run 2, seed 1" in hollow.hovertext[0]
+    deep = next(t for t in fig.data if t.name == "deep")
+    assert "learning rate: 1e-03 (validation)" in deep.hovertext[0]
+    assert "collapsed runs left out of the mean: 1" in deep.hovertext[0]
+    # every run of a configuration collapsed: nothing but hollow points, still drawn
+    only = budget.aggregate_over_seeds(budget.runs_table(rows[2:]))
+    assert by_trace(charts.cost_accuracy_figure(only)) == {charts.COLLAPSED_NAME: [(4.0, pytest.approx(69.0))]}
+
+
+def test_chance_line_per_metric():
+    rows = [make_run(1, 10, accuracy=0.8, majority=0.688), make_run(2, 0, tuning="linear", majority=0.688)]
+    for run in rows:
+        run["metrics"]["confusion_matrix"] = [[3, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    agg = budget.aggregate_over_seeds(budget.runs_table(rows))
+    assert charts.chance_level(agg, "accuracy_mean") == (0.688, "Chance: majority class (68.8%)")
+    assert charts.chance_level(agg, "balanced_accuracy_mean") == (0.25, "Chance: 1/4 classes (25.0%)")
+    fig = charts.cost_accuracy_figure(agg, metric="balanced_accuracy_mean")
+    assert [shape.y0 for shape in fig.layout.shapes] == [pytest.approx(25.0)]
+    assert charts.chance_level(agg.drop(columns=["n_classes"]), "balanced_accuracy_mean") is None

@@ -271,7 +271,7 @@ def test_read_only_data_dir_reads_the_history_and_says_what_to_fix(image_folder,
         monkeypatch.setattr(reference, "REFERENCE_FILE", tmp_path / "none.json")
         at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
         for page in ("home", "data", "train", "budget", "levers", "attention", "continual", "runs"):
-            at.switch_page(f"pages/{page}.py").run()
+            at.switch_page(f"app_pages/{page}.py").run()
             assert not at.exception, (page, [e.value for e in at.exception])
             assert any("read-only" in w.value for w in at.warning), page
         assert len(at.dataframe[0].value) == 4  # Runs lists the four runs

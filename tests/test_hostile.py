@@ -338,14 +338,14 @@ def test_token_comparison_and_loopback_rules():
 # ---------------------------------------------------------------------------------------------- pages
 
 PAGES = [
-    "pages/home.py",
-    "pages/data.py",
-    "pages/train.py",
-    "pages/budget.py",
-    "pages/levers.py",
-    "pages/attention.py",
-    "pages/continual.py",
-    "pages/runs.py",
+    "app_pages/home.py",
+    "app_pages/data.py",
+    "app_pages/train.py",
+    "app_pages/budget.py",
+    "app_pages/levers.py",
+    "app_pages/attention.py",
+    "app_pages/continual.py",
+    "app_pages/runs.py",
 ]
 # Selectbox and multiselect options, table cells and figure specs are plain text in Streamlit (only
 # labels, radio and slider options, captions, alerts, Markdown and headers interpret Markdown).
@@ -457,7 +457,7 @@ def test_shared_mode_shows_only_the_token_prompt_until_the_token_is_entered(shar
     at.button[0].click().run()
     assert not at.exception
     assert "Job queue" in app_text(at) and "visual prompts" in app_text(at)  # sidebar and the Home page
-    at.switch_page("pages/runs.py").run()  # remembered for the session: no second prompt
+    at.switch_page("app_pages/runs.py").run()  # remembered for the session: no second prompt
     assert "Access token" not in [w.label for w in at.text_input] and "Job queue" in app_text(at)
 
 

@@ -17,10 +17,49 @@ def rows():
     ]
 
 
-def test_report_is_self_contained_and_says_the_answer():
+def seeds(first_id, accuracies, *args, **kwargs):
+    # majority class 55%: accuracy stays the report's metric
+    return [
+        make_run(first_id + s, *args, seed=s, accuracy=a, majority=0.55, **kwargs) for s, a in enumerate(accuracies)
+    ]
+
+
+def test_report_says_the_answer_the_data_supports():
+    # 10 deep prompts minus the probe, per seed: 0.14, 0.15, 0.13 -> +14.0 points, s = 1 point,
+    # 95% CI 14.0 -/+ 4.303 / sqrt(3) = +11.5 to +16.5; 1.03 vs 1.0 GMACs: +3% compute
+    clear = seeds(1, [0.70, 0.72, 0.74], 0, tuning="linear", gmacs=1.0) + seeds(
+        10, [0.84, 0.87, 0.87], 10, "deep", gmacs=1.03
+    )
+    text = report.build_html_report(clear, tolerance_points=1.0)
+    assert (
+        '<p class="answer">10 deep prompts: +14.0 points over the linear probe (95% CI +11.5 to +16.5) '
+        "at +3% compute.</p>"
+    ) in text
+    # differences +0.04, -0.05, +0.04: +1.0 point, 95% CI 1.0 -/+ 4.303 * 5.196 / sqrt(3) = -11.9 to +13.9
+    noisy = seeds(1, [0.70, 0.78, 0.72], 0, tuning="linear", gmacs=1.0) + seeds(
+        10, [0.74, 0.73, 0.76], 10, "deep", gmacs=1.03
+    )
+    text = report.build_html_report(noisy, tolerance_points=1.0)
+    assert (
+        '<p class="answer">No budget beats the linear probe beyond noise at 16 images per class; the differences in '
+        "accuracy are within ±1.0 points (the best, 10 deep prompts: +1.0 points, 95% CI -11.9 to +13.9). "
+        "More images or seeds would tell them apart.</p>"
+    ) in text
+    # a collapsed run is listed, and left out of the answer (with it the mean would be lower)
+    noisy[4]["metrics"].update(collapsed=True, collapse_reason="loss diverged")
+    text = report.build_html_report(noisy, tolerance_points=1.0)
+    assert "<li>#11 10 deep prompts, seed 1: loss diverged</li>" in text and "Collapsed runs (1)" in text
+
+
+def test_report_uses_balanced_accuracy_when_one_class_dominates():
+    data = [make_run(1, 0, tuning="linear", accuracy=0.80, majority=0.7), make_run(2, 10, accuracy=0.9, majority=0.7)]
+    text = report.build_html_report(data)
+    assert "balanced accuracy is the mean over seeds" in text and "over 60% of the test set" in text
+    assert "85.0% balanced accuracy" in text  # 0.9 - 0.05: the balanced figure make_run stores
+
+
+def test_report_is_self_contained():
     text = report.build_html_report(rows(), tolerance_points=2.5, title="ELPV budget")
-    expected = budget.recommend(budget.aggregate_over_seeds(budget.runs_table(rows())), 2.5).sentence
-    assert expected in text
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
     assert not re.search(r"<script[^>]*\bsrc\s*=", text, re.IGNORECASE)  # nothing loaded from anywhere
     assert not re.search(r"<link[^>]*href\s*=\s*[\"']https?:", text, re.IGNORECASE)

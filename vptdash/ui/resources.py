@@ -15,8 +15,6 @@ from pathlib import Path
 import pandas  # noqa: F401 - imported before gc.freeze so its objects are frozen too
 import plotly.graph_objects  # noqa: F401 - as above
 import streamlit as st
-from streamlit.runtime.pages_manager import PagesManager
-from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from vptdash.engine import backbones, data, paths, train  # noqa: F401 - train: loaded before gc.freeze
 from vptdash.runs import jobs, reference, uploads  # noqa: F401 - jobs, uploads: loaded before gc.freeze
@@ -42,35 +40,12 @@ def _reference_loaded(path: str) -> dict:
         return {"imported": 0, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def ensure_navigation() -> None:
-    """Make sure the page runs inside app.py's `st.navigation`, never as a legacy `pages/` page.
-
-    Streamlit treats a project with a `pages/` folder as a v1 multipage app until some run calls
-    `st.navigation`: then a page script can be run on its own, without app.py (no page config, no
-    sidebar). That happens to the first visitor of a bookmarked /budget URL after a restart, and
-    to every AppTest run after the first. In that case run app.py here, in this same script run
-    (so a button click that started it is not lost), and stop: app.py routes to this page again."""
-    if not getattr(PagesManager, "uses_pages_directory", False):
-        return
-    ctx = get_script_run_ctx()
-    if ctx is None:
-        return
-    PagesManager.uses_pages_directory = False  # app.py's st.navigation would set it too
-    main = Path(ctx.main_script_path)
-    exec(
-        compile(main.read_text(encoding="utf-8"), str(main), "exec"),  # noqa: S102 - our own entry point
-        {"__name__": "__main__", "__file__": str(main)},
-    )
-    st.stop()
-
-
 def get_store() -> RunStore:
     """The run store of this data dir ($VPTDASH_HOME), shared by all sessions of the process.
 
     A store that cannot be opened stops the page with one line saying why; a damaged one also offers
     to move it aside (kept) and start again from the latest backup. A read-only one is shown with a
     banner: the history can be read, nothing can be recorded."""
-    ensure_navigation()
     try:
         path = str(paths.store_path())
         store = _store_at(path)

@@ -29,6 +29,7 @@ from vptdash.engine.prompts import parse_placement, patch_size_of, placement_lab
 from vptdash.engine.rows import supports_row_selection
 from vptdash.engine.train import RunConfig
 from vptdash.methods import vlprompts
+from vptdash.views import stats
 
 FAMILY_ORDER = ["linear probe", "shallow", "deep", "custom blocks", "full fine-tune"]
 
@@ -65,6 +66,13 @@ RUN_COLUMNS = [
     "kind",
     "sweep_id",
     "dataset_name",
+    "collapsed",
+    "collapse_reason",
+    "test_correct",
+    "test_labels",
+    "n_classes",
+    "lr",
+    "lr_source",
 ]
 _METRIC_COLUMNS = ("accuracy", "balanced_accuracy", "val_accuracy", "majority_accuracy")
 _COST_COLUMNS = ("gmacs", "gmacs_analytic", "latency_ms_b1", "latency_ms_b32", "params_trainable", "params_total")
@@ -82,10 +90,15 @@ AGG_COLUMNS = [
     "placement",
     "n_seeds",
     "seeds",
+    "n_collapsed",
     "accuracy_mean",
     "accuracy_std",
+    "accuracy_low",
+    "accuracy_high",
     "balanced_accuracy_mean",
     "balanced_accuracy_std",
+    "balanced_accuracy_low",
+    "balanced_accuracy_high",
     "val_accuracy_mean",
     "majority_accuracy",
     "gmacs",
@@ -99,6 +112,10 @@ AGG_COLUMNS = [
     "run_ids",
     "sources",
     "dataset_name",
+    "n_classes",
+    "lr_text",
+    "seed_runs",
+    "collapsed_runs",
 ]
 
 METRIC_WORDS = {
@@ -202,6 +219,12 @@ def matching_probe(rows: list[dict], config: dict) -> dict | None:
     return (same_seed or candidates or [None])[0]
 
 
+def _n_classes(metrics: dict) -> float:
+    """The number of classes a run was tested on (from its confusion matrix), NaN when unknown."""
+    matrix = metrics.get("confusion_matrix")
+    return float(len(matrix)) if isinstance(matrix, list) and len(matrix) >= 2 else float("nan")
+
+
 def runs_table(rows: list[dict]) -> pd.DataFrame:
     """One row per finished run (status "done") that has metrics; columns RUN_COLUMNS."""
     records = []
@@ -217,6 +240,7 @@ def runs_table(rows: list[dict]) -> pd.DataFrame:
         family, label = run_config.family(), run_config.label()
         if row.get("kind") == vlprompts.KIND:  # not a RunConfig: CLIP prompts label themselves
             family, label = vlprompts.family_and_label(config)
+        reason = stats.collapse_reason(metrics)
         records.append(
             {
                 "id": row.get("id"),
@@ -226,7 +250,7 @@ def runs_table(rows: list[dict]) -> pd.DataFrame:
                 "dataset": config.get("dataset", row.get("dataset")),
                 "backbone": config.get("backbone"),
                 "resolution": _number(config.get("resolution")),
-                "shots": _number(config.get("shots")),
+                "shots": _number(config.get("shots", RunConfig.shots)),  # None (NaN here): the full split
                 "tuning": config.get("tuning"),
                 "num_prompts": _number(config.get("num_prompts")),
                 "placement": config.get("placement"),
@@ -240,6 +264,13 @@ def runs_table(rows: list[dict]) -> pd.DataFrame:
                 "kind": row.get("kind"),
                 "sweep_id": row.get("sweep_id"),
                 "dataset_name": dataset_name(config.get("dataset", row.get("dataset"))),
+                "collapsed": reason is not None,
+                "collapse_reason": reason,
+                "test_correct": metrics.get("test_correct") if isinstance(metrics.get("test_correct"), str) else None,
+                "test_labels": metrics.get("test_labels"),
+                "n_classes": _n_classes(metrics),
+                "lr": _number(metrics.get("lr")),
+                "lr_source": metrics.get("lr_source") if isinstance(metrics.get("lr_source"), str) else None,
             }
         )
     return pd.DataFrame.from_records(records, columns=RUN_COLUMNS)
@@ -265,15 +296,58 @@ def _mean(series: pd.Series) -> float:
     return float(values.mean()) if len(values) else float("nan")
 
 
+def _lr_text(group: pd.DataFrame) -> str:
+    """The learning rates of a configuration's runs in words ("1e-03 (validation)", "mixed: ..."), ""
+    for runs that did not record one."""
+    used = sorted(
+        {
+            f"{float(lr):.0e}" + (f" ({source})" if isinstance(source, str) and source else "")
+            for lr, source in zip(group["lr"], group["lr_source"])
+            if lr == lr
+        }
+    )
+    return ", ".join(used)
+
+
+def _seed_run(row: pd.Series) -> dict:
+    """What `stats.compare` reads from one run."""
+    return {
+        "id": int(row["id"]) if row["id"] == row["id"] and row["id"] is not None else None,
+        "seed": int(row["seed"]) if row["seed"] == row["seed"] else None,
+        "accuracy": float(row["accuracy"]),
+        "balanced_accuracy": float(row["balanced_accuracy"]),
+        "test_correct": row.get("test_correct") if isinstance(row.get("test_correct"), str) else None,
+        "test_labels": row.get("test_labels") if isinstance(row.get("test_labels"), (list, str)) else None,
+    }
+
+
 def aggregate_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration (config_key): means over seeds and sample std (ddof=1, 0 for one
-    seed); "sources" is the single source of its runs or "mixed". Sorted by family, then prompt count."""
+    """One row per configuration (config_key): means over seeds, sample std (ddof=1, 0 for one seed)
+    and 95% t interval (`*_low`, `*_high`; NaN for one seed: no spread to judge); "sources" is the
+    single source of its runs or "mixed". Sorted by family, then prompt count.
+
+    Collapsed runs (`stats.collapse_reason`) are data, not noise: they are never averaged into the
+    metrics. `n_seeds` and `seeds` count the runs that are; `n_collapsed` and `collapsed_runs` (id, seed,
+    accuracies, reason) the ones left out. A configuration whose runs all collapsed has NaN metrics.
+    Costs, run ids and sources cover every run. `seed_runs` carries what `stats.compare` needs."""
     if table is None or len(table) == 0:
         return pd.DataFrame(columns=AGG_COLUMNS)
+    if "collapsed" not in table:
+        table = table.assign(collapsed=False)
+    for column in ("collapse_reason", "test_correct", "test_labels", "lr_source"):
+        if column not in table:
+            table = table.assign(**{column: None})
+    for column in ("n_classes", "lr"):
+        if column not in table:
+            table = table.assign(**{column: float("nan")})
     records = []
     for key, group in table.groupby("config_key", sort=False):
         group = group.sort_values("seed", na_position="last")
         first = group.iloc[0]
+        collapsed = group["collapsed"].fillna(False).astype(bool)
+        kept, dropped = group[~collapsed], group[collapsed]
+        accuracy = stats.mean_interval(list(kept["accuracy"]))
+        balanced = stats.mean_interval(list(kept["balanced_accuracy"]))
         records.append(
             {
                 "config_key": key,
@@ -291,13 +365,18 @@ def aggregate_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
                         "placement",
                     )
                 },
-                "n_seeds": int(len(group)),
-                "seeds": [int(s) if s == s else None for s in group["seed"]],
-                "accuracy_mean": _mean(group["accuracy"]),
-                "accuracy_std": _std(group["accuracy"]),
-                "balanced_accuracy_mean": _mean(group["balanced_accuracy"]),
-                "balanced_accuracy_std": _std(group["balanced_accuracy"]),
-                "val_accuracy_mean": _mean(group["val_accuracy"]),
+                "n_seeds": int(len(kept)),
+                "seeds": [int(s) if s == s else None for s in kept["seed"]],
+                "n_collapsed": int(len(dropped)),
+                "accuracy_mean": _mean(kept["accuracy"]),
+                "accuracy_std": _std(kept["accuracy"]),
+                "accuracy_low": accuracy.low,
+                "accuracy_high": accuracy.high,
+                "balanced_accuracy_mean": _mean(kept["balanced_accuracy"]),
+                "balanced_accuracy_std": _std(kept["balanced_accuracy"]),
+                "balanced_accuracy_low": balanced.low,
+                "balanced_accuracy_high": balanced.high,
+                "val_accuracy_mean": _mean(kept["val_accuracy"]),
                 "majority_accuracy": _mean(group["majority_accuracy"]),
                 "gmacs": _mean(group["gmacs"]),
                 "gmacs_analytic": _mean(group["gmacs_analytic"]),
@@ -310,6 +389,19 @@ def aggregate_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
                 "run_ids": [int(i) for i in group["id"] if i is not None and i == i],
                 "sources": _sources(group["source"]),
                 "dataset_name": first.get("dataset_name"),
+                "n_classes": float(pd.to_numeric(group["n_classes"], errors="coerce").max()),
+                "lr_text": _lr_text(group),
+                "seed_runs": [_seed_run(row) for _, row in kept.iterrows() if row["accuracy"] == row["accuracy"]],
+                "collapsed_runs": [
+                    {
+                        "id": int(row["id"]) if row["id"] == row["id"] and row["id"] is not None else None,
+                        "seed": int(row["seed"]) if row["seed"] == row["seed"] else None,
+                        "accuracy": float(row["accuracy"]),
+                        "balanced_accuracy": float(row["balanced_accuracy"]),
+                        "reason": str(row["collapse_reason"] or "collapsed"),
+                    }
+                    for _, row in dropped.iterrows()
+                ],
             }
         )
     frame = pd.DataFrame.from_records(records, columns=AGG_COLUMNS)
@@ -318,6 +410,35 @@ def aggregate_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
         ["_rank", "family", "num_prompts", "placement", "label"], na_position="last", kind="stable"
     )
     return frame.drop(columns="_rank").reset_index(drop=True)
+
+
+# Above this share of the test set in one class, accuracy flatters a model that always answers that
+# class: the Budget explorer opens on balanced accuracy instead.
+IMBALANCE_SHARE = 0.6
+
+
+def default_metric(frame: pd.DataFrame) -> str:
+    """ "balanced_accuracy_mean" when the majority class is over IMBALANCE_SHARE of the test set (the
+    largest share among the runs), else "accuracy_mean"."""
+    if frame is not None and "majority_accuracy" in frame:
+        shares = pd.to_numeric(frame["majority_accuracy"], errors="coerce").dropna()
+        if len(shares) and float(shares.max()) > IMBALANCE_SHARE:
+            return "balanced_accuracy_mean"
+    return "accuracy_mean"
+
+
+def collapsed_lines(frame: pd.DataFrame) -> list[str]:
+    """One line per collapsed run of the aggregated frame: "#12 10 deep prompts, seed 2: predicts a
+    single class on test" (plain text: labels may come from users)."""
+    lines = []
+    if frame is None or "collapsed_runs" not in frame:
+        return lines
+    for _, row in frame.iterrows():
+        runs = row.get("collapsed_runs")
+        for run in runs if isinstance(runs, (list, tuple)) else []:
+            seed = "" if run.get("seed") is None else f", seed {run['seed']}"
+            lines.append(f"#{run.get('id')} {row.get('label')}{seed}: {run.get('reason')}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------- answers
@@ -345,14 +466,29 @@ def pareto_front(frame: pd.DataFrame, cost: str = "gmacs", metric: str = "accura
     return valid.loc[kept]
 
 
+# What a Recommendation's verdict says (`Recommendation.verdict`).
+VERDICT_BEATS_PROBE = "beats the probe"  # the chosen configuration beats the linear probe beyond noise
+VERDICT_WITHIN_NOISE = "within noise"  # no configuration beats the probe beyond noise: the probe is chosen
+VERDICT_PROBE_ENOUGH = "probe within tolerance"  # the probe is within the tolerance of the best, as the data shows
+VERDICT_UNCLEAR = "not beyond noise"  # the chosen one does not beat the probe beyond noise, another does
+VERDICT_NO_INTERVAL = "no interval"  # one seed and no per-image results somewhere: point estimates only
+VERDICT_NO_PROBE = "no probe"  # no linear probe among the runs: best and cheapest only
+
+
 @dataclass
 class Recommendation:
-    best: pd.Series  # the highest-metric configuration
-    chosen: pd.Series  # the cheapest configuration whose metric >= best - tolerance
+    best: pd.Series  # the highest-metric configuration (mean over non-collapsed seeds)
+    chosen: pd.Series  # the recommended configuration (see `recommend`)
     tolerance_points: float
     cost: str
     metric: str
     sentence: str
+    verdict: str = VERDICT_NO_PROBE
+    probe: pd.Series | None = None  # the linear probe compared against, when there is one
+    chosen_vs_probe: stats.Comparison | None = None
+    best_vs_probe: stats.Comparison | None = None
+    chosen_vs_best: stats.Comparison | None = None
+    vs_probe: dict | None = None  # frame index -> Comparison against the probe, every configuration
 
     @property
     def chosen_is_best(self) -> bool:
@@ -448,12 +584,88 @@ def _sentence(best: pd.Series, chosen: pd.Series, tolerance: float, cost: str, m
     )
 
 
+def _run_metric(metric: str) -> str:
+    """The per-run metric behind an aggregate column ("accuracy_mean" -> "accuracy")."""
+    return metric[: -len("_mean")] if metric.endswith("_mean") else metric
+
+
+def _seed_runs(row: pd.Series) -> list[dict]:
+    runs = row.get("seed_runs")
+    return list(runs) if isinstance(runs, (list, tuple)) else []
+
+
+def _compare_rows(a: pd.Series, b: pd.Series, metric: str) -> stats.Comparison:
+    """a minus b; without per-seed data (a hand-made frame) the difference of the means, no interval."""
+    a_runs, b_runs = _seed_runs(a), _seed_runs(b)
+    if a_runs and b_runs:
+        return stats.compare(a_runs, b_runs, _run_metric(metric))
+    difference = _number(a.get(metric)) - _number(b.get(metric))
+    return stats.Comparison(difference, math.nan, math.nan, stats.NO_INTERVAL, 0, 0)
+
+
+def _signed_points(value: float) -> str:
+    return f"{100 * value:+.1f} points"
+
+
+def _ci(comparison: stats.Comparison) -> str:
+    text = f"95% CI {100 * comparison.low:+.1f} to {100 * comparison.high:+.1f}"
+    if min(comparison.n_a, comparison.n_b) < 2:
+        text += "; one seed, so test-image noise only"  # how much the seed moves it is unknown
+    return text
+
+
+def _relative_cost(value: float, reference: float, cost: str) -> str:
+    """ "at +3% compute", "at 2.4x the compute", "with 46x the trainable parameters"; "" when unknown."""
+    if not (value == value and reference == reference and reference > 0):
+        return ""
+    noun, _ = _cost_words(cost)
+    verb = "with" if cost.startswith("params") else "at"
+    ratio = value / reference
+    if ratio >= 2:
+        return f" {verb} {ratio:.1f}x the {noun}"
+    change = 100 * (ratio - 1)
+    amount = f"{change:+.0f}%" if abs(change) >= 1 else f"{change:+.1g}%"
+    return f" {verb} {amount} {noun}"
+
+
+def _where(frame: pd.DataFrame) -> str:
+    """ "at 16 images per class", "on the full training split", or "" when the rows mix sizes."""
+    if "shots" not in frame:
+        return ""
+    shots = {float(v) if v == v else None for v in pd.to_numeric(frame["shots"], errors="coerce")}
+    if len(shots) != 1:
+        return ""
+    [value] = shots
+    return " on the full training split" if value is None else f" at {value:g} images per class"
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _probe_index(frame: pd.DataFrame, metrics: pd.Series) -> Any:
+    """The linear probe to compare against: the best-scoring linear-probe row, None when none."""
+    if "family" not in frame:
+        return None
+    probes = [i for i in frame.index if frame.at[i, "family"] == "linear probe" and metrics[i] == metrics[i]]
+    return max(probes, key=lambda i: float(metrics[i])) if probes else None
+
+
 def recommend(
     frame: pd.DataFrame, tolerance_points: float = 1.0, *, cost: str = "gmacs", metric: str = "accuracy_mean"
 ) -> Recommendation | None:
-    """The cheapest configuration whose metric is within `tolerance_points` percentage points of
-    the best one. None when no row has the metric. Rows without the cost can be "best" but are
-    never chosen over a row whose cost is known."""
+    """The configuration the data supports, with one sentence a manager can repeat. None when no row
+    has the metric (a configuration whose runs all collapsed has none, so it is never recommended).
+
+    * best: the highest mean (ties: the cheapest known cost, then the most seeds);
+    * chosen: the cheapest configuration with a known cost whose mean is within `tolerance_points` of
+      the best and, where an interval exists, whose paired difference from the best has its 95% lower
+      bound within the tolerance too (equally cheap: the best itself);
+    * against the linear probe (the best-scoring probe row, when there is one): when no configuration
+      beats it beyond noise (every 95% interval of the difference reaches zero or below), the probe is
+      chosen and the sentence says the differences are within noise; otherwise the sentence gives the
+      chosen configuration's difference from the probe with its interval and cost.
+    Rows without the cost can be "best" but are never chosen over a row whose cost is known."""
     if frame is None or len(frame) == 0 or metric not in frame:
         return None
     if not frame.index.is_unique:
@@ -465,20 +677,117 @@ def recommend(
         return None
     best_value = metrics[valid.index].max()
     top = [i for i in valid.index if metrics[i] == best_value]
-    best_index = min(top, key=lambda i: (math.isnan(costs[i]), costs[i] if costs[i] == costs[i] else 0.0))
-    threshold = best_value - max(float(tolerance_points), 0.0) / 100.0 - 1e-12
-    candidates = [i for i in valid.index if metrics[i] >= threshold and costs[i] == costs[i]]
+    seeds = pd.to_numeric(frame["n_seeds"], errors="coerce") if "n_seeds" in frame else pd.Series(1, index=frame.index)
+    # ties on the mean: the cheapest known cost, then the most seeds (more evidence)
+    best_index = min(
+        top,
+        key=lambda i: (
+            math.isnan(costs[i]),
+            costs[i] if costs[i] == costs[i] else 0.0,
+            -(seeds[i] if seeds[i] == seeds[i] else 0),
+        ),
+    )
+    best = frame.loc[best_index]
+    tolerance = max(float(tolerance_points), 0.0) / 100.0
+    threshold = best_value - tolerance - 1e-12
+    gaps: dict[Any, stats.Comparison] = {}
+    candidates = []
+    for i in valid.index:
+        if metrics[i] < threshold or costs[i] != costs[i]:
+            continue
+        if i != best_index:
+            gaps[i] = _compare_rows(frame.loc[i], best, metric)
+            if gaps[i].has_interval and gaps[i].low < -tolerance - 1e-12:
+                continue  # within the tolerance on average, but the data cannot rule out a larger gap
+        candidates.append(i)
     if candidates:
         chosen_index = min(candidates, key=lambda i: (float(costs[i]), -float(metrics[i])))
         if costs[best_index] == costs[chosen_index]:
             chosen_index = best_index  # equally cheap: the best itself
     else:
         chosen_index = best_index
-    best, chosen = frame.loc[best_index], frame.loc[chosen_index]
-    sentence = _sentence(best, chosen, float(tolerance_points), cost, metric)
-    return Recommendation(
-        best=best, chosen=chosen, tolerance_points=float(tolerance_points), cost=cost, metric=metric, sentence=sentence
+    chosen = frame.loc[chosen_index]
+    chosen_vs_best = gaps.get(chosen_index) if chosen_index != best_index else None
+    result = Recommendation(
+        best=best,
+        chosen=chosen,
+        tolerance_points=float(tolerance_points),
+        cost=cost,
+        metric=metric,
+        sentence="",
+        chosen_vs_best=chosen_vs_best,
     )
+    probe_index = _probe_index(frame, metrics)
+    if probe_index is None:
+        result.sentence = _sentence(best, chosen, float(tolerance_points), cost, metric)
+        if chosen_vs_best is not None and chosen_vs_best.has_interval:
+            result.sentence += (
+                f" The gap to the best: {_signed_points(chosen_vs_best.difference)} ({_ci(chosen_vs_best)})."
+            )
+        return result
+    probe = frame.loc[probe_index]
+    vs_probe = {i: _compare_rows(frame.loc[i], probe, metric) for i in valid.index if i != probe_index}
+    result.probe, result.vs_probe = probe, vs_probe
+    result.best_vs_probe = vs_probe.get(best_index)
+    result.chosen_vs_probe = vs_probe.get(chosen_index)
+    words = METRIC_WORDS.get(metric, metric.replace("_", " "))
+    if not vs_probe:  # the probe is the only configuration
+        result.verdict = VERDICT_PROBE_ENOUGH
+        result.sentence = _sentence(best, chosen, float(tolerance_points), cost, metric)
+        return result
+    needed = [vs_probe[i] for i in vs_probe] + ([chosen_vs_best] if chosen_vs_best is not None else [])
+    if not all(c.has_interval for c in needed):
+        result.verdict = VERDICT_NO_INTERVAL
+        result.sentence = (
+            _sentence(best, chosen, float(tolerance_points), cost, metric)
+            + " One seed and no per-image results: no interval yet, so this is not evidence."
+        )
+        return result
+    winners = [i for i in vs_probe if vs_probe[i].low > 0]
+    if not winners:
+        result.verdict = VERDICT_WITHIN_NOISE
+        result.chosen = probe
+        result.chosen_vs_probe = None
+        spread = max(abs(c.difference) for c in vs_probe.values())
+        closest = best_index if best_index != probe_index else max(vs_probe, key=lambda i: float(metrics[i]))
+        lead = vs_probe[closest]
+        result.sentence = (
+            f"No budget beats the linear probe beyond noise{_where(valid)}; the differences in {words} are "
+            f"within ±{100 * spread:.1f} points (the {'best' if closest == best_index else 'closest'}, "
+            f"{_describe(frame.loc[closest])}: {_signed_points(lead.difference)}, {_ci(lead)}). "
+            "More images or seeds would tell them apart."
+        )
+        return result
+    if chosen_index == probe_index:
+        result.verdict = VERDICT_PROBE_ENOUGH
+        gap = vs_probe[best_index]
+        result.sentence = (
+            f"The linear probe (no prompts) is within {_points(float(tolerance_points))} of the best {words}: "
+            f"{_describe(best)} is {_signed_points(gap.difference)} ({_ci(gap)})"
+            f"{_relative_cost(_number(best.get(cost)), _number(probe.get(cost)), cost)}."
+        )
+        return result
+    lead = vs_probe[chosen_index]
+    name = _capital(_describe(chosen)) if chosen.get("family") != "full fine-tune" else "Full fine-tuning"
+    cost_text = _relative_cost(_number(chosen.get(cost)), _number(probe.get(cost)), cost)
+    if lead.low > 0:
+        result.verdict = VERDICT_BEATS_PROBE
+        sentence = f"{name}: {_signed_points(lead.difference)} over the linear probe ({_ci(lead)}){cost_text}."
+    else:
+        result.verdict = VERDICT_UNCLEAR
+        cheapest = min(winners, key=lambda i: (costs[i] != costs[i], costs[i] if costs[i] == costs[i] else 0.0))
+        other = vs_probe[cheapest]
+        sentence = (
+            f"{name}: {_signed_points(lead.difference)} over the linear probe, within noise ({_ci(lead)}){cost_text}; "
+            f"{_describe(frame.loc[cheapest])} does beat it ({_signed_points(other.difference)}, {_ci(other)})."
+        )
+    if chosen_vs_best is not None:
+        sentence += (
+            f" It is within {_points(float(tolerance_points))} of the best, {_describe(best)} "
+            f"({_signed_points(chosen_vs_best.difference)}, {_ci(chosen_vs_best)})."
+        )
+    result.sentence = sentence
+    return result
 
 
 # ---------------------------------------------------------------------------------------- estimates

@@ -54,6 +54,7 @@ SOURCE_NAMES = {
     "square": "■ precomputed + run here",
 }
 
+COLLAPSED_NAME = "○ collapsed run (not in the mean)"
 MARKER_SIZE = 13
 HIGHLIGHT_SIZE = 22
 
@@ -82,6 +83,20 @@ def _pct_pm(mean: Any, std: Any) -> str:
     return text + (f" ± {100 * float(std):.1f}" if finite(std) else "")
 
 
+def _pct_ci(row: pd.Series, base: str) -> str:
+    """ "84.0% (95% CI 80.1 to 87.9)", "84.0% (one seed: no spread)", "n/a"."""
+    mean = row.get(f"{base}_mean", row.get(base))
+    if not finite(mean):
+        return "n/a"
+    text = f"{100 * float(mean):.1f}%"
+    low, high = row.get(f"{base}_low"), row.get(f"{base}_high")
+    if finite(low) and finite(high):
+        return text + f" (95% CI {100 * float(low):.1f} to {100 * float(high):.1f})"
+    if f"{base}_low" in row:
+        return text + " (one seed: no spread)"
+    return _pct_pm(mean, row.get(f"{base}_std"))
+
+
 def _hover(row: pd.Series) -> str:
     e = lambda v: html.escape(str(v))  # noqa: E731 - placement and labels come from users
     seeds = row.get("seeds")
@@ -94,19 +109,94 @@ def _hover(row: pd.Series) -> str:
         f"family: {e(row.get('family', ''))}",
         f"placement: {e(row.get('placement', ''))} · prompts: {int(prompts) if finite(prompts) else 'n/a'}",
         f"seeds: {int(row.get('n_seeds', 1) or 1)}" + (f" ({seeds_text})" if seeds_text else ""),
-        f"accuracy: {_pct_pm(row.get('accuracy_mean', row.get('accuracy')), row.get('accuracy_std'))}",
-        "balanced accuracy: "
-        + _pct_pm(row.get("balanced_accuracy_mean", row.get("balanced_accuracy")), row.get("balanced_accuracy_std")),
+        f"accuracy: {_pct_ci(row, 'accuracy')}",
+        f"balanced accuracy: {_pct_ci(row, 'balanced_accuracy')}",
         f"GMACs per image: {_fmt(row.get('gmacs'), '{:.3f}')}",
         f"latency (batch 1): {_fmt(row.get('latency_ms_b1'), '{:.2f} ms')}",
         f"trainable parameters: {_fmt(row.get('params_trainable'), '{:,.0f}')}",
         f"source: {e(row.get('sources', ''))} ({SOURCE_NAMES[source_symbol(row.get('sources'))]})",
         f"run ids: {runs_text}",
     ]
+    collapsed = row.get("n_collapsed")
+    if finite(collapsed) and int(collapsed):
+        lines.insert(4, f"collapsed runs left out of the mean: {int(collapsed)}")
+    lr = row.get("lr_text")
+    if isinstance(lr, str) and lr:
+        lines.insert(4, f"learning rate: {e(lr)}")
     name = row.get("dataset_name") or row.get("dataset")
     if isinstance(name, str) and name:
         lines.insert(2, f"dataset: {e(name)}")
     return "<br>".join(lines)
+
+
+def _error_bars(rows: pd.DataFrame, metric: str, std_column: str | None) -> dict | None:
+    """95% interval bars from the `*_low`/`*_high` columns (none for one seed); a frame without them
+    (older callers) gets std bars."""
+    base = metric[: -len("_mean")] if metric.endswith("_mean") else metric
+    if f"{base}_low" in rows and f"{base}_high" in rows:
+        up, down = [], []
+        for mean, low, high in zip(rows[metric], rows[f"{base}_low"], rows[f"{base}_high"]):
+            ok = finite(low) and finite(high) and finite(mean)
+            up.append(100 * (float(high) - float(mean)) if ok else 0.0)
+            down.append(100 * (float(mean) - float(low)) if ok else 0.0)
+        if any(up) or any(down):
+            return {
+                "type": "data",
+                "symmetric": False,
+                "array": up,
+                "arrayminus": down,
+                "visible": True,
+                "thickness": 1.5,
+                "width": 5,
+            }
+        return None
+    if std_column and std_column in rows:
+        stds = [100 * float(s) if finite(s) else 0.0 for s in rows[std_column]]
+        if any(stds):
+            return {"type": "data", "array": stds, "visible": True, "thickness": 1.5, "width": 5}
+    return None
+
+
+def chance_level(frame: pd.DataFrame, metric: str) -> tuple[float, str] | None:
+    """(chance level as a fraction, its legend name): the majority class's share of the test set for
+    accuracy, 1/K for balanced accuracy; None when the frame does not know it."""
+    if metric in ("accuracy_mean", "accuracy") and "majority_accuracy" in frame:
+        majority = pd.to_numeric(frame["majority_accuracy"], errors="coerce").dropna()
+        if len(majority):
+            level = float(majority.median())
+            return level, f"Chance: majority class ({100 * level:.1f}%)"
+    if metric in ("balanced_accuracy_mean", "balanced_accuracy") and "n_classes" in frame:
+        classes = pd.to_numeric(frame["n_classes"], errors="coerce").dropna()
+        if len(classes) and classes.max() >= 2:
+            k = int(classes.max())
+            return 1.0 / k, f"Chance: 1/{k} classes ({100 / k:.1f}%)"
+    return None
+
+
+def collapsed_points(frame: pd.DataFrame, cost: str, metric: str) -> list[dict]:
+    """Every collapsed run of the frame's configurations as {"x", "y", "family", "label", "id", "seed",
+    "reason"} (y a fraction): drawn hollow, listed under the chart, never in a mean."""
+    base = metric[: -len("_mean")] if metric.endswith("_mean") else metric
+    points = []
+    if frame is None or "collapsed_runs" not in frame:
+        return points
+    for _, row in frame.iterrows():
+        runs = row.get("collapsed_runs")
+        if not isinstance(runs, (list, tuple)):
+            continue
+        for run in runs:
+            points.append(
+                {
+                    "x": row.get(cost),
+                    "y": run.get(base),
+                    "family": row.get("family"),
+                    "label": row.get("label"),
+                    "id": run.get("id"),
+                    "seed": run.get("seed"),
+                    "reason": run.get("reason"),
+                }
+            )
+    return points
 
 
 def _use_log(values: Iterable[float]) -> bool:
@@ -123,12 +213,13 @@ def cost_accuracy_figure(
     highlight_ids: Iterable[int] = (),
     title: str | None = None,
 ) -> go.Figure:
-    """Cost vs accuracy, one scatter trace per family (error bars: std over seeds).
+    """Cost vs accuracy, one scatter trace per family (error bars: 95% interval over seeds; a frame
+    without interval columns gets std bars).
 
     Marker symbol by source (circle precomputed, diamond run here, square mixed; legend-only key
     traces explain it), the Pareto front as a step line, the recommended point ringed with an
-    annotation, highlighted runs larger with a thick outline, and a dashed majority-class line
-    when the frame knows it (accuracy metrics only)."""
+    annotation, highlighted runs larger with a thick outline, collapsed runs as hollow circles (one
+    per run, never in a mean), and a dashed chance line when the frame knows it (`chance_level`)."""
     x_title = COST_AXES.get(cost) or _MORE_COST_AXES.get(cost) or cost
     y_title = METRIC_AXES.get(metric, f"{metric} (%)")
     fig = go.Figure()
@@ -141,7 +232,7 @@ def cost_accuracy_figure(
     x_all = pd.to_numeric(agg[cost], errors="coerce")
     y_all = pd.to_numeric(agg[metric], errors="coerce")
     frame = agg[x_all.notna() & y_all.notna()]
-    if len(frame) == 0:
+    if len(frame) == 0 and not collapsed_points(agg, cost, metric):
         placeholder(fig, f"No finished run has {x_title.lower()} recorded")
         return fig
     if _use_log(frame[cost]):
@@ -171,11 +262,7 @@ def cost_accuracy_figure(
         ]
         symbols = [source_symbol(s) for s in rows.get("sources", pd.Series(["live"] * len(rows), index=rows.index))]
         symbols_used.update(symbols)
-        error = None
-        if std_column and std_column in rows:
-            stds = [100 * float(s) if finite(s) else 0.0 for s in rows[std_column]]
-            if any(stds):
-                error = {"type": "data", "array": stds, "visible": True, "thickness": 1.5, "width": 5}
+        error = _error_bars(rows, metric, std_column)
         fig.add_trace(
             go.Scatter(
                 x=[float(v) for v in rows[cost]],
@@ -198,6 +285,30 @@ def cost_accuracy_figure(
                     "opacity": [1.0 if h or s == "diamond" else PRECOMPUTED_OPACITY for h, s in zip(hits, symbols)],
                 },
                 hovertext=[_hover(row) for _, row in rows.iterrows()],
+                hovertemplate="%{hovertext}<extra></extra>",
+            )
+        )
+
+    hollow = [p for p in collapsed_points(agg, cost, metric) if finite(p["x"]) and finite(p["y"])]
+    if hollow:
+        e = html.escape
+        fig.add_trace(
+            go.Scatter(
+                x=[float(p["x"]) for p in hollow],
+                y=[100 * float(p["y"]) for p in hollow],
+                mode="markers",
+                name=COLLAPSED_NAME,
+                marker={
+                    "symbol": "circle-open",
+                    "size": MARKER_SIZE + 2,
+                    "color": [family_color(p["family"]) for p in hollow],
+                    "line": {"width": 2.5},
+                },
+                hovertext=[
+                    f"<b>{e(str(p['label']))}</b><br>run {p['id']}, seed {p['seed']}: collapsed "
+                    f"({e(str(p['reason']))})<br>left out of the mean and of the recommendation"
+                    for p in hollow
+                ],
                 hovertemplate="%{hovertext}<extra></extra>",
             )
         )
@@ -225,21 +336,20 @@ def cost_accuracy_figure(
                 )
             )
 
-    if metric in ("accuracy_mean", "accuracy") and "majority_accuracy" in frame:
-        majority = pd.to_numeric(frame["majority_accuracy"], errors="coerce").dropna()
-        if len(majority):
-            level = 100 * float(majority.median())
-            fig.add_hline(y=level, line={"dash": "dash", "color": "#444", "width": 2})
-            fig.add_trace(
-                go.Scatter(
-                    x=[None],
-                    y=[None],
-                    mode="lines",
-                    name=f"Majority class ({level:.1f}%)",
-                    line={"dash": "dash", "color": "#444", "width": 2},
-                    hoverinfo="skip",
-                )
+    chance = chance_level(agg, metric)
+    if chance is not None:
+        level, chance_name = 100 * chance[0], chance[1]
+        fig.add_hline(y=level, line={"dash": "dash", "color": "#444", "width": 2})
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="lines",
+                name=chance_name,
+                line={"dash": "dash", "color": "#444", "width": 2},
+                hoverinfo="skip",
             )
+        )
 
     if recommendation is not None:
         chosen = recommendation.chosen
@@ -397,6 +507,8 @@ __all__ = [
     "COST_AXES",
     "SOURCE_SYMBOLS",
     "confusion_figure",
+    "chance_level",
+    "collapsed_points",
     "cost_accuracy_figure",
     "figure_points",
     "training_curve_figure",

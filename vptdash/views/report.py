@@ -79,9 +79,13 @@ _COSTS: list[Column] = [
 _AGG_COLUMNS: list[Column] = [
     *_WHAT,
     ("n_seeds", "seeds", _int, False),
+    ("n_collapsed", "collapsed", _int, False),
     ("accuracy_mean", "accuracy %", _pp, False),
-    ("accuracy_std", "± (std)", _pp, False),
+    ("accuracy_low", "95% CI low", _pp, False),
+    ("accuracy_high", "95% CI high", _pp, False),
     ("balanced_accuracy_mean", "balanced acc. %", _pp, False),
+    ("balanced_accuracy_low", "95% CI low", _pp, False),
+    ("balanced_accuracy_high", "95% CI high", _pp, False),
     *_COSTS,
     ("sources", "source", _text, True),
     ("run_ids", "run ids", _ids, True),
@@ -130,7 +134,8 @@ def build_html_report(
     scope.require_one_setup(rows)
     table = budget.runs_table(rows)
     agg = budget.aggregate_over_seeds(table)
-    recommendation = budget.recommend(agg, tolerance_points, cost=cost)
+    metric = budget.default_metric(table)
+    recommendation = budget.recommend(agg, tolerance_points, cost=cost, metric=metric)
     datasets, backbones = _unique(table["dataset_name"]), _unique(table["backbone"])
     e = html.escape
 
@@ -150,8 +155,14 @@ def build_html_report(
         parts.append(f'<p class="answer">{e(recommendation.sentence)}</p>')
         parts.append(
             f'<p class="note">Tolerance: {e(f"{float(tolerance_points):g}")} accuracy point(s); '
-            f"cost: {e(charts.COST_AXES.get(cost, cost))}; accuracy is the mean over seeds on "
-            "held-out test images.</p>"
+            f"cost: {e(charts.COST_AXES.get(cost, cost))}; {e(budget.METRIC_WORDS.get(metric, metric))} is the "
+            "mean over seeds on held-out test images, intervals are 95%"
+            + (
+                f" (balanced accuracy because one class is over {100 * budget.IMBALANCE_SHARE:.0f}% of the test set)"
+                if metric == "balanced_accuracy_mean"
+                else ""
+            )
+            + ".</p>"
         )
     else:
         parts.append('<p class="answer">No finished runs yet: nothing to recommend.</p>')
@@ -163,8 +174,8 @@ def build_html_report(
         if len(agg) and not has_values:
             parts.append(f"<h2>{e(axis)}</h2><p class='note'>Not recorded for these runs.</p>")
             continue
-        chart_rec = budget.recommend(agg, tolerance_points, cost=chart_cost)
-        fig = charts.cost_accuracy_figure(agg, cost=chart_cost, recommendation=chart_rec)
+        chart_rec = budget.recommend(agg, tolerance_points, cost=chart_cost, metric=metric)
+        fig = charts.cost_accuracy_figure(agg, cost=chart_cost, metric=metric, recommendation=chart_rec)
         parts.append(
             fig.to_html(
                 full_html=False,
@@ -176,6 +187,12 @@ def build_html_report(
         if chart_rec is not None and chart_cost != cost:
             parts.append(f'<p class="note">{e(chart_rec.sentence)}</p>')
 
+    collapsed = budget.collapsed_lines(agg)
+    if collapsed:
+        parts.append(
+            f"<h2>Collapsed runs ({len(collapsed)})</h2><p class='note'>Drawn hollow; left out of every mean, "
+            "interval and recommendation.</p><ul>" + "".join(f"<li>{e(line)}</li>" for line in collapsed) + "</ul>"
+        )
     parts.append("<h2>Configurations (mean over seeds)</h2>")
     parts.append(html_table(agg, _AGG_COLUMNS) if len(agg) else "<p class='note'>None.</p>")
     parts.append("<h2>Runs</h2>")
@@ -184,7 +201,7 @@ def build_html_report(
     footer = [
         "Markers: ● precomputed points come from the reference sweep shipped with the app; "
         "◆ points were run here (dashboard or CLI); ■ configurations mix both. "
-        "Error bars: standard deviation over seeds. Costs: GMACs (multiply-adds) per image; "
+        "Error bars: 95% t interval over seeds (none for one seed). Costs: GMACs (multiply-adds) per image; "
         "latency measured on the machine that ran each configuration."
     ]
     if any(str(d) in data.BUILTIN_DATASETS for d in table["dataset"]):

@@ -1,0 +1,331 @@
+"""Mutation testing of the decision layer: would the focused tests notice a small bug?
+
+mutmut (pinned in requirements-dev.txt) changes one thing at a time in the functions that turn stored
+runs into a verdict (run filters, aggregation over seeds, the Pareto front, the recommendation, the
+statistics) and runs the tests that reach the changed function; a mutant is killed when one fails.
+
+    python benchmarks/mutation.py --json          # one JSON line: mutants, killed, score, ...
+    python benchmarks/mutation.py --write-docs    # also rewrites the section of docs/testing.md
+    python benchmarks/mutation.py --from benchmarks/data/mutation.json --write-docs   # re-read the last run
+    python benchmarks/mutation.py --known-bugs    # the bugs a review found, put back one at a time
+                                                  # (with --write-docs: its section of docs/testing.md)
+
+It works on a copy of the working tree in a temporary folder (mutmut writes its mutants/ folder next
+to the code), so the checkout is never touched. Mutants listed in EQUIVALENT change no behaviour (the
+reason is given); they are left out of the score and listed in the docs. Everything else that
+survives is a test gap. On 2 cores the run takes about a quarter of an hour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "testing.md"
+STORED = ROOT / "benchmarks" / "data" / "mutation.json"  # the last run, re-read by --from
+BEGIN, END = "<!-- mutation:begin (benchmarks/mutation.py --write-docs) -->", "<!-- mutation:end -->"
+
+# The decision modules and, in budget.py, the functions that decide (not the wording, the sweep cost
+# estimate or the table of single runs).
+MODULES = ("vptdash/views/stats.py", "vptdash/views/budget.py")
+BUDGET_FUNCTIONS = (
+    "comparable_runs",
+    "matching_probe",
+    "_std",
+    "_mean",
+    "_sources",
+    "_seed_run",
+    "aggregate_over_seeds",
+    "default_metric",
+    "collapsed_lines",
+    "pareto_front",
+    "_run_metric",
+    "_seed_runs",
+    "_compare_rows",
+    "_probe_index",
+    "recommend",
+)
+PATTERNS = ["vptdash.views.stats.*"] + [f"vptdash.views.budget.x_{name}__mutmut_*" for name in BUDGET_FUNCTIONS]
+TESTS = ("tests/test_stats.py", "tests/test_budget.py")
+
+# mutant name -> why it cannot change what the function returns or raises.
+EQUIVALENT: dict[str, str] = {}
+
+
+def working_tree_files() -> list[str]:
+    """Tracked files and untracked ones git does not ignore: what the tests would see here."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout
+    return [name for name in out.decode().split("\0") if name and (ROOT / name).is_file()]
+
+
+def prepare(copy: Path) -> None:
+    for name in working_tree_files():
+        target = copy / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target)
+    config = "\n".join(
+        [
+            "",
+            "[tool.mutmut]",
+            'source_paths = ["vptdash"]',
+            f"only_mutate = {json.dumps(list(MODULES))}",
+            f"pytest_add_cli_args_test_selection = {json.dumps(list(TESTS))}",
+            'pytest_add_cli_args = ["-q"]',
+            'also_copy = ["pytest.ini"]',  # its pythonpath = . must point at the mutated copy
+            "",
+        ]
+    )
+    with open(copy / "pyproject.toml", "a", encoding="utf-8") as handle:
+        handle.write(config)
+    # mutants/ must exist when Python starts: a PYTHONPATH entry missing at start is skipped for good,
+    # and the editable install of the checkout would be tested instead of the mutants
+    (copy / "mutants").mkdir()
+
+
+def mutmut(copy: Path, *args: str, home: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(copy / "mutants"), VPTDASH_HOME=home)
+    executable = Path(sys.executable).with_name("mutmut")
+    return subprocess.run([str(executable), *args], cwd=copy, env=env, capture_output=True, text=True)
+
+
+def in_scope(name: str) -> bool:
+    return any(re.fullmatch(re.escape(p).replace(r"\*", ".*"), name) for p in PATTERNS)
+
+
+def results(copy: Path) -> dict[str, str]:
+    from mutmut.stats import status_by_exit_code  # noqa: PLC0415 - a dev-only tool, needed here only
+
+    statuses = {}
+    for meta in (copy / "mutants").rglob("*.meta"):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if in_scope(name):
+                statuses[name] = status_by_exit_code[code]
+    return statuses
+
+
+def mutant_diffs(copy: Path, names: list[str]) -> dict[str, str]:
+    """Each mutant's diff against the original function, from the mutated modules mutmut wrote
+    (`mutmut show` per mutant takes seconds each)."""
+    functions: dict[str, str] = {}
+    for module in MODULES:
+        path = copy / "mutants" / module
+        source = path.read_text(encoding="utf-8")
+        lines = source.splitlines()
+        prefix = module[: -len(".py")].replace("/", ".")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "__mutmut_" in node.name:
+                functions[f"{prefix}.{node.name}"] = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+    diffs = {}
+    for name in names:
+        original = functions.get(re.sub(r"__mutmut_\d+$", "__mutmut_orig", name), "")
+        mutated = functions.get(name, "")
+        strip = lambda text: [re.sub(r"__mutmut_(\d+|orig)\b", "", line) for line in text.splitlines()]  # noqa: E731
+        diffs[name] = "\n".join(difflib.unified_diff(strip(original), strip(mutated), lineterm="", n=0))
+    return diffs
+
+
+def run(max_children: int) -> dict:
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="vptdash-mutation-") as tmp:
+        copy, home = Path(tmp) / "tree", Path(tmp) / "home"
+        copy.mkdir()
+        home.mkdir()
+        prepare(copy)
+        done = mutmut(copy, "run", "--max-children", str(max_children), *PATTERNS, home=str(home))
+        statuses = results(copy)
+        if not statuses or all(s == "not checked" for s in statuses.values()):
+            raise SystemExit(f"mutmut produced no results:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        survivors = sorted(n for n, s in statuses.items() if s not in ("killed", "timeout") and n not in EQUIVALENT)
+        diffs = mutant_diffs(copy, survivors)
+    equivalent = sorted(n for n in statuses if n in EQUIVALENT)
+    counted = [n for n in statuses if n not in EQUIVALENT]
+    killed = sum(1 for n in counted if statuses[n] in ("killed", "timeout"))
+    return {
+        "mutants": len(counted),
+        "killed": killed,
+        "score": round(killed / len(counted), 4) if counted else 0.0,
+        "survived": survivors,
+        "equivalent": equivalent,
+        "not_run": sorted(n for n in counted if statuses[n] not in ("killed", "timeout", "survived")),
+        "statuses": {n: statuses[n] for n in survivors},
+        "seconds": round(time.monotonic() - started),
+        "diffs": diffs,
+    }
+
+
+# Bugs once put into the product by hand that no test noticed: (file, the right code, the bug).
+KNOWN_BUGS = {
+    "recommend: a run without a known cost can be chosen": (
+        "vptdash/views/budget.py",
+        "if metrics[i] < threshold or costs[i] != costs[i]:",
+        "if metrics[i] < threshold:",
+    ),
+    'recommend: no "equally cheap: the best itself"': (
+        "vptdash/views/budget.py",
+        "            chosen_index = best_index  # equally cheap: the best itself",
+        "            pass",
+    ),
+    "recommend: the dearest of the runs tied for best": (
+        "vptdash/views/budget.py",
+        "            costs[i] if costs[i] == costs[i] else 0.0,\n            -(seeds",
+        "            -costs[i] if costs[i] == costs[i] else 0.0,\n            -(seeds",
+    ),
+    "comparable_runs: no data-set filter": (
+        "vptdash/views/budget.py",
+        'if r["config"].get("dataset") == setup.get("dataset") and r["config"].get("cell_type") == setup.get("cell_type")',
+        "if True",
+    ),
+    "comparable_runs: no backbone / resolution / shots filter": (
+        "vptdash/views/budget.py",
+        'kept = [r for r in on_data if all(r["config"].get(k) == setup.get(k) for k in SETUP_MATCH_KEYS)]',
+        "kept = list(on_data)",
+    ),
+    "Budget explorer: does not call comparable_runs": (
+        "app_pages/budget.py",
+        "    rows, left_out = budget.comparable_runs(finished, setup, same_setup=match)",
+        "    rows, left_out = finished, 0",
+    ),
+}
+KNOWN_BUG_TESTS = ("tests/test_budget.py", "tests/test_report.py", "tests/test_budget_page.py")
+
+
+def known_bugs() -> dict[str, str]:
+    """Each known bug put back into a copy of the tree: the first test that fails, or "MISSED"."""
+    caught = {}
+    with tempfile.TemporaryDirectory(prefix="vptdash-bugs-") as tmp:
+        copy, home = Path(tmp) / "tree", Path(tmp) / "home"
+        for name in working_tree_files():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, copy / name)
+        home.mkdir()
+        for bug, (path, right, wrong) in KNOWN_BUGS.items():
+            text = (copy / path).read_text(encoding="utf-8")
+            if text.count(right) != 1:
+                caught[bug] = "the code changed: update KNOWN_BUGS"
+                continue
+            (copy / path).write_text(text.replace(right, wrong), encoding="utf-8")
+            done = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-x", *KNOWN_BUG_TESTS],
+                cwd=copy,
+                env=dict(os.environ, VPTDASH_HOME=str(home)),
+                capture_output=True,
+                text=True,
+            )
+            (copy / path).write_text(text, encoding="utf-8")
+            failed = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("FAILED ")]
+            caught[bug] = failed[0] if done.returncode and failed else "MISSED"
+    return caught
+
+
+def rescore(result: dict) -> dict:
+    """A stored result with today's EQUIVALENT applied: equivalent survivors leave the count."""
+    survivors = result["survived"] + result["equivalent"]
+    equivalent = sorted(n for n in survivors if n in EQUIVALENT)
+    mutants = result["mutants"] + len(result["equivalent"]) - len(equivalent)
+    return {
+        **result,
+        "mutants": mutants,
+        "score": round(result["killed"] / mutants, 4) if mutants else 0.0,
+        "survived": sorted(n for n in survivors if n not in EQUIVALENT),
+        "equivalent": equivalent,
+    }
+
+
+def changed_lines(diff: str) -> str:
+    lines = [line for line in diff.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    return "\n".join(lines)
+
+
+def doc_section(result: dict) -> str:
+    parts = [
+        BEGIN,
+        f"`python benchmarks/mutation.py --write-docs`: {result['mutants']} mutants of the decision functions "
+        f"(not counting {len(result['equivalent'])} equivalent ones), {result['killed']} killed by "
+        f"{', '.join(f'`{t}`' for t in TESTS)}: score **{result['score']:.3f}**.",
+        "",
+    ]
+    if result["survived"]:
+        parts.append("Surviving mutants (each a test gap unless explained below):")
+        parts.append("")
+        for name in result["survived"]:
+            parts.append(f"- `{name}` ({result['statuses'][name]})")
+            parts.append("")
+            parts.append("  ```diff")
+            parts.extend(f"  {line}" for line in changed_lines(result["diffs"].get(name, "")).splitlines())
+            parts.append("  ```")
+    else:
+        parts.append("No mutant survived outside the equivalent ones.")
+    if result["equivalent"]:
+        parts.append("")
+        parts.append("Equivalent mutants (left out of the score):")
+        parts.append("")
+        parts.extend(f"- `{name}`: {EQUIVALENT[name]}" for name in result["equivalent"])
+    parts.append(END)
+    return "\n".join(parts)
+
+
+def write_docs(section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the text between `begin` and `end` in docs/testing.md (markers kept), or append it."""
+    text = DOC.read_text(encoding="utf-8") if DOC.exists() else ""
+    if not section.startswith(begin):
+        section = f"{begin}\n{section}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    DOC.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON line: mutants, killed, score, ...")
+    parser.add_argument("--write-docs", action="store_true", help=f"rewrite the mutation section of {DOC.name}")
+    parser.add_argument("--known-bugs", action="store_true", help="put back the known bugs; print what caught each")
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--from", dest="stored", type=Path, help=f"re-read a stored run ({STORED.relative_to(ROOT)}) instead of running"
+    )
+    args = parser.parse_args(argv)
+    if args.known_bugs:
+        caught = known_bugs()
+        lines = "\n".join(
+            f"- {bug}: {'**missed**' if test == 'MISSED' else f'caught by `{test}`'}" for bug, test in caught.items()
+        )
+        print(lines)
+        if args.write_docs:
+            write_docs(lines, "<!-- known-bugs:begin -->", "<!-- known-bugs:end -->")
+        return 1 if "MISSED" in caught.values() else 0
+    if args.stored:
+        result = rescore(json.loads(args.stored.read_text(encoding="utf-8")))
+    else:
+        result = run(args.max_children)
+        STORED.parent.mkdir(parents=True, exist_ok=True)
+        STORED.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    if args.write_docs:
+        write_docs(doc_section(result))
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("diffs", "statuses")}))
+    else:
+        print(doc_section(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

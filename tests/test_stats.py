@@ -1,0 +1,166 @@
+"""stats.py: intervals, paired comparisons and collapse, against values worked out by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from vptdash.views import stats
+
+
+@pytest.fixture(autouse=True)
+def fresh_comparisons():
+    """Every test computes its comparisons: a cached answer from another test would hide a bug."""
+    stats.clear_cache()
+
+
+def bits(pattern) -> str:
+    return "".join("1" if b else "0" for b in pattern)
+
+
+def test_t_quantiles_and_mean_interval_by_hand():
+    assert stats.t95(1) == 12.706 and stats.t95(2) == 4.303 and stats.t95(30) == 2.042
+    assert stats.t95(200) == 2.042  # past 30 df: the 30-df value, wider than 1.96
+    assert stats.t95(2.9) == 4.303  # fractional (Welch) df round down: wider
+    with pytest.raises(ValueError):
+        stats.t95(0.5)
+    # mean 0.84; deviations -0.04, -0.01, +0.05 -> s = sqrt(0.0042 / 2) = 0.045826;
+    # half width = 4.303 * 0.045826 / sqrt(3) = 0.113847
+    interval = stats.mean_interval([0.80, 0.83, 0.89])
+    assert interval.mean == pytest.approx(0.84, abs=1e-12)
+    assert interval.low == pytest.approx(0.84 - 0.113847, abs=1e-6)
+    assert interval.high == pytest.approx(0.84 + 0.113847, abs=1e-6)
+    assert interval.n == 3 and interval.has_interval and interval.half_width == pytest.approx(0.113847, abs=1e-6)
+    one = stats.mean_interval([0.7, None, float("nan"), "x"])  # only one finite value: no spread
+    assert one.mean == 0.7 and one.n == 1 and not one.has_interval and math.isnan(one.high)
+    none = stats.mean_interval([])
+    assert none.n == 0 and math.isnan(none.mean)
+    same = stats.mean_interval([0.5, 0.5])
+    assert (same.low, same.high) == (0.5, 0.5)
+
+
+def test_paired_t_and_welch_by_hand():
+    a = [{"seed": 0, "accuracy": 0.80}, {"seed": 1, "accuracy": 0.90}]
+    b = [{"seed": 1, "accuracy": 0.75}, {"seed": 0, "accuracy": 0.70}]  # order does not matter: by seed
+    # per-seed differences 0.10, 0.15: mean 0.125, s = 0.035355, half = 12.706 * 0.035355 / sqrt(2) = 0.31765
+    paired = stats.compare(a, b)
+    assert paired.method == stats.PAIRED_T
+    assert paired.difference == pytest.approx(0.125, abs=1e-12)
+    assert (paired.low, paired.high) == (
+        pytest.approx(0.125 - 0.31765, abs=1e-5),
+        pytest.approx(0.125 + 0.31765, abs=1e-5),
+    )
+    assert not paired.beyond_noise
+    # other seeds: Welch. var a = 0.005, var b = 0.00125 -> se^2 = 0.0025 + 0.000625 = 0.003125;
+    # df = se^4 / (0.0025^2 + 0.000625^2) = 1.47 -> t(1) = 12.706; half = 12.706 * sqrt(0.003125) = 0.71028
+    other = [{"seed": 2, "accuracy": 0.70}, {"seed": 3, "accuracy": 0.75}]
+    welch = stats.compare(a, other)
+    assert welch.method == stats.WELCH_T and welch.difference == pytest.approx(0.125, abs=1e-12)
+    assert welch.low == pytest.approx(0.125 - 0.71028, abs=1e-4) and welch.high == pytest.approx(
+        0.125 + 0.71028, abs=1e-4
+    )
+    lonely = stats.compare([{"seed": 0, "accuracy": 0.8}], [{"seed": 0, "accuracy": 0.7}])
+    assert lonely.method == stats.NO_INTERVAL and lonely.difference == pytest.approx(0.1) and not lonely.has_interval
+    # a clear paired win: differences 0.14, 0.15, 0.13 -> mean 0.14, s 0.01, half 4.303 * 0.01 / sqrt(3) = 0.024843
+    win = stats.compare(
+        [{"seed": s, "accuracy": v} for s, v in enumerate([0.84, 0.87, 0.87])],
+        [{"seed": s, "accuracy": v} for s, v in enumerate([0.70, 0.72, 0.74])],
+    )
+    assert win.low == pytest.approx(0.14 - 0.024843, abs=1e-6) and win.beyond_noise
+    loss = stats.compare(
+        [{"seed": s, "accuracy": v} for s, v in enumerate([0.70, 0.72, 0.74])],
+        [{"seed": s, "accuracy": v} for s, v in enumerate([0.84, 0.87, 0.87])],
+    )
+    assert loss.high == pytest.approx(-0.14 + 0.024843, abs=1e-6) and loss.beyond_noise  # worse, beyond noise
+
+
+def test_welch_edges():
+    assert stats.welch_interval([], [0.5]).n == 0
+    flat = stats.welch_interval([0.6, 0.6], [0.5, 0.5])  # no spread on either side: the difference itself
+    assert (flat.low, flat.high) == (pytest.approx(0.1), pytest.approx(0.1))
+
+
+def test_bootstrap_by_hand():
+    n = 200
+    everything, half = [np.ones(n, bool)], [np.arange(n) < 100]
+    # A right on every image, B on the first half: the difference is the share of second-half images
+    # drawn, a binomial(200, 0.5) / 200: sd 0.0354, 95% between about 0.431 and 0.569. 2000 resamples put
+    # the percentiles within about 0.01 of those: the test allows 0.02.
+    interval = stats.bootstrap_difference(everything, half, paired_seeds=True)
+    assert interval.mean == pytest.approx(0.5, abs=1e-12)
+    assert interval.low == pytest.approx(0.431, abs=0.02) and interval.high == pytest.approx(0.569, abs=0.02)
+    again = stats.bootstrap_difference(everything, half, paired_seeds=True)
+    assert (again.low, again.high) == (interval.low, interval.high)  # fixed seed: the same answer each time
+    identical = stats.bootstrap_difference(half, half, paired_seeds=True)
+    assert (identical.mean, identical.low, identical.high) == (0.0, 0.0, 0.0)
+    # balanced accuracy: B is right on class 0 only (recall 1 and 0 -> 0.5), A on everything (1.0):
+    # every resample that draws both classes gives exactly 0.5 (a resample missing a class is
+    # vanishingly unlikely with 100 images each), while plain accuracy would vary with the draw
+    labels = (np.arange(n) >= 100).astype(int)
+    balanced = stats.bootstrap_difference(everything, half, paired_seeds=True, labels=labels)
+    assert (balanced.mean, balanced.low, balanced.high) == (0.5, 0.5, 0.5)
+    skewed = np.array([0] * 150 + [1] * 50)
+    b_skewed = [skewed == 0]  # right on all of class 0 (150 images), wrong on class 1: accuracy 0.75, balanced 0.5
+    plain = stats.bootstrap_difference(everything, b_skewed, paired_seeds=True)
+    assert plain.mean == pytest.approx(0.25)
+    assert stats.bootstrap_difference(everything, b_skewed, paired_seeds=True, labels=skewed).mean == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        stats.bootstrap_difference([np.ones(3, bool)], [np.ones(4, bool)], paired_seeds=True)
+    with pytest.raises(ValueError):
+        stats.bootstrap_difference([np.ones(3, bool)] * 2, [np.ones(3, bool)], paired_seeds=True)
+
+
+def test_pairing_by_seed_removes_the_seed_noise_both_share():
+    n = 50
+    right, wrong = bits([1] * n), bits([0] * n)
+    # seed 0 is an easy draw for both configurations, seed 1 a hard one: per seed they are identical
+    a = [{"seed": 0, "accuracy": 1.0, "test_correct": right}, {"seed": 1, "accuracy": 0.0, "test_correct": wrong}]
+    b = [{"seed": 0, "accuracy": 1.0, "test_correct": right}, {"seed": 1, "accuracy": 0.0, "test_correct": wrong}]
+    paired = stats.compare(a, b)
+    assert paired.method == stats.PAIRED_BOOTSTRAP and (paired.low, paired.high) == (0.0, 0.0)
+    # the same runs under other seed names cannot be paired: the seeds are drawn independently and
+    # the interval spans the seed noise (a draw of [easy, easy] against [hard, hard] is a difference of 1)
+    b_other = [{**run, "seed": run["seed"] + 10} for run in b]
+    unpaired = stats.compare(a, b_other)
+    assert unpaired.method == stats.IMAGE_BOOTSTRAP
+    assert unpaired.difference == 0.0 and unpaired.low <= -0.5 and unpaired.high >= 0.5
+
+
+def test_compare_falls_back_when_per_image_results_do_not_line_up():
+    runs = lambda values, texts: [  # noqa: E731
+        {"seed": s, "accuracy": v, "balanced_accuracy": v, "test_correct": t}
+        for s, (v, t) in enumerate(zip(values, texts))
+    ]
+    a = runs([0.8, 0.9], ["1101", "1111"])
+    b = runs([0.7, 0.75], ["1001", "10011"])  # another number of test images: not the same images
+    assert stats.compare(a, b).method == stats.PAIRED_T
+    b_missing = runs([0.7, 0.75], ["1001", None])
+    assert stats.compare(a, b_missing).method == stats.PAIRED_T
+    b_same = runs([0.7, 0.75], ["1001", "1011"])
+    assert stats.compare(a, b_same).method == stats.PAIRED_BOOTSTRAP
+    # balanced accuracy needs each image's class: without it, the paired t on the seed values
+    assert stats.compare(a, b_same, "balanced_accuracy").method == stats.PAIRED_T
+    with_labels = [{**r, "test_labels": [0, 0, 1, 1]} for r in a], [{**r, "test_labels": [0, 0, 1, 1]} for r in b_same]
+    assert stats.compare(*with_labels, "balanced_accuracy").method == stats.PAIRED_BOOTSTRAP
+    clash = [{**r, "test_labels": [0, 1, 0, 1]} for r in b_same]
+    assert stats.compare(with_labels[0], clash, "balanced_accuracy").method == stats.PAIRED_T
+    assert stats.correct_vector("10a1") is None and stats.correct_vector("") is None
+    assert stats.correct_vector("101").tolist() == [True, False, True]
+    assert stats.labels_vector("0121", 4).tolist() == [0, 1, 2, 1] and stats.labels_vector([0, 1], 3) is None
+    assert stats.labels_vector(["a", 1], 2) is None and stats.labels_vector([0, -1], 2) is None
+
+
+def test_collapse_reason():
+    assert stats.collapse_reason({"collapsed": True, "collapse_reason": "loss diverged"}) == "loss diverged"
+    assert stats.collapse_reason({"collapsed": True}) == "collapsed in training"
+    # a run that says it did not collapse is believed, even if its test predictions are one class
+    assert stats.collapse_reason({"collapsed": False, "confusion_matrix": [[5, 0], [3, 0]]}) is None
+    # older runs: every test prediction in one column
+    assert stats.collapse_reason({"confusion_matrix": [[5, 0], [3, 0]]}) == stats.SINGLE_CLASS_ON_TEST
+    assert stats.collapse_reason({"confusion_matrix": [[0, 5, 0], [0, 3, 0], [0, 1, 0]]}) == stats.SINGLE_CLASS_ON_TEST
+    assert stats.collapse_reason({"confusion_matrix": [[5, 1], [3, 0]]}) is None
+    assert stats.collapse_reason({"confusion_matrix": [[0, 0], [0, 0]]}) is None  # nothing predicted
+    assert stats.collapse_reason({"confusion_matrix": [[4]]}) is None  # one class only: nothing to collapse to
+    assert stats.collapse_reason({"confusion_matrix": "garbage"}) is None
+    assert stats.collapse_reason({"confusion_matrix": [[1, 2], [3]]}) is None
+    assert stats.collapse_reason({}) is None and stats.collapse_reason(None) is None
