@@ -576,6 +576,8 @@ class RunStore:
                 try:
                     source.backup(dest)
                     ok = dest.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+                except sqlite3.DatabaseError:  # damage SQLite meets while copying ("malformed"), not only in the check
+                    ok = False
                 finally:
                     dest.close()
             if not ok:
