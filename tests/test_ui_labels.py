@@ -12,7 +12,9 @@ def test_a_trained_run_is_labelled_by_its_budget():
 
 def test_a_continual_experiment_is_not_labelled_as_a_prompt_budget():
     run = {"kind": "continual", "config": ContinualConfig(method="nsp2", tasks=5, num_prompts=4).to_dict()}
-    assert wording.run_label(run) == "continual nsp2: 5 tasks, 4 prompts (last4)"
+    assert (
+        wording.run_label(run) == "continual nsp2: 5 tasks, 4 prompts (deep)"
+    )  # the official recipe: prompts in every block
 
 
 def test_a_skip_search_names_its_method_and_block_count():

@@ -106,8 +106,10 @@ def candidate_label(candidate: dict) -> str:
 
 def cheapest_within(stats: dict[str, dict], tolerance_points: float) -> tuple[str, str] | None:
     """(best key, chosen key) over {key: {"mean", "cost"}}: the best mean (the cheaper on a tie), and the
-    cheapest whose mean is within the tolerance of it (the better on a cost tie): the grid's rule, as
-    `views.budget.recommend` applies it to a chart."""
+    cheapest whose mean is within the tolerance of it (the better on a cost tie): the search's running
+    answer, on point estimates. The dashboard's verdict (`views.budget.recommend`) is stricter on noisy
+    data: a cheaper configuration counts there only when its paired 95% interval against the best is
+    within the tolerance, so it may name a dearer configuration than this rule."""
     valid = {k: s for k, s in stats.items() if s["mean"] == s["mean"]}
     if not valid:
         return None
