@@ -28,7 +28,19 @@ from vptdash.runs import store as store_module
 from vptdash.runs.store import RunStore, StoreCorrupt, StoreReadOnly
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--backbone", "tiny-random", "--resolution", "32", "--epochs", "1", "--batch-size", "8", "--no-latency"]
+TINY = [
+    "--backbone",
+    "tiny-random",
+    "--resolution",
+    "32",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--no-latency",
+    "--lr",
+    "0.01",
+]
 
 
 def one_line(text: str) -> str:

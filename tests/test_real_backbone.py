@@ -34,6 +34,7 @@ def test_pretrained_probe_beats_chance_on_elpv_and_prompts_train():
             placement="deep",
             epochs=1,
             batch_size=8,
+            lr=1e-2,  # the rate search is tested on tiny models (test_recipe.py): here the real backbone trains
             measure_latency=False,
         ),
         compute_costs=True,
