@@ -52,8 +52,8 @@ with right:
         f"Queues **{len(demo)} runs** on {wording.dataset_md(first.dataset, first.cell_type)}, "
         f"{first.shots} images per class, `{first.backbone}` at {first.resolution} px, "
         f"{first.epochs} epochs: {', '.join(config.label() for config in demo)}. "
-        "Points appear on the Budget explorer as each run finishes: the first in about 20 s, all in about "
-        "a minute and a half on 2 CPU cores."
+        "Points appear on the Budget explorer as each run finishes: measured on a 2-core AMD EPYC, the first "
+        "after about 35 s, all three in about 2.5 minutes (docs/performance.md)."
     )
     demo_keys = {json.dumps(config.to_dict(), sort_keys=True) for config in demo}
     pending = [
@@ -93,4 +93,4 @@ with right:
     if status.get("error"):
         st.warning(f"The precomputed reference sweep could not be loaded: {wording.md_escape(status['error'])}")
     elif not done:
-        st.info("No finished runs yet: the demo button fills the charts in about a minute and a half.")
+        st.info("No finished runs yet: the demo button fills the charts in a few minutes.")
