@@ -49,6 +49,7 @@ from vptdash.bench import time_meeting_sweep  # noqa: E402
 from vptdash.engine.train import run_training  # noqa: E402
 from vptdash.runs import presets  # noqa: E402
 from vptdash.runs.executors import set_worker_threads  # noqa: E402
+from vptdash.views.stats import t95  # noqa: E402
 
 PERFORMANCE_MD = ROOT / "docs" / "performance.md"
 PARITY_SETTINGS = {"10 deep prompts": dict(num_prompts=10, placement="deep"), "linear probe": dict(num_prompts=0)}
@@ -142,41 +143,6 @@ def save_parity_run(row: dict, path: Path = PARITY_FULL_RUNS) -> None:
     path.write_text(json.dumps(runs, indent=1) + "\n")
 
 
-# Two-sided 95% quantiles of Student's t (df 1-30); beyond 30 df the last one (at most 4% too wide).
-_T95 = (
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-    2.120,
-    2.110,
-    2.101,
-    2.093,
-    2.086,
-    2.080,
-    2.074,
-    2.069,
-    2.064,
-    2.060,
-    2.056,
-    2.052,
-    2.048,
-    2.045,
-    2.042,
-)
-
-
 def paired_difference(differences: list[float]) -> dict:
     """Mean of the per-seed differences and its 95% confidence interval (paired t; one seed: no interval)."""
     n = len(differences)
@@ -184,7 +150,7 @@ def paired_difference(differences: list[float]) -> dict:
     if n < 2:
         return {"n": n, "mean": mean, "sd": math.nan, "low": math.nan, "high": math.nan}
     sd = statistics.stdev(differences)
-    half = _T95[min(n - 2, len(_T95) - 1)] * sd / math.sqrt(n)
+    half = t95(n - 1) * sd / math.sqrt(n)
     return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
 
 
