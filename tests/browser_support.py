@@ -31,6 +31,13 @@ CHROMIUM_ARGS = [
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 
 
+def sigint_as_at_a_terminal() -> None:
+    """In a child about to exec: SIGINT back to its default. A shell starting a command in the background
+    (CI may) has it ignored, and Python then installs no Ctrl-C handler: the Ctrl-C a test sends would
+    do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -62,6 +69,7 @@ def start_server(home: Path, port: int, log_path: Path, **env_extra: str) -> sub
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=sigint_as_at_a_terminal,
         )
 
 

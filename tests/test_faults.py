@@ -20,6 +20,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from tests.browser_support import sigint_as_at_a_terminal
 from vptdash import cli
 from vptdash.engine import data, features
 from vptdash.engine.train import RunConfig
@@ -297,7 +298,15 @@ def test_read_only_data_dir_reads_the_history_and_says_what_to_fix(image_folder,
 def test_a_signal_cancels_the_cli_run_with_one_line(sig, code, words, image_folder, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-m", "vptdash", "train", "--dataset", str(image_folder), *TINY, "--epochs", "500"]
-    process = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=sigint_as_at_a_terminal,  # as a user's Ctrl-C finds it, even when CI runs us in the background
+    )
     store = RunStore()
     deadline = time.monotonic() + 240
     try:
