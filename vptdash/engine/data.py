@@ -252,6 +252,23 @@ def split_image_set(
     return Split(train=_as_index(train), val=_as_index(val), test=_as_index(test))
 
 
+def load_and_split(config, resolution: int | None = None) -> tuple[ImageSet, Split]:
+    """A run's image set and its split, from its configuration (anything with dataset, cell_type,
+    resolution, test_fraction, val_fraction, shots, split_seed and seed): the one place that decides
+    which images a run's training, evaluation, scoring, whitening and attention read. `resolution`
+    overrides the configuration's (a CLIP model's own input size)."""
+    image_set = load_image_set(config.dataset, resolution or config.resolution, cell_type=config.cell_type)
+    split = split_image_set(
+        image_set,
+        test_fraction=config.test_fraction,
+        val_fraction=config.val_fraction,
+        shots=config.shots,
+        split_seed=config.split_seed,
+        shot_seed=config.seed,
+    )
+    return image_set, split
+
+
 def clear_memory_cache() -> None:
     """Forget the in-process decoded sets (the disk cache stays)."""
     with _MEMORY_LOCK:

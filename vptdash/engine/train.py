@@ -692,15 +692,7 @@ def run_training(
     torch.manual_seed(config.seed)
 
     emit({"phase": "setup", "message": "loading data and backbone", "elapsed_s": 0.0})
-    image_set = data.load_image_set(config.dataset, config.resolution, cell_type=config.cell_type)
-    split = data.split_image_set(
-        image_set,
-        test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction,
-        shots=config.shots,
-        split_seed=config.split_seed,
-        shot_seed=config.seed,
-    )
+    image_set, split = data.load_and_split(config)
     num_classes = len(image_set.class_names)
     model = build_model(config, num_classes)
     if initial_state is not None:

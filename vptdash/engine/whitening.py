@@ -131,15 +131,7 @@ def whitening_matrices(
 def train_images(config, backbone, max_images: int = MAX_IMAGES) -> torch.Tensor:
     """The run's TRAIN split images (same data, shots, split and shot seed as `run_training`),
     normalised with the backbone's statistics; a fixed-seed subset of `max_images` beyond that."""
-    image_set = data.load_image_set(config.dataset, config.resolution, cell_type=config.cell_type)
-    split = data.split_image_set(
-        image_set,
-        test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction,
-        shots=config.shots,
-        split_seed=config.split_seed,
-        shot_seed=config.seed,
-    )
+    image_set, split = data.load_and_split(config)
     index = split.train
     if len(index) > max_images:
         keep = torch.randperm(len(index), generator=torch.Generator().manual_seed(0))[:max_images]

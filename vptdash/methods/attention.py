@@ -485,15 +485,7 @@ class RunImages:
 
 def run_images(config, split: str = "test", limit: int | None = None) -> RunImages:
     """The images of one split of a run's data, exactly as its training split them."""
-    image_set = data.load_image_set(config.dataset, config.resolution, cell_type=config.cell_type)
-    parts = data.split_image_set(
-        image_set,
-        test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction,
-        shots=config.shots,
-        split_seed=config.split_seed,
-        shot_seed=config.seed,
-    )
+    image_set, parts = data.load_and_split(config)
     index = getattr(parts, split)
     if limit is not None:
         index = index[:limit]

@@ -166,15 +166,7 @@ def taylor_scores(
 
 def score_model_on_train(model: PromptedViT, config: RunConfig) -> PromptScores:
     """Taylor scores of `model` (already holding the trained prompts) over `config`'s training split."""
-    image_set = data.load_image_set(config.dataset, config.resolution, cell_type=config.cell_type)
-    split = data.split_image_set(
-        image_set,
-        test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction,
-        shots=config.shots,
-        split_seed=config.split_seed,
-        shot_seed=config.seed,
-    )
+    image_set, split = data.load_and_split(config)
     mean, std = model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"]
     chunks = []
     for start in range(0, len(split.train), SCORE_BATCH):
@@ -340,15 +332,7 @@ def submit_condense(
 def _evaluate(model: PromptedViT, config: RunConfig, split_name: str) -> dict[str, Any]:
     """Accuracy of `model` as it is (no training) on one split of its data: the 'pruned, not yet
     fine-tuned' point."""
-    image_set = data.load_image_set(config.dataset, config.resolution, cell_type=config.cell_type)
-    split = data.split_image_set(
-        image_set,
-        test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction,
-        shots=config.shots,
-        split_seed=config.split_seed,
-        shot_seed=config.seed,
-    )
+    image_set, split = data.load_and_split(config)
     index = getattr(split, split_name)
     mean, std = model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"]
     inputs = SplitInputs(model, config, image_set, index, mean, std)

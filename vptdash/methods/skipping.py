@@ -224,15 +224,7 @@ def prepare_evaluator(
     backbone = backbones.load_backbone(config.backbone, config.weights, config.resolution)
     depth = len(backbone.blocks)
     candidates = check_candidates(candidates, depth)
-    image_set = data.load_image_set(config.dataset, config.resolution, cell_type=config.cell_type)
-    split = data.split_image_set(
-        image_set,
-        test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction,
-        shots=config.shots,
-        split_seed=config.split_seed,
-        shot_seed=config.seed,
-    )
+    image_set, split = data.load_and_split(config)
     if len(split.val) == 0:
         raise SkipSearchError("the skip search needs validation images: set a validation fraction > 0")
     train_index = _subset(split.train, max_train, config.seed)

@@ -355,15 +355,7 @@ def run_vlprompt(
     emit({"phase": "setup", "message": f"loading {config.backbone} and the images", "elapsed_s": 0.0})
     model = build_model(config)
     bundle = model.bundle
-    image_set = data.load_image_set(config.dataset, bundle.image_size, cell_type=config.cell_type)
-    split = data.split_image_set(
-        image_set,
-        test_fraction=config.test_fraction,
-        val_fraction=config.val_fraction,
-        shots=config.shots,
-        split_seed=config.split_seed,
-        shot_seed=config.seed,
-    )
+    image_set, split = data.load_and_split(config, bundle.image_size)
     names, labels = list(image_set.class_names), image_set.labels
     words = text_words(config, names)
     if config.base_to_novel:
