@@ -104,6 +104,15 @@ def test_fixed_lr_is_stored_as_fixed_and_test_outcomes_match_accuracy(image_fold
     assert correct.count("1") / len(correct) == pytest.approx(metrics["accuracy"], abs=1e-12)
     confusion = torch.tensor(metrics["confusion_matrix"])
     assert correct.count("1") == int(confusion.diag().sum())
+    # the true class of each test image: its counts are the confusion matrix's row sums (rows = true class)
+    true_classes = [int(c) for c in metrics["test_labels"]]
+    assert len(true_classes) == len(correct)
+    assert [true_classes.count(k) for k in range(len(confusion))] == confusion.sum(dim=1).tolist()
+
+
+def test_label_record_is_digits_up_to_ten_classes_and_a_list_beyond():
+    assert train.label_record(torch.tensor([0, 9, 3])) == "093"
+    assert train.label_record(torch.tensor([0, 10, 3])) == [0, 10, 3]
 
 
 def test_head_has_its_own_parameter_group():

@@ -585,6 +585,14 @@ def correct_string(predictions: torch.Tensor, labels: torch.Tensor) -> str:
     return "".join("1" if bool(ok) else "0" for ok in (predictions.long().cpu() == labels.long().cpu()).tolist())
 
 
+def label_record(labels: torch.Tensor) -> str | list[int]:
+    """The true class of each image in split order, stored beside `correct_string` so that balanced accuracy
+    can be bootstrapped over the same images: a string of digits when every class index is one digit (656
+    bytes for ELPV's test split), else a list of ints."""
+    values = [int(v) for v in labels.long().cpu().tolist()]
+    return "".join(map(str, values)) if all(0 <= v < 10 for v in values) else values
+
+
 # ---------------------------------------------------------------------------------------- linear probe
 def fit_logistic(
     features: torch.Tensor,
@@ -675,7 +683,7 @@ def run_training(
 
     Metrics add to the test figures: "lr" (the rate used; None for the converged probe), "lr_source"
     ("validation" or "fixed"), "collapsed" and "collapse_reason" (`detect_collapse`), "test_correct"
-    (`correct_string` of the test split) and the search's record ("lr_search" or "l2_search").
+    (`correct_string` of the test split), "test_labels" (`label_record`) and the search's record ("lr_search" or "l2_search").
 
     Events: {"phase": "setup"|"search"|"train"|"val"|"test"|"cost", ...} with step, epoch, loss, lr,
     val_accuracy, elapsed_s, eta_s; "search" events (several candidates still training) count steps over
@@ -763,6 +771,7 @@ def run_training(
         "collapsed": collapsed,
         "collapse_reason": reason,
         "test_correct": correct_string(test_predictions, labels["test"]),
+        "test_labels": label_record(labels["test"]),
     }
     emit(
         {
