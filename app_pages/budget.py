@@ -172,11 +172,13 @@ def results() -> None:
         for tab, cost in zip(tabs, cost_tabs):
             with tab:
                 answers = budget.answers_by_size(shown_groups, tolerance, cost=cost, metric=metric)
+                if not answers:  # the empty chart, with its axes, says what will appear
+                    look.show_plotly(charts.cost_accuracy_figure(None, cost=cost), key=f"budget_chart_{cost}")
                 panels = st.columns(len(answers)) if len(answers) > 1 else [st.container()]
                 for panel, answer in zip(panels, answers):
                     with panel:
                         if len(answers) > 1:
-                            st.markdown(f"##### {answer.label[:1].upper() + answer.label[1:]}")
+                            st.markdown(f"##### {answer.heading}")
                         if answer.recommendation is not None:
                             st.success(f"#### {wording.md_escape(answer.recommendation.sentence)}", icon="✔️")
                         fig = charts.cost_accuracy_figure(
@@ -185,7 +187,7 @@ def results() -> None:
                             metric=metric,
                             recommendation=answer.recommendation,
                             highlight_ids=selected,
-                            title=answer.label[:1].upper() + answer.label[1:] if len(answers) > 1 else None,
+                            title=answer.heading if len(answers) > 1 else None,
                         )
                         # condensed runs: an arrow from each parent to its condensed child (before/after on hover)
                         attention_charts.add_condensation_arrows(

@@ -297,6 +297,11 @@ class SizeAnswer:
     recommendation: Recommendation | None
     cost_unknown: list[str]
 
+    @property
+    def heading(self) -> str:
+        """The label as a panel's heading: "16 images per class", "Full training split"."""
+        return self.label[:1].upper() + self.label[1:]
+
 
 def answers_by_size(
     groups: dict[str, list[dict]], tolerance_points: float, *, cost: str = "gmacs", metric: str = "accuracy_mean"
