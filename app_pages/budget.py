@@ -8,7 +8,7 @@ from vptdash.engine.prompts import PromptConfigError
 from vptdash.engine.train import ConfigError
 from vptdash.methods import search
 from vptdash.runs import jobs
-from vptdash.ui import jobqueue, look, resources, session
+from vptdash.ui import jobqueue, live, look, resources, session
 from vptdash.views import attention_charts, budget, charts, style, wording
 
 METRICS = {"accuracy_mean": "Accuracy", "balanced_accuracy_mean": "Balanced accuracy"}
@@ -28,9 +28,7 @@ summary = store.queue_summary()
 busy = bool(summary["running"] or summary["queued"])
 
 
-@st.fragment(run_every=2.0 if busy else 10.0)  # slow poll when idle: runs from other tabs show up too
-def results() -> None:
-    setup = session.active_setup()
+def sweep_progress() -> None:
     sweep_id = st.session_state.get("last_sweep_id")
     if sweep_id:
         sweep = store.list_runs(sweep_id=sweep_id)
@@ -47,7 +45,21 @@ def results() -> None:
                 f"{wording.md_escape(wording.first_line(failed[0].get('error')))}"
             )
 
-    finished = store.list_runs(status="done", dataset=setup["dataset"])
+
+# The charts and the table are drawn once per change of the runs (a run claimed, finished, deleted), not on a
+# timer: a progress tick of a running job redraws only the sidebar's queue and the sweep's bar above.
+versions = live.follow(store, "budget", busy=busy, small=sweep_progress)
+
+
+@st.fragment  # a widget in it reruns only the results
+def results() -> None:
+    setup = session.active_setup()
+    setup_key = tuple(sorted(setup.items()))
+    finished = live.memo(
+        "budget_finished",
+        (versions.runs, setup_key),
+        lambda: store.list_runs(status="done", dataset=setup["dataset"]),
+    )
     # the majority class's share is a property of the test set: every run on this data set knows it
     on_data, _ = budget.comparable_runs(finished, setup, same_setup=False)
 
@@ -57,9 +69,11 @@ def results() -> None:
         list(METRICS),
         format_func=METRICS.get,
         key="budget_metric",
-        default=budget.default_metric(
-            budget.runs_table(on_data)
-        ),  # balanced when one class is over 60% of the test set
+        default=live.memo(  # balanced when one class is over 60% of the test set
+            "budget_default_metric",
+            (versions.runs, setup_key),
+            lambda: budget.default_metric(budget.runs_table(on_data)),
+        ),
         required=True,
         help="Balanced accuracy = mean recall over classes (honest on imbalanced data; the default when one "
         "class is over 60% of the test set). Accuracy's chance line is the majority class, balanced accuracy's 1/K.",
@@ -81,8 +95,12 @@ def results() -> None:
         help="Compare like with like: runs on the active backbone, resolution and shots.",
     )
     rows, left_out = budget.comparable_runs(finished, setup, same_setup=match)
-    table = budget.runs_table(rows)
-    agg = budget.aggregate_over_seeds(table)
+
+    def tables():
+        table = budget.runs_table(rows)
+        return table, budget.aggregate_over_seeds(table)
+
+    table, agg = live.memo("budget_tables", (versions.runs, setup_key, match), tables)
     if left_out and not rows:
         st.info(
             f"{left_out} finished run(s) on this data set use another backbone, resolution or shots: "
@@ -130,18 +148,27 @@ def results() -> None:
         tabs = st.tabs(list(COST_TABS.values()))
         for tab, cost in zip(tabs, COST_TABS):
             with tab:
-                recommendation = budget.recommend(agg, tolerance, cost=cost, metric=metric) if len(agg) else None
+
+                def build(cost=cost):
+                    recommendation = budget.recommend(agg, tolerance, cost=cost, metric=metric) if len(agg) else None
+                    fig = charts.cost_accuracy_figure(
+                        agg, cost=cost, metric=metric, recommendation=recommendation, highlight_ids=selected
+                    )
+                    # condensed runs: an arrow from each parent to its condensed child (before/after on hover)
+                    attention_charts.add_condensation_arrows(fig, agg, table, cost=cost, metric=metric)
+                    # legend under the plot: the points get the width (projector)
+                    fig.update_layout(
+                        legend={"orientation": "h", "x": 0, "y": -0.16, "yanchor": "top"}, margin={"b": 40}, height=680
+                    )
+                    return recommendation, fig
+
+                recommendation, fig = live.memo(
+                    f"budget_chart_{cost}",
+                    (versions.runs, setup_key, match, metric, tolerance, tuple(selected)),
+                    build,
+                )
                 if recommendation is not None:
                     st.success(f"#### {wording.md_escape(recommendation.sentence)}", icon="✔️")
-                fig = charts.cost_accuracy_figure(
-                    agg, cost=cost, metric=metric, recommendation=recommendation, highlight_ids=selected
-                )
-                # condensed runs: an arrow from each parent to its condensed child (before/after on hover)
-                attention_charts.add_condensation_arrows(fig, agg, table, cost=cost, metric=metric)
-                # legend under the plot: the points get the width (projector)
-                fig.update_layout(
-                    legend={"orientation": "h", "x": 0, "y": -0.16, "yanchor": "top"}, margin={"b": 40}, height=680
-                )
                 look.show_plotly(fig, key=f"budget_chart_{cost}")
         collapsed = budget.collapsed_lines(agg)
         if collapsed:
@@ -348,7 +375,10 @@ with st.expander("Search instead of the grid: the cheapest budget within X point
             st.session_state["last_search_id"] = search_id
             jobqueue.start_worker(store)
 
-    @st.fragment(run_every=2.0)
+    search_row = store.get_run(st.session_state["last_search_id"]) if st.session_state.get("last_search_id") else None
+
+    # polls only while its search is live: a finished search's answer does not change
+    @st.fragment(run_every=2.0 if search_row and search_row["status"] in ("queued", "running") else None)
     def search_progress() -> None:
         search_id = st.session_state.get("last_search_id")
         row = store.get_run(search_id) if search_id else None
