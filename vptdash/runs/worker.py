@@ -80,7 +80,14 @@ def process_alive(pid: int | None) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return True  # no /proc (macOS): kill(0) is all we know
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    if stat.rsplit(")", 1)[-1].split()[0] != "Z":
+        return True
+    # A zombie main thread whose other threads (torch's pool) are still exiting: the process still holds
+    # its files, the worker's lock among them, until the last one is gone.
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 def owner_alive(store: RunStore) -> bool:
