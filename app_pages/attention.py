@@ -15,7 +15,7 @@ from vptdash.engine.prompts import PromptConfigError, parse_placement
 from vptdash.engine.train import ConfigError, RunConfig
 from vptdash.methods import attention, condense, vlprompts
 from vptdash.runs.store import RunStore
-from vptdash.ui import jobqueue, look, resources, session
+from vptdash.ui import jobqueue, live, look, resources, session
 from vptdash.views import attention_charts, wording
 from vptdash.views.budget import dataset_name
 
@@ -501,8 +501,7 @@ else:
 busy = bool(store.list_runs(status=("queued", "running"), kind="condense", limit=1))
 
 
-@st.fragment(run_every=2.0 if busy else None)
-def condensations() -> None:
+def condensation_progress() -> None:
     pending = st.session_state.get("att_condense_run")
     if pending is not None:
         row = store.get_run(pending)
@@ -513,6 +512,14 @@ def condensations() -> None:
             st.progress(fraction, text=f"Run #{pending}: {text}")
         elif row["status"] == "failed":
             st.error(f"Run #{pending} failed: {wording.md_escape(wording.first_line(row.get('error')))}")
+
+
+# While a condensation runs only its progress bar polls; the table and charts below are drawn again when
+# the runs changed (a condensation finished), not on every tick.
+live.follow(store, "attention_condense", busy=busy, small=condensation_progress, every_idle=None)
+
+
+def condensations() -> None:
     rows = store.list_runs(status="done")
     pairs = condense.condensation_pairs(rows)
     if not pairs:

@@ -8,7 +8,7 @@ from vptdash.engine.prompts import PromptConfigError
 from vptdash.engine.train import ConfigError
 from vptdash.methods import search
 from vptdash.runs import jobs
-from vptdash.ui import jobqueue, look, resources, session
+from vptdash.ui import jobqueue, live, look, resources, session
 from vptdash.views import attention_charts, budget, charts, style, wording
 
 METRICS = {"accuracy_mean": "Accuracy", "balanced_accuracy_mean": "Balanced accuracy"}
@@ -28,9 +28,7 @@ summary = store.queue_summary()
 busy = bool(summary["running"] or summary["queued"])
 
 
-@st.fragment(run_every=2.0 if busy else 10.0)  # slow poll when idle: runs from other tabs show up too
-def results() -> None:
-    setup = session.active_setup()
+def sweep_progress() -> None:
     sweep_id = st.session_state.get("last_sweep_id")
     if sweep_id:
         sweep = store.list_runs(sweep_id=sweep_id)
@@ -47,7 +45,21 @@ def results() -> None:
                 f"{wording.md_escape(wording.first_line(failed[0].get('error')))}"
             )
 
-    finished = store.list_runs(status="done", dataset=setup["dataset"])
+
+# The charts and the table are drawn once per change of the runs (a run claimed, finished, deleted), not on a
+# timer: a progress tick of a running job redraws only the sidebar's queue and the sweep's bar above.
+versions = live.follow(store, "budget", busy=busy, small=sweep_progress)
+
+
+@st.fragment  # a widget in it reruns only the results
+def results() -> None:
+    setup = session.active_setup()
+    setup_key = tuple(sorted(setup.items()))
+    finished = live.memo(
+        "budget_finished",
+        (versions.runs, setup_key),
+        lambda: store.list_runs(status="done", dataset=setup["dataset"]),
+    )
     # the majority class's share is a property of the test set: every run on this data set knows it
     on_data, _ = budget.comparable_runs(finished, setup, same_setup=False)
 
@@ -57,9 +69,11 @@ def results() -> None:
         list(METRICS),
         format_func=METRICS.get,
         key="budget_metric",
-        default=budget.default_metric(
-            budget.runs_table(on_data)
-        ),  # balanced when one class is over 60% of the test set
+        default=live.memo(  # balanced when one class is over 60% of the test set
+            "budget_default_metric",
+            (versions.runs, setup_key),
+            lambda: budget.default_metric(budget.runs_table(on_data)),
+        ),
         required=True,
         help="Balanced accuracy = mean recall over classes (honest on imbalanced data; the default when one "
         "class is over 60% of the test set). Accuracy's chance line is the majority class, balanced accuracy's 1/K.",
@@ -90,7 +104,11 @@ def results() -> None:
         help="Compare like with like: runs on the active backbone and resolution. Runs with another number "
         "of training images are never compared: pick the data size.",
     )
-    groups, left_out = budget.runs_by_size(finished, setup, same_setup=match)
+    groups, left_out = live.memo(
+        "budget_groups",
+        (versions.runs, setup_key, match),
+        lambda: budget.runs_by_size(finished, setup, same_setup=match),
+    )
     sizes = budget.size_options(groups)
     if st.session_state.get("budget_size") not in sizes:
         st.session_state.pop("budget_size", None)  # a size no run has any more (another data set)
@@ -109,7 +127,12 @@ def results() -> None:
         else None
     )
     shown_groups = budget.chosen_sizes(groups, size)
-    table = budget.runs_table([run for rows in shown_groups.values() for run in rows])
+
+    def tables():
+        table = budget.runs_table([run for rows in shown_groups.values() for run in rows])
+        return table, budget.aggregate_over_seeds(table)  # configurations of every size shown (shots is in the key)
+
+    table, agg_all = live.memo("budget_tables", (versions.runs, setup_key, match, size), tables)
     if left_out and not groups:
         st.info(
             f"{left_out} finished run(s) on this data set use another backbone or resolution: "
@@ -118,7 +141,6 @@ def results() -> None:
     metric = metric or "accuracy_mean"
     convention = convention or "gmacs"
     cost_tabs = {convention: "Compute (GMACs)", **COST_TABS}  # the axis names the convention
-    agg_all = budget.aggregate_over_seeds(table)  # configurations of every size shown (shots is in the key)
     st.session_state["budget_points"] = len(agg_all)
 
     chart_col, table_col = st.columns([5, 2], gap="medium")
@@ -171,16 +193,13 @@ def results() -> None:
         tabs = st.tabs(list(cost_tabs.values()))
         for tab, cost in zip(tabs, cost_tabs):
             with tab:
-                answers = budget.answers_by_size(shown_groups, tolerance, cost=cost, metric=metric)
-                if not answers:  # the empty chart, with its axes, says what will appear
-                    look.show_plotly(charts.cost_accuracy_figure(None, cost=cost), key=f"budget_chart_{cost}")
-                panels = st.columns(len(answers)) if len(answers) > 1 else [st.container()]
-                for panel, answer in zip(panels, answers):
-                    with panel:
-                        if len(answers) > 1:
-                            st.markdown(f"##### {answer.heading}")
-                        if answer.recommendation is not None:
-                            st.success(f"#### {wording.md_escape(answer.recommendation.sentence)}", icon="✔️")
+
+                def build(cost=cost):
+                    answers = budget.answers_by_size(shown_groups, tolerance, cost=cost, metric=metric)
+                    if not answers:  # the empty chart, with its axes, says what will appear
+                        return answers, [charts.cost_accuracy_figure(None, cost=cost)]
+                    figures = []
+                    for answer in answers:
                         fig = charts.cost_accuracy_figure(
                             answer.agg,
                             cost=cost,
@@ -199,6 +218,23 @@ def results() -> None:
                             margin={"b": 40},
                             height=680 if len(answers) == 1 else 560,
                         )
+                        figures.append(fig)
+                    return answers, figures
+
+                answers, figures = live.memo(
+                    f"budget_chart_{cost}",
+                    (versions.runs, setup_key, match, size, metric, tolerance, tuple(selected)),
+                    build,
+                )
+                if not answers:
+                    look.show_plotly(figures[0], key=f"budget_chart_{cost}")
+                panels = st.columns(len(answers)) if len(answers) > 1 else [st.container()]
+                for panel, answer, fig in zip(panels, answers, figures):
+                    with panel:
+                        if len(answers) > 1:
+                            st.markdown(f"##### {answer.heading}")
+                        if answer.recommendation is not None:
+                            st.success(f"#### {wording.md_escape(answer.recommendation.sentence)}", icon="✔️")
                         look.show_plotly(fig, key=f"budget_chart_{cost}_{answer.key}")
                         if answer.cost_unknown:
                             st.markdown(
@@ -410,7 +446,10 @@ with st.expander("Search instead of the grid: the cheapest budget within X point
             st.session_state["last_search_id"] = search_id
             jobqueue.start_worker(store)
 
-    @st.fragment(run_every=2.0)
+    search_row = store.get_run(st.session_state["last_search_id"]) if st.session_state.get("last_search_id") else None
+
+    # polls only while its search is live: a finished search's answer does not change
+    @st.fragment(run_every=2.0 if search_row and search_row["status"] in ("queued", "running") else None)
     def search_progress() -> None:
         search_id = st.session_state.get("last_search_id")
         row = store.get_run(search_id) if search_id else None

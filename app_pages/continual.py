@@ -9,6 +9,7 @@ from vptdash.engine.train import ConfigError
 from vptdash.methods import continual
 from vptdash.runs import uploads
 from vptdash.ui import jobqueue, look, resources, session
+from vptdash.ui.live import follow
 from vptdash.views import continual_charts, wording
 
 LIVE = ("queued", "running")
@@ -330,11 +331,9 @@ with results:
     )
     live = any(r["status"] in LIVE for r in by_id[chosen]["rows"])
 
-    @st.fragment(run_every=1.0 if live else None)
-    def experiment_view() -> None:
+    def experiment_progress() -> None:
         rows = [store.get_run(r["id"]) for r in by_id[chosen]["rows"]]
-        rows = [r for r in rows if r is not None]
-        running = [r for r in rows if r["status"] in LIVE]
+        running = [r for r in rows if r is not None and r["status"] in LIVE]
         for r in running:
             event = store.latest_progress(r["id"])
             fraction, _ = wording.progress_of(r, event)
@@ -352,8 +351,9 @@ with results:
             for r in running:
                 store.request_cancel(r["id"])
             st.rerun(scope="fragment")
-        if live and not running:
-            st.rerun()  # the last run just finished: redraw the page with the final charts
-        show_results(rows)
 
-    experiment_view()
+    # Only the progress bars poll; the results are drawn again when a run of the store changed (one of
+    # this experiment's runs finished), not every second.
+    follow(store, "continual", busy=live, small=experiment_progress, every_busy=1.0, every_idle=None)
+    rows = [row for row in (store.get_run(r["id"]) for r in by_id[chosen]["rows"]) if row is not None]
+    st.fragment(show_results)(rows)  # its view switch reruns only the results

@@ -565,7 +565,7 @@ def monitor(run_id: int) -> None:
             ahead = sum(1 for r in store.list_runs(status=["queued", "running"]) if r["id"] < run_id)
             st.info(f"Queued: {ahead} run{'s' if ahead != 1 else ''} ahead of it.", icon="ℹ️")
         elif status == "running":
-            fraction, text = wording.progress_of(run, events[-1] if events else None)
+            fraction, text = jobqueue.progress_line(store, run, events[-1] if events else None)
             st.progress(fraction, text=text)
         if status in LIVE:
             if run["cancel_requested"]:

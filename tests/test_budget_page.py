@@ -213,3 +213,40 @@ def test_side_by_side_gives_one_answer_per_size(home, store):
     small_answer, full_answer = sentences[:2]
     assert "linear probe" in small_answer.lower() and "10 deep prompts" in full_answer
     assert "**4 finished runs**" in texts(at.markdown)
+
+
+def test_the_charts_are_built_again_only_when_the_runs_changed(home, store, monkeypatch):
+    """A page rerun with the store unchanged (a poll, a click elsewhere) reuses the figures; a finished
+    run builds them again."""
+    from vptdash.views import charts
+
+    built = []
+    real = charts.cost_accuracy_figure
+    monkeypatch.setattr(charts, "cost_accuracy_figure", lambda *a, **kw: built.append(kw["cost"]) or real(*a, **kw))
+    info = uploads.save_zip_upload("tiny", tiny_zip())
+    spec = uploads.upload_spec(info.slug)
+    fill(store, spec)
+    at = app()
+    use_tiny_setup(at, spec)
+    goto(at, "app_pages/budget.py")
+    first = len(built)
+    assert first == 3  # one figure per cost tab
+    at.run(timeout=TIMEOUT)
+    at.run(timeout=TIMEOUT)
+    assert len(built) == first  # nothing changed in the store: no figure was built again
+    run_id = store.create_run({"dataset": spec}, status="running", source="cli")
+    store.append_progress(run_id, {"phase": "train", "step": 1, "total_steps": 10})
+    store.append_progress(run_id, {"phase": "train", "step": 2, "total_steps": 10})
+    before_progress = len(built)
+    at.run(timeout=TIMEOUT)
+    assert len(built) == before_progress + 3  # the claim changed the runs: built once more
+    store.append_progress(run_id, {"phase": "train", "step": 3, "total_steps": 10})
+    at.run(timeout=TIMEOUT)
+    assert len(built) == before_progress + 3  # a progress tick alone builds nothing
+    put_run(
+        store, {**store.get_run(1)["config"], "tuning": "prompt", "num_prompts": 5, "placement": "shallow"}, 0.9, 0.888
+    )
+    at.run(timeout=TIMEOUT)
+    assert len(built) == before_progress + 6
+    assert 0.888 in set().union(*chart_points(at).values())
+    assert not at.exception

@@ -83,6 +83,8 @@ def test_two_local_processes_store_the_same_runs_with_latency_measured_once_per_
     rows = RunStore(store_path).list_runs()
     assert len(rows) == 10 and all(r["status"] == "done" for r in rows)  # (probe + 4 prompt budgets) x 2 seeds
     assert all(r["artifact_path"] and r["metrics"]["accuracy"] is not None for r in rows)
+    # two processes split the cores this test may use, each at least one thread
+    assert {r["timings"]["threads"] for r in rows} == {max(1, len(os.sched_getaffinity(0)) // 2)}
     by_budget = {}
     for row in rows:
         costs = row["costs"]

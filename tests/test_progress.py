@@ -1,7 +1,9 @@
 """The sidebar's progress line for a running run (views.wording.progress_of): fraction done and text,
 from the run's latest progress event. Expected values are worked out from the definition: fraction =
 step / total_steps (at most 1), the ETA the event carried less the time since it was written, never
-below zero, and the setup / evaluation phases named rather than counted."""
+below zero, and the setup / evaluation phases named rather than counted. Without a measurement of the
+evaluation and cost phases the ETA is training's and says evaluation follows; the ETA over every
+phase is in tests/test_eta.py."""
 
 import pytest
 
@@ -34,21 +36,24 @@ def test_setup_and_evaluation_phases_say_what_happens():
 
 def test_eta_counts_down_from_when_the_event_was_written():
     event = train_event(5, 20, elapsed=50.0, eta=100.0)  # written at STARTED + 50 s
-    assert progress_of(RUN, event, now=STARTED + 50.0) == (0.25, "epoch 2/4 · ETA 1 min 40 s")
-    assert progress_of(RUN, event, now=STARTED + 80.0) == (0.25, "epoch 2/4 · ETA 1 min 10 s")  # 30 s later
-    assert progress_of(RUN, event, now=STARTED + 145.0) == (0.25, "epoch 2/4 · ETA 5 s")  # 100 - 95
+    assert progress_of(RUN, event, now=STARTED + 50.0) == (0.25, "epoch 2/4 · ETA 1 min 40 s + evaluation")
+    assert progress_of(RUN, event, now=STARTED + 80.0) == (
+        0.25,
+        "epoch 2/4 · ETA 1 min 10 s + evaluation",
+    )  # 30 s later
+    assert progress_of(RUN, event, now=STARTED + 145.0) == (0.25, "epoch 2/4 · ETA 5 s + evaluation")  # 100 - 95
     # a clock behind the event (another machine's clock) does not add time
-    assert progress_of(RUN, event, now=STARTED + 10.0) == (0.25, "epoch 2/4 · ETA 1 min 40 s")
+    assert progress_of(RUN, event, now=STARTED + 10.0) == (0.25, "epoch 2/4 · ETA 1 min 40 s + evaluation")
 
 
 def test_an_overdue_eta_reads_zero_never_negative():
     event = train_event(19, 20, elapsed=50.0, eta=5.0)
-    assert progress_of(RUN, event, now=STARTED + 500.0) == (0.95, "epoch 2/4 · ETA 0 s")
+    assert progress_of(RUN, event, now=STARTED + 500.0) == (0.95, "epoch 2/4 · ETA 0 s + evaluation")
 
 
 def test_long_etas_read_in_hours():
     event = train_event(1, 1000, elapsed=10.0, eta=2 * 3600 + 5 * 60)
-    assert progress_of(RUN, event, now=STARTED + 10.0) == (0.001, "epoch 2/4 · ETA 2 h 05 min")
+    assert progress_of(RUN, event, now=STARTED + 10.0) == (0.001, "epoch 2/4 · ETA 2 h 05 min + evaluation")
 
 
 def test_the_last_validation_reads_finishing():
@@ -78,4 +83,7 @@ def test_odd_events_give_a_fraction_in_range_and_text_without_an_eta(event, expe
 def test_an_eta_needs_the_runs_start_time_to_count_down():
     event = train_event(5, 20, elapsed=50.0, eta=100.0)
     # without started_at the ETA is shown as the event gave it, not corrected
-    assert progress_of({"config": {"epochs": 4}}, event, now=STARTED + 500.0) == (0.25, "epoch 2/4 · ETA 1 min 40 s")
+    assert progress_of({"config": {"epochs": 4}}, event, now=STARTED + 500.0) == (
+        0.25,
+        "epoch 2/4 · ETA 1 min 40 s + evaluation",
+    )

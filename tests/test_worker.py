@@ -59,6 +59,32 @@ def test_ensure_worker_starts_a_detached_process_that_runs_jobs(image_folder):
     assert not worker.worker_alive(store)
 
 
+def test_threads_per_worker_splits_the_cores():
+    assert worker.threads_per_worker(1, cores=2) == 2  # alone: every core
+    assert worker.threads_per_worker(2, cores=8) == 4
+    assert worker.threads_per_worker(3, cores=2) == 1  # never zero
+
+
+def test_a_started_worker_runs_below_its_parent_with_every_core(image_folder):
+    store = RunStore()
+    run_id = submit_run(store, tiny(image_folder))
+    assert worker.ensure_worker(store, idle_exit_s=15) is True
+    deadline = time.time() + 120
+    while time.time() < deadline and store.get_run(run_id)["status"] in ("queued", "running"):
+        time.sleep(0.2)
+    row = store.get_run(run_id)
+    assert row["status"] == "done", row["error"]
+    pid = row["worker_pid"]
+    assert pid != os.getpid()
+    # still alive (idle until its idle exit): its priority is read from the kernel, not from its own report
+    assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + worker.WORKER_NICENESS)
+    cores = len(os.sched_getaffinity(0))
+    assert row["timings"]["threads"] == cores  # the run trained with every core this machine lets it use
+    nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + worker.WORKER_NICENESS)
+    assert f"worker {pid}: nice {nice}, {cores} torch threads" in worker.log_path(store).read_text()
+    os.kill(pid, signal.SIGTERM)
+
+
 # ----------------------------------------------------------------------------- a worker killed mid-run
 # The worker is a real process started by the product (`ensure_worker`) and killed with SIGKILL while it
 # trains. It is deliberately not reaped: in the dashboard its parent is the Streamlit server, which never

@@ -523,6 +523,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    # The worker process itself (never a process that only starts one): yield to the dashboard, use the cores.
+    settings = worker.yield_to_ui()
+    print(f"worker {os.getpid()}: nice {settings['nice']}, {settings['threads']} torch threads", file=sys.stderr)
     return worker.serve(RunStore(args.store), idle_exit_s=args.idle_exit, owner=args.follow_owner)
 
 

@@ -28,6 +28,7 @@ import torch
 from vptdash.engine.cost import latency_costs
 from vptdash.engine.data import load_image_set
 from vptdash.engine.train import RunConfig, build_model
+from vptdash.runs import worker
 from vptdash.runs.cluster import ClusterRunner, ClusterSettings
 from vptdash.runs.jobs import execute_run, kind_of, run_now
 from vptdash.runs.store import RunStore
@@ -127,8 +128,10 @@ def set_worker_threads(threads: int) -> None:
 
 
 def _serve_runs(store_path: str, connection: Connection, threads: int) -> None:
-    """One worker process of a parallel sweep: run the ids it is sent, one at a time, until sent None."""
-    set_worker_threads(threads)
+    """One worker process of a parallel sweep: run the ids it is sent, one at a time, until sent None.
+    Like the dashboard's worker it runs below the priority of whoever started it (a dashboard open on
+    the same machine stays responsive), with its share of the cores."""
+    worker.yield_to_ui(threads=threads)
     store = RunStore(store_path)
     while (run_id := connection.recv()) is not None:
         execute_run(store, run_id, measure_latency=False)
@@ -177,7 +180,7 @@ def _run_in_processes(
         store.create_run(c.to_dict(), status="running", kind=kind_of(c), source=source, sweep_id=sweep_id)
         for c in configs
     ]
-    threads = max(1, torch.get_num_threads() // processes)
+    threads = worker.threads_per_worker(processes)
     # Longest first (prompt count is the proxy: tokens per block), so the last runs to finish are short
     # ones and neither process idles long at the end.
     waiting = deque(sorted(zip(run_ids, configs), key=lambda pair: -_expected_work(pair[1])))

@@ -88,17 +88,58 @@ def submit_run(
     )
 
 
+def _is_step(event: dict[str, Any] | None) -> bool:
+    """A training step's event (one model, or one candidate of a learning-rate search)."""
+    return bool(event) and (event.get("phase") == "train" or "candidate_lr" in event)
+
+
 class ProgressWriter:
-    """Writes events to the store, thinning per-step events so SQLite is not hit 100 times a second."""
+    """Writes events to the store, thinning per-step events so SQLite is not hit 100 times a second.
+
+    It sees every event, thinned or not, so it also times what the events leave implicit, for the ETA
+    (`runs.eta`): a validation pass (from the step before it to its result: every later event carries
+    the latest as "val_pass_s"), the held-out evaluation (from the last training event to "test") and
+    the cost phase (from "cost" to the end); `phase_timings` returns the last two for the run's timings.
+    """
 
     def __init__(self, store: RunStore, run_id: int, echo: Callable[[dict], None] | None):
         self.store, self.run_id, self.echo = store, run_id, echo
         self.last_write = 0.0
+        self.previous: dict[str, Any] | None = None
+        self.val_pass_s: float | None = None
+        self.training_seen_at: float | None = None  # the last train / search / val event
+        self.phase_at: dict[str, float] = {}  # when each phase's first event came
+
+    def _timed(self, event: dict[str, Any], now: float) -> dict[str, Any]:
+        phase = event.get("phase")
+        validated = phase == "val" or (phase == "search" and "message" in event and "candidate_lr" not in event)
+        if validated and _is_step(self.previous):
+            seconds = (event.get("elapsed_s") or 0.0) - (self.previous.get("elapsed_s") or 0.0)
+            if seconds >= 0:
+                self.val_pass_s = seconds
+        self.previous = event
+        self.phase_at.setdefault(phase, now)
+        if phase in ("train", "search", "val"):
+            self.training_seen_at = now
+        return event if self.val_pass_s is None else {**event, "val_pass_s": self.val_pass_s}
+
+    def phase_timings(self, end: float | None = None) -> dict[str, float]:
+        """{"test_seconds", "cost_seconds"} as far as they happened; `end` (time.monotonic()) closes
+        the cost phase, default now."""
+        end = time.monotonic() if end is None else end
+        out: dict[str, float] = {}
+        test_at, cost_at = self.phase_at.get("test"), self.phase_at.get("cost")
+        if test_at is not None and self.training_seen_at is not None and self.training_seen_at <= test_at:
+            out["test_seconds"] = test_at - self.training_seen_at
+        if cost_at is not None:
+            out["cost_seconds"] = max(0.0, end - cost_at)
+        return out
 
     def __call__(self, event: dict[str, Any]) -> None:
+        now = time.monotonic()
+        event = self._timed(event, now)
         if self.echo:
             self.echo(event)
-        now = time.monotonic()
         is_step = event.get("phase") == "train"
         last_step = is_step and event.get("step") == event.get("total_steps")
         if is_step and not last_step and now - self.last_write < PROGRESS_WRITE_INTERVAL_S:
@@ -159,10 +200,11 @@ def execute_run(
         return execute(store, run_id, echo=echo)
     claim_job(store, run_id)
     config = RunConfig.from_dict(row["config"])
+    progress = ProgressWriter(store, run_id, echo)
     try:
         result = run_training(
             config,
-            on_event=ProgressWriter(store, run_id, echo),
+            on_event=progress,
             should_cancel=lambda: store.is_cancel_requested(run_id),
             measure_latency=measure_latency,
         )
@@ -175,6 +217,11 @@ def execute_run(
         return fail_job(store, run_id, exc)
     if store.get_run(run_id) is None:  # deleted while it ran (another tab): nothing left to store into
         return {"id": run_id, "status": "deleted"}
+    # how long evaluation and costs took, and on how many test images: the next run's ETA reads them
+    result.timings.update(progress.phase_timings())
+    test_images = (result.metrics.get("split_sizes") or {}).get("test")
+    if test_images:
+        result.timings["test_images"] = int(test_images)
     if result.trainable_state:
         try:
             store.save_artifact(run_id, result.trainable_state, metadata={"class_names": ",".join(result.class_names)})

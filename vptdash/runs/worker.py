@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from vptdash.runs import cluster
 from vptdash.runs.jobs import execute_run
 from vptdash.runs.store import RunStore
@@ -31,6 +33,10 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `vptdas
 POLL_SECONDS = 0.5
 OWNER_POLL_SECONDS = 1.0
 STOPPED_WITH_OWNER = "stopped: the dashboard that started this worker ended"
+# How much lower than the process that started it a worker runs: the dashboard's server (and whoever
+# else shares the machine) gets the cores first, so a page stays responsive while a job trains, and the
+# worker still has every core the moment nobody else wants them.
+WORKER_NICENESS = 5
 
 
 def lock_path(store: RunStore) -> Path:
@@ -74,7 +80,14 @@ def process_alive(pid: int | None) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return True  # no /proc (macOS): kill(0) is all we know
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    if stat.rsplit(")", 1)[-1].split()[0] != "Z":
+        return True
+    # A zombie main thread whose other threads (torch's pool) are still exiting: the process still holds
+    # its files, the worker's lock among them, until the last one is gone.
+    try:
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:
+        return False
 
 
 def owner_alive(store: RunStore) -> bool:
@@ -126,6 +139,34 @@ def worker_alive(store: RunStore) -> bool:
         return True
     handle.close()  # closing releases the lock we just took for the check
     return False
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container or `taskset` can give it fewer
+    than the machine has)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return max(1, os.cpu_count() or 1)
+
+
+def threads_per_worker(workers: int = 1, cores: int | None = None) -> int:
+    """torch threads for each of `workers` processes sharing `cores`: all of them for one worker, an
+    even split (at least one each) for several, so they do not oversubscribe the cores."""
+    cores = available_cores() if cores is None else cores
+    return max(1, cores // max(1, workers))
+
+
+def yield_to_ui(workers: int = 1, *, threads: int | None = None, niceness: int = WORKER_NICENESS) -> dict:
+    """Make this process a background worker: `niceness` lower priority than it started with, and
+    torch's threads set to `threads`, by default its share of the available cores among `workers`.
+    Call it once, in the worker process itself. Returns {"nice", "threads"} as they now are."""
+    try:
+        os.nice(niceness)
+    except OSError:  # not permitted here: run at the priority we have
+        pass
+    torch.set_num_threads(threads or threads_per_worker(workers))
+    return {"nice": os.nice(0), "threads": torch.get_num_threads()}
 
 
 def serve(

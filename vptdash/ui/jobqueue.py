@@ -9,8 +9,9 @@ from typing import Any
 import streamlit as st
 
 from vptdash.engine.train import ConfigError, RunConfig
-from vptdash.runs import jobs, worker
+from vptdash.runs import eta, jobs, worker
 from vptdash.runs.store import RunStore, StoreError, pid_alive
+from vptdash.ui import live
 from vptdash.ui.cluster import cluster_setting
 from vptdash.ui.session import active_setup
 from vptdash.views.wording import dataset_md, is_elpv, md_escape, progress_of, run_label
@@ -62,6 +63,17 @@ def announce_new_results(store: RunStore, summary: dict) -> list[int]:
     if len(fresh) > ANNOUNCE_AT_MOST:
         st.toast(f"... and {len(fresh) - ANNOUNCE_AT_MOST} more new results", icon="✔️")
     return [run["id"] for run in fresh]
+
+
+def progress_line(store: RunStore, run: dict, event: dict | None) -> tuple[float, str]:
+    """`progress_of` with the ETA over every phase: the history of earlier runs of the same architecture
+    is read once per change of the runs, not on every poll."""
+    history = None
+    if run.get("kind") in eta.TRAINING_KINDS:
+        history = live.memo(
+            f"eta_history_{run['id']}", live.versions(store).runs, lambda: eta.phase_history(store, run["config"])
+        )
+    return progress_of(run, event, history=history)
 
 
 def start_worker(store: RunStore) -> None:
@@ -177,7 +189,7 @@ def render_queue(store: RunStore, summary: dict) -> None:
     if not running and not summary["queued"]:
         st.caption("Idle: nothing running.")
     for run in running:
-        fraction, text = progress_of(run, run.get("latest_progress"))
+        fraction, text = progress_line(store, run, run.get("latest_progress"))
         st.progress(fraction, text=f"#{run['id']} {md_escape(run_label(run))}: {md_escape(text)}")
     parts = [f"{summary['queued']} queued", f"{summary['done']} done"]
     if summary["failed"]:

@@ -12,7 +12,7 @@ from typing import Any
 from vptdash.engine import data
 from vptdash.engine.train import RunConfig
 from vptdash.methods import vlprompts
-from vptdash.runs import uploads
+from vptdash.runs import eta, uploads
 
 # Every ASCII punctuation character may be backslash-escaped in CommonMark, and each one starts some
 # construct somewhere: links and images ([ ] ( ) !), emphasis, code, headings, tables, HTML tags and
@@ -172,27 +172,38 @@ def run_family(config: dict) -> str:
         return "unknown"
 
 
-def progress_of(run: dict, event: dict | None, now: float | None = None) -> tuple[float, str]:
-    """(fraction done 0..1, one line of status text) for a running run's latest event."""
+def progress_of(
+    run: dict, event: dict | None, now: float | None = None, history: eta.PhaseHistory | None = None
+) -> tuple[float, str]:
+    """(fraction done 0..1, one line of status text) for a running run's latest event.
+
+    For a training run the ETA counts every phase left (`runs.eta.remaining`: training, held-out
+    evaluation, costs), with `history` (`runs.eta.phase_history`) for the phases this run has not
+    measured yet; while one of them is unknown the line says the ETA is training's and evaluation follows."""
     now = time.time() if now is None else now
     if not event:
         return 0.0, "starting..."
     phase = event.get("phase")
     step, total = number(event.get("step")), number(event.get("total_steps"))
+    training = run.get("kind", "train") in eta.TRAINING_KINDS
+    left = eta.remaining(run, event, history, now) if training else None
+    full = f" · ETA {fmt_duration(left['total'])}" if left and left["total"] is not None else ""
     if phase == "setup":
         return 0.0, event.get("message") or "setting up"
     if phase in ("test", "cost"):
-        return 1.0, event.get("message") or "evaluating on held-out images"
+        return 1.0, (event.get("message") or "evaluating on held-out images") + full
     fraction = min(1.0, step / total) if step and total else 0.0
-    if fraction >= 1.0 and phase == "val" and event.get("epoch") == (run.get("config") or {}).get("epochs"):
-        return 1.0, "finishing: test set, compute and latency"
-    eta = number(event.get("eta_s"))
-    started, elapsed = number(run.get("started_at")), number(event.get("elapsed_s"))
-    if eta is not None and started is not None and elapsed is not None:
-        eta = max(0.0, eta - max(0.0, now - (started + elapsed)))  # time since the event was written
+    if phase == "val" and event.get("epoch") == (run.get("config") or {}).get("epochs"):
+        return 1.0, "finishing: test set, compute and latency" + full
     epoch = event.get("epoch")
     config_epochs = (run.get("config") or {}).get("epochs")
     text = f"epoch {epoch}/{config_epochs}" if epoch and config_epochs else "training"
-    if eta is not None:
-        text += f" · ETA {fmt_duration(eta)}"
+    if full:
+        return fraction, text + full
+    remaining = number(event.get("eta_s"))
+    started, elapsed = number(run.get("started_at")), number(event.get("elapsed_s"))
+    if remaining is not None and started is not None and elapsed is not None:
+        remaining = max(0.0, remaining - max(0.0, now - (started + elapsed)))  # time since the event was written
+    if remaining is not None:
+        text += f" · ETA {fmt_duration(remaining)}" + (" + evaluation" if training else "")
     return fraction, text
