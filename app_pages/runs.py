@@ -10,7 +10,7 @@ from vptdash.runs.store import iso_timestamps
 from vptdash.ui import jobqueue, resources, session
 from vptdash.views import report, scope, wording
 
-RESULT_COLUMNS = ["accuracy", "balanced_accuracy", "gmacs", "latency_ms_b1", "params_trainable"]
+RESULT_COLUMNS = ["accuracy", "balanced_accuracy", "gmacs", "gmacs_full_graph", "latency_ms_b1", "params_trainable"]
 HIDDEN_IN_COMPARE = {"id", "created_at", "started_at", "finished_at", "duration_s", "sweep_id", "parent_id"}
 
 store = resources.get_store()
@@ -223,7 +223,9 @@ if len(selected_ids) >= 2:
         if column in ("accuracy", "balanced_accuracy"):
             return wording.fmt_pct(number)
         if column == "gmacs":
-            return f"{number:.3f} GMACs"
+            return f"{number:.3f} GMACs (executed graph)"
+        if column == "gmacs_full_graph":
+            return f"{number:.3f} GMACs (full graph)"
         if column == "latency_ms_b1":
             return f"{number:.2f} ms"
         if column == "params_trainable":

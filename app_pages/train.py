@@ -491,11 +491,16 @@ def result_card(run: dict) -> None:
         help="Mean recall over classes: the honest figure when classes are imbalanced (ELPV).",
     )
     gmacs = wording.number(costs.get("gmacs"))
+    full_graph = wording.number(costs.get("gmacs_full_graph"))
     cols[2].metric(
-        "GMACs per image",
+        "GMACs per image (executed graph)",
         "-" if gmacs is None else f"{gmacs:.3g}",
         delta(costs.get("gmacs"), base_c.get("gmacs"), "{:+.3g}"),
         delta_color="inverse",
+        help="The executed graph: what runs here (deep prompts enter as keys and values only, the last block "
+        "computes only the class token). Full graph, every token through every block as in published tables: "
+        + ("not counted" if full_graph is None else f"{full_graph:.3g}")
+        + ".",
     )
     latency = wording.number(costs.get("latency_ms_b1"))
     cols[3].metric(
