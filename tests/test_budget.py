@@ -562,3 +562,57 @@ def test_every_aggregated_column_from_two_seeds_by_hand():
     assert list(budget.aggregate_over_seeds(budget.runs_table([])).columns) == budget.AGG_COLUMNS
     unknown = budget.aggregate_over_seeds(budget.runs_table([make_run(1, 5, source=None)])).iloc[0]
     assert unknown["sources"] == "unknown" and math.isnan(unknown["n_classes"])
+
+
+# ------------------------------------------------------------------ configurations without an interval
+NOT_JUDGED_ONE = " 1 configuration was not judged: one seed and no per-image results, so no interval against the probe."
+
+
+def test_an_old_single_seed_run_beside_measured_ones_is_left_unjudged_not_the_whole_verdict():
+    # the probe and 10 deep prompts over three seeds: paired t, +14.0 points (CI +11.5 to +16.5, as above);
+    # an old one-seed run of 5 shallow prompts (0.80, dearer and 6 points below the best) has no interval
+    old = seeded(50, [0.80], num_prompts=5, placement="shallow", gmacs=2.0)
+    rows = probe_runs([0.70, 0.72, 0.74]) + seeded(1, [0.84, 0.87, 0.87]) + old
+    rec = decide(rows)
+    assert rec.verdict == budget.VERDICT_BEATS_PROBE
+    assert rec.sentence == (
+        "10 deep prompts: +14.0 points over the linear probe (95% CI +11.5 to +16.5) at +3% compute." + NOT_JUDGED_ONE
+    )
+    [unjudged] = rec.not_judged
+    assert rec.vs_probe[unjudged].method == stats.NO_INTERVAL and math.isnan(rec.vs_probe[unjudged].low)
+    assert len(rec.vs_probe) == 2  # every configuration is still compared, for the table
+
+
+def test_a_configuration_without_an_interval_never_beats_the_probe():
+    # 10 deep prompts: differences +0.04, -0.05, +0.04 vs the probe: +1.0 point, CI -11.9 to +13.9 (within noise).
+    # Two one-seed runs: 5 shallow at 0.74 (+0.7 points over the probe's 0.7333, no interval) and 1 shallow at
+    # 0.60 (-13.3 points): neither is a winner, and neither widens the spread the sentence quotes.
+    rows = (
+        probe_runs([0.70, 0.78, 0.72])
+        + seeded(1, [0.74, 0.73, 0.76])
+        + seeded(50, [0.74], num_prompts=5, placement="shallow", gmacs=2.0)
+        + seeded(60, [0.60], num_prompts=1, placement="shallow", gmacs=0.5)
+    )
+    rec = decide(rows)
+    assert rec.verdict == budget.VERDICT_WITHIN_NOISE and rec.chosen["family"] == "linear probe"
+    assert rec.sentence == (
+        "No budget beats the linear probe beyond noise at 16 images per class; the differences in accuracy are "
+        "within ±1.0 points (the best, 10 deep prompts: +1.0 points, 95% CI -11.9 to +13.9). "
+        "More images or seeds would tell them apart. "
+        "2 configurations were not judged: one seed and no per-image results, so no interval against the probe."
+    )
+    assert len(rec.not_judged) == 2
+
+
+def test_no_interval_when_a_quoted_comparison_has_none():
+    measured = probe_runs([0.70, 0.72, 0.74]) + seeded(1, [0.84, 0.87, 0.87])
+    # the best is a one-seed run: the best vs the probe is quoted and has no interval
+    rec = decide(measured + seeded(50, [0.95], num_prompts=50, gmacs=4.0), 1.0)
+    assert rec.best["label"] == "50 deep prompts" and rec.verdict == budget.VERDICT_NO_INTERVAL
+    assert rec.sentence.endswith(" One seed and no per-image results: no interval yet, so this is not evidence.")
+    # the chosen one (cheapest within 2 points, its gap to the best unmeasured) is a one-seed run
+    rec = decide(measured + seeded(50, [0.85], num_prompts=1, gmacs=1.01), 2.0)
+    assert rec.chosen["label"] == "1 deep prompts" and rec.verdict == budget.VERDICT_NO_INTERVAL
+    # the probe is the best and nothing else has an interval: nothing was judged at all
+    rec = decide(probe_runs([0.80, 0.82, 0.84]) + seeded(50, [0.70], num_prompts=1, gmacs=2.0), 1.0)
+    assert rec.verdict == budget.VERDICT_NO_INTERVAL and rec.not_judged == list(rec.vs_probe)
