@@ -678,7 +678,7 @@ def test_aggregate_of_a_hand_made_table_without_the_optional_columns():
     ]
     # a collapsed flag that is missing counts as not collapsed; a collapse with no reason says "collapsed"
     flagged = table.assign(
-        collapsed=[float("nan"), True, False],
+        collapsed=[None, True, False],
         collapse_reason=None,
         n_classes=["?", "2", None],
         test_labels=float("nan"),
@@ -691,6 +691,9 @@ def test_aggregate_of_a_hand_made_table_without_the_optional_columns():
     assert ten["seed_runs"][0]["test_labels"] is None  # NaN is no list of classes
     no_reasons = budget.aggregate_over_seeds(bare.assign(collapsed=[False, True, False]))
     assert no_reasons.iloc[0]["collapsed_runs"][0]["reason"] == "collapsed"
+    # a column with no numbers at all (here typed as text) gives NaN, not an error
+    untimed = budget.aggregate_over_seeds(bare.assign(train_seconds=pd.array([None] * 3, dtype="str")))
+    assert math.isnan(untimed.iloc[0]["train_seconds"])
 
 
 def test_runs_without_an_id_or_a_seed_are_kept_and_said_so():
@@ -856,3 +859,33 @@ def test_a_chosen_configuration_level_with_the_probe_names_the_cheapest_that_bea
         "20 deep prompts does beat it (+5.0 points, 95% CI +5.0 to +5.0). "
         "It is within 10 points of the best, 5 deep prompts (-6.0 points, 95% CI -6.0 to -6.0)."
     )
+
+
+def test_no_interval_when_only_the_gap_from_the_chosen_to_the_best_has_none():
+    # the probe (seeds 0, 1) and the chosen 1 deep (seed 0) carry per-image results: a bootstrap interval
+    # between them. The best, 50 deep (seeds 0, 1, no per-image results), has a paired t interval against
+    # the probe. But 1 deep vs 50 deep is one seed against two values and no per-image results: no interval,
+    # and the sentence would quote it
+    probe = probe_runs([0.70, 0.72])
+    for run, right in zip(probe, (70, 72)):
+        run["metrics"]["test_correct"] = "1" * right + "0" * (100 - right)
+    chosen = seeded(10, [0.85], num_prompts=1, gmacs=1.0)
+    chosen[0]["metrics"]["test_correct"] = "1" * 85 + "0" * 15
+    best = seeded(20, [0.86, 0.88], num_prompts=50, gmacs=4.0)
+    rec = decide(probe + chosen + best, 3.0)
+    assert rec.chosen["label"] == "1 deep prompts" and rec.best["label"] == "50 deep prompts"
+    assert rec.chosen_vs_probe.has_interval and rec.best_vs_probe.has_interval
+    assert not rec.chosen_vs_best.has_interval
+    assert rec.verdict == budget.VERDICT_NO_INTERVAL
+
+
+def test_within_noise_names_the_best_of_a_tie_as_the_best():
+    # 5 deep and 20 deep score the same on every seed; 20 deep is cheaper, so it is the best and is named
+    rows = (
+        probe_runs([0.70, 0.78, 0.72])
+        + seeded(1, [0.74, 0.73, 0.76], num_prompts=5, gmacs=2.0)
+        + seeded(10, [0.74, 0.73, 0.76], num_prompts=20, gmacs=1.5)
+    )
+    rec = decide(rows)
+    assert rec.verdict == budget.VERDICT_WITHIN_NOISE and rec.best["label"] == "20 deep prompts"
+    assert "(the best, 20 deep prompts: +1.0 points, 95% CI -11.9 to +13.9)" in rec.sentence

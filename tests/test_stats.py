@@ -205,6 +205,8 @@ def test_unpaired_seeds_are_drawn_independently_from_each_side():
     assert (interval.mean, interval.low, interval.high, interval.n) == (0.5, 0.0, 1.0, 1)
     three = stats.bootstrap_difference(b, [np.ones(n, bool)] * 3, paired_seeds=False)
     assert three.n == 2 and three.mean == -0.5 and (three.low, three.high) == (-1.0, 0.0)
+    # n is the smaller number of seeds, however few the images
+    assert stats.bootstrap_difference([np.ones(1, bool)] * 2, [np.ones(1, bool)] * 3, paired_seeds=False).n == 2
 
 
 def test_balanced_accuracy_counts_only_the_classes_present():
@@ -223,11 +225,11 @@ def test_balanced_accuracy_counts_only_the_classes_present():
 
 
 def test_bad_input_says_what_is_wrong():
-    with pytest.raises(ValueError, match="different lengths: 3 and 4"):
+    with pytest.raises(ValueError, match=r"^per-image results of different lengths: 3 and 4$"):
         stats.bootstrap_difference([np.ones(3, bool)], [np.ones(4, bool)], paired_seeds=True)
-    with pytest.raises(ValueError, match="paired seeds need the same number of seeds on both sides"):
+    with pytest.raises(ValueError, match=r"^paired seeds need the same number of seeds on both sides$"):
         stats.bootstrap_difference([np.ones(3, bool)] * 2, [np.ones(3, bool)], paired_seeds=True)
-    with pytest.raises(ValueError, match="degrees of freedom must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"^degrees of freedom must be >= 1, got 0$"):
         stats.t95(0)
 
 
@@ -246,6 +248,8 @@ def test_comparisons_are_cached_and_unhashable_runs_still_compare():
     b = [{"seed": s, "accuracy": v, "test_labels": [0, 1]} for s, v in enumerate([0.70, 0.72, 0.74])]
     first = stats.compare(a, b)
     assert stats.compare(a, b) is first  # the same answer object: computed once
+    plain = [{"seed": r["seed"], "accuracy": r["accuracy"]} for r in a]  # no per-image classes at all
+    assert stats.compare(plain, b) is stats.compare(plain, b)
     assert stats.compare(b, a) is not first and stats.compare(b, a).difference == pytest.approx(-0.14)
     stats.clear_cache()
     assert stats.compare(a, b) is not first and stats.compare(a, b) == first
