@@ -12,7 +12,7 @@ from vptdash.ui import jobqueue, look, resources, session
 from vptdash.views import attention_charts, budget, charts, style, wording
 
 METRICS = {"accuracy_mean": "Accuracy", "balanced_accuracy_mean": "Balanced accuracy"}
-COST_TABS = {"gmacs": "Compute (GMACs)", "latency_ms_b1": "Latency (ms)", "params_trainable": "Trainable parameters"}
+COST_TABS = {"latency_ms_b1": "Latency (ms)", "params_trainable": "Trainable parameters"}  # after compute
 
 store = resources.get_store()
 setup = session.active_setup()
@@ -64,7 +64,16 @@ def results() -> None:
         help="Balanced accuracy = mean recall over classes (honest on imbalanced data; the default when one "
         "class is over 60% of the test set). Accuracy's chance line is the majority class, balanced accuracy's 1/K.",
     )
-    tolerance = c[1].slider(
+    convention = c[1].segmented_control(
+        "Compute counted as",
+        list(budget.COMPUTE_CONVENTIONS),
+        format_func=lambda key: budget.COMPUTE_CONVENTIONS[key].capitalize(),
+        key="budget_convention",
+        default="gmacs",  # what a deployment here pays
+        required=True,
+        help=budget.CONVENTION_HELP,
+    )
+    tolerance = c[2].slider(
         "Tolerance (accuracy points)",
         0.5,
         10.0,
@@ -73,23 +82,44 @@ def results() -> None:
         key="budget_tolerance",
         help="How much accuracy you would give up for a cheaper budget.",
     )
-    match = c[2].toggle(
-        f"Only `{setup['backbone']}`, {setup['resolution']} px, "
-        f"{'all' if setup['shots'] is None else setup['shots']} shots",
+    c = st.columns([5, 3])
+    match = c[1].toggle(
+        f"Only `{setup['backbone']}`, {setup['resolution']} px",
         key="budget_match",
         value=True,
-        help="Compare like with like: runs on the active backbone, resolution and shots.",
+        help="Compare like with like: runs on the active backbone and resolution. Runs with another number "
+        "of training images are never compared: pick the data size.",
     )
-    rows, left_out = budget.comparable_runs(finished, setup, same_setup=match)
-    table = budget.runs_table(rows)
-    agg = budget.aggregate_over_seeds(table)
-    if left_out and not rows:
+    groups, left_out = budget.runs_by_size(finished, setup, same_setup=match)
+    sizes = budget.size_options(groups)
+    if st.session_state.get("budget_size") not in sizes:
+        st.session_state.pop("budget_size", None)  # a size no run has any more (another data set)
+    size = (
+        c[0].segmented_control(
+            "Data size",
+            sizes,
+            format_func=budget.size_label,
+            key="budget_size",
+            default=budget.default_size(sizes, setup["shots"]),
+            required=True,
+            help="Training images per class. Runs of different sizes are never compared with each other; "
+            "side by side gives each size its own chart and answer.",
+        )
+        if sizes
+        else None
+    )
+    shown_groups = budget.chosen_sizes(groups, size)
+    table = budget.runs_table([run for rows in shown_groups.values() for run in rows])
+    if left_out and not groups:
         st.info(
-            f"{left_out} finished run(s) on this data set use another backbone, resolution or shots: "
+            f"{left_out} finished run(s) on this data set use another backbone or resolution: "
             "turn the switch off to see them."
         )
     metric = metric or "accuracy_mean"
-    st.session_state["budget_points"] = len(agg)
+    convention = convention or "gmacs"
+    cost_tabs = {convention: "Compute (GMACs)", **COST_TABS}  # the axis names the convention
+    agg_all = budget.aggregate_over_seeds(table)  # configurations of every size shown (shots is in the key)
+    st.session_state["budget_points"] = len(agg_all)
 
     chart_col, table_col = st.columns([5, 2], gap="medium")
     with table_col:
@@ -100,8 +130,10 @@ def results() -> None:
                 "accuracy",
                 "label",
                 "balanced_accuracy",
+                "shots",
                 "seed",
                 "gmacs",
+                "gmacs_full_graph",
                 "latency_ms_b1",
                 "params_trainable",
                 "family",
@@ -119,31 +151,61 @@ def results() -> None:
             column_config={
                 **jobqueue.run_table_columns(),
                 "accuracy": st.column_config.NumberColumn("Accuracy", format="percent", pinned=True),
+                "shots": st.column_config.NumberColumn(
+                    "Images / class", format="%d", help="Empty: the full training split"
+                ),
+                "gmacs": st.column_config.NumberColumn(
+                    "GMACs (executed graph)", format="%.3f", help=budget.CONVENTION_HELP
+                ),
+                "gmacs_full_graph": st.column_config.NumberColumn(
+                    "GMACs (full graph)", format="%.3f", help=budget.CONVENTION_HELP
+                ),
             },
         )
         selected = [int(shown.iloc[i]["id"]) for i in (event.selection.rows if event else []) if i < len(shown)]
     with chart_col:
-        if not len(agg):
+        if not len(table):
             st.info(
                 "No finished runs for this setup yet. Plan and queue a sweep below, or run the meeting demo on Home."
             )
-        tabs = st.tabs(list(COST_TABS.values()))
-        for tab, cost in zip(tabs, COST_TABS):
+        tabs = st.tabs(list(cost_tabs.values()))
+        for tab, cost in zip(tabs, cost_tabs):
             with tab:
-                recommendation = budget.recommend(agg, tolerance, cost=cost, metric=metric) if len(agg) else None
-                if recommendation is not None:
-                    st.success(f"#### {wording.md_escape(recommendation.sentence)}", icon="✔️")
-                fig = charts.cost_accuracy_figure(
-                    agg, cost=cost, metric=metric, recommendation=recommendation, highlight_ids=selected
-                )
-                # condensed runs: an arrow from each parent to its condensed child (before/after on hover)
-                attention_charts.add_condensation_arrows(fig, agg, table, cost=cost, metric=metric)
-                # legend under the plot: the points get the width (projector)
-                fig.update_layout(
-                    legend={"orientation": "h", "x": 0, "y": -0.16, "yanchor": "top"}, margin={"b": 40}, height=680
-                )
-                look.show_plotly(fig, key=f"budget_chart_{cost}")
-        collapsed = budget.collapsed_lines(agg)
+                answers = budget.answers_by_size(shown_groups, tolerance, cost=cost, metric=metric)
+                if not answers:  # the empty chart, with its axes, says what will appear
+                    look.show_plotly(charts.cost_accuracy_figure(None, cost=cost), key=f"budget_chart_{cost}")
+                panels = st.columns(len(answers)) if len(answers) > 1 else [st.container()]
+                for panel, answer in zip(panels, answers):
+                    with panel:
+                        if len(answers) > 1:
+                            st.markdown(f"##### {answer.heading}")
+                        if answer.recommendation is not None:
+                            st.success(f"#### {wording.md_escape(answer.recommendation.sentence)}", icon="✔️")
+                        fig = charts.cost_accuracy_figure(
+                            answer.agg,
+                            cost=cost,
+                            metric=metric,
+                            recommendation=answer.recommendation,
+                            highlight_ids=selected,
+                            title=answer.heading if len(answers) > 1 else None,
+                        )
+                        # condensed runs: an arrow from each parent to its condensed child (before/after on hover)
+                        attention_charts.add_condensation_arrows(
+                            fig, answer.agg, answer.table, cost=cost, metric=metric
+                        )
+                        # legend under the plot: the points get the width (projector)
+                        fig.update_layout(
+                            legend={"orientation": "h", "x": 0, "y": -0.16, "yanchor": "top"},
+                            margin={"b": 40},
+                            height=680 if len(answers) == 1 else 560,
+                        )
+                        look.show_plotly(fig, key=f"budget_chart_{cost}_{answer.key}")
+                        if answer.cost_unknown:
+                            st.markdown(
+                                "**Cost unknown**, so not drawn and never recommended:\n"
+                                + "\n".join(f"- {wording.md_escape(line)}" for line in answer.cost_unknown)
+                            )
+        collapsed = budget.collapsed_lines(agg_all)
         if collapsed:
             st.markdown(
                 f"**○ {len(collapsed)} collapsed run{'s' if len(collapsed) != 1 else ''}**, drawn hollow and left "

@@ -142,11 +142,12 @@ if report_setup is not None:
     )
 report_rows = scope.runs_of_setup(finished, report_setup) if report_setup is not None else []
 tolerance = float(st.session_state.get("budget_tolerance", 1.0))
+convention = st.session_state.get("budget_convention") or "gmacs"  # the report states both; it charts this one
 report_title = "vptdash: prompt budget report" + (f" · {scope.describe(report_setup)}" if report_rows else "")
 
 
-def build_report(rows=report_rows, tolerance=tolerance, title=report_title) -> str:  # separate thread: no st.*
-    return report.build_html_report(rows, tolerance_points=tolerance, title=title)
+def build_report(rows=report_rows, tolerance=tolerance, title=report_title, cost=convention) -> str:  # no st.*
+    return report.build_html_report(rows, tolerance_points=tolerance, title=title, cost=cost)
 
 
 e[1].download_button(

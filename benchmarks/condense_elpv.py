@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -44,6 +45,7 @@ from vptdash.runs.store import RunStore  # noqa: E402
 
 HEADING = "## Prompt condensation"
 RESULTS = ROOT / "docs" / "results.md"
+LATENCY_ROUNDS = 15
 
 
 def base_config(args) -> dict:
@@ -88,7 +90,7 @@ def finished_condense(store: RunStore, parent_id: int, fraction: float, epochs: 
 
 
 @torch.inference_mode()
-def paired_latency(configs: dict[int, RunConfig], rounds: int = 15) -> dict[int, float]:
+def paired_latency(configs: dict[int, RunConfig], rounds: int = LATENCY_ROUNDS) -> dict[int, float]:
     """Median fp32 batch-1 forward time (ms) per configuration, measured round-robin: every round times
     each model once, in a rotating order, so that the load of a shared machine hits all of them alike.
     Latency depends on the graph, not on the weights, so models are built from the configurations."""
@@ -342,16 +344,20 @@ def summarise(args, probe, runs, pulls, total_s: dict, latency: dict[int, float]
         f"{os.cpu_count()} cores when the latency pass began)."
     )
     lines.append("")
+    # The split's sizes as the runs stored them, so the text follows --shots and the data set.
+    sizes = runs[0][0]["metrics"].get("split_sizes", {}) if runs else {}
+    n_test, n_train = sizes.get("test"), sizes.get("train")
+    backbone = "offline DINOv2 ViT-S/14" if args.backbone == "dinov2_s14" else f"`{args.backbone}`"
     lines.append(
-        f"**Setting.** elpv-binary, offline DINOv2 ViT-S/14 at 112 px, {args.shots} training images per class, "
-        "fixed stratified test split (25 %, 656 cells; 1 point = 6.6 cells), deep prompts (12 blocks), "
+        f"**Setting.** elpv-binary, {backbone} at {args.resolution} px, {args.shots} training images per class, "
+        f"fixed stratified test split (25 %, {n_test} cells; 1 point = {n_test / 100:.1f} cells), deep prompts (12 blocks), "
         f"AdamW lr 1e-2, batch 16, {args.epochs} epochs, {args.precision} autocast for training and evaluation, "
         f"seed {args.seed} only (one seed: CPU time). Condensation: first-order Taylor score "
-        "`|sum(P * dL/dP)|` per prompt vector over the 128 training images (float32, deterministic), global "
+        f"`|sum(P * dL/dP)|` per prompt vector over the {n_train} training images (float32, deterministic), global "
         f"ranking across blocks, keep the top fraction, fine-tune kept prompts + head for {args.finetune_epochs} "
         "epochs (AdamW at a tenth of the parent's lr, no warm-up, cosine). *Pruned* = the kept prompts before fine-tuning. GMACs: fvcore, per image. "
-        "Latency: median fp32 forward at batch 1, all configurations measured round-robin in one pass (15 "
-        "rounds) so that any load on the machine hits them alike; compare them with each other."
+        "Latency: median fp32 forward at batch 1, all configurations measured round-robin in one pass "
+        f"({LATENCY_ROUNDS} rounds) so that any load on the machine hits them alike; compare them with each other."
     )
     lines.append("")
     probe_acc = probe["metrics"].get("accuracy") if probe and probe["status"] == "done" else None
@@ -448,8 +454,12 @@ def summarise(args, probe, runs, pulls, total_s: dict, latency: dict[int, float]
         if probe_gmacs
         else ""
     )
+    # Binomial standard error of one accuracy on this test split, at the parents' mean accuracy.
+    parent_acc = sum(e["accuracy"] for e in rows) / max(1, len(rows))
+    se_points = 100 * math.sqrt(parent_acc * (1 - parent_acc) / n_test) if n_test else float("nan")
     lines.append(
-        "Caveats: one seed and one split; the standard error of a 656-image accuracy near 75 % is about 1.7 "
+        f"Caveats: one seed and one split; the standard error of a {n_test}-image accuracy near "
+        f"{100 * parent_acc:.0f} % is about {se_points:.1f} "
         "points, so '<= 1 point' is a statement about this split, not a significance claim (the comparison is "
         "paired: same test images). Condensed GMACs equal a fresh run with the same per-block counts; vs a "
         "uniform deep run with the same total they differ only through the last block, where each kept "

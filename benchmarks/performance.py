@@ -10,14 +10,19 @@
    16 shots: 10 deep prompts and the linear probe, 5 epochs, as many seeds as asked (docs/performance.md
    has 18: three could not resolve a 0.5-point band), with a paired 95% interval of the mean.
 
-5. One 2-thread process or two 1-thread processes: the meeting sweep end to end both ways (what
+5. The full-split pairs summarised (no training: read from benchmarks/data/parity_full_runs.json): each
+   precision's accuracy over seeds, the balanced-accuracy difference, run seconds, and the paired interval
+   after the first 3, 6, 12, ... seeds (how far a few seeds can mislead).
+
+6. One 2-thread process or two 1-thread processes: the meeting sweep end to end both ways (what
    `sweep --processes 2` buys on few-shot runs), alternating, as many rounds as asked; every timing is
    kept in benchmarks/data/sweep_processes.json and the section is written from the file.
 
     python benchmarks/performance.py                             # sections 1-3, about 20 minutes on 2 CPU cores
     python benchmarks/performance.py --sections bench            # section 1 only, about 7 minutes
     python benchmarks/performance.py --sections parity-full      # section 4 only, about 30 minutes
-    python benchmarks/performance.py --sections processes --seeds 0-1   # section 5, 2 rounds, ~20 minutes
+    python benchmarks/performance.py --sections parity-summary   # section 5, seconds (reads the stored pairs)
+    python benchmarks/performance.py --sections processes --seeds 0-1   # section 6, 2 rounds, ~20 minutes
     python benchmarks/performance.py --sections parity-full --seeds 0-17 --processes 2 --resume
         # two 1-thread processes side by side (1.15x the throughput of one 2-thread process here: 315 vs
         # 362 s per pair); every pair is kept in benchmarks/data/parity_full_runs.json as it finishes
@@ -56,7 +61,7 @@ PARITY_SETTINGS = {"10 deep prompts": dict(num_prompts=10, placement="deep"), "l
 # The full training split: 1,706 images instead of 32, so one seed's accuracy moves by tenths of a point,
 # not by ten points; 5 epochs at batch 32 (267 steps) keep a run to a few minutes.
 FULL_SPLIT = dict(shots=None, epochs=5, batch_size=32, lr=1e-2, val_fraction=0.1)
-SECTIONS = ("bench", "parity", "profile", "parity-full", "processes")
+SECTIONS = ("bench", "parity", "profile", "parity-full", "parity-summary", "processes")
 PROCESSES_RUNS = ROOT / "benchmarks" / "data" / "sweep_processes.json"
 # Every full-split pair ever trained, so more seeds can be added later without training the first again.
 PARITY_FULL_RUNS = ROOT / "benchmarks" / "data" / "parity_full_runs.json"
@@ -193,6 +198,57 @@ def parity_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def parity_summary_markdown(rows: list[dict], first: tuple[int, ...] = (3, 6, 12)) -> str:
+    """What the full-split pairs say beyond the per-seed table, computed from them: accuracy over seeds in
+    each precision, the balanced-accuracy difference, median run seconds, and the paired interval over the
+    first n seeds (in seed order) next to the interval over all of them."""
+    lines = [
+        "| setting | seeds | accuracy fp32 % (mean ± sd) | accuracy bf16 % (mean ± sd) | "
+        "balanced bf16 - fp32, points (mean, sd) | median run s fp32 | median run s bf16 | fp32 / bf16 run time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    running = []
+    for name in PARITY_SETTINGS:
+        mine = sorted((r for r in rows if r["setting"] == name), key=lambda r: r["seed"])
+        if len(mine) < 2:
+            continue
+        acc = {p: [100 * r[f"acc_{p}"] for r in mine] for p in ("fp32", "bf16")}
+        balanced = paired_difference([100 * (r["bal_bf16"] - r["bal_fp32"]) for r in mine])
+        seconds = {p: statistics.median(r[f"seconds_{p}"] for r in mine) for p in ("fp32", "bf16")}
+        lines.append(
+            f"| {name} | {len(mine)} | {statistics.fmean(acc['fp32']):.1f} ± {statistics.stdev(acc['fp32']):.1f} | "
+            f"{statistics.fmean(acc['bf16']):.1f} ± {statistics.stdev(acc['bf16']):.1f} | "
+            f"{balanced['mean']:+.2f}, {balanced['sd']:.2f} | {seconds['fp32']:.1f} | {seconds['bf16']:.1f} | "
+            f"{seconds['fp32'] / seconds['bf16']:.2f}x |"
+        )
+        differences = [100 * (r["acc_bf16"] - r["acc_fp32"]) for r in mine]
+        for n in [n for n in first if n < len(mine)] + [len(mine)]:
+            stats = paired_difference(differences[:n])
+            fp32 = statistics.fmean(acc["fp32"][:n])
+            running.append(
+                f"| {name} | {'all' if n == len(mine) else 'first'} {n} (seeds {mine[0]['seed']}-{mine[n - 1]['seed']}) | "
+                f"{stats['mean']:+.2f} | "
+                f"[{stats['low']:+.2f}, {stats['high']:+.2f}] | {fp32:.1f} |"
+            )
+        rest = mine[max(n for n in first if n < len(mine)) :] if any(n < len(mine) for n in first) else []
+        if rest:
+            rest_differences = [100 * (r["acc_bf16"] - r["acc_fp32"]) for r in rest]
+            running.append(
+                f"| {name} | the rest (seeds {rest[0]['seed']}-{rest[-1]['seed']}) | "
+                f"{statistics.fmean(rest_differences):+.2f} | per seed {min(rest_differences):+.1f} to "
+                f"{max(rest_differences):+.1f} | {statistics.fmean(100 * r['acc_fp32'] for r in rest):.1f} |"
+            )
+    if not running:
+        return "No pairs yet: run `python benchmarks/performance.py --sections parity-full`."
+    return (
+        "\n".join(lines)
+        + "\n\nThe accuracy difference bf16 - fp32 over the first seeds only (paired 95% interval of the mean; "
+        "seeds in the order they were trained):\n\n"
+        + "| setting | seeds | mean bf16 - fp32, points | 95% interval | mean fp32 accuracy % |\n|---|---|---|---|---|\n"
+        + "\n".join(running)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated, or a range like 3-11")
@@ -262,6 +318,19 @@ def main() -> None:
             f"{header} Recipe: binary ELPV, "
             "the whole training split (1,706 images), 112 px, 5 epochs, batch 32, AdamW lr 1e-2; "
             f"test = the stratified 25% (656 images).{runs_note}\n\n{parity_markdown(rows)}",
+            PERFORMANCE_MD,
+        )
+    if "parity-summary" in sections:  # no training: the pairs kept by parity-full
+        rows = load_parity_runs()
+        dates = sorted({r.get("date", "?") for r in rows})
+        commits = sorted({r.get("commit", "?") for r in rows})
+        write_section(
+            "## bf16 vs fp32, full training split: the pairs summarised",
+            f"Computed by `python benchmarks/performance.py --sections parity-summary` on {today()} from the "
+            f"{len(rows)} pairs in `benchmarks/data/parity_full_runs.json` (no training here; the pairs were "
+            f"trained on {', '.join(dates)} at commits {', '.join(commits)}, as the section above describes: "
+            "run seconds are of runs side by side, so they compare the precisions, not machines).\n\n"
+            f"{parity_summary_markdown(rows)}",
             PERFORMANCE_MD,
         )
     if "processes" in sections:  # --seeds numbers the rounds here

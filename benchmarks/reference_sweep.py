@@ -11,6 +11,7 @@ run records the machine it ran on (CPU model, its bf16/AMX flags, threads, load 
     python benchmarks/reference_sweep.py --resume --datasets elpv-binary --sizes 16 --prompts 0,10 \\
         --placements deep --seeds 0                                       # a slice
     python benchmarks/reference_sweep.py --write-reference                # ship what the checkpoint holds
+    python benchmarks/reference_sweep.py --write-docs                     # its sections of docs/results.md
 
 `--write-reference` writes vptdash/runs/reference/elpv_reference_v2.json (the loader prefers it to the
 older 16-shot file) and, for the runs named by SHIP_ARTIFACTS, their trained prompts and head as
@@ -34,13 +35,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from benchmarks.common import write_section  # noqa: E402
 from vptdash.engine import paths  # noqa: E402
 from vptdash.engine.train import RunConfig, run_training, search_cost_factor  # noqa: E402
 from vptdash.runs import reference  # noqa: E402
 from vptdash.runs.jobs import kind_of  # noqa: E402
+from vptdash.views import budget  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "benchmarks" / "data" / "reference_sweep_runs.json"
@@ -258,6 +262,176 @@ def write_reference(checkpoint: Path, *, examples_only: bool = False) -> None:
     print(f"wrote {len(runs)} runs to {path} ({path.stat().st_size / 1024:.0f} KiB), {shipped} with trained prompts")
 
 
+# ------------------------------------------------------------------------------------------ docs
+SIZES_HEADING = "## The reference across data sizes (learning rate chosen on validation)"
+PAPER_HEADING = "## Full training split against the ELPV paper"
+# Deitsch et al., same 75/25 protocol (test on a stratified 25%), binary (defective if p > 0.5).
+PAPER = (("CNN (VGG-19), Deitsch et al.", 0.8842), ("SVM, Deitsch et al.", 0.8244))
+SIZE_WORDS = {"16": "16 images per class", "64": "64 images per class", "full": "the full training split"}
+
+
+def _size_of(config: dict) -> str:
+    return "full" if config.get("shots") is None else str(config["shots"])
+
+
+def _frames(content: dict) -> dict[tuple[str, str], pd.DataFrame]:
+    """(dataset, size) -> the aggregated frame the Budget explorer would show for that slice."""
+    rows = [dict(row, id=i + 1, source="reference") for i, row in enumerate(content["runs"])]
+    out = {}
+    for dataset in DATASETS:
+        for size in SIZES:
+            chosen = [r for r in rows if r["config"]["dataset"] == dataset and _size_of(r["config"]) == size]
+            if chosen:
+                out[(dataset, size)] = budget.aggregate_over_seeds(budget.runs_table(chosen))
+    return out
+
+
+def _interval(row: pd.Series, metric: str) -> str:
+    mean, low, high = row[f"{metric}_mean"], row[f"{metric}_low"], row[f"{metric}_high"]
+    if mean != mean:
+        return "n/a"
+    if low != low:
+        return f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def _std_points(row: pd.Series, metric: str) -> str:
+    return f"{100 * row[f'{metric}_std']:.1f}" if row["n_seeds"] > 1 else "n/a"
+
+
+def _machines(content: dict) -> str:
+    seen = {}
+    for row in content["runs"]:
+        m = row.get("timings", {}).get("machine") or {}
+        key = (m.get("cpu"), tuple(m.get("flags") or ()), m.get("cores"), m.get("gpu"))
+        seen.setdefault(key, []).append(m)
+    parts = []
+    for (cpu, flags, cores, gpu), ms in seen.items():
+        loads = [m["load_average"][0] for m in ms if m.get("load_average")]
+        dates = sorted(m.get("date", "")[:10] for m in ms)
+        load = f", load average {min(loads):.1f}-{max(loads):.1f}" if loads else ""
+        parts.append(
+            f"{cpu} ({cores} cores, flags {' '.join(flags) or 'none'}{', GPU ' + gpu if gpu else ''}): "
+            f"{len(ms)} run{'' if len(ms) == 1 else 's'}, {dates[0]} to {dates[-1]}{load}"
+        )
+    return "; ".join(parts)
+
+
+def docs_sections(content: dict) -> tuple[str, str]:
+    """The two sections of docs/results.md, from the checkpoint alone (no training)."""
+    frames = _frames(content)
+    lines = [
+        "Produced by `python benchmarks/reference_sweep.py --write-docs` from "
+        "`benchmarks/data/reference_sweep_runs.json` on " + _dt.date.today().isoformat() + ".",
+        "Recipe "
+        + RECIPE_NAME
+        + ": each prompt configuration's AdamW learning rate chosen on the validation split by successive "
+        "halving over 3e-4, 1e-3, 3e-3, 1e-2 (head in its own parameter group); the linear probe is an L-BFGS "
+        "logistic regression fitted to convergence, its L2 strength chosen on validation. DINOv2 ViT-S/14 "
+        "frozen, 112 px, bf16 autocast, validation 10%, test a stratified 25% (656 images, the same for "
+        "every run). Epochs and batch: 16 images per class 20 x 8, 64 per class 20 x 16, full split 10 x 32.",
+        "Machines: " + _machines(content) + ".",
+        "",
+        "Accuracy and balanced accuracy: mean over the seeds that did not collapse, [95% t interval]; std is "
+        "the seed standard deviation (points). Collapsed runs (one class on validation, or a diverged loss) "
+        "are counted, never averaged in. GMACs per image: executed graph (what runs here) / full graph "
+        "(every token through every block, the convention of published tables). The verdict under each "
+        "table is the Budget explorer's own sentence (`views.budget.recommend`, tolerance 1 point, on the "
+        "default metric: balanced accuracy when one class is over 60% of the test set), with paired "
+        "bootstrap intervals on the same test images.",
+    ]
+    for (dataset, size), frame in frames.items():
+        metric = budget.default_metric(frame)
+        lines += [
+            "",
+            f"### {dataset}, {SIZE_WORDS[size]}",
+            "",
+            "| configuration | seeds (collapsed) | accuracy % | std | balanced accuracy % | std "
+            "| lr chosen | GMACs executed / full | trainable params | train s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for _, row in frame.iterrows():
+            full = _full_graph(content, row)
+            lines.append(
+                f"| {row['label']} | {row['n_seeds']} ({row['n_collapsed']}) | {_interval(row, 'accuracy')} "
+                f"| {_std_points(row, 'accuracy')} | {_interval(row, 'balanced_accuracy')} "
+                f"| {_std_points(row, 'balanced_accuracy')} | {row['lr_text'] or 'n/a'} "
+                f"| {row['gmacs']:.3f} / {full} | {row['params_trainable']:,.0f} | {row['train_seconds']:.0f} |"
+            )
+        majority = frame["majority_accuracy"].max()
+        lines += ["", f"Majority class: {100 * majority:.1f}% of the test set."]
+        result = budget.recommend(frame, 1.0, cost="gmacs", metric=metric)
+        if result is not None:
+            lines += ["", f"Verdict ({budget.METRIC_WORDS.get(metric, metric)}): {result.sentence}"]
+        lines += _collapse_list(frame)
+    return "\n".join(lines), _paper_section(content, frames)
+
+
+def _full_graph(content: dict, row: pd.Series) -> str:
+    values = [
+        r.get("costs", {}).get("gmacs_full_graph")
+        for r in content["runs"]
+        if budget.config_key(r["config"]) == row["config_key"]
+    ]
+    values = [v for v in values if isinstance(v, (int, float))]
+    return f"{sum(values) / len(values):.3f}" if values else "n/a"
+
+
+def _collapse_list(frame: pd.DataFrame) -> list[str]:
+    collapsed = budget.collapsed_lines(frame)
+    return ["", "Collapsed runs: " + "; ".join(collapsed) + "."] if collapsed else []
+
+
+def _paper_section(content: dict, frames: dict) -> str:
+    frame = frames.get(("elpv-binary", "full"))
+    lines = [
+        "Produced by `python benchmarks/reference_sweep.py --write-docs` on " + _dt.date.today().isoformat() + ".",
+        "ELPV binary (defective if p > 0.5), the ELPV paper's protocol: test on a stratified 25% (656 images), "
+        "train on the rest less a 10% validation split; recipe and machines as in the section above.",
+    ]
+    if frame is None or len(frame) == 0:
+        return "\n".join(lines + ["", "No full-split runs in the checkpoint yet."])
+    result = budget.recommend(frame, 1.0, cost="gmacs", metric="accuracy_mean")
+    lines += [
+        "",
+        "| model | seeds | accuracy % [95% CI] | balanced accuracy % |",
+        "|---|---|---|---|",
+    ]
+    for _, row in frame.iterrows():
+        lines.append(
+            f"| {row['label']} (this dashboard) | {row['n_seeds']} | {_interval(row, 'accuracy')} "
+            f"| {_interval(row, 'balanced_accuracy')} |"
+        )
+    for name, accuracy in PAPER:
+        lines.append(f"| {name} (paper) | n/a | {100 * accuracy:.2f} | n/a |")
+    if result is not None and result.probe is not None:
+        prompts = frame[frame["tuning"] != "linear"].sort_values("accuracy_mean", ascending=False)
+        if len(prompts):
+            top = prompts.iloc[0]
+            gap = (result.vs_probe or {}).get(top.name)
+            if gap is not None:
+                interval = (
+                    f"95% CI {100 * gap.low:+.1f} to {100 * gap.high:+.1f}, {gap.method}"
+                    if gap.has_interval
+                    else "no interval: one seed and no per-image results"
+                )
+                lines += [
+                    "",
+                    f"Best prompt configuration run on the full split, {top['label']}, against the converged "
+                    f"linear probe (paired on the same test images and seeds): {100 * gap.difference:+.1f} "
+                    f"points of accuracy ({interval}).",
+                ]
+        lines += ["", f"Verdict (accuracy): {result.sentence}"]
+    return "\n".join(lines)
+
+
+def write_docs(checkpoint: Path) -> None:
+    sizes, paper = docs_sections(read_checkpoint(checkpoint))
+    write_section(SIZES_HEADING, sizes)
+    write_section(PAPER_HEADING, paper)
+    print(f"wrote {SIZES_HEADING!r} and {PAPER_HEADING!r} to docs/results.md")
+
+
 def _list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -272,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default=str(CHECKPOINT))
     parser.add_argument("--resume", action="store_true", help="continue the checkpoint's sweep")
     parser.add_argument("--write-reference", action="store_true", help="only write the shipped reference file")
+    parser.add_argument("--write-docs", action="store_true", help="only write its sections of docs/results.md")
     parser.add_argument(
         "--examples-only",
         action="store_true",
@@ -281,6 +456,9 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = Path(args.checkpoint)
     if args.write_reference:
         write_reference(checkpoint, examples_only=args.examples_only)
+        return
+    if args.write_docs:
+        write_docs(checkpoint)
         return
     sizes = _list(args.sizes)
     bad = [s for s in sizes if s not in SCHEDULE]

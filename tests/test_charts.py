@@ -60,7 +60,7 @@ def test_cost_accuracy_one_trace_per_family_with_expected_points(agg):
     names = {t.name for t in fig.data}
     assert charts.SOURCE_NAMES["circle"] in names and charts.SOURCE_NAMES["diamond"] in names
     assert "Chance: majority class (70.0%)" in names
-    assert fig.layout.xaxis.title.text == "GMACs per image"
+    assert fig.layout.xaxis.title.text == "GMACs per image (executed graph)"  # the convention named
     assert fig.layout.yaxis.title.text == "Test accuracy (%)"
     assert fig.layout.title.text and fig.layout.font.size == style.BASE_FONT_SIZE
 

@@ -5,6 +5,7 @@ python -m vptdash sweep --prompts 0,1,5,10,50 --placement shallow,deep --seeds 0
 python -m vptdash probe --dataset elpv
 python -m vptdash runs list
 python -m vptdash runs export --csv runs.csv
+python -m vptdash runs recount    # full-graph GMACs for runs stored before they were counted
 python -m vptdash train --backbone tiny-clip --method maple --text-prompts 2 --prompt-depth 2 --dataset ZIP --json
 """
 
@@ -22,7 +23,7 @@ from vptdash import bench
 from vptdash.engine.clip import is_clip_backbone
 from vptdash.engine.train import LR_AUTO, MAX_SEED, ConfigError, RunConfig, parse_lr, used_lr
 from vptdash.methods import condense, continual, search, skipping, vlprompts
-from vptdash.runs import cluster, worker
+from vptdash.runs import cluster, recount, worker
 from vptdash.runs.executors import get_executor
 from vptdash.runs.jobs import new_sweep_id, run_now, sweep_configs
 from vptdash.runs.store import RunStore, StoreError, disk_hint, recover_store
@@ -480,6 +481,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
         )
         return 0
     store = RunStore(args.store)
+    if args.runs_command == "recount":
+        if store.read_only:
+            print(f"error: the run store {store.path} is read-only: nothing can be recounted", file=sys.stderr)
+            return 1
+        print(recount.fill_full_graph(store).line())
+        return 0
     if args.runs_command == "export":
         try:
             path = store.export_csv(args.csv)
@@ -697,6 +704,11 @@ def build_parser() -> argparse.ArgumentParser:
         "recover",
         help="move a damaged run store aside (kept, renamed *.damaged-<time>) and restore the latest backup, "
         "or start an empty store",
+    )
+    runs_sub.add_parser(
+        "recount",
+        help="add the full-graph GMACs (every token through every block, as published tables count) to "
+        "finished runs stored without them; counted from each run's configuration, no training",
     )
     bench_cmd = sub.add_parser("bench", help="engine speed against the machine's peak and a naive reference loop")
     bench_cmd.add_argument("--json", action="store_true")

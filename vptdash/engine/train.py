@@ -683,7 +683,8 @@ def run_training(
 
     Metrics add to the test figures: "lr" (the rate used; None for the converged probe), "lr_source"
     ("validation" or "fixed"), "collapsed" and "collapse_reason" (`detect_collapse`), "test_correct"
-    (`correct_string` of the test split), "test_labels" (`label_record`) and the search's record ("lr_search" or "l2_search").
+    (`correct_string` of the test split), "test_labels" (`label_record`) and the search's record
+    ("lr_search" or "l2_search").
 
     Events: {"phase": "setup"|"search"|"train"|"val"|"test"|"cost", ...} with step, epoch, loss, lr,
     val_accuracy, elapsed_s, eta_s; "search" events (several candidates still training) count steps over

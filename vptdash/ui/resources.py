@@ -17,7 +17,7 @@ import plotly.graph_objects  # noqa: F401 - as above
 import streamlit as st
 
 from vptdash.engine import backbones, data, paths, train  # noqa: F401 - train: loaded before gc.freeze
-from vptdash.runs import jobs, reference, uploads  # noqa: F401 - jobs, uploads: loaded before gc.freeze
+from vptdash.runs import jobs, recount, reference, uploads  # noqa: F401 - jobs, uploads: loaded before gc.freeze
 from vptdash.runs.store import RunStore, StoreCorrupt, StoreError, recover_store
 from vptdash.ui.session import DEFAULT_SETUP
 from vptdash.views import budget, charts, report  # noqa: F401 - charts, report: loaded before gc.freeze
@@ -40,6 +40,16 @@ def _reference_loaded(path: str) -> dict:
         return {"imported": 0, "error": f"{type(exc).__name__}: {exc}"}
 
 
+@st.cache_resource(show_spinner="Counting the full-graph compute of older runs...")
+def _full_graph_recounted(path: str) -> str:
+    """Runs stored before the full-graph count existed get it, once per process (the same function as
+    `vptdash runs recount`); what cannot be counted here stays "cost unknown" on the charts."""
+    try:
+        return recount.fill_full_graph(_store_at(path)).line()
+    except Exception as exc:  # noqa: BLE001 - an older run that cannot be recounted must not take the app down
+        return f"not recounted: {type(exc).__name__}: {exc}"
+
+
 def get_store() -> RunStore:
     """The run store of this data dir ($VPTDASH_HOME), shared by all sessions of the process.
 
@@ -59,6 +69,7 @@ def get_store() -> RunStore:
                 st.stop()
             _store_at.clear()
             _reference_loaded.clear()
+            _full_graph_recounted.clear()
             st.session_state["store_recovered"] = outcome
             st.rerun()
         st.stop()
@@ -81,6 +92,7 @@ def get_store() -> RunStore:
             "nothing can be recorded. Make it writable (or set `VPTDASH_HOME` to a writable folder) and restart."
         )
     _reference_loaded(path)
+    _full_graph_recounted(path)
     return store
 
 

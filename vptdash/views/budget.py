@@ -55,6 +55,7 @@ RUN_COLUMNS = [
     "val_accuracy",
     "majority_accuracy",
     "gmacs",
+    "gmacs_full_graph",
     "gmacs_analytic",
     "latency_ms_b1",
     "latency_ms_b32",
@@ -75,7 +76,15 @@ RUN_COLUMNS = [
     "lr_source",
 ]
 _METRIC_COLUMNS = ("accuracy", "balanced_accuracy", "val_accuracy", "majority_accuracy")
-_COST_COLUMNS = ("gmacs", "gmacs_analytic", "latency_ms_b1", "latency_ms_b32", "params_trainable", "params_total")
+_COST_COLUMNS = (
+    "gmacs",
+    "gmacs_full_graph",
+    "gmacs_analytic",
+    "latency_ms_b1",
+    "latency_ms_b32",
+    "params_trainable",
+    "params_total",
+)
 
 AGG_COLUMNS = [
     "config_key",
@@ -102,6 +111,7 @@ AGG_COLUMNS = [
     "val_accuracy_mean",
     "majority_accuracy",
     "gmacs",
+    "gmacs_full_graph",
     "gmacs_analytic",
     "latency_ms_b1",
     "latency_ms_b1_std",
@@ -203,6 +213,153 @@ def comparable_runs(rows: list[dict], setup: dict, *, same_setup: bool = True) -
         return on_data, 0
     kept = [r for r in on_data if all(r["config"].get(k) == setup.get(k) for k in SETUP_MATCH_KEYS)]
     return kept, len(on_data) - len(kept)
+
+
+# ---------------------------------------------------------------------------------------- data sizes
+# Images per class is an axis of the answer, not noise to average over: runs of different sizes are
+# never compared with each other (one chart and one recommendation per size).
+SIDE_BY_SIDE = "side by side"
+FULL_SPLIT = "full"  # the key of the full training split (shots None)
+# What decides which runs one chart may compare, apart from the data size.
+SIZE_SETUP_KEYS = tuple(k for k in SETUP_MATCH_KEYS if k != "shots")
+
+
+def shots_of(config: dict) -> int | None:
+    """Training images per class of a stored config (None: the full training split); a config stored
+    without the key was trained with the default."""
+    value = (config or {}).get("shots", RunConfig.shots)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def size_key(shots: Any) -> str:
+    """The selector's value for a data size: "16", "64", "full"."""
+    if shots is None or (isinstance(shots, float) and math.isnan(shots)):
+        return FULL_SPLIT
+    return str(int(shots))
+
+
+def size_label(key: Any) -> str:
+    """ "16 images per class", "1 image per class", "full training split", "side by side"."""
+    if key == SIDE_BY_SIDE:
+        return SIDE_BY_SIDE
+    key = size_key(None if key in (None, FULL_SPLIT) else key)
+    if key == FULL_SPLIT:
+        return "full training split"
+    return f"{key} image{'' if key == '1' else 's'} per class"
+
+
+def runs_by_size(rows: list[dict], setup: dict, *, same_setup: bool = True) -> tuple[dict[str, list[dict]], int]:
+    """The runs on the setup's data set and cell type, grouped by data size (keys `size_key`, fewest
+    images first, the full training split last). With `same_setup` only the active backbone and
+    resolution; the second value counts the runs on this data left out for another one."""
+    on_data, _ = comparable_runs(rows, setup, same_setup=False)
+    kept = [r for r in on_data if not same_setup or all(r["config"].get(k) == setup.get(k) for k in SIZE_SETUP_KEYS)]
+    order = sorted({shots_of(r["config"]) for r in kept}, key=lambda s: (s is None, s or 0))
+    groups = {size_key(shots): [r for r in kept if shots_of(r["config"]) == shots] for shots in order}
+    return groups, len(on_data) - len(kept)
+
+
+def size_options(sizes: Iterable[str]) -> list[str]:
+    """The data-size selector's choices: every size present, then "side by side" when there are two or more."""
+    sizes = list(sizes)
+    return sizes + ([SIDE_BY_SIDE] if len(sizes) > 1 else [])
+
+
+def default_size(options: list[str], active_shots: Any) -> str | None:
+    """The active setup's size when runs have it, else the size with the most images (the last)."""
+    sizes = [o for o in options if o != SIDE_BY_SIDE]
+    if not sizes:
+        return None
+    wanted = size_key(active_shots)
+    return wanted if wanted in sizes else sizes[-1]
+
+
+def chosen_sizes(groups: dict[str, list[dict]], choice: Any) -> dict[str, list[dict]]:
+    """The groups one view shows: every size side by side, or the chosen one (none when it is absent)."""
+    if choice == SIDE_BY_SIDE:
+        return dict(groups)
+    return {choice: groups[choice]} if choice in groups else {}
+
+
+@dataclass
+class SizeAnswer:
+    """One data size's runs and answer: its own table, configurations and recommendation."""
+
+    key: str
+    label: str
+    table: pd.DataFrame
+    agg: pd.DataFrame
+    recommendation: Recommendation | None
+    cost_unknown: list[str]
+
+    @property
+    def heading(self) -> str:
+        """The label as a panel's heading: "16 images per class", "Full training split"."""
+        return self.label[:1].upper() + self.label[1:]
+
+
+def answers_by_size(
+    groups: dict[str, list[dict]], tolerance_points: float, *, cost: str = "gmacs", metric: str = "accuracy_mean"
+) -> list[SizeAnswer]:
+    """One answer per data size, each from its own runs only: configurations over seeds, and the
+    recommendation among those whose `cost` is known (`split_known_cost`)."""
+    answers = []
+    for key, rows in groups.items():
+        table = runs_table(rows)
+        agg = aggregate_over_seeds(table)
+        known, unknown = split_known_cost(agg, cost)
+        recommendation = recommend(known, tolerance_points, cost=cost, metric=metric) if len(known) else None
+        answers.append(SizeAnswer(key, size_label(key), table, agg, recommendation, unknown))
+    return answers
+
+
+# ---------------------------------------------------------------------------------------- compute conventions
+# Two honest counts of the same model (`engine.cost`): what runs here, and what published tables count.
+COMPUTE_CONVENTIONS = {
+    "gmacs": "executed graph",
+    "gmacs_full_graph": "full graph, as in published tables",
+}
+CONVENTION_HELP = (
+    "Executed graph: what a deployment here pays (deep prompts enter each block as keys and values only; "
+    "the last block computes only the CLS row). Full graph: every token through every block, the "
+    "convention of published FLOPs tables (e.g. Kim et al.), so those numbers can be compared."
+)
+_COST_UNKNOWN_NOUNS = {
+    "gmacs": "GMACs per image (executed graph)",
+    "gmacs_full_graph": "GMACs per image (full graph)",
+    "gmacs_analytic": "analytic GMACs per image",
+    "latency_ms_b1": "latency at batch 1",
+    "latency_ms_b32": "latency at batch 32",
+    "params_trainable": "trainable parameters",
+}
+
+
+def compute_words(cost: str) -> str:
+    """ "GMACs per image (executed graph)", "GMACs per image (full graph, as in published tables)"."""
+    return f"GMACs per image ({COMPUTE_CONVENTIONS[cost]})" if cost in COMPUTE_CONVENTIONS else cost
+
+
+def split_known_cost(frame: pd.DataFrame, cost: str) -> tuple[pd.DataFrame, list[str]]:
+    """(the configurations whose `cost` is known, one "cost unknown" line per other configuration).
+
+    A configuration without its cost cannot sit on a cost axis: it is not drawn, and the recommendation
+    is made without it, so it is never recommended; the lines say which ones and why."""
+    if frame is None or len(frame) == 0:
+        return (frame if frame is not None else pd.DataFrame(columns=AGG_COLUMNS)), []
+    values = pd.to_numeric(frame[cost], errors="coerce") if cost in frame else pd.Series(np.nan, index=frame.index)
+    known, unknown = frame[values.notna()], frame[values.isna()]
+    noun = _COST_UNKNOWN_NOUNS.get(cost, cost.replace("_", " "))
+    lines = []
+    for _, row in unknown.iterrows():
+        ids = row.get("run_ids")
+        runs = ", ".join(f"#{i}" for i in ids) if isinstance(ids, (list, tuple)) and ids else "no run id"
+        lines.append(f"{row.get('label')} ({runs}): cost unknown, no {noun} stored")
+    return known, lines
 
 
 def matching_probe(rows: list[dict], config: dict) -> dict | None:
@@ -337,7 +494,7 @@ def aggregate_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
     for column in ("collapse_reason", "test_correct", "test_labels", "lr_source"):
         if column not in table:
             table = table.assign(**{column: None})
-    for column in ("n_classes", "lr"):
+    for column in ("n_classes", "lr", "gmacs_full_graph"):
         if column not in table:
             table = table.assign(**{column: float("nan")})
     records = []
@@ -379,6 +536,7 @@ def aggregate_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
                 "val_accuracy_mean": _mean(kept["val_accuracy"]),
                 "majority_accuracy": _mean(group["majority_accuracy"]),
                 "gmacs": _mean(group["gmacs"]),
+                "gmacs_full_graph": _mean(group["gmacs_full_graph"]),
                 "gmacs_analytic": _mean(group["gmacs_analytic"]),
                 "latency_ms_b1": _mean(group["latency_ms_b1"]),
                 "latency_ms_b1_std": _std(group["latency_ms_b1"]),
@@ -526,6 +684,7 @@ def _cost_words(cost: str) -> tuple[str, str]:
     return {
         "gmacs": ("compute", "GMACs per image"),
         "gmacs_analytic": ("compute", "GMACs per image"),
+        "gmacs_full_graph": ("full-graph compute", "full-graph GMACs per image"),
         "latency_ms_b1": ("latency", "ms per image at batch 1"),
         "latency_ms_b32": ("latency", "ms per image at batch 32"),
         "params_trainable": ("trainable parameters", "trainable parameters"),

@@ -15,11 +15,14 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from vptdash.views.budget import Recommendation, ordered_families, pareto_front
+from vptdash.views.budget import Recommendation, compute_words, ordered_families, pareto_front
 from vptdash.views.style import BASE_FONT_SIZE, FAMILY_COLORS, apply_layout, family_color, finite, placeholder
 
+# Compute always names its convention (`budget.COMPUTE_CONVENTIONS`): the executed graph is not what
+# published FLOPs tables count, and a reader who knows those tables must not compare the two unawares.
 COST_AXES = {
-    "gmacs": "GMACs per image",
+    "gmacs": compute_words("gmacs"),
+    "gmacs_full_graph": compute_words("gmacs_full_graph"),
     "latency_ms_b1": "Latency, ms per image (batch 1)",
     "params_trainable": "Trainable parameters",
 }
@@ -29,8 +32,9 @@ _MORE_COST_AXES = {
     "params_total": "Parameters (total)",
     "train_seconds": "Training time, s",
 }
-COST_TITLES = {  # how a chart title names the cost: "Test accuracy vs compute (GMACs per image)"
-    "gmacs": "compute (GMACs per image)",
+COST_TITLES = {  # how a chart title names the cost: "Test accuracy vs compute (GMACs per image, executed graph)"
+    "gmacs": "compute (GMACs per image, executed graph)",
+    "gmacs_full_graph": "compute (GMACs per image, full graph)",
     "latency_ms_b1": "latency (ms per image, batch 1)",
     "params_trainable": "trainable parameters",
 }
@@ -104,6 +108,7 @@ def _hover(row: pd.Series) -> str:
     run_ids = row.get("run_ids")
     runs_text = ", ".join(str(i) for i in run_ids) if isinstance(run_ids, (list, tuple)) else ""
     prompts = row.get("num_prompts")
+    unknown = "cost unknown"
     lines = [
         f"<b>{e(row.get('label', ''))}</b>",
         f"family: {e(row.get('family', ''))}",
@@ -111,7 +116,8 @@ def _hover(row: pd.Series) -> str:
         f"seeds: {int(row.get('n_seeds', 1) or 1)}" + (f" ({seeds_text})" if seeds_text else ""),
         f"accuracy: {_pct_ci(row, 'accuracy')}",
         f"balanced accuracy: {_pct_ci(row, 'balanced_accuracy')}",
-        f"GMACs per image: {_fmt(row.get('gmacs'), '{:.3f}')}",
+        f"GMACs per image, executed graph: {_fmt(row.get('gmacs'), '{:.3f}', unknown)}",
+        f"GMACs per image, full graph (published tables): {_fmt(row.get('gmacs_full_graph'), '{:.3f}', unknown)}",
         f"latency (batch 1): {_fmt(row.get('latency_ms_b1'), '{:.2f} ms')}",
         f"trainable parameters: {_fmt(row.get('params_trainable'), '{:,.0f}')}",
         f"source: {e(row.get('sources', ''))} ({SOURCE_NAMES[source_symbol(row.get('sources'))]})",

@@ -72,7 +72,8 @@ _WHAT: list[Column] = [
     ("dataset_name", "dataset", _text, True),
 ]
 _COSTS: list[Column] = [
-    ("gmacs", "GMACs / image", _num("{:.3f}"), False),
+    ("gmacs", "GMACs / image (executed graph)", _num("{:.3f}"), False),
+    ("gmacs_full_graph", "GMACs / image (full graph)", _num("{:.3f}"), False),
     ("latency_ms_b1", "latency ms (b=1)", _num("{:.2f}"), False),
     ("params_trainable", "trainable params", _int, False),
 ]
@@ -125,17 +126,36 @@ def _unique(values) -> list[str]:
     return sorted({str(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))})
 
 
+def _gmacs(value: Any) -> str:
+    return f"{float(value):.3f} GMACs per image" if finite(value) else "cost unknown"
+
+
+def compute_line(name: str, row: pd.Series) -> str:
+    """Both compute conventions of one configuration, whichever one a chart used, e.g. "recommended,
+    10 deep prompts: 1.380 GMACs per image on the executed graph (what runs here); 1.662 GMACs per
+    image on the full graph (every token through every block, as published tables count)"."""
+    return (
+        f"{name}, {row.get('label')}: {_gmacs(row.get('gmacs'))} on the executed graph (what runs here); "
+        f"{_gmacs(row.get('gmacs_full_graph'))} on the full graph (every token through every block, as "
+        "published tables count)"
+    )
+
+
 def build_html_report(
     rows: list[dict], *, tolerance_points: float = 1.0, cost: str = "gmacs", title: str = "vptdash report"
 ) -> str:
     """The whole report as one HTML string (plotly.js inlined once; no network needed).
 
-    The runs must share one data set and setup (`scope.SCOPE_KEYS`): scope.MixedSetupsError otherwise."""
+    The runs must share one data set and setup (`scope.SCOPE_KEYS`): scope.MixedSetupsError otherwise.
+    `cost` is what the answer trades accuracy against; compute is "gmacs" (executed graph) or
+    "gmacs_full_graph" (full graph), and the report states both for the chosen and best configurations
+    either way. Configurations without the cost are listed as "cost unknown", never recommended."""
     scope.require_one_setup(rows)
     table = budget.runs_table(rows)
     agg = budget.aggregate_over_seeds(table)
     metric = budget.default_metric(table)
-    recommendation = budget.recommend(agg, tolerance_points, cost=cost, metric=metric)
+    known, cost_unknown = budget.split_known_cost(agg, cost)
+    recommendation = budget.recommend(known, tolerance_points, cost=cost, metric=metric) if len(known) else None
     datasets, backbones = _unique(table["dataset_name"]), _unique(table["backbone"])
     e = html.escape
 
@@ -164,17 +184,34 @@ def build_html_report(
             )
             + ".</p>"
         )
+        shown = [("Recommended", recommendation.chosen)]
+        if not recommendation.chosen_is_best:
+            shown.append(("Best", recommendation.best))
+        parts.append(
+            '<p class="note">Compute, in both conventions: '
+            + "; ".join(e(compute_line(name, row)) for name, row in shown)
+            + ".</p>"
+        )
     else:
         parts.append('<p class="answer">No finished runs yet: nothing to recommend.</p>')
 
+    if cost_unknown:
+        parts.append(
+            "<p class='note'>Cost unknown, so not drawn and never recommended: "
+            + "; ".join(e(line) for line in cost_unknown)
+            + ".</p>"
+        )
+
     plotly_included = False
-    for chart_cost in REPORT_COSTS:
+    compute = cost if cost in budget.COMPUTE_CONVENTIONS else "gmacs"  # the chosen convention's chart
+    for chart_cost in [compute if c == "gmacs" else c for c in REPORT_COSTS]:
         axis = charts.COST_AXES[chart_cost]
         has_values = chart_cost in agg and pd.to_numeric(agg[chart_cost], errors="coerce").notna().any()
         if len(agg) and not has_values:
             parts.append(f"<h2>{e(axis)}</h2><p class='note'>Not recorded for these runs.</p>")
             continue
-        chart_rec = budget.recommend(agg, tolerance_points, cost=chart_cost, metric=metric)
+        chart_known, _ = budget.split_known_cost(agg, chart_cost)
+        chart_rec = budget.recommend(chart_known, tolerance_points, cost=chart_cost, metric=metric)
         fig = charts.cost_accuracy_figure(agg, cost=chart_cost, metric=metric, recommendation=chart_rec)
         parts.append(
             fig.to_html(
@@ -201,8 +238,10 @@ def build_html_report(
     footer = [
         "Markers: ● precomputed points come from the reference sweep shipped with the app; "
         "◆ points were run here (dashboard or CLI); ■ configurations mix both. "
-        "Error bars: 95% t interval over seeds (none for one seed). Costs: GMACs (multiply-adds) per image; "
-        "latency measured on the machine that ran each configuration."
+        "Error bars: 95% t interval over seeds (none for one seed). Costs: GMACs (multiply-adds) per image, "
+        "on the executed graph (deep prompts enter each block as keys and values only, the last block computes "
+        "only the CLS row: what a deployment here pays) or the full graph (every token through every block: "
+        "the convention of published FLOPs tables); latency measured on the machine that ran each configuration."
     ]
     if any(str(d) in data.BUILTIN_DATASETS for d in table["dataset"]):
         footer.append(f"{ELPV_NOTICE}. {data.ELPV_LICENSE}")
