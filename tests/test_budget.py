@@ -516,7 +516,9 @@ def test_every_aggregated_column_from_two_seeds_by_hand():
         row["config"].update(backbone="dinov2_s14", resolution=112, shots=16)
         row["metrics"].update(val_accuracy=0.6 + seed / 10, majority_accuracy=0.5 + seed / 10, **extra)
         row["metrics"]["confusion_matrix"] = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
-        row["costs"].update(gmacs_analytic=3.0 + seed, latency_ms_b32=0.5 + seed, params_total=100 + seed)
+        row["costs"].update(
+            gmacs_analytic=3.0 + seed, gmacs_full_graph=5.0 + seed, latency_ms_b32=0.5 + seed, params_total=100 + seed
+        )
         row["costs"]["params_trainable"] = 10 + seed
         row["timings"]["train_seconds"] = 20.0 + 10 * seed
         return row
@@ -538,6 +540,7 @@ def test_every_aggregated_column_from_two_seeds_by_hand():
     assert row["balanced_accuracy_high"] == pytest.approx(0.80 + 0.6353, abs=1e-4)
     assert row["val_accuracy_mean"] == pytest.approx(0.65) and row["majority_accuracy"] == pytest.approx(0.55)
     assert row["gmacs"] == 1.5 and row["gmacs_analytic"] == 3.5 and row["latency_ms_b32"] == 1.0
+    assert row["gmacs_full_graph"] == 5.5
     assert row["latency_ms_b1"] == 3.0 and row["latency_ms_b1_std"] == pytest.approx(2 / math.sqrt(2))
     assert row["params_trainable"] == 10.5 and row["params_total"] == 100.5 and row["train_seconds"] == 25.0
     assert row["sources"] == "precomputed" and row["n_classes"] == 3 and row["lr_text"] == "1e-03 (fixed)"
@@ -664,14 +667,23 @@ def test_aggregate_of_a_hand_made_table_without_the_optional_columns():
     assert list(budget.aggregate_over_seeds(None).columns) == budget.AGG_COLUMNS
     table = budget.runs_table(seeded(1, [0.80, 0.90]) + seeded(10, [0.70], num_prompts=50))
     bare = table.drop(
-        columns=["collapsed", "collapse_reason", "test_correct", "test_labels", "lr_source", "n_classes", "lr"]
+        columns=[
+            "collapsed",
+            "collapse_reason",
+            "test_correct",
+            "test_labels",
+            "lr_source",
+            "n_classes",
+            "lr",
+            "gmacs_full_graph",
+        ]
     )
     agg = budget.aggregate_over_seeds(bare)
     assert list(agg.columns) == budget.AGG_COLUMNS and list(agg.index) == [0, 1]
     ten = agg.iloc[0]
     assert ten["label"] == "10 deep prompts" and ten["config_key"] == table["config_key"][0]
     assert ten["n_seeds"] == 2 and ten["n_collapsed"] == 0 and ten["accuracy_mean"] == pytest.approx(0.85)
-    assert math.isnan(ten["n_classes"]) and ten["lr_text"] == ""
+    assert math.isnan(ten["n_classes"]) and ten["lr_text"] == "" and math.isnan(ten["gmacs_full_graph"])
     assert [(r["seed"], r["test_correct"], r["test_labels"]) for r in ten["seed_runs"]] == [
         (0, None, None),
         (1, None, None),
