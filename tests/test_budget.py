@@ -516,12 +516,14 @@ def test_every_aggregated_column_from_two_seeds_by_hand():
         row["config"].update(backbone="dinov2_s14", resolution=112, shots=16)
         row["metrics"].update(val_accuracy=0.6 + seed / 10, majority_accuracy=0.5 + seed / 10, **extra)
         row["metrics"]["confusion_matrix"] = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
-        row["costs"].update(gmacs_analytic=3.0 + seed, latency_ms_b32=0.5 + seed, params_total=100 + seed)
+        row["costs"].update(
+            gmacs_analytic=3.0 + seed, gmacs_full_graph=5.0 + seed, latency_ms_b32=0.5 + seed, params_total=100 + seed
+        )
         row["costs"]["params_trainable"] = 10 + seed
         row["timings"]["train_seconds"] = 20.0 + 10 * seed
         return row
 
-    rows = [run(7, 1, 0.90, test_correct="10"), run(5, 0, 0.80, lr=0.001, lr_source="fixed")]
+    rows = [run(7, 1, 0.90, test_correct="10", test_labels=[1, 0]), run(5, 0, 0.80, lr=0.001, lr_source="fixed")]
     [row] = budget.aggregate_over_seeds(budget.runs_table(rows)).to_dict("records")
     assert row["family"] == "deep" and row["label"] == "5 deep prompts" and row["placement"] == "deep"
     assert (row["dataset"], row["backbone"], row["resolution"], row["shots"]) == ("elpv-binary", "dinov2_s14", 112, 16)
@@ -538,6 +540,7 @@ def test_every_aggregated_column_from_two_seeds_by_hand():
     assert row["balanced_accuracy_high"] == pytest.approx(0.80 + 0.6353, abs=1e-4)
     assert row["val_accuracy_mean"] == pytest.approx(0.65) and row["majority_accuracy"] == pytest.approx(0.55)
     assert row["gmacs"] == 1.5 and row["gmacs_analytic"] == 3.5 and row["latency_ms_b32"] == 1.0
+    assert row["gmacs_full_graph"] == 5.5
     assert row["latency_ms_b1"] == 3.0 and row["latency_ms_b1_std"] == pytest.approx(2 / math.sqrt(2))
     assert row["params_trainable"] == 10.5 and row["params_total"] == 100.5 and row["train_seconds"] == 25.0
     assert row["sources"] == "precomputed" and row["n_classes"] == 3 and row["lr_text"] == "1e-03 (fixed)"
@@ -556,9 +559,345 @@ def test_every_aggregated_column_from_two_seeds_by_hand():
             "accuracy": 0.90,
             "balanced_accuracy": pytest.approx(0.85),
             "test_correct": "10",
-            "test_labels": None,
+            "test_labels": [1, 0],
         },
     ]
     assert list(budget.aggregate_over_seeds(budget.runs_table([])).columns) == budget.AGG_COLUMNS
     unknown = budget.aggregate_over_seeds(budget.runs_table([make_run(1, 5, source=None)])).iloc[0]
     assert unknown["sources"] == "unknown" and math.isnan(unknown["n_classes"])
+
+
+# ------------------------------------------------------------------ configurations without an interval
+NOT_JUDGED_ONE = " 1 configuration was not judged: one seed and no per-image results, so no interval against the probe."
+
+
+def test_an_old_single_seed_run_beside_measured_ones_is_left_unjudged_not_the_whole_verdict():
+    # the probe and 10 deep prompts over three seeds: paired t, +14.0 points (CI +11.5 to +16.5, as above);
+    # an old one-seed run of 5 shallow prompts (0.80, dearer and 6 points below the best) has no interval
+    old = seeded(50, [0.80], num_prompts=5, placement="shallow", gmacs=2.0)
+    rows = probe_runs([0.70, 0.72, 0.74]) + seeded(1, [0.84, 0.87, 0.87]) + old
+    rec = decide(rows)
+    assert rec.verdict == budget.VERDICT_BEATS_PROBE
+    assert rec.sentence == (
+        "10 deep prompts: +14.0 points over the linear probe (95% CI +11.5 to +16.5) at +3% compute." + NOT_JUDGED_ONE
+    )
+    [unjudged] = rec.not_judged
+    assert rec.vs_probe[unjudged].method == stats.NO_INTERVAL and math.isnan(rec.vs_probe[unjudged].low)
+    assert len(rec.vs_probe) == 2  # every configuration is still compared, for the table
+
+
+def test_a_configuration_without_an_interval_never_beats_the_probe():
+    # 10 deep prompts: differences +0.04, -0.05, +0.04 vs the probe: +1.0 point, CI -11.9 to +13.9 (within noise).
+    # Two one-seed runs: 5 shallow at 0.74 (+0.7 points over the probe's 0.7333, no interval) and 1 shallow at
+    # 0.60 (-13.3 points): neither is a winner, and neither widens the spread the sentence quotes.
+    rows = (
+        probe_runs([0.70, 0.78, 0.72])
+        + seeded(1, [0.74, 0.73, 0.76])
+        + seeded(50, [0.74], num_prompts=5, placement="shallow", gmacs=2.0)
+        + seeded(60, [0.60], num_prompts=1, placement="shallow", gmacs=0.5)
+    )
+    rec = decide(rows)
+    assert rec.verdict == budget.VERDICT_WITHIN_NOISE and rec.chosen["family"] == "linear probe"
+    assert rec.sentence == (
+        "No budget beats the linear probe beyond noise at 16 images per class; the differences in accuracy are "
+        "within ±1.0 points (the best, 10 deep prompts: +1.0 points, 95% CI -11.9 to +13.9). "
+        "More images or seeds would tell them apart. "
+        "2 configurations were not judged: one seed and no per-image results, so no interval against the probe."
+    )
+    assert len(rec.not_judged) == 2
+
+
+def test_no_interval_when_a_quoted_comparison_has_none():
+    measured = probe_runs([0.70, 0.72, 0.74]) + seeded(1, [0.84, 0.87, 0.87])
+    # the best is a one-seed run: the best vs the probe is quoted and has no interval
+    rec = decide(measured + seeded(50, [0.95], num_prompts=50, gmacs=4.0), 1.0)
+    assert rec.best["label"] == "50 deep prompts" and rec.verdict == budget.VERDICT_NO_INTERVAL
+    assert rec.sentence.endswith(" One seed and no per-image results: no interval yet, so this is not evidence.")
+    # the chosen one (cheapest within 2 points, its gap to the best unmeasured) is a one-seed run
+    rec = decide(measured + seeded(50, [0.85], num_prompts=1, gmacs=1.01), 2.0)
+    assert rec.chosen["label"] == "1 deep prompts" and rec.verdict == budget.VERDICT_NO_INTERVAL
+    # the probe is the best and nothing else has an interval: nothing was judged at all
+    rec = decide(probe_runs([0.80, 0.82, 0.84]) + seeded(50, [0.70], num_prompts=1, gmacs=2.0), 1.0)
+    assert rec.verdict == budget.VERDICT_NO_INTERVAL and rec.not_judged == list(rec.vs_probe)
+
+
+# ------------------------------------------------------------------ edges of the deciding functions
+def test_comparisons_without_per_seed_data_are_the_difference_of_the_means():
+    df = costed(
+        [("probe", 1.0, 0.80), ("weak probe", 0.9, 0.70), ("10 shallow", 1.5, 0.86), ("50 deep", 4.0, 0.875)],
+        family=["linear probe", "linear probe", "shallow", "deep"],
+    )
+    rec = budget.recommend(df, 2.0)
+    assert rec.probe["label"] == "probe"  # the best-scoring probe row, not the first or last
+    assert set(rec.vs_probe) == {1, 2, 3}
+    for i, expected in ((1, -0.10), (2, 0.06), (3, 0.075)):
+        comparison = rec.vs_probe[i]
+        assert comparison.difference == pytest.approx(expected) and comparison.method == stats.NO_INTERVAL
+        assert math.isnan(comparison.low) and math.isnan(comparison.high) and (comparison.n_a, comparison.n_b) == (0, 0)
+    assert rec.best_vs_probe is rec.vs_probe[3] and rec.chosen_vs_probe is rec.vs_probe[2]
+    assert rec.chosen_vs_best.difference == pytest.approx(-0.015) and not rec.chosen_vs_best.has_interval
+    # per-seed data on one side only: still the difference of the means, no interval
+    agg = budget.aggregate_over_seeds(budget.runs_table(probe_runs([0.70, 0.72, 0.74]) + seeded(1, [0.84, 0.87, 0.87])))
+    agg.at[1, "seed_runs"] = []
+    one_sided = budget.recommend(agg, 1.0)
+    assert one_sided.verdict == budget.VERDICT_NO_INTERVAL
+    assert one_sided.chosen_vs_probe.difference == pytest.approx(0.86 - 0.72)
+    assert one_sided.chosen_vs_probe.method == stats.NO_INTERVAL and one_sided.chosen_vs_probe.n_a == 0
+
+
+def test_comparisons_use_the_per_run_value_of_the_chosen_metric():
+    # balanced accuracy per seed: prompts 0.80, 0.81, 0.79; probe 0.60, 0.70, 0.65 -> differences 0.20, 0.11,
+    # 0.14 (mean 0.15), while plain accuracy differs by a constant 0.14 (make_run's accuracies)
+    probe, prompts = probe_runs([0.70, 0.72, 0.74]), seeded(1, [0.84, 0.86, 0.88])
+    for run, value in zip(prompts + probe, [0.80, 0.81, 0.79, 0.60, 0.70, 0.65]):
+        run["metrics"]["balanced_accuracy"] = value
+    rec = decide(probe + prompts, metric="balanced_accuracy_mean")
+    assert rec.chosen_vs_probe.difference == pytest.approx(0.15)
+    diffs = [0.20, 0.11, 0.14]
+    s = math.sqrt(sum((d - 0.15) ** 2 for d in diffs) / 2)
+    assert rec.chosen_vs_probe.low == pytest.approx(0.15 - 4.303 * s / math.sqrt(3), abs=1e-9)
+    # a frame that names the run metric itself ("accuracy", no "_mean") compares that metric per run
+    agg = budget.aggregate_over_seeds(budget.runs_table(probe + prompts)).assign(accuracy=lambda f: f["accuracy_mean"])
+    plain = budget.recommend(agg, 1.0, metric="accuracy")
+    assert plain.chosen_vs_probe.difference == pytest.approx(0.14) and plain.chosen_vs_probe.method == stats.PAIRED_T
+    assert plain.sentence.startswith("10 deep prompts: +14.0 points over the linear probe")
+
+
+def test_aggregate_of_a_hand_made_table_without_the_optional_columns():
+    assert list(budget.aggregate_over_seeds(None).columns) == budget.AGG_COLUMNS
+    table = budget.runs_table(seeded(1, [0.80, 0.90]) + seeded(10, [0.70], num_prompts=50))
+    bare = table.drop(
+        columns=[
+            "collapsed",
+            "collapse_reason",
+            "test_correct",
+            "test_labels",
+            "lr_source",
+            "n_classes",
+            "lr",
+            "gmacs_full_graph",
+        ]
+    )
+    agg = budget.aggregate_over_seeds(bare)
+    assert list(agg.columns) == budget.AGG_COLUMNS and list(agg.index) == [0, 1]
+    ten = agg.iloc[0]
+    assert ten["label"] == "10 deep prompts" and ten["config_key"] == table["config_key"][0]
+    assert ten["n_seeds"] == 2 and ten["n_collapsed"] == 0 and ten["accuracy_mean"] == pytest.approx(0.85)
+    assert math.isnan(ten["n_classes"]) and ten["lr_text"] == "" and math.isnan(ten["gmacs_full_graph"])
+    assert [(r["seed"], r["test_correct"], r["test_labels"]) for r in ten["seed_runs"]] == [
+        (0, None, None),
+        (1, None, None),
+    ]
+    # a collapsed flag that is missing counts as not collapsed; a collapse with no reason says "collapsed"
+    flagged = table.assign(
+        collapsed=[None, True, False],
+        collapse_reason=None,
+        n_classes=["?", "2", None],
+        test_labels=float("nan"),
+    )
+    agg = budget.aggregate_over_seeds(flagged)
+    ten = agg.iloc[0]
+    assert ten["n_seeds"] == 1 and ten["seeds"] == [0] and ten["accuracy_mean"] == pytest.approx(0.80)
+    assert [r["reason"] for r in ten["collapsed_runs"]] == ["collapsed"]
+    assert ten["n_classes"] == 2.0  # "?" is no number, "2" is
+    assert ten["seed_runs"][0]["test_labels"] is None  # NaN is no list of classes
+    no_reasons = budget.aggregate_over_seeds(bare.assign(collapsed=[False, True, False]))
+    assert no_reasons.iloc[0]["collapsed_runs"][0]["reason"] == "collapsed"
+    # a column with no numbers at all (here typed as text) gives NaN, not an error
+    untimed = budget.aggregate_over_seeds(bare.assign(train_seconds=pd.array([None] * 3, dtype="str")))
+    assert math.isnan(untimed.iloc[0]["train_seconds"])
+
+
+def test_runs_without_an_id_or_a_seed_are_kept_and_said_so():
+    rows = seeded(1, [0.80, 0.90])
+    rows[1]["id"] = None
+    del rows[0]["config"]["seed"]
+    collapsed = seeded(5, [0.5], num_prompts=50)[0]
+    collapsed["id"] = None
+    del collapsed["config"]["seed"]
+    collapsed["metrics"]["collapsed"] = True
+    agg = budget.aggregate_over_seeds(budget.runs_table(rows + [collapsed]))
+    ten = agg.iloc[0]
+    assert ten["run_ids"] == [1] and ten["seeds"] == [1, None]  # sorted by seed, the missing one last
+    assert [(r["id"], r["seed"]) for r in ten["seed_runs"]] == [(None, 1), (1, None)]
+    fifty = agg.iloc[1]
+    assert fifty["run_ids"] == [] and (fifty["collapsed_runs"][0]["id"], fifty["collapsed_runs"][0]["seed"]) == (
+        None,
+        None,
+    )
+    no_seed = pd.DataFrame({"label": ["x"], "collapsed_runs": [[{"id": 3, "seed": None, "reason": "loss diverged"}]]})
+    assert budget.collapsed_lines(no_seed) == ["#3 x: loss diverged"]
+    assert budget.collapsed_lines(no_seed.assign(collapsed_runs=[float("nan")])) == []
+    assert budget.collapsed_lines(None) == [] and budget.collapsed_lines(pd.DataFrame({"label": ["x"]})) == []
+
+
+def test_configurations_tied_in_the_sort_keep_the_order_their_runs_came_in():
+    # two configurations with the same family, prompt count, placement and label (another learning-rate
+    # setting in their config): the first run's configuration comes first, whatever its key sorts as
+    later, earlier = seeded(1, [0.80]), seeded(5, [0.70])
+    later[0]["config"]["lr"] = 0.9
+    earlier[0]["config"]["lr"] = 0.1
+    agg = budget.aggregate_over_seeds(budget.runs_table(later + earlier))
+    assert list(agg["accuracy_mean"]) == [0.80, 0.70]
+    agg = budget.aggregate_over_seeds(budget.runs_table(earlier + later))
+    assert list(agg["accuracy_mean"]) == [0.70, 0.80]
+
+
+def test_edges_of_the_front_the_metric_and_the_filters():
+    df = frame([("a", 1.0, 0.80), ("b", "n/a", 0.95), ("c", 2.0, "?")])
+    assert list(budget.pareto_front(df)["label"]) == ["a"]  # what is no number is left out
+    assert list(budget.pareto_front(df, cost="missing").columns) == list(df.columns)
+    assert budget.pareto_front(df, cost="missing").empty
+    assert isinstance(budget.pareto_front(None), pd.DataFrame) and budget.pareto_front(None).empty
+    assert budget.default_metric(pd.DataFrame({"majority_accuracy": ["n/a", 0.7]})) == "balanced_accuracy_mean"
+    assert budget.default_metric(None) == "accuracy_mean"
+    # a stored run without a status is a finished one
+    probe = _row(11, tuning="linear", num_prompts=0, placement="none")
+    del probe["status"]
+    assert budget.matching_probe([probe], _row(1)["config"])["id"] == 11
+    assert budget.matching_probe([{**probe, "status": "failed"}], _row(1)["config"]) is None
+    # the cell type of the active setup filters as the data set does
+    mono = {"dataset": "elpv-binary", "cell_type": "mono", "backbone": "dinov2_s14", "resolution": 112, "shots": 16}
+    kept, _ = budget.comparable_runs([_row(1), _row(2, cell_type="mono")], mono)
+    assert [r["id"] for r in kept] == [2]
+
+
+def test_recommend_keeps_the_frame_as_given():
+    df = costed([("cheap", 1.0, 0.895), ("best", 3.0, 0.90)])
+    df.index = [10, 20]
+    rec = budget.recommend(df)  # the default tolerance is 1 point: the cheap one
+    assert rec.chosen.name == 10 and rec.best.name == 20 and rec.chosen["label"] == "cheap"
+    assert (rec.cost, rec.metric, rec.tolerance_points) == ("gmacs", "accuracy_mean", 1.0)
+    assert budget.recommend(df.assign(accuracy_mean=[0.885, 0.90])).chosen["label"] == "best"  # 1.5 points: out
+    twice = budget.recommend(pd.concat([df, df]), 1.0)  # a repeated index is renumbered, not an error
+    assert twice.chosen["label"] == "cheap" and "index" not in twice.chosen and twice.chosen.name == 0
+    single = budget.recommend(df.iloc[[1]])
+    assert single.chosen_is_best and single.chosen["label"] == "best" and single.verdict == budget.VERDICT_NO_PROBE
+    # costs that are missing or no number: never chosen, and no error
+    assert budget.recommend(df, 1.0, cost="latency_ms_b1").chosen["label"] == "best"
+    assert budget.recommend(df.assign(gmacs=["n/a", 3.0]), 1.0).chosen["label"] == "best"
+    assert budget.recommend(df.assign(accuracy_mean=["?", 0.90])).best["label"] == "best"
+
+
+def test_a_rejected_candidate_does_not_end_the_search():
+    # 1 deep (cost 1): within 1 point on average, but its paired gap to the best (-1.0, -5.0 points) is not;
+    # 5 deep (cost 2): exactly 1 point below on each seed: within, at the edge. 5 deep is chosen.
+    best = seeded(1, [0.90, 0.90], num_prompts=50, gmacs=4.0)
+    shaky = seeded(10, [0.89, 0.85], num_prompts=1, gmacs=1.0)
+    steady = seeded(20, [0.89, 0.89], num_prompts=5, gmacs=2.0)
+    rec = decide(shaky + steady + best, 3.5)
+    assert rec.chosen["label"] == "5 deep prompts"
+    assert rec.chosen_vs_best.low == pytest.approx(-0.01) and rec.chosen_vs_best.high == pytest.approx(-0.01)
+    assert decide(steady + best, 1.0).chosen["label"] == "5 deep prompts"  # a gap of exactly 1 point is within 1
+    assert rec.sentence == (
+        "5 deep prompts reach 99% of the best accuracy (89.0% vs 90.0% for 50 deep prompts) "
+        "at 50% of its compute (2.00 vs 4.00 GMACs per image). The gap to the best: -1.0 points (95% CI -1.0 to -1.0)."
+    )
+
+
+def test_the_probe_alone_and_a_configuration_that_only_ties_it():
+    alone = decide(probe_runs([0.70, 0.72]))
+    assert alone.verdict == budget.VERDICT_PROBE_ENOUGH and alone.vs_probe == {}
+    assert alone.sentence == (
+        "The best configuration, linear probe (71.0% accuracy, 1.00 GMACs per image), "
+        "is also the cheapest within 1 point."
+    )
+    # identical to the probe seed by seed: a difference of exactly 0 with a zero-width interval is no win
+    rec = decide(probe_runs([0.70, 0.72]) + seeded(1, [0.70, 0.72], gmacs=0.9))  # cheaper: the best of the tie
+    assert rec.best["label"] == "10 deep prompts"
+    assert rec.verdict == budget.VERDICT_WITHIN_NOISE and rec.chosen["family"] == "linear probe"
+    gap = rec.best_vs_probe
+    assert rec.chosen_vs_probe is None and (gap.difference, gap.low, gap.high) == (0.0, 0.0, 0.0)
+
+
+def test_when_the_probe_is_best_the_closest_configuration_is_named_and_the_spread_is_the_widest_gap():
+    # the probe leads both; 10 deep is 2 points behind, 50 deep 12 points (per seed: 0.02 / 0.12 each)
+    rows = probe_runs([0.80, 0.82]) + seeded(1, [0.78, 0.80]) + seeded(10, [0.68, 0.70], num_prompts=50, gmacs=3.0)
+    rec = decide(rows)
+    assert rec.verdict == budget.VERDICT_WITHIN_NOISE and rec.best["family"] == "linear probe"
+    assert rec.sentence == (
+        "No budget beats the linear probe beyond noise at 16 images per class; the differences in accuracy are "
+        "within ±12.0 points (the closest, 10 deep prompts: -2.0 points, 95% CI -2.0 to -2.0). "
+        "More images or seeds would tell them apart."
+    )
+
+
+def test_full_fine_tuning_and_metrics_without_a_word_are_named_plainly():
+    rows = probe_runs([0.70, 0.72, 0.74]) + seeded(1, [0.84, 0.87, 0.87], num_prompts=0, tuning="full", gmacs=1.03)
+    rec = decide(rows)
+    assert (
+        rec.sentence == "Full fine-tuning: +14.0 points over the linear probe (95% CI +11.5 to +16.5) at +3% compute."
+    )
+    # a metric METRIC_WORDS does not know is written with spaces for underscores
+    agg = budget.aggregate_over_seeds(budget.runs_table(probe_runs([0.70, 0.78, 0.72]) + seeded(1, [0.74, 0.73, 0.76])))
+    agg["top_1_mean"] = agg["accuracy_mean"]
+    agg["seed_runs"] = [[{**r, "top_1": r["accuracy"]} for r in runs] for runs in agg["seed_runs"]]
+    rec = budget.recommend(agg, 1.0, metric="top_1_mean")
+    assert rec.verdict == budget.VERDICT_WITHIN_NOISE
+    assert "; the differences in top 1 mean are within ±1.0 points" in rec.sentence
+
+
+def test_families_sort_in_family_order_not_alphabetically():
+    rows = seeded(1, [0.8], num_prompts=5, placement="deep") + seeded(5, [0.7], num_prompts=50, placement="shallow")
+    agg = budget.aggregate_over_seeds(budget.runs_table(rows))
+    assert list(agg["family"]) == ["shallow", "deep"] and list(agg.index) == [0, 1]
+
+
+def test_ties_for_best_without_a_known_cost_go_to_the_most_seeds():
+    df = costed([("few", float("nan"), 0.90), ("more", float("nan"), 0.90)], n_seeds=[1, 3])
+    assert budget.recommend(df, 0.0).best["label"] == "more"
+    # a seed count that is missing or no number counts as none
+    assert budget.recommend(df.assign(n_seeds=[float("nan"), 1]), 0.0).best["label"] == "more"
+    assert budget.recommend(df.assign(n_seeds=["?", 1]), 0.0).best["label"] == "more"
+    assert budget.recommend(None) is None
+
+
+def test_a_chosen_configuration_level_with_the_probe_names_the_cheapest_that_beats_it():
+    # the probe's cost is unknown, so it is never chosen. 10 deep (cost 1) equals the probe seed by seed
+    # (difference 0, interval 0 to 0: no win); 5 deep (cost 4, the best), 20 deep (cost 2) and 30 deep (cost
+    # unknown) all beat it by 4 to 6 points on every seed. The cheapest of those with a known cost is named.
+    rows = (
+        probe_runs([0.80, 0.82], gmacs=None)
+        + seeded(1, [0.80, 0.82], num_prompts=10, gmacs=1.0)
+        + seeded(10, [0.86, 0.88], num_prompts=5, gmacs=4.0)
+        + seeded(20, [0.85, 0.87], num_prompts=20, gmacs=2.0)
+        + seeded(30, [0.84, 0.86], num_prompts=30, gmacs=None)
+    )
+    rec = decide(rows, 10.0)
+    assert rec.chosen["label"] == "10 deep prompts" and rec.best["label"] == "5 deep prompts"
+    assert rec.verdict == budget.VERDICT_UNCLEAR
+    assert rec.sentence == (
+        "10 deep prompts: +0.0 points over the linear probe, within noise (95% CI +0.0 to +0.0); "
+        "20 deep prompts does beat it (+5.0 points, 95% CI +5.0 to +5.0). "
+        "It is within 10 points of the best, 5 deep prompts (-6.0 points, 95% CI -6.0 to -6.0)."
+    )
+
+
+def test_no_interval_when_only_the_gap_from_the_chosen_to_the_best_has_none():
+    # the probe (seeds 0, 1) and the chosen 1 deep (seed 0) carry per-image results: a bootstrap interval
+    # between them. The best, 50 deep (seeds 0, 1, no per-image results), has a paired t interval against
+    # the probe. But 1 deep vs 50 deep is one seed against two values and no per-image results: no interval,
+    # and the sentence would quote it
+    probe = probe_runs([0.70, 0.72])
+    for run, right in zip(probe, (70, 72)):
+        run["metrics"]["test_correct"] = "1" * right + "0" * (100 - right)
+    chosen = seeded(10, [0.85], num_prompts=1, gmacs=1.0)
+    chosen[0]["metrics"]["test_correct"] = "1" * 85 + "0" * 15
+    best = seeded(20, [0.86, 0.88], num_prompts=50, gmacs=4.0)
+    rec = decide(probe + chosen + best, 3.0)
+    assert rec.chosen["label"] == "1 deep prompts" and rec.best["label"] == "50 deep prompts"
+    assert rec.chosen_vs_probe.has_interval and rec.best_vs_probe.has_interval
+    assert not rec.chosen_vs_best.has_interval
+    assert rec.verdict == budget.VERDICT_NO_INTERVAL
+
+
+def test_within_noise_names_the_best_of_a_tie_as_the_best():
+    # 5 deep and 20 deep score the same on every seed; 20 deep is cheaper, so it is the best and is named
+    rows = (
+        probe_runs([0.70, 0.78, 0.72])
+        + seeded(1, [0.74, 0.73, 0.76], num_prompts=5, gmacs=2.0)
+        + seeded(10, [0.74, 0.73, 0.76], num_prompts=20, gmacs=1.5)
+    )
+    rec = decide(rows)
+    assert rec.verdict == budget.VERDICT_WITHIN_NOISE and rec.best["label"] == "20 deep prompts"
+    assert "(the best, 20 deep prompts: +1.0 points, 95% CI -11.9 to +13.9)" in rec.sentence

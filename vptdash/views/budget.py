@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
@@ -629,7 +629,7 @@ VERDICT_BEATS_PROBE = "beats the probe"  # the chosen configuration beats the li
 VERDICT_WITHIN_NOISE = "within noise"  # no configuration beats the probe beyond noise: the probe is chosen
 VERDICT_PROBE_ENOUGH = "probe within tolerance"  # the probe is within the tolerance of the best, as the data shows
 VERDICT_UNCLEAR = "not beyond noise"  # the chosen one does not beat the probe beyond noise, another does
-VERDICT_NO_INTERVAL = "no interval"  # one seed and no per-image results somewhere: point estimates only
+VERDICT_NO_INTERVAL = "no interval"  # a comparison the verdict quotes has no interval: point estimates only
 VERDICT_NO_PROBE = "no probe"  # no linear probe among the runs: best and cheapest only
 
 
@@ -647,6 +647,7 @@ class Recommendation:
     best_vs_probe: stats.Comparison | None = None
     chosen_vs_best: stats.Comparison | None = None
     vs_probe: dict | None = None  # frame index -> Comparison against the probe, every configuration
+    not_judged: list = field(default_factory=list)  # frame indices whose comparison with the probe has no interval
 
     @property
     def chosen_is_best(self) -> bool:
@@ -802,6 +803,14 @@ def _capital(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _not_judged(count: int) -> str:
+    """The clause for configurations left out of the verdict for want of an interval ("" for none)."""
+    if count == 0:
+        return ""
+    subject = "1 configuration was" if count == 1 else f"{count} configurations were"
+    return f" {subject} not judged: one seed and no per-image results, so no interval against the probe."
+
+
 def _probe_index(frame: pd.DataFrame, metrics: pd.Series) -> Any:
     """The linear probe to compare against: the best-scoring linear-probe row, None when none."""
     if "family" not in frame:
@@ -823,7 +832,10 @@ def recommend(
     * against the linear probe (the best-scoring probe row, when there is one): when no configuration
       beats it beyond noise (every 95% interval of the difference reaches zero or below), the probe is
       chosen and the sentence says the differences are within noise; otherwise the sentence gives the
-      chosen configuration's difference from the probe with its interval and cost.
+      chosen configuration's difference from the probe with its interval and cost. A configuration
+      whose difference from the probe has no interval is not judged (never counts as beating it; the
+      sentence says how many were left so); the verdict is VERDICT_NO_INTERVAL only when a comparison
+      it quotes (chosen or best vs the probe, chosen vs best) has none, or none has one.
     Rows without the cost can be "best" but are never chosen over a row whose cost is known."""
     if frame is None or len(frame) == 0 or metric not in frame:
         return None
@@ -894,27 +906,35 @@ def recommend(
         result.verdict = VERDICT_PROBE_ENOUGH
         result.sentence = _sentence(best, chosen, float(tolerance_points), cost, metric)
         return result
-    needed = [vs_probe[i] for i in vs_probe] + ([chosen_vs_best] if chosen_vs_best is not None else [])
-    if not all(c.has_interval for c in needed):
+    # Only the comparisons the sentence quotes must have an interval; a configuration whose comparison
+    # with the probe has none (one seed, no per-image results) is left unjudged: never a winner over
+    # the probe, never the "closest", and counted in one clause, so one old single-seed run beside
+    # well-measured ones does not turn the whole verdict into "no evidence".
+    judged = {i: c for i, c in vs_probe.items() if c.has_interval}
+    result.not_judged = [i for i in vs_probe if i not in judged]
+    quoted = [vs_probe[i] for i in {best_index, chosen_index} if i != probe_index]
+    quoted += [chosen_vs_best] if chosen_vs_best is not None else []
+    if not judged or not all(c.has_interval for c in quoted):
         result.verdict = VERDICT_NO_INTERVAL
         result.sentence = (
             _sentence(best, chosen, float(tolerance_points), cost, metric)
             + " One seed and no per-image results: no interval yet, so this is not evidence."
         )
         return result
-    winners = [i for i in vs_probe if vs_probe[i].low > 0]
+    unjudged = _not_judged(len(result.not_judged))
+    winners = [i for i in judged if judged[i].low > 0]
     if not winners:
         result.verdict = VERDICT_WITHIN_NOISE
         result.chosen = probe
         result.chosen_vs_probe = None
-        spread = max(abs(c.difference) for c in vs_probe.values())
-        closest = best_index if best_index != probe_index else max(vs_probe, key=lambda i: float(metrics[i]))
-        lead = vs_probe[closest]
+        spread = max(abs(c.difference) for c in judged.values())
+        closest = best_index if best_index != probe_index else max(judged, key=lambda i: float(metrics[i]))
+        lead = judged[closest]
         result.sentence = (
             f"No budget beats the linear probe beyond noise{_where(valid)}; the differences in {words} are "
             f"within ±{100 * spread:.1f} points (the {'best' if closest == best_index else 'closest'}, "
             f"{_describe(frame.loc[closest])}: {_signed_points(lead.difference)}, {_ci(lead)}). "
-            "More images or seeds would tell them apart."
+            f"More images or seeds would tell them apart.{unjudged}"
         )
         return result
     if chosen_index == probe_index:
@@ -923,7 +943,7 @@ def recommend(
         result.sentence = (
             f"The linear probe (no prompts) is within {_points(float(tolerance_points))} of the best {words}: "
             f"{_describe(best)} is {_signed_points(gap.difference)} ({_ci(gap)})"
-            f"{_relative_cost(_number(best.get(cost)), _number(probe.get(cost)), cost)}."
+            f"{_relative_cost(_number(best.get(cost)), _number(probe.get(cost)), cost)}.{unjudged}"
         )
         return result
     lead = vs_probe[chosen_index]
@@ -945,7 +965,7 @@ def recommend(
             f" It is within {_points(float(tolerance_points))} of the best, {_describe(best)} "
             f"({_signed_points(chosen_vs_best.difference)}, {_ci(chosen_vs_best)})."
         )
-    result.sentence = sentence
+    result.sentence = sentence + unjudged
     return result
 
 
