@@ -3,6 +3,7 @@ linear probe, collapse stored as data, per-image test outcomes for paired compar
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,26 @@ def test_the_meeting_demo_never_searches():
         if not config.is_linear_probe:
             assert config.lr == presets.DEMO_LRS[config.placement] and not config.lr_is_auto
     assert all(search_cost_factor(c) == 1.0 for c in presets.meeting_sweep_configs())
+
+
+def test_the_demo_rates_are_the_ones_the_reference_chose_on_validation():
+    """The demo does not search: its fixed rates must be what the reference sweep's search picked for 10
+    prompts in the demo's setting (binary ELPV, 16 shots, seed 0), read from the stored checkpoint."""
+    checkpoint = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "reference_sweep_runs.json"
+    runs = json.loads(checkpoint.read_text())["runs"]
+    chosen = {}
+    for run in runs:
+        config = run["config"]
+        if (config["dataset"], config["shots"], config["seed"], config["num_prompts"], config["lr"]) == (
+            presets.DEMO_DATASET,
+            presets.DEMO_SHOTS,
+            0,
+            10,
+            "auto",
+        ):
+            assert run["metrics"]["lr_source"] == "validation"
+            chosen[config["placement"]] = run["metrics"]["lr"]
+    assert chosen == presets.DEMO_LRS
+    for config in presets.demo_configs():
+        expected = "auto" if config.tuning == "linear" else presets.DEMO_LRS[config.placement]
+        assert config.lr == expected

@@ -22,13 +22,12 @@ DEMO_EPOCHS = 20  # 16 shots x 2 classes at batch 8: 80 optimiser steps
 DEMO_COUNTS = (0, 10)
 DEMO_PLACEMENTS = ("shallow", "deep")
 MEETING_COUNTS = (0, 1, 5, 10, 25, 50, 100)
-# The demo never searches (a search doubles a run's time): its prompt runs take fixed rates. They are to be
-# the rates the reference sweep chooses on the validation split for 10 prompts in this setting
-# (benchmarks/reference_sweep.py: elpv-binary, 16 shots, seed 0, lr "auto"). NOT YET MEASURED: those
-# runs had not finished when this was written, so these are still the old fixed rate 1e-2; replace them
-# with the checkpoint's "lr" of those two runs. The linear probe keeps lr "auto": the converged logistic
-# regression, whose L2 choice refits a head on cached features (no training epochs).
-DEMO_LRS = {"shallow": 1e-2, "deep": 1e-2}
+# The demo never searches (a search doubles a run's time): its prompt runs take the rates the reference
+# sweep chose on the validation split for 10 prompts in this setting (benchmarks/reference_sweep.py:
+# elpv-binary, 16 shots, seed 0, lr "auto", successive halving over 3e-4, 1e-3, 3e-3, 1e-2; the
+# checkpoint's "lr" of those two runs, benchmarks/data/reference_sweep_runs.json). The linear probe
+# keeps lr "auto": the converged logistic regression, whose L2 choice refits a head on cached features.
+DEMO_LRS = {"shallow": 3e-3, "deep": 1e-3}
 # The demo's validation split stays at 5% (131 images): validation passes cost more than a 16-shot epoch.
 DEMO_VAL_FRACTION = 0.05
 
