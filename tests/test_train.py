@@ -183,3 +183,69 @@ def test_a_second_run_of_an_architecture_reuses_its_count_and_latency(image_fold
     other = run_training(tiny_config(image_folder, epochs=1, measure_latency=True, num_prompts=2))
     assert calls == {"fvcore": 2, "latency": 2} and not other.costs["gmacs_cached"]
     assert other.costs["gmacs"] < first.costs["gmacs"]
+
+
+def _split_inputs(image_folder, **overrides):
+    from vptdash.engine import data
+    from vptdash.engine.train import SplitInputs, build_model
+
+    config = tiny_config(image_folder, **overrides)
+    image_set, split = data.load_and_split(config)
+    model = build_model(config, len(image_set.class_names)).eval()
+    mean, std = model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"]
+    index = torch.arange(len(image_set.labels))
+    return SplitInputs(model, config, image_set, index, mean, std, "test"), image_set.labels
+
+
+def test_inference_batches_hold_about_a_fixed_number_of_token_rows(image_folder):
+    from vptdash.engine.train import EVAL_BATCH, EVAL_ROWS, MAX_EVAL_BATCH, eval_batch_size
+
+    inputs, _ = _split_inputs(image_folder, num_prompts=4, placement="deep")
+    patches = int(inputs.model.backbone.patch_embed.num_patches)
+    assert max(inputs.model.tokens_per_block()) == 1 + patches + 4  # CLS, patches, prompts
+    assert eval_batch_size(inputs) == MAX_EVAL_BATCH  # few tokens: the largest batch
+    many, _ = _split_inputs(image_folder, num_prompts=900, placement="shallow")
+    assert EVAL_ROWS // (1 + patches + 900) < EVAL_BATCH
+    assert eval_batch_size(many) == EVAL_BATCH  # many tokens: never below the old batch
+    middle, _ = _split_inputs(image_folder, num_prompts=150, placement="deep")
+    assert EVAL_BATCH < EVAL_ROWS // (1 + patches + 150) < MAX_EVAL_BATCH
+    assert eval_batch_size(middle) == EVAL_ROWS // (1 + patches + 150)
+    probe, _ = _split_inputs(image_folder, tuning="linear", num_prompts=0)
+    assert probe.encoded.dim() == 2 and eval_batch_size(probe) == MAX_EVAL_BATCH
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_evaluation_does_not_depend_on_the_batching(image_folder, precision):
+    from vptdash.engine.train import evaluate
+
+    inputs, labels = _split_inputs(image_folder, num_prompts=4, placement="deep")
+    default_predictions, default = evaluate(inputs, labels, 3, precision)
+    small_predictions, small = evaluate(inputs, labels, 3, precision, batch_size=5)
+    assert torch.equal(default_predictions, small_predictions)
+    assert default["confusion_matrix"] == small["confusion_matrix"]
+    assert default["loss"] == pytest.approx(small["loss"], rel=1e-2 if precision == "bf16" else 1e-5)
+
+
+def test_evaluation_runs_only_the_blocks_after_the_cached_prefix(image_folder):
+    """Every split's frozen prefix is encoded once (SplitInputs); evaluating a late placement runs none
+    of the blocks before it, and the logits equal the full forward pass's."""
+    from vptdash.engine import data
+    from vptdash.engine.train import evaluate
+
+    inputs, labels = _split_inputs(image_folder, num_prompts=3, placement="2,3")
+    model = inputs.model
+    calls = []
+    hooks = [b.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, b in enumerate(model.backbone.blocks)]
+    try:
+        predictions, _ = evaluate(inputs, labels, 3, "fp32")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert model.first_prompt_block == 2 and not [i for i in calls if i < 2]
+    image_set = data.load_image_set(str(image_folder), 32)
+    images = data.normalize(
+        image_set.images, model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"]
+    )
+    with torch.inference_mode():
+        assert torch.equal(model(images).argmax(dim=1), predictions)
+
