@@ -249,3 +249,17 @@ def test_evaluation_runs_only_the_blocks_after_the_cached_prefix(image_folder):
     with torch.inference_mode():
         assert torch.equal(model(images).argmax(dim=1), predictions)
 
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_wait_passively_unless_the_user_chose(given, expected):
+    """Set by `import vptdash`, before torch loads its OpenMP runtime (which reads it only then)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, vptdash.engine.train; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
