@@ -3,9 +3,10 @@
 
     python benchmarks/eval_speed.py [--rounds 2] [--images 656] [--prompts 10] [--precision auto]
 
-"before" is `train.evaluate` with batches of 32 (the engine's inference batch until 2026-11-26); "after"
-is its default (`train.eval_batch_size`); "explicit" the default batch under `training_precision`
-(attention as explicit matmuls, as training steps run it). Rounds interleave the variants, so load from
+Variants: `train.evaluate` with each of `--batches` (the engine's own is `train.EVAL_BATCH`), and with
+`--explicit` also under `training_precision` (attention as explicit matmuls, as training steps run it).
+Run it under both OpenMP wait policies to compare those (the policy is read when torch loads:
+`OMP_WAIT_POLICY=PASSIVE python benchmarks/eval_speed.py`, vptdash/__init__.py). Rounds interleave the variants, so load from
 other processes falls on all of them; the median per variant is printed with the load average, and the
 logits of every variant are compared with the first (they must agree: only the batching differs).
 """
@@ -31,7 +32,6 @@ from vptdash.engine.train import (  # noqa: E402
     SplitInputs,
     build_model,
     choose_run_precision,
-    eval_batch_size,
     evaluate,
     training_precision,
 )
@@ -50,9 +50,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--placements", default="deep,shallow")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--batches", default="32,128", help="inference batch sizes to compare")
     parser.add_argument("--explicit", action="store_true", help="also time explicit attention")
     args = parser.parse_args()
-    print(f"# {machine()}; load average at start {os.getloadavg()}", flush=True)
+    wait = os.environ.get("OMP_WAIT_POLICY", "unset")
+    print(f"# {machine()}; OMP_WAIT_POLICY {wait}; load average at start {os.getloadavg()}", flush=True)
     cases = {}
     for placement in args.placements.split(","):
         config = dataclasses.replace(
@@ -67,10 +69,8 @@ def main() -> None:
         labels = image_set.labels[index]
         k = len(image_set.class_names)
         variants = {
-            "before (batch 32)": lambda i=inputs, y=labels, k=k, p=config.precision: evaluate(i, y, k, p, 32),
-            f"after (batch {eval_batch_size(inputs)})": lambda i=inputs, y=labels, k=k, p=config.precision: evaluate(
-                i, y, k, p
-            ),
+            f"batch {b}": lambda i=inputs, y=labels, k=k, p=config.precision, b=b: evaluate(i, y, k, p, b)
+            for b in (int(text) for text in args.batches.split(","))
         }
         if args.explicit:
             variants["explicit attention"] = lambda i=inputs, y=labels, k=k, p=config.precision: explicit_evaluate(
@@ -98,7 +98,8 @@ def main() -> None:
         placement: {name: statistics.median(times) for name, times in variants.items()}
         for placement, variants in results.items()
     }
-    print(json.dumps({"images": {p: c[1] for p, c in cases.items()}, "median_s": summary, "load": os.getloadavg()}))
+    images = {p: c[1] for p, c in cases.items()}
+    print(json.dumps({"omp_wait_policy": wait, "images": images, "median_s": summary, "load": os.getloadavg()}))
 
 
 if __name__ == "__main__":

@@ -197,29 +197,12 @@ def _split_inputs(image_folder, **overrides):
     return SplitInputs(model, config, image_set, index, mean, std, "test"), image_set.labels
 
 
-def test_inference_batches_hold_about_a_fixed_number_of_token_rows(image_folder):
-    from vptdash.engine.train import EVAL_BATCH, EVAL_ROWS, MAX_EVAL_BATCH, eval_batch_size
-
-    inputs, _ = _split_inputs(image_folder, num_prompts=4, placement="deep")
-    patches = int(inputs.model.backbone.patch_embed.num_patches)
-    assert max(inputs.model.tokens_per_block()) == 1 + patches + 4  # CLS, patches, prompts
-    assert eval_batch_size(inputs) == MAX_EVAL_BATCH  # few tokens: the largest batch
-    many, _ = _split_inputs(image_folder, num_prompts=900, placement="shallow")
-    assert EVAL_ROWS // (1 + patches + 900) < EVAL_BATCH
-    assert eval_batch_size(many) == EVAL_BATCH  # many tokens: never below the old batch
-    middle, _ = _split_inputs(image_folder, num_prompts=150, placement="deep")
-    assert EVAL_BATCH < EVAL_ROWS // (1 + patches + 150) < MAX_EVAL_BATCH
-    assert eval_batch_size(middle) == EVAL_ROWS // (1 + patches + 150)
-    probe, _ = _split_inputs(image_folder, tuning="linear", num_prompts=0)
-    assert probe.encoded.dim() == 2 and eval_batch_size(probe) == MAX_EVAL_BATCH
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_evaluation_does_not_depend_on_the_batching(image_folder, precision):
     from vptdash.engine.train import evaluate
 
     inputs, labels = _split_inputs(image_folder, num_prompts=4, placement="deep")
-    default_predictions, default = evaluate(inputs, labels, 3, precision)
+    default_predictions, default = evaluate(inputs, labels, 3, precision)  # batches of EVAL_BATCH
     small_predictions, small = evaluate(inputs, labels, 3, precision, batch_size=5)
     assert torch.equal(default_predictions, small_predictions)
     assert default["confusion_matrix"] == small["confusion_matrix"]

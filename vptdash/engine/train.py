@@ -64,15 +64,9 @@ PRECISIONS = ("fp32", "bf16")
 # "auto": whichever of PRECISIONS measured faster on this machine at the run's shapes (engine.precision).
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 ENCODE_BATCH = 64
-# Inference batches hold about EVAL_ROWS token rows (batch x tokens per image), between EVAL_BATCH and
-# MAX_EVAL_BATCH images. Measured (docs/performance.md, benchmarks/eval_speed.py): with 50-100 prompts
-# on the AMX Xeon, batches of 256 ran at half the per-image speed of batches of 32 (the attention working
-# set falls out of cache); with 10 prompts at 112 px (75 tokens) on the 2-core EPYC, batches of 128 ran
-# faster than 32: fewer, larger matmuls and fewer parallel regions per image. ~9,600 rows is 128 images
-# at 75 tokens and 58 at 165 (100 prompts), inside the range measured good.
+# Inference batch. Measured here (docs/performance.md): with 50-100 prompts, batches of 256 run at half
+# the per-image speed of batches of 32 (the attention working set falls out of cache); 32 is never slower.
 EVAL_BATCH = 32
-MAX_EVAL_BATCH = 128
-EVAL_ROWS = 128 * 75
 
 
 MAX_SEED = 2**32 - 1
@@ -551,17 +545,8 @@ class SplitInputs:
         return self.model(data.normalize(self.images[index], self.mean, self.std))
 
 
-def eval_batch_size(inputs: SplitInputs) -> int:
-    """Images per inference batch for these inputs: about EVAL_ROWS token rows, clamped to
-    [EVAL_BATCH, MAX_EVAL_BATCH] (pooled features, for a linear probe, take the largest)."""
-    pooled = inputs.cached and inputs.encoded.dim() == 2
-    tokens = 1 if pooled else max(inputs.model.tokens_per_block(), default=1)
-    return max(EVAL_BATCH, min(MAX_EVAL_BATCH, EVAL_ROWS // max(1, tokens)))
-
-
 @torch.inference_mode()
-def predict(inputs: SplitInputs, precision: str, batch_size: int | None = None) -> torch.Tensor:
-    batch_size = batch_size or eval_batch_size(inputs)
+def predict(inputs: SplitInputs, precision: str, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     predictions = []
     with autocast(precision):
         for start in range(0, len(inputs), batch_size):
@@ -572,16 +557,10 @@ def predict(inputs: SplitInputs, precision: str, batch_size: int | None = None) 
 
 @torch.inference_mode()
 def evaluate(
-    inputs: SplitInputs, labels: torch.Tensor, num_classes: int, precision: str, batch_size: int | None = None
+    inputs: SplitInputs, labels: torch.Tensor, num_classes: int, precision: str, batch_size: int = EVAL_BATCH
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Predictions on one split and its metrics (`classification_metrics`) plus "loss": the mean
-    cross-entropy (NaN on an empty split).
-
-    At the engine's speed: the run's own precision (`choose_run_precision`'s choice, under `autocast`;
-    inference keeps the fused attention kernel, whose forward is fast), inference mode, batches of
-    `eval_batch_size`, and only the part after the cached frozen prefix runs (`SplitInputs` holds every
-    split's encodings: the tokens entering the first prompted block, computed once per image)."""
-    batch_size = batch_size or eval_batch_size(inputs)
+    cross-entropy (NaN on an empty split)."""
     chunks = []
     with autocast(precision):
         for start in range(0, len(inputs), batch_size):
