@@ -22,7 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# As the OpenMP runtime saw it: read before anything imports torch (importing vptdash sets a default).
+WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "unset")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -53,7 +56,7 @@ def main() -> None:
     parser.add_argument("--batches", default="32,128", help="inference batch sizes to compare")
     parser.add_argument("--explicit", action="store_true", help="also time explicit attention")
     args = parser.parse_args()
-    wait = os.environ.get("OMP_WAIT_POLICY", "unset")
+    wait = WAIT_POLICY
     print(f"# {machine()}; OMP_WAIT_POLICY {wait}; load average at start {os.getloadavg()}", flush=True)
     cases = {}
     for placement in args.placements.split(","):
