@@ -182,3 +182,125 @@ def test_executed_growth_counted_by_fvcore():
         rows = [n] * (depth - 1) + [1]
         growth = sum(2 * p * d * d + 2 * r * p * d for r in rows) / 1e9
         assert fvcore_gmacs(model, RES) - base == pytest.approx(growth, rel=0.02)
+
+
+# ---------------------------------------------------------------------------------------- the cost cache
+@pytest.fixture
+def spies(monkeypatch):
+    """Count the expensive passes: fvcore's trace and the latency timer (each returns a fixed figure)."""
+    from vptdash.engine import cost
+
+    calls = {"fvcore": 0, "latency": 0}
+
+    def fake_fvcore(model, resolution):
+        calls["fvcore"] += 1
+        return 1.25
+
+    def fake_latency(model, resolution, *, precision="fp32"):
+        calls["latency"] += 1
+        return {"latency_ms_b1": 3.0, "latency_ms_b32": 1.5, "latency_precision": precision}
+
+    monkeypatch.setattr(cost, "fvcore_gmacs", fake_fvcore)
+    monkeypatch.setattr(cost, "latency_costs", fake_latency)
+    return calls
+
+
+def _arch(**settings) -> str:
+    from vptdash.engine.train import RunConfig, architecture_key
+
+    return architecture_key(RunConfig(**{"num_prompts": 5, "placement": "deep", **settings}))
+
+
+def test_same_architecture_is_counted_and_timed_once(spies, tmp_path):
+    path = tmp_path / "costs.json"
+    model = PromptedViT(small_vit(), 4, num_prompts=5, placement="deep")
+    first = run_costs(model, RES, architecture=_arch(seed=0), cache_path=path)
+    assert spies == {"fvcore": 1, "latency": 1}
+    assert not first["gmacs_cached"] and not first["latency_cached"]
+    # another seed and learning rate: the same network, so nothing is traced or timed again
+    again = run_costs(
+        PromptedViT(small_vit(), 4, num_prompts=5, placement="deep", seed=7),
+        RES,
+        architecture=_arch(seed=7, lr=0.1),
+        cache_path=path,
+    )
+    assert spies == {"fvcore": 1, "latency": 1}
+    assert again["gmacs_cached"] and again["latency_cached"]
+    assert again["gmacs"] == 1.25 and again["latency_ms_b1"] == 3.0
+    assert again["gmacs_analytic"] == first["gmacs_analytic"]  # the formula is computed every time
+
+
+def test_another_prompt_count_is_counted_and_timed_again(spies, tmp_path):
+    path = tmp_path / "costs.json"
+    run_costs(PromptedViT(small_vit(), 4, num_prompts=5, placement="deep"), RES, architecture=_arch(), cache_path=path)
+    other = run_costs(
+        PromptedViT(small_vit(), 4, num_prompts=6, placement="deep"),
+        RES,
+        architecture=_arch(num_prompts=6),
+        cache_path=path,
+    )
+    assert spies == {"fvcore": 2, "latency": 2}
+    assert not other["gmacs_cached"] and not other["latency_cached"]
+
+
+def test_without_latency_only_the_count_is_cached(spies, tmp_path):
+    path = tmp_path / "costs.json"
+    model = PromptedViT(small_vit(), 4, num_prompts=5, placement="deep")
+    costs = run_costs(model, RES, measure=False, architecture=_arch(), cache_path=path)
+    assert "latency_ms_b1" not in costs and spies == {"fvcore": 1, "latency": 0}
+    costs = run_costs(model, RES, architecture=_arch(), cache_path=path)
+    assert spies == {"fvcore": 1, "latency": 1} and costs["latency_ms_b1"] == 3.0
+
+
+def test_a_cached_count_of_another_graph_is_not_reused(spies, tmp_path):
+    """The key names the configuration; if the model it builds executes a different graph (a code change,
+    another backbone under the same name) its analytic count differs and fvcore counts again."""
+    path = tmp_path / "costs.json"
+    run_costs(PromptedViT(small_vit(), 4, num_prompts=5, placement="deep"), RES, architecture=_arch(), cache_path=path)
+    different = PromptedViT(small_vit(), 4, num_prompts=5, placement="shallow")  # same key on purpose
+    assert run_costs(different, RES, architecture=_arch(), cache_path=path)["gmacs_cached"] is False
+    assert spies == {"fvcore": 2, "latency": 2}
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2, 3]", '{"gmacs": 5}', ""])
+def test_a_corrupt_cache_file_is_recounted_with_one_warning_line(spies, tmp_path, capsys, content):
+    path = tmp_path / "costs.json"
+    path.write_text(content)
+    model = PromptedViT(small_vit(), 4, num_prompts=5, placement="deep")
+    costs = run_costs(model, RES, architecture=_arch(), cache_path=path)
+    assert spies == {"fvcore": 1, "latency": 1} and costs["gmacs"] == 1.25
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cost cache" in err and str(path) in err and "Traceback" not in err
+    # the recount replaced the corrupt file: the next run reuses it, silently
+    assert run_costs(model, RES, architecture=_arch(), cache_path=path)["gmacs_cached"]
+    assert spies == {"fvcore": 1, "latency": 1} and capsys.readouterr().err == ""
+
+
+def test_a_damaged_entry_is_recounted(spies, tmp_path):
+    import json
+
+    path = tmp_path / "costs.json"
+    model = PromptedViT(small_vit(), 4, num_prompts=5, placement="deep")
+    run_costs(model, RES, architecture=_arch(), cache_path=path)
+    entries = json.loads(path.read_text())
+    for entry in entries["gmacs"].values():
+        entry["values"]["gmacs"] = "many"
+    for entry in entries["latency"].values():
+        del entry["values"]["latency_ms_b1"]
+    path.write_text(json.dumps(entries))
+    run_costs(model, RES, architecture=_arch(), cache_path=path)
+    assert spies == {"fvcore": 2, "latency": 2}
+
+
+def test_latency_is_keyed_by_machine_threads_and_precision(spies, tmp_path, monkeypatch):
+    from vptdash.engine import cost
+
+    path = tmp_path / "costs.json"
+    model = PromptedViT(small_vit(), 4, num_prompts=5, placement="deep")
+    run_costs(model, RES, architecture=_arch(), cache_path=path)
+    run_costs(model, RES, architecture=_arch(), cache_path=path, precision="bf16")
+    assert spies == {"fvcore": 1, "latency": 2}
+    machine = cost.cpu_description()
+    monkeypatch.setattr(cost, "cpu_description", lambda: {**machine, "threads": machine["threads"] + 1})
+    run_costs(model, RES, architecture=_arch(), cache_path=path)
+    assert spies == {"fvcore": 1, "latency": 3}  # the count is the machine's business no longer

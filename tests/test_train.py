@@ -154,3 +154,95 @@ def test_bf16_training_steps_use_explicit_attention_and_restore_it():
     assert reference.abs().max() > 5 * tolerance  # logits large enough for the check to mean something
     assert torch.allclose(approx.float(), reference, atol=tolerance, rtol=0)
     assert not torch.allclose(0.1 * approx.float(), reference, atol=tolerance, rtol=0)
+
+
+def test_a_second_run_of_an_architecture_reuses_its_count_and_latency(image_folder, monkeypatch, tmp_path):
+    """fvcore and the latency timer run once per architecture: a run with another seed reuses them, a run
+    with another prompt count does not."""
+    from vptdash.engine import cost
+
+    monkeypatch.setattr(cost, "default_cost_cache_path", lambda: tmp_path / "costs.json")
+    calls = {"fvcore": 0, "latency": 0}
+    real_fvcore, real_latency = cost.fvcore_gmacs, cost.latency_costs
+
+    def fvcore_spy(*args, **kwargs):
+        calls["fvcore"] += 1
+        return real_fvcore(*args, **kwargs)
+
+    def latency_spy(*args, **kwargs):
+        calls["latency"] += 1
+        return real_latency(*args, **kwargs)
+
+    monkeypatch.setattr(cost, "fvcore_gmacs", fvcore_spy)
+    monkeypatch.setattr(cost, "latency_costs", latency_spy)
+    first = run_training(tiny_config(image_folder, epochs=1, measure_latency=True))
+    second = run_training(tiny_config(image_folder, epochs=1, measure_latency=True, seed=5, lr=3e-3))
+    assert calls == {"fvcore": 1, "latency": 1}
+    assert second.costs["gmacs"] == first.costs["gmacs"] and second.costs["gmacs_cached"]
+    assert second.costs["latency_ms_b1"] == first.costs["latency_ms_b1"] and second.costs["latency_cached"]
+    other = run_training(tiny_config(image_folder, epochs=1, measure_latency=True, num_prompts=2))
+    assert calls == {"fvcore": 2, "latency": 2} and not other.costs["gmacs_cached"]
+    assert other.costs["gmacs"] < first.costs["gmacs"]
+
+
+def _split_inputs(image_folder, **overrides):
+    from vptdash.engine import data
+    from vptdash.engine.train import SplitInputs, build_model
+
+    config = tiny_config(image_folder, **overrides)
+    image_set, split = data.load_and_split(config)
+    model = build_model(config, len(image_set.class_names)).eval()
+    mean, std = model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"]
+    index = torch.arange(len(image_set.labels))
+    return SplitInputs(model, config, image_set, index, mean, std, "test"), image_set.labels
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_evaluation_does_not_depend_on_the_batching(image_folder, precision):
+    from vptdash.engine.train import evaluate
+
+    inputs, labels = _split_inputs(image_folder, num_prompts=4, placement="deep")
+    default_predictions, default = evaluate(inputs, labels, 3, precision)  # batches of EVAL_BATCH
+    small_predictions, small = evaluate(inputs, labels, 3, precision, batch_size=5)
+    assert torch.equal(default_predictions, small_predictions)
+    assert default["confusion_matrix"] == small["confusion_matrix"]
+    assert default["loss"] == pytest.approx(small["loss"], rel=1e-2 if precision == "bf16" else 1e-5)
+
+
+def test_evaluation_runs_only_the_blocks_after_the_cached_prefix(image_folder):
+    """Every split's frozen prefix is encoded once (SplitInputs); evaluating a late placement runs none
+    of the blocks before it, and the logits equal the full forward pass's."""
+    from vptdash.engine import data
+    from vptdash.engine.train import evaluate
+
+    inputs, labels = _split_inputs(image_folder, num_prompts=3, placement="2,3")
+    model = inputs.model
+    calls = []
+    hooks = [b.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, b in enumerate(model.backbone.blocks)]
+    try:
+        predictions, _ = evaluate(inputs, labels, 3, "fp32")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert model.first_prompt_block == 2 and not [i for i in calls if i < 2]
+    image_set = data.load_image_set(str(image_folder), 32)
+    images = data.normalize(
+        image_set.images, model.backbone.pretrained_cfg["mean"], model.backbone.pretrained_cfg["std"]
+    )
+    with torch.inference_mode():
+        assert torch.equal(model(images).argmax(dim=1), predictions)
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_wait_passively_unless_the_user_chose(given, expected):
+    """Set by `import vptdash`, before torch loads its OpenMP runtime (which reads it only then)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, vptdash.engine.train; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected

@@ -12,19 +12,35 @@ Two conventions, both true, and a figure must say which one it is:
 - full graph (`gmacs_full_graph`, `full_graph_gmacs`): every token through every block, as the official
   VPT code runs and as published FLOPs tables count (Kim et al.: ViT-B/16 17.6 / 26.9 GFLOPs at 0 / 100
   prompts, in their table's MAC-as-FLOP unit).
+
+Counted once per architecture: fvcore's count depends only on the architecture, and latency only on
+the architecture, the machine and the precision, so `run_costs` given an architecture key keeps both in
+`costs.json` in the cache dir and every later run of that architecture reuses them (a trace and the
+timed forward passes took 3-20 s of a few-shot run). The analytic count is exact for the executed graph,
+so it is always computed afresh (microseconds) and guards each reused count: an entry whose analytic
+GMACs or parameter count disagree with the model at hand (the executed graph changed) is counted again.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import statistics
+import sys
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from torch import nn
 
+from vptdash.engine.paths import cache_dir
+from vptdash.engine.precision import cpu_description
 from vptdash.engine.prompts import PromptedViT, patch_size_of
 
 
@@ -187,19 +203,149 @@ def latency_costs(model: PromptedViT, resolution: int, *, precision: str = "fp32
     }
 
 
-def run_costs(model: PromptedViT, resolution: int, *, measure: bool = True, precision: str = "fp32") -> dict[str, Any]:
+def run_costs(
+    model: PromptedViT,
+    resolution: int,
+    *,
+    measure: bool = True,
+    precision: str = "fp32",
+    architecture: str | None = None,
+    cache_path: Path | None = None,
+) -> dict[str, Any]:
     """Every cost figure of one trained model, flat, as stored with the run.
 
     `gmacs` is the executed graph counted by fvcore (what runs here); `gmacs_full_graph` every token
     through every block (published tables' convention, analytic: the formula matches fvcore within 1%
-    and costs no trace); `gmacs_analytic` the executed graph by formula."""
+    and costs no trace); `gmacs_analytic` the executed graph by formula.
+
+    With `architecture` (`train.architecture_key` of the run's configuration) fvcore's count and the
+    latency come from the per-machine cost cache when this architecture was counted (and timed, on this
+    machine, at this precision and thread count) before; "gmacs_cached" and "latency_cached" say which."""
     costs: dict[str, Any] = count_parameters(model)
-    costs["gmacs"] = fvcore_gmacs(model, resolution)
     costs["gmacs_full_graph"] = full_graph_gmacs(model, resolution)
     costs["gmacs_analytic"] = analytic_gmacs(model, resolution)
     num_patches = (resolution // patch_size_of(model.backbone)) ** 2
     costs["tokens_per_block"] = model.tokens_per_block(num_patches)
     costs["rows_per_block"] = model.rows_per_block(num_patches)
+    cache = CostCache(cache_path or default_cost_cache_path()) if architecture is not None else None
+    # What a reused entry must agree with: the analytic count follows the executed graph exactly.
+    check = {"gmacs_analytic": costs["gmacs_analytic"], "params_total": costs["params_total"], "resolution": resolution}
+    count_key = _count_key(architecture) if cache else None
+    count = cache.get("gmacs", count_key, check, ("gmacs",)) if cache else None
+    costs["gmacs"] = count["gmacs"] if count else fvcore_gmacs(model, resolution)
+    costs["gmacs_cached"] = count is not None
+    if cache and count is None:
+        cache.put("gmacs", count_key, check, {"gmacs": costs["gmacs"]})
     if measure:
-        costs.update(latency_costs(model, resolution, precision=precision))
+        latency_key = _latency_key(architecture, precision) if cache else None
+        latency = cache.get("latency", latency_key, check, LATENCY_KEYS) if cache else None
+        costs["latency_cached"] = latency is not None
+        if latency is None:
+            latency = latency_costs(model, resolution, precision=precision)
+            if cache:
+                cache.put("latency", latency_key, check, latency)
+        costs.update(latency)
     return costs
+
+
+# ---------------------------------------------------------------------------------------- the cache
+LATENCY_KEYS = ("latency_ms_b1", "latency_ms_b32")
+# Bump when the executed graph changes in a way the analytic check would not notice.
+COUNT_VERSION = 1
+COST_CACHE_FILE = "costs.json"
+
+
+def default_cost_cache_path() -> Path:
+    return cache_dir() / COST_CACHE_FILE
+
+
+def _count_key(architecture: str) -> str:
+    """fvcore's count depends on the architecture and on the code that builds and traces it."""
+    return json.dumps(
+        {"architecture": architecture, "version": COUNT_VERSION, "torch": torch.__version__, "timm": timm.__version__},
+        sort_keys=True,
+    )
+
+
+def _latency_key(architecture: str, precision: str) -> str:
+    """Latency also depends on the machine (CPU model and flags, threads, torch) and the precision."""
+    return json.dumps(
+        {"architecture": architecture, "machine": cpu_description(), "precision": precision}, sort_keys=True
+    )
+
+
+class CostCache:
+    """`costs.json` in the cache dir: {"gmacs": {key: entry}, "latency": {key: entry}}, each entry holding
+    the figures and the `check` values they were measured with.
+
+    Written atomically (a reader sees the old file or the new one; two processes writing at once lose at
+    most one entry, which is counted again later). An unreadable file prints one warning line and is
+    replaced by the next write: a cache never fails a run."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._entries: dict | None = None
+
+    def _read(self, *, warn: bool) -> dict:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            if warn:
+                self._warn(f"cannot be read ({exc.strerror or exc})")
+            return {}
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            if warn:
+                self._warn("is not a valid cost cache")
+            return {}
+        return value
+
+    def _warn(self, what: str) -> None:
+        print(f"warning: cost cache {self.path} {what}; counting and timing again", file=sys.stderr)
+
+    def get(self, section: str, key: str, check: dict, required: tuple[str, ...]) -> dict | None:
+        """The values stored under `key` if their check values equal `check` and every `required` value is
+        a number; else None."""
+        if self._entries is None:  # read (and warn) once per cache object, i.e. once per run
+            self._entries = self._read(warn=True)
+        entry = self._entries.get(section, {}).get(key)
+        if not isinstance(entry, dict) or not isinstance(entry.get("values"), dict):
+            return None
+        stored = entry.get("check")
+        if not isinstance(stored, dict) or set(stored) != set(check):
+            return None
+        if any(not _close(stored[name], value) for name, value in check.items()):
+            return None
+        values = entry["values"]
+        if any(
+            not isinstance(values.get(name), (int, float)) or isinstance(values.get(name), bool) for name in required
+        ):
+            return None
+        return values
+
+    def put(self, section: str, key: str, check: dict, values: dict) -> None:
+        entries = self._read(warn=False)  # afresh: keep what other processes wrote meanwhile
+        entries.setdefault(section, {})[key] = {"check": check, "values": values, "measured_at": time.time()}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".costs-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(entries, handle, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError:  # a read-only or full cache dir costs the next run a recount, nothing else
+            pass
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b

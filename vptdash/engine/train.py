@@ -13,6 +13,7 @@ makes the cache exact.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from contextlib import contextmanager, nullcontext
@@ -251,6 +252,35 @@ class RunConfig:
             if len(set(self.skip_blocks)) >= depth:
                 raise ConfigError("cannot skip every block")
         return self
+
+
+# Settings that change only training or data, never the network a run builds or what it executes.
+TRAINING_ONLY_SETTINGS = frozenset(
+    {
+        "weights",
+        "shots",
+        "test_fraction",
+        "val_fraction",
+        "split_seed",
+        "prompt_dropout",
+        "epochs",
+        "batch_size",
+        "optimizer",
+        "lr",
+        "weight_decay",
+        "warmup_epochs",
+        "eval_every",
+        "seed",
+        "precision",
+        "measure_latency",
+    }
+)
+
+
+def architecture_key(config: RunConfig) -> str:
+    """What a run's GMACs and latency depend on: every setting except those that only change training or
+    data. Runs with equal keys share one fvcore count and one latency measurement (`cost.run_costs`)."""
+    return json.dumps({k: v for k, v in config.to_dict().items() if k not in TRAINING_ONLY_SETTINGS}, sort_keys=True)
 
 
 def _lr_ok(lr: Any) -> bool:
@@ -793,7 +823,7 @@ def run_training(
             }
         )
         measure = config.measure_latency if measure_latency is None else measure_latency
-        costs = cost.run_costs(model, config.resolution, measure=measure)
+        costs = cost.run_costs(model, config.resolution, measure=measure, architecture=architecture_key(config))
     return RunResult("done", metrics, costs, timings, outcome.curve, model.trainable_state(), image_set.class_names)
 
 

@@ -9,7 +9,7 @@ latency), which on a laptop took 20-40 s and used to show as "ETA 0 s". The time
              ("val_pass_s" on its events): the test split is test_fraction / val_fraction times the
              validation split (both are the same fractions of every class), so test = val_pass_s x
              test_fraction / val_fraction. Before the first validation pass: the latest finished run of
-             the same architecture (`executors.architecture_key`), its seconds per test image times the
+             the same architecture (`train.architecture_key`), its seconds per test image times the
              test images of the latest finished run on the same data and split;
   cost       the cost phase of the latest finished run of the same architecture and the same latency
              setting. It is the latest on purpose: once costs are cached per architecture, the latest
@@ -26,8 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from vptdash.engine.train import RunConfig
-from vptdash.runs.executors import architecture_key
+from vptdash.engine.train import RunConfig, architecture_key
 from vptdash.runs.store import RunStore
 
 TRAINING_KINDS = ("train", "probe")

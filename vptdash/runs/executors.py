@@ -13,7 +13,6 @@ progress curve and the trained prompts + head.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import signal
 import sys
@@ -27,7 +26,7 @@ import torch
 
 from vptdash.engine.cost import latency_costs
 from vptdash.engine.data import load_image_set
-from vptdash.engine.train import RunConfig, build_model
+from vptdash.engine.train import RunConfig, architecture_key, build_model
 from vptdash.runs import worker
 from vptdash.runs.cluster import ClusterRunner, ClusterSettings
 from vptdash.runs.jobs import execute_run, kind_of, run_now
@@ -77,29 +76,6 @@ class LocalExecutor:
         return _run_in_processes(
             store, list(configs), self.processes, sweep_id=sweep_id, source=source, on_done=on_done
         )
-
-
-def architecture_key(config: RunConfig) -> str:
-    """What latency depends on: every setting except those that only change training or data."""
-    training_only = {
-        "weights",
-        "shots",
-        "test_fraction",
-        "val_fraction",
-        "split_seed",
-        "prompt_dropout",
-        "epochs",
-        "batch_size",
-        "optimizer",
-        "lr",
-        "weight_decay",
-        "warmup_epochs",
-        "eval_every",
-        "seed",
-        "precision",
-        "measure_latency",
-    }
-    return json.dumps({k: v for k, v in config.to_dict().items() if k not in training_only}, sort_keys=True)
 
 
 def latency_by_architecture(configs: Sequence[RunConfig]) -> dict[str, dict]:
