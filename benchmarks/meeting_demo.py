@@ -82,6 +82,8 @@ def read_verdict(page, timeout_s: float = 30.0) -> str | None:
     while time.time() < deadline:
         alerts = page.locator('[data-testid="stAlertContentSuccess"]')
         text = alerts.first.inner_text().strip() if alerts.count() else None
+        if text:  # the alert's icon is a line of its own
+            text = " ".join(line.strip() for line in text.splitlines() if line.strip() and line.strip()[0].isalnum())
         if text and text == last:
             return text
         last = text

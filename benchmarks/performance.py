@@ -37,6 +37,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import os
 import statistics
 import subprocess
 import sys
@@ -159,6 +160,55 @@ def paired_difference(differences: list[float]) -> dict:
     return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
 
 
+BENCH_RUNS = ROOT / "benchmarks" / "data" / "bench_runs.json"
+BENCH_HEADING = "## `python -m vptdash bench --json --sweep`"
+
+
+def bench_machine_key(run: dict) -> str:
+    """One column per kind of machine: the CPU model and the flags bf16 speed depends on."""
+    return run["machine"].split(",")[0] + " " + " ".join(sorted(run.get("cpu_flags") or []))
+
+
+def keep_bench_run(result: dict, machine_text: str, load: str) -> list[dict]:
+    """Add this run to benchmarks/data/bench_runs.json, replacing the earlier run of the same kind of machine."""
+    runs = json.loads(BENCH_RUNS.read_text())["runs"] if BENCH_RUNS.is_file() else []
+    flags = (result.get("cpu") or {}).get("flags") or []
+    run = {"date": today(), "machine": machine_text, "cpu_flags": flags, "load": load, "note": "", "result": result}
+    runs = [r for r in runs if bench_machine_key(r) != bench_machine_key(run)] + [run]
+    BENCH_RUNS.write_text(json.dumps({"runs": runs}, indent=1))
+    return runs
+
+
+def bench_runs_markdown(runs: list[dict]) -> str:
+    """The section: one column per kind of machine (the latest run on each), then each run's raw JSON."""
+    lines = [
+        "One column per kind of machine, the latest run on each (`benchmarks/data/bench_runs.json`; "
+        "`python benchmarks/performance.py --sections bench` adds or replaces its machine's column). "
+        "Timings compare only within a column: each was measured in one process run on one machine.",
+        "",
+    ]
+    for index, run in enumerate(runs, 1):
+        note = f" Note: {run['note']}." if run.get("note") else ""
+        lines.append(
+            f"- ({index}) {run['date']}; {run['machine']}; flags {' '.join(run.get('cpu_flags') or []) or 'none'}; "
+            f"{run['load']}.{note}"
+        )
+    keys = []
+    for run in reversed(runs):
+        keys += [k for k in run["result"] if k not in keys and k != "cpu"]
+    lines += ["", "| figure | " + " | ".join(f"({i})" for i in range(1, len(runs) + 1)) + " |"]
+    lines.append("|---|" + "---|" * len(runs))
+    for key in keys:
+        cells = []
+        for run in runs:
+            value = run["result"].get(key)
+            cells.append("" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
+        lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    for index, run in enumerate(runs, 1):
+        lines += ["", f"Raw JSON ({index}), the command's last line:", "", "```json", json.dumps(run["result"]), "```"]
+    return "\n".join(lines)
+
+
 def bench_markdown(result: dict) -> str:
     lines = ["| figure | value |", "|---|---|"]
     for key, value in result.items():
@@ -262,6 +312,9 @@ def main() -> None:
         "(without it, the asked seeds are trained again and replace their rows); either way "
         "the section is written from every pair in the file",
     )
+    parser.add_argument(
+        "--bench-from-stored", action="store_true", help="rewrite the bench section from bench_runs.json only"
+    )
     parser.add_argument("--sections", default="bench,parity,profile", help=f"comma-separated, of {', '.join(SECTIONS)}")
     args = parser.parse_args()
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
@@ -270,15 +323,15 @@ def main() -> None:
         parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     seeds = parse_seeds(args.seeds)
     header = f"Produced by `python benchmarks/performance.py` on {today()}; machine: {machine()}."
+    if args.bench_from_stored:
+        write_section(BENCH_HEADING, bench_runs_markdown(json.loads(BENCH_RUNS.read_text())["runs"]), PERFORMANCE_MD)
+        return
     if "bench" in sections:
+        load = f"load average {os.getloadavg()[0]:.1f} at the start"
         result = run_bench_command()
         print(json.dumps(result), flush=True)
-        write_section(
-            "## `python -m vptdash bench --json --sweep`",
-            f"{header}\n\n{bench_markdown(result)}\n\n"
-            f"Raw JSON (the command's last line):\n\n```json\n{json.dumps(result)}\n```",
-            PERFORMANCE_MD,
-        )
+        runs = keep_bench_run(result, machine(), load)
+        write_section(BENCH_HEADING, bench_runs_markdown(runs), PERFORMANCE_MD)
     if "parity" in sections:
         rows = precision_parity(seeds)
         write_section(

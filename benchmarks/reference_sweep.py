@@ -347,7 +347,7 @@ def docs_sections(content: dict) -> tuple[str, str]:
             f"### {dataset}, {SIZE_WORDS[size]}",
             "",
             "| configuration | seeds (collapsed) | accuracy % | std | balanced accuracy % | std "
-            "| lr chosen | GMACs executed / full | trainable params | train s |",
+            "| lr chosen | GMACs executed / full | trainable params | train s, search included (load varied) |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for _, row in frame.iterrows():

@@ -130,9 +130,18 @@ def test_row_selection_costs_section_is_generated_from_its_stored_counts():
 
 
 def test_bench_table_is_the_raw_json_printed_beside_it():
-    body = doc_section("performance", "## `python -m vptdash bench --json --sweep`")
-    raw = json.loads(re.search(r"```json\n(.*?)\n```", body, re.S).group(1))
-    assert performance.bench_markdown(raw) in body
+    """One column per machine, each the command's raw JSON, kept in benchmarks/data/bench_runs.json."""
+    body = doc_section("performance", performance.BENCH_HEADING)
+    runs = json.loads(performance.BENCH_RUNS.read_text())["runs"]
+    assert body == performance.bench_runs_markdown(runs).strip()
+    printed = [json.loads(raw) for raw in re.findall(r"```json\n(.*?)\n```", body, re.S)]
+    assert printed == [run["result"] for run in runs]
+    table = {line.split("|")[1].strip(" `"): line for line in body.splitlines() if line.startswith("| `")}
+    for index, run in enumerate(runs):  # every cell is its run's value
+        for key, value in run["result"].items():
+            if key != "cpu":
+                cell = table[key].split("|")[2 + index].strip()
+                assert cell == (f"{value:.3f}" if isinstance(value, float) else str(value)), (key, index)
 
 
 def test_full_split_parity_table_is_generated_from_the_stored_pairs():

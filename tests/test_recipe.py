@@ -262,3 +262,6 @@ def test_the_demo_rates_are_the_ones_the_reference_chose_on_validation():
     for config in presets.demo_configs():
         expected = "auto" if config.tuning == "linear" else presets.DEMO_LRS[config.placement]
         assert config.lr == expected
+        # no search, so validation only serves the collapse check: one pass, after the last epoch
+        validated = [epoch for epoch in range(1, config.epochs + 1) if train._validate_after(epoch, config)]
+        assert validated == [config.epochs]
