@@ -1,7 +1,8 @@
 """Judge the budget search offline, on the shipped reference runs (no training).
 
-The reference sweep (`vptdash/runs/reference/elpv_reference_sweep.json`) holds every configuration of a
-grid with every seed. A replay runs `methods.search.BudgetSearch` against it: the search asks for a
+The older reference sweep (`vptdash/runs/reference/elpv_reference_sweep.json`, fixed lr 1e-2) holds every
+configuration of a grid with every seed; the newer one (lr chosen on validation) does not have every seed
+yet, so the replay reads the older file. A replay runs `methods.search.BudgetSearch` against it: the search asks for a
 configuration and a seed, the replay returns the stored run of that configuration. Which stored seed
 answers which seed request is shuffled per replay (so replay r sees the seeds in another order), and
 the search's own sampler is seeded with r. A replay "names the grid's recommendation" when
@@ -24,14 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import today, write_section  # noqa: E402
 from vptdash.methods.search import DEFAULT_Z, BudgetSearch, SearchSpec, candidate_key  # noqa: E402
-from vptdash.runs.reference import REFERENCE_FILE  # noqa: E402
+from vptdash.runs.reference import REFERENCE_V1_FILE  # noqa: E402
 from vptdash.views import budget  # noqa: E402
 
 HEADING = "## Budget search replayed on the reference sweep"
 TUNED = ("tuning", "num_prompts", "placement", "prompt_type", "skip_blocks")
 
 
-def load_runs(path: Path = REFERENCE_FILE) -> list[dict]:
+def load_runs(path: Path = REFERENCE_V1_FILE) -> list[dict]:
     import json  # noqa: PLC0415 - a script
 
     content = json.loads(Path(path).read_text(encoding="utf-8"))

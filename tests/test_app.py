@@ -157,14 +157,18 @@ def test_a_fresh_store_gets_the_shipped_reference_sweep(home, store, monkeypatch
     """First start: the precomputed ELPV sweep is in the history, labelled, with how it was made."""
     monkeypatch.setattr(reference, "REFERENCE_FILE", REAL_REFERENCE)
     meta = reference.reference_info()
-    assert meta and meta["command"].startswith("python -m vptdash sweep") and meta["date"]
+    assert meta and meta["command"].startswith("python benchmarks/reference_sweep.py") and meta["date"]
     at = app()
     assert not at.exception
     runs = store.list_runs(status="done")
-    assert len(runs) == meta["n_runs"] >= 33
+    assert len(runs) == meta["n_runs"] >= 8
     assert {r["source"] for r in runs} == {"precomputed"}
     counts = {(r["config"]["num_prompts"], r["config"]["placement"]) for r in runs}
-    assert {(10, "shallow"), (10, "deep"), (100, "deep")} <= counts
+    assert {(0, "none"), (10, "shallow"), (10, "deep")} <= counts
+    assert {16, None} <= {r["config"]["shots"] for r in runs}  # 16 images per class and the full split
+    # the recipe chosen on validation: prompt runs searched their rate, the probe its L2 strength
+    assert all(r["metrics"]["lr_source"] == "validation" for r in runs)
+    assert all(r["costs"].get("gmacs_full_graph") for r in runs)  # both compute conventions
     goto(at, "app_pages/budget.py")
     assert not at.exception
     assert "precomputed" in texts(at.caption)
