@@ -59,6 +59,60 @@ def test_ensure_worker_starts_a_detached_process_that_runs_jobs(image_folder):
     assert not worker.worker_alive(store)
 
 
+def test_warm_up_runs_once_before_the_first_job_and_a_failing_one_only_costs_a_line(image_folder, capsys):
+    store = RunStore()
+    run_id = submit_run(store, tiny(image_folder))
+    seen = []
+
+    def warm():
+        seen.append(store.get_run(run_id)["status"])  # before any job is claimed
+
+    assert worker.serve(store, idle_exit_s=0.2, poll_s=0.05, warm=warm) == 0
+    assert seen == ["queued"] and store.get_run(run_id)["status"] == "done"
+    assert "warmed up in" in capsys.readouterr().err
+
+    def broken():
+        raise OSError("disk gone\nsecond line")
+
+    run_id = submit_run(store, tiny(image_folder, num_prompts=1))
+    assert worker.serve(store, idle_exit_s=0.2, poll_s=0.05, warm=broken) == 0
+    assert store.get_run(run_id)["status"] == "done"  # the worker served anyway
+    err = capsys.readouterr().err
+    assert "warm-up skipped: disk gone" in err and "second line" not in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_warm_worker_loads_the_demo_setting_then_waits(tmp_path):
+    """The app's first start: a real `worker --warm` process loads the demo's backbone and images, then
+    waits for jobs (and exits when idle)."""
+    store = RunStore()
+    assert worker.ensure_worker(store, idle_exit_s=1, warm=True) is True
+    deadline = time.time() + 180
+    log = worker.log_path(store)
+    while time.time() < deadline and "warmed up in" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.5)
+    text = log.read_text()
+    assert "warmed up in" in text and "warm-up skipped" not in text, text[-2000:]
+    deadline = time.time() + 60
+    while worker.worker_alive(store) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not worker.worker_alive(store)
+
+
+def test_the_app_starts_a_warm_worker_once_unless_told_not_to(monkeypatch):
+    started = []
+    monkeypatch.setattr(worker, "ensure_worker", lambda store, **kw: started.append(kw) or True)
+    monkeypatch.setattr(worker, "adopt", lambda store: False)
+    store = RunStore()
+    jobqueue._adopt_once.clear()
+    assert jobqueue.adopt_worker(store) is False and started == []  # VPTDASH_NO_WARMUP=1 in every test
+    jobqueue._adopt_once.clear()
+    monkeypatch.delenv("VPTDASH_NO_WARMUP")
+    assert jobqueue.adopt_worker(store) is True and jobqueue.adopt_worker(store) is True
+    assert started == [{"warm": True}]  # once per server process
+    jobqueue._adopt_once.clear()
+
+
 def test_threads_per_worker_splits_the_cores():
     assert worker.threads_per_worker(1, cores=2) == 2  # alone: every core
     assert worker.threads_per_worker(2, cores=8) == 4

@@ -23,7 +23,7 @@ from vptdash import bench
 from vptdash.engine.clip import is_clip_backbone
 from vptdash.engine.train import LR_AUTO, MAX_SEED, ConfigError, RunConfig, parse_lr, used_lr
 from vptdash.methods import condense, continual, search, skipping, vlprompts
-from vptdash.runs import cluster, recount, worker
+from vptdash.runs import cluster, presets, recount, worker
 from vptdash.runs.executors import get_executor
 from vptdash.runs.jobs import new_sweep_id, run_now, sweep_configs
 from vptdash.runs.store import RunStore, StoreError, disk_hint, recover_store
@@ -526,7 +526,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # The worker process itself (never a process that only starts one): yield to the dashboard, use the cores.
     settings = worker.yield_to_ui()
     print(f"worker {os.getpid()}: nice {settings['nice']}, {settings['threads']} torch threads", file=sys.stderr)
-    return worker.serve(RunStore(args.store), idle_exit_s=args.idle_exit, owner=args.follow_owner)
+    warm = presets.warm_demo if args.warm else None
+    return worker.serve(RunStore(args.store), idle_exit_s=args.idle_exit, owner=args.follow_owner, warm=warm)
 
 
 def _add_continual_options(parser: argparse.ArgumentParser) -> None:
@@ -734,6 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--follow-owner",
         action="store_true",
         help="exit (cancelling the running job) once the process in the store's .worker.owner file ends",
+    )
+    worker.add_argument(
+        "--warm",
+        action="store_true",
+        help="before waiting for jobs, load what the meeting demo needs (libraries, backbone, image set)",
     )
     return parser
 

@@ -69,6 +69,11 @@ def unfused_attention(model: nn.Module):
             module.fused_attn = True
 
 
+def load_counter() -> None:
+    """Import fvcore ahead of the first count (a waiting worker's head start: it takes about a second)."""
+    import fvcore.nn  # noqa: F401, PLC0415 - slow to import: loaded ahead only by a worker that waits anyway
+
+
 def fvcore_gmacs(model: PromptedViT, resolution: int) -> float:
     """GMACs per image of the inference graph, counted by fvcore from a traced forward pass."""
     from fvcore.nn import FlopCountAnalysis  # noqa: PLC0415 - slow to import (~1 s): only when counting

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from vptdash.engine import backbones, cost, data
 from vptdash.engine.train import LR_AUTO, RunConfig
 from vptdash.runs.jobs import sweep_configs
 
@@ -71,3 +72,14 @@ def meeting_sweep_configs() -> list[RunConfig]:
     """The standard meeting sweep, {0,1,5,10,25,50,100} x {shallow, deep}, 1 seed (timed by `bench --sweep`
     as `sweep_seconds`), at the demo's rates: a timing benchmark, so no search either."""
     return with_demo_rates(sweep_configs(demo_base(), list(MEETING_COUNTS), list(DEMO_PLACEMENTS), [0]))
+
+
+def warm_demo() -> None:
+    """What the demo's first job would load, loaded ahead by a waiting worker (`worker --warm`): the backbone
+    at the demo's resolution, the image set and its split (decoded and resized once per process), and the
+    GMAC counter's library. Measured on a 2-core EPYC: a fresh worker took about 7 s to claim the demo's
+    first job and its setup about 16 s (benchmarks/meeting_demo.py)."""
+    base = demo_base()
+    backbones.load_backbone(base.backbone, base.weights, base.resolution)
+    data.load_and_split(base)
+    cost.load_counter()

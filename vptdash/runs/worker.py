@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -170,10 +171,17 @@ def yield_to_ui(workers: int = 1, *, threads: int | None = None, niceness: int =
 
 
 def serve(
-    store: RunStore, *, idle_exit_s: float | None = None, poll_s: float = POLL_SECONDS, owner: bool = False
+    store: RunStore,
+    *,
+    idle_exit_s: float | None = None,
+    poll_s: float = POLL_SECONDS,
+    owner: bool = False,
+    warm: Callable[[], None] | None = None,
 ) -> int:
     """Run queued jobs until idle for `idle_exit_s` (forever when None), and with `owner` until the
-    process in the owner file ends (`follow_owner`). Returns an exit code."""
+    process in the owner file ends (`follow_owner`). `warm` runs once before the first job (loading what
+    the likely first job needs); if it fails, one line says so and the worker serves as usual. Returns an
+    exit code."""
     handle = try_lock(lock_path(store))
     if handle is None:
         print("another worker already serves this run store", file=sys.stderr)
@@ -183,6 +191,14 @@ def serve(
     try:
         # A run left 'running' by a worker that was killed can never finish: mark it failed now.
         store.fail_orphaned_runs()
+        if warm is not None:
+            started = time.monotonic()
+            try:
+                warm()
+                print(f"warmed up in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+            except Exception as exc:  # noqa: BLE001 - only a head start: the job reports real errors
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                print(f"warm-up skipped: {first}", file=sys.stderr, flush=True)
         idle_since = time.monotonic()
         dispatcher = None
         try:
@@ -214,8 +230,9 @@ def run_next(store: RunStore, dispatcher: cluster.Dispatcher | None, poll_s: flo
     return True
 
 
-def ensure_worker(store: RunStore, *, idle_exit_s: float | None = 600.0) -> bool:
-    """Start a detached worker process unless one is already serving this store.
+def ensure_worker(store: RunStore, *, idle_exit_s: float | None = 600.0, warm: bool = False) -> bool:
+    """Start a detached worker process unless one is already serving this store. With `warm`, the worker
+    loads what the meeting demo needs (`worker --warm`) before it waits for jobs.
 
     Returns True when a new worker was started. The worker exits after `idle_exit_s` without work,
     or within seconds of this process ending, so nothing lingers after a meeting; the app starts it
@@ -227,6 +244,8 @@ def ensure_worker(store: RunStore, *, idle_exit_s: float | None = 600.0) -> bool
     command = [sys.executable, "-m", "vptdash", "worker", "--store", str(store.path), "--follow-owner"]
     if idle_exit_s is not None:
         command += ["--idle-exit", str(idle_exit_s)]
+    if warm:
+        command.append("--warm")
     log = open(log_path(store), "ab")
     package_root = str(PACKAGE_ROOT)
     env = {**os.environ, "PYTHONPATH": package_root + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -3,6 +3,7 @@ background worker."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -89,6 +90,11 @@ def _adopt_once(path: str, _store: RunStore) -> bool:
         if _store.queue_summary()["queued"]:
             worker.ensure_worker(_store)
             return True
+        if not os.environ.get("VPTDASH_NO_WARMUP"):
+            # A worker that waits with the demo's backbone and images loaded: the first press of the demo
+            # skips the worker's start (imports) and that loading. It exits after 10 idle minutes.
+            worker.ensure_worker(_store, warm=True)
+            return True
     except Exception:  # noqa: BLE001 - a locked store must not take the app down; queueing starts one too
         return False
     return False
@@ -96,7 +102,8 @@ def _adopt_once(path: str, _store: RunStore) -> bool:
 
 def adopt_worker(store: RunStore) -> bool:
     """Once per server process: a worker left by an earlier server (still finishing a job) follows
-    this one now, and runs queued before a restart start again. True if a worker serves the store."""
+    this one now, and runs queued before a restart start again; with neither, a warm worker is started
+    to wait for the first job (not with VPTDASH_NO_WARMUP=1). True if a worker serves the store."""
     return _adopt_once(str(store.path), store)
 
 
