@@ -404,6 +404,24 @@ def _paper_section(content: dict, frames: dict) -> str:
         )
     for name, accuracy in PAPER:
         lines.append(f"| {name} (paper) | n/a | {100 * accuracy:.2f} | n/a |")
+    lines.append("")
+    for _, row in frame.iterrows():
+        mean = row["accuracy_mean"]
+        above = [name for name, accuracy in PAPER if mean > accuracy]
+        below = [name for name, accuracy in PAPER if mean <= accuracy]
+        where = "; ".join(
+            part
+            for part in (
+                f"above {', '.join(above)}" if above else "",
+                f"below {', '.join(below)}" if below else "",
+            )
+            if part
+        )
+        seeds = f"{row['n_seeds']} seed{'s' if row['n_seeds'] != 1 else ''}"
+        note = ""
+        if row["n_seeds"] > 1 and row["accuracy_std"] == 0:
+            note = " Its seeds agree exactly: a logistic regression fitted to convergence on one split has no seed."
+        lines.append(f"- {row['label']} ({100 * mean:.1f}%, {seeds}): {where.rstrip('.')}.{note}")
     if result is not None and result.probe is not None:
         prompts = frame[frame["tuning"] != "linear"].sort_values("accuracy_mean", ascending=False)
         if len(prompts):
@@ -417,7 +435,8 @@ def _paper_section(content: dict, frames: dict) -> str:
                 )
                 lines += [
                     "",
-                    f"Best prompt configuration run on the full split, {top['label']}, against the converged "
+                    f"{'Best prompt configuration' if len(prompts) > 1 else 'The only prompt configuration'} run on "
+                    f"the full split so far, {top['label']}, against the converged "
                     f"linear probe (paired on the same test images and seeds): {100 * gap.difference:+.1f} "
                     f"points of accuracy ({interval}).",
                 ]
