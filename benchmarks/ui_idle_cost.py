@@ -37,7 +37,7 @@ from tests.browser_support import (  # noqa: E402
     CHROMIUM,
     CHROMIUM_ARGS,
     free_port,
-    sigint_as_at_a_terminal,
+    start_server,
     stop_all,
     wait_healthy,
     wait_idle,
@@ -93,18 +93,7 @@ def loadavg() -> list[float]:
 
 def start_app(root: Path, home: Path, port: int) -> subprocess.Popen:
     """`streamlit run app.py` from the checkout `root` (its own code, its own VPTDASH_HOME)."""
-    env = {**os.environ, "VPTDASH_HOME": str(home), "PYTHONPATH": str(root)}
-    with open(home / "server.log", "wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true"]
-            + ["--server.port", str(port), "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-            cwd=root,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=sigint_as_at_a_terminal,
-        )
+    return start_server(home, port, home / "server.log", root=root)
 
 
 def window(server_pid: int, window_s: float, page, frames: list[int]) -> dict:

@@ -44,9 +44,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(home: Path, port: int, log_path: Path, **env_extra: str) -> subprocess.Popen:
-    """`streamlit run app.py` in its own process group (so that stopping it stops its children)."""
-    env = {**os.environ, "VPTDASH_HOME": str(home), "PYTHONPATH": str(ROOT), **env_extra}
+def start_server(home: Path, port: int, log_path: Path, *, root: Path = ROOT, **env_extra: str) -> subprocess.Popen:
+    """`streamlit run app.py` of the checkout `root` in its own process group (so that stopping it stops its
+    children)."""
+    env = {**os.environ, "VPTDASH_HOME": str(home), "PYTHONPATH": str(root), **env_extra}
     with open(log_path, "wb") as log:  # the child keeps its own handle
         return subprocess.Popen(
             [
@@ -64,7 +65,7 @@ def start_server(home: Path, port: int, log_path: Path, **env_extra: str) -> sub
                 "--server.fileWatcherType",
                 "none",
             ],
-            cwd=ROOT,
+            cwd=root,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -36,6 +36,16 @@ FAMILY_ORDER = ["linear probe", "shallow", "deep", "custom blocks", "full fine-t
 # Config keys that do not define *what* was trained: runs differing only in these are repeats.
 SEED_KEYS = ("seed", "measure_latency")
 
+_METRIC_COLUMNS = ("accuracy", "balanced_accuracy", "val_accuracy", "majority_accuracy")
+_COST_COLUMNS = (
+    "gmacs",
+    "gmacs_full_graph",
+    "gmacs_analytic",
+    "latency_ms_b1",
+    "latency_ms_b32",
+    "params_trainable",
+    "params_total",
+)
 RUN_COLUMNS = [
     "id",
     "family",
@@ -50,17 +60,8 @@ RUN_COLUMNS = [
     "placement",
     "seed",
     "source",
-    "accuracy",
-    "balanced_accuracy",
-    "val_accuracy",
-    "majority_accuracy",
-    "gmacs",
-    "gmacs_full_graph",
-    "gmacs_analytic",
-    "latency_ms_b1",
-    "latency_ms_b32",
-    "params_trainable",
-    "params_total",
+    *_METRIC_COLUMNS,
+    *_COST_COLUMNS,
     "train_seconds",
     "parent_id",
     "created_at",
@@ -75,16 +76,6 @@ RUN_COLUMNS = [
     "lr",
     "lr_source",
 ]
-_METRIC_COLUMNS = ("accuracy", "balanced_accuracy", "val_accuracy", "majority_accuracy")
-_COST_COLUMNS = (
-    "gmacs",
-    "gmacs_full_graph",
-    "gmacs_analytic",
-    "latency_ms_b1",
-    "latency_ms_b32",
-    "params_trainable",
-    "params_total",
-)
 
 AGG_COLUMNS = [
     "config_key",
