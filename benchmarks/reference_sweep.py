@@ -351,7 +351,7 @@ def docs_sections(content: dict) -> tuple[str, str]:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for _, row in frame.iterrows():
-            full = _full_graph(content, row)
+            full = "n/a" if row["gmacs_full_graph"] != row["gmacs_full_graph"] else f"{row['gmacs_full_graph']:.3f}"
             lines.append(
                 f"| {row['label']} | {row['n_seeds']} ({row['n_collapsed']}) | {_interval(row, 'accuracy')} "
                 f"| {_std_points(row, 'accuracy')} | {_interval(row, 'balanced_accuracy')} "
@@ -365,16 +365,6 @@ def docs_sections(content: dict) -> tuple[str, str]:
             lines += ["", f"Verdict ({budget.METRIC_WORDS.get(metric, metric)}): {result.sentence}"]
         lines += _collapse_list(frame)
     return "\n".join(lines), _paper_section(content, frames)
-
-
-def _full_graph(content: dict, row: pd.Series) -> str:
-    values = [
-        r.get("costs", {}).get("gmacs_full_graph")
-        for r in content["runs"]
-        if budget.config_key(r["config"]) == row["config_key"]
-    ]
-    values = [v for v in values if isinstance(v, (int, float))]
-    return f"{sum(values) / len(values):.3f}" if values else "n/a"
 
 
 def _collapse_list(frame: pd.DataFrame) -> list[str]:
