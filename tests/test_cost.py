@@ -304,3 +304,22 @@ def test_latency_is_keyed_by_machine_threads_and_precision(spies, tmp_path, monk
     monkeypatch.setattr(cost, "cpu_description", lambda: {**machine, "threads": machine["threads"] + 1})
     run_costs(model, RES, architecture=_arch(), cache_path=path)
     assert spies == {"fvcore": 1, "latency": 3}  # the count is the machine's business no longer
+
+
+def test_a_parallel_sweeps_up_front_latency_shares_the_cache_with_single_runs(spies, tmp_path):
+    """A sweep with several processes times each architecture up front; a one-process run of the same
+    architecture later (or earlier) reuses that timing instead of measuring again, and the other way round."""
+    from vptdash.engine.cost import cached_latency_costs
+
+    path = tmp_path / "costs.json"
+    model = PromptedViT(small_vit(), 4, num_prompts=5, placement="deep")
+    first = cached_latency_costs(model, RES, architecture=_arch(), cache_path=path)
+    assert spies["latency"] == 1 and first["latency_cached"] is False and first["latency_ms_b1"] == 3.0
+    run = run_costs(model, RES, architecture=_arch(seed=3), cache_path=path)
+    assert spies["latency"] == 1 and run["latency_cached"] is True
+    again = cached_latency_costs(model, RES, architecture=_arch(lr=0.5), cache_path=path)
+    assert spies["latency"] == 1 and again["latency_cached"] is True and again["latency_ms_b32"] == 1.5
+    other = PromptedViT(small_vit(), 4, num_prompts=6, placement="deep")
+    fresh = cached_latency_costs(other, RES, architecture=_arch(num_prompts=6), cache_path=path)
+    assert fresh["latency_cached"] is False
+    assert spies["latency"] == 2 and spies["fvcore"] == 1  # the up-front timing never traces

@@ -94,6 +94,15 @@ def test_two_local_processes_store_the_same_runs_with_latency_measured_once_per_
     # measured once per architecture, before the workers started, then written into both seeds' runs
     assert all(len(v) == 2 and v[0] == v[1] for v in by_budget.values())
     assert len({v[0] for v in by_budget.values()}) == len(by_budget)
+    # a later parallel sweep on this machine reuses those timings from the cost cache instead of timing again
+    again_path = tmp_path / "again.sqlite"
+    again_args = ["sweep", "--dataset", str(image_folder), *args, "--store", str(again_path), "--processes", "2"]
+    assert cli.main(again_args) == 0
+    again = RunStore(again_path).list_runs()
+    assert len(again) == 5 and all(r["costs"]["latency_cached"] is True for r in again)
+    for row in again:
+        config = row["config"]
+        assert row["costs"]["latency_ms_b1"] == by_budget[(config["num_prompts"], config["placement"])][0]
 
 
 def test_a_failing_run_fails_alone_in_a_parallel_sweep(image_folder, tmp_path):

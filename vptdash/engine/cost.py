@@ -233,8 +233,7 @@ def run_costs(
     costs["tokens_per_block"] = model.tokens_per_block(num_patches)
     costs["rows_per_block"] = model.rows_per_block(num_patches)
     cache = CostCache(cache_path or default_cost_cache_path()) if architecture is not None else None
-    # What a reused entry must agree with: the analytic count follows the executed graph exactly.
-    check = {"gmacs_analytic": costs["gmacs_analytic"], "params_total": costs["params_total"], "resolution": resolution}
+    check = _cache_check(costs["gmacs_analytic"], costs["params_total"], resolution)
     count_key = _count_key(architecture) if cache else None
     count = cache.get("gmacs", count_key, check, ("gmacs",)) if cache else None
     costs["gmacs"] = count["gmacs"] if count else fvcore_gmacs(model, resolution)
@@ -242,15 +241,42 @@ def run_costs(
     if cache and count is None:
         cache.put("gmacs", count_key, check, {"gmacs": costs["gmacs"]})
     if measure:
-        latency_key = _latency_key(architecture, precision) if cache else None
-        latency = cache.get("latency", latency_key, check, LATENCY_KEYS) if cache else None
-        costs["latency_cached"] = latency is not None
-        if latency is None:
-            latency = latency_costs(model, resolution, precision=precision)
-            if cache:
-                cache.put("latency", latency_key, check, latency)
-        costs.update(latency)
+        costs.update(_latency_through(cache, architecture, check, model, resolution, precision))
     return costs
+
+
+def cached_latency_costs(
+    model: PromptedViT,
+    resolution: int,
+    *,
+    architecture: str,
+    precision: str = "fp32",
+    cache_path: Path | None = None,
+) -> dict[str, Any]:
+    """`latency_costs` through the per-machine cost cache, as `run_costs` measures it: what a parallel sweep
+    measures up front, once per architecture, is then reused by every later run or sweep on this machine.
+    "latency_cached" says whether the figures came from the cache."""
+    cache = CostCache(cache_path or default_cost_cache_path())
+    check = _cache_check(analytic_gmacs(model, resolution), count_parameters(model)["params_total"], resolution)
+    return _latency_through(cache, architecture, check, model, resolution, precision)
+
+
+def _cache_check(gmacs_analytic: float, params_total: int, resolution: int) -> dict:
+    """What a reused entry must agree with: the analytic count follows the executed graph exactly."""
+    return {"gmacs_analytic": gmacs_analytic, "params_total": params_total, "resolution": resolution}
+
+
+def _latency_through(
+    cache: CostCache | None, architecture: str | None, check: dict, model: PromptedViT, resolution: int, precision: str
+) -> dict[str, Any]:
+    latency_key = _latency_key(architecture, precision) if cache else None
+    latency = cache.get("latency", latency_key, check, LATENCY_KEYS) if cache else None
+    cached = latency is not None
+    if latency is None:
+        latency = latency_costs(model, resolution, precision=precision)
+        if cache:
+            cache.put("latency", latency_key, check, latency)
+    return {**latency, "latency_cached": cached}
 
 
 # ---------------------------------------------------------------------------------------- the cache

@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from vptdash.engine.cost import latency_costs
+from vptdash.engine.cost import cached_latency_costs
 from vptdash.engine.data import load_image_set
 from vptdash.engine.train import RunConfig, architecture_key, build_model
 from vptdash.runs import worker
@@ -56,7 +56,8 @@ class LocalExecutor:
     two 1-thread runs side by side give 1.15x the throughput of one 2-thread run (full-split parity pairs,
     benchmarks/performance.py; `--sections processes` measures the few-shot meeting sweep). Latency must
     not be measured beside another run, so with N > 1 it is measured first, once per architecture, on the
-    still quiet machine, and written into each run of that architecture. A worker process that dies
+    still quiet machine (or taken from the machine's cost cache, shared with one-process runs), and written
+    into each run of that architecture. A worker process that dies
     (killed, out of memory) fails only the run it had; a fresh process takes the runs still waiting."""
 
     def __init__(self, processes: int = 1):
@@ -79,7 +80,8 @@ class LocalExecutor:
 
 
 def latency_by_architecture(configs: Sequence[RunConfig]) -> dict[str, dict]:
-    """Latency once per distinct architecture, measured with every thread of this process."""
+    """Latency once per distinct architecture, measured with every thread of this process, or taken from
+    the machine's cost cache when that architecture was timed here before (as a one-process run does)."""
     measured: dict[str, dict] = {}
     for config in configs:
         key = architecture_key(config)
@@ -87,7 +89,8 @@ def latency_by_architecture(configs: Sequence[RunConfig]) -> dict[str, dict]:
             continue
         try:
             classes = load_image_set(config.dataset, config.resolution, cell_type=config.cell_type).class_names
-            measured[key] = latency_costs(build_model(config, len(classes)), config.resolution)
+            model = build_model(config, len(classes))
+            measured[key] = cached_latency_costs(model, config.resolution, architecture=key)
         except Exception:  # noqa: BLE001 - a config that cannot even be built fails as its own run, later
             continue
     return measured
