@@ -142,3 +142,29 @@ def test_a_budget_of_zero_still_returns_the_encodings(monkeypatch):
     assert values.shape == (4, 100) and torch.equal(values[:, 0], torch.arange(4).float() + 0.5)
     entry("k", calls)
     assert calls == ["k", "k"]
+
+
+def test_encoding_ahead_leaves_the_probe_nothing_to_encode(image_folder, monkeypatch):
+    """What a waiting worker encodes for the demo's probe is exactly what the probe's run reads, and the
+    run's answer is the same as without it."""
+    features.clear_memory()
+    cold = run_training(tiny(image_folder, seed=2), compute_costs=False)
+    monkeypatch.setenv("VPTDASH_HOME", str(image_folder.parent / "another-home"))
+    features.clear_memory()
+    seen = count_encoded(monkeypatch)
+    train.encode_ahead(tiny(image_folder, seed=2))
+    assert sum(seen) > 0
+    features.clear_memory()  # from disk, as in the worker that claims the job after warming up
+    seen.clear()
+    warm = run_training(tiny(image_folder, seed=2), compute_costs=False)
+    assert sum(seen) == 0
+    assert warm.metrics["accuracy"] == cold.metrics["accuracy"]
+    assert warm.metrics["test_correct"] == cold.metrics["test_correct"]
+
+
+def test_encoding_ahead_skips_runs_whose_frozen_part_is_not_kept(image_folder, monkeypatch):
+    seen = count_encoded(monkeypatch)
+    train.encode_ahead(tiny(image_folder, tuning="prompt", num_prompts=2, placement="deep"))
+    assert seen == []
+    train.encode_ahead(tiny(image_folder, tuning="prompt", num_prompts=2, placement="2,3"))
+    assert sum(seen) > 0  # a late placement's frozen prefix is shared across runs, so it is worth encoding

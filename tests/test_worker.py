@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from vptdash.engine import paths
 from vptdash.engine.train import RunConfig
 from vptdash.runs import reference, worker
 from vptdash.runs.jobs import submit_run
@@ -83,8 +84,8 @@ def test_warm_up_runs_once_before_the_first_job_and_a_failing_one_only_costs_a_l
 
 @pytest.mark.slow
 def test_a_warm_worker_loads_the_demo_setting_then_waits(tmp_path):
-    """The app's first start: a real `worker --warm` process loads the demo's backbone and images, then
-    waits for jobs (and exits when idle)."""
+    """The app's first start: a real `worker --warm` process loads the demo's backbone and images and
+    encodes the probe's features, then waits for jobs (and exits when idle)."""
     store = RunStore()
     assert worker.ensure_worker(store, idle_exit_s=1, warm=True) is True
     deadline = time.time() + 180
@@ -93,6 +94,8 @@ def test_a_warm_worker_loads_the_demo_setting_then_waits(tmp_path):
         time.sleep(0.5)
     text = log.read_text()
     assert "warmed up in" in text and "warm-up skipped" not in text, text[-2000:]
+    # the demo's linear probe will find its frozen features encoded (kept on disk by the worker)
+    assert list((paths.cache_dir() / "features").glob("*.pt"))
     deadline = time.time() + 60
     while worker.worker_alive(store) and time.time() < deadline:
         time.sleep(0.2)
