@@ -7,6 +7,10 @@ docs/results.md (only the section "## Prompt pull against untrained prompts").
     python benchmarks/pull_elpv.py                                   # counts 1,10,100, seeds 0,1,2
     python benchmarks/pull_elpv.py --seeds 0 --epochs 4 --no-write   # a reduced run
 
+Training follows the reference's recipe: the learning rate chosen on the validation split (lr "auto") and
+the precision measured faster on this machine (precision "auto"); both are stored with each run and
+printed per run.
+
 Runs go into their own run store (default: <data dir>/benchmarks/pull.sqlite, artifacts beside it); finished
 runs with the same configuration are reused, so an interrupted benchmark resumes.
 """
@@ -14,6 +18,7 @@ runs with the same configuration are reused, so an interrupted benchmark resumes
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -25,12 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine, today, write_section  # noqa: E402
 from vptdash.engine import paths  # noqa: E402
-from vptdash.engine.train import RunConfig  # noqa: E402
+from vptdash.engine.train import PRECISION_CHOICES, RunConfig, parse_lr  # noqa: E402
 from vptdash.methods import attention  # noqa: E402
 from vptdash.runs import jobs  # noqa: E402
 from vptdash.runs.store import RunStore  # noqa: E402
 
 HEADING = "## Prompt pull against untrained prompts"
+# What the section is written from (every figure of every run), so tests can regenerate it.
+OUTPUT = Path(__file__).resolve().parent / "data" / "pull_elpv.json"
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131)
 Z95 = 1.96  # beyond 15 df: the normal quantile (32 paired images: t would be 2.04, 4 % wider)
 
@@ -61,6 +68,7 @@ def pct(value: float | None) -> str:
 
 def measure(store: RunStore, run_id: int, n_images: int, n_masked: int) -> dict:
     run = attention.load_trained_model(store, run_id)
+    metrics = store.get_run(run_id)["metrics"]
     images = attention.run_images(run.config, "test", limit=max(n_images, n_masked))
     trained = attention.measure_pull(run.model, images.images[:n_images])
     twin = attention.untrained_twin(run)
@@ -71,7 +79,11 @@ def measure(store: RunStore, run_id: int, n_images: int, n_masked: int) -> dict:
     return {
         "prompts": run.model.num_prompts,
         "seed": run.config.seed,
-        "accuracy": store.get_run(run_id)["metrics"].get("accuracy"),
+        "accuracy": metrics.get("accuracy"),
+        "lr": metrics.get("lr"),
+        "lr_source": metrics.get("lr_source"),
+        "precision": metrics.get("precision"),
+        "collapsed": bool(metrics.get("collapsed")),
         "cls_pull": trained.mean("cls_pull"),
         "cls_pull_untrained": untrained.mean("cls_pull"),
         "uniform": trained.mean("uniform"),
@@ -89,28 +101,30 @@ def measure(store: RunStore, run_id: int, n_images: int, n_masked: int) -> dict:
     }
 
 
-def section(results: list[dict], settings: dict, command: str, minutes: float, loads: list[float]) -> list[str]:
+def section(
+    results: list[dict], settings: dict, command: str, minutes: float, loads: list[float], where: str, date: str
+) -> list[str]:
     lines = [
-        f"Machine: {machine()}, shared with other developers' jobs (load average {min(loads):.0f}–{max(loads):.0f} "
-        f"on 2 cores: times are indicative). Date: {today()}. Command: `{command}` ({minutes:.0f} min in this "
+        f"Machine: {where}, shared with other developers' jobs (load average {min(loads):.0f}–{max(loads):.0f} "
+        f"on 2 cores: times are indicative). Date: {date}. Command: `{command}` ({minutes:.0f} min in this "
         "invocation; finished runs in the benchmark's store are reused).",
         "",
         f"Setting: elpv-binary, offline DINOv2 ViT-S/14 at {settings['resolution']} px, {settings['shots']} training "
-        f"images per class, deep prompts, AdamW lr {settings['lr']:g}, batch {settings['batch_size']}, "
-        f"{settings['epochs']} epochs, fp32. Pull and value-weighted share on the first {results[0]['n_images']} "
+        f"images per class, deep prompts, AdamW at {describe_lr(settings['lr'])}, batch {settings['batch_size']}, "
+        f"{settings['epochs']} epochs, precision {describe_precision(settings['precision'], results)}. Pull and value-weighted share on the first {results[0]['n_images']} "
         f"test images; accuracies with and without prompts on the first {results[0]['n_masked']} (the same "
         "head). *Untrained*: the same model before training (same blocks, per-block counts, seeded init, images, "
         "and the trained head). Intervals: 95 % over images, paired (trained − untrained on the same image); "
         "they say how stable the figure is over images, not over training seeds.",
         "",
-        "| prompts per block | seed | test accuracy (full split) | CLS pull trained | untrained | uniform p/T | "
+        "| prompts per block | seed | lr | test accuracy (full split) | CLS pull trained | untrained | uniform p/T | "
         "trained − untrained, points | value-weighted share trained | untrained | trained − untrained, points | "
         "accuracy (sample) | prompts removed | untrained prompts | predictions changed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r["prompts"], r["seed"])):
         lines.append(
-            f"| {r['prompts']} | {r['seed']} | {pct(r['accuracy'])} | {pct(r['cls_pull'])} | "
+            f"| {r['prompts']} | {r['seed']} | {run_lr(r)} | {pct(r['accuracy'])} | {pct(r['cls_pull'])} | "
             f"{pct(r['cls_pull_untrained'])} | {pct(r['uniform'])} | {100 * r['gain']:+.1f} ± {100 * r['gain_half']:.1f} | "
             f"{pct(r['value_share'])} | {pct(r['value_share_untrained'])} | "
             f"{100 * r['value_gain']:+.1f} ± {100 * r['value_gain_half']:.1f} | {pct(r['accuracy_sample'])} | "
@@ -126,6 +140,7 @@ def section(results: list[dict], settings: dict, command: str, minutes: float, l
         ]
         lines.append(f"- {r['prompts']} per block, seed {r['seed']}: {', '.join(pairs)}")
     lines += ["", "Reading (computed from the table):", ""]
+    lines += over_seeds(results)
     lines += reading(results)
     lines += [
         "",
@@ -133,6 +148,58 @@ def section(results: list[dict], settings: dict, command: str, minutes: float, l
         "'pull hardly follows the prompt count' compared trained pull with p/T only).",
         "",
     ]
+    return lines
+
+
+def describe_lr(lr) -> str:
+    return "the learning rate chosen on validation per run (lr auto)" if lr == "auto" else f"lr {lr:g}"
+
+
+def describe_precision(precision: str, results: list[dict]) -> str:
+    used = sorted({r["precision"] for r in results if r.get("precision")})
+    if precision == "auto":
+        return f"measured faster on this machine (auto: {', '.join(used) or 'n/a'})"
+    return precision
+
+
+def run_lr(r: dict) -> str:
+    lr = "n/a" if r.get("lr") is None else f"{r['lr']:g}"
+    return (
+        lr
+        + (" (validation)" if r.get("lr_source") == "validation" else "")
+        + (", collapsed" if r.get("collapsed") else "")
+    )
+
+
+def over_seeds(results: list[dict]) -> list[str]:
+    """Per prompt count, what training did to CLS pull and to the value-weighted share, as a mean over
+    training seeds with a 95 % t-interval over seeds (each seed's figure already averages the images)."""
+    lines = []
+    for count in sorted({r["prompts"] for r in results}):
+        rows = [r for r in results if r["prompts"] == count]
+        if len(rows) < 2:
+            continue
+        parts = []
+        for key, name in (("gain", "CLS pull"), ("value_gain", "value-weighted share")):
+            values = 100 * np.array([r[key] for r in rows])
+            half = half_width(values)
+            verdict = (
+                "within noise over seeds" if abs(values.mean()) <= half else ("up" if values.mean() > 0 else "down")
+            )
+            parts.append(
+                f"{name} {values.mean():+.1f} points (95 % CI {values.mean() - half:+.1f} to {values.mean() + half:+.1f}: {verdict})"
+            )
+        change = 100 * np.array([r["prediction_change"] for r in rows])
+        lines.append(
+            f"- {count} per block, trained − untrained over {len(rows)} seeds: {'; '.join(parts)}; removing the "
+            f"prompts changes {change.mean():.1f} % of predictions on average (range {change.min():.1f}–{change.max():.1f})."
+        )
+    collapsed = [r for r in results if r.get("collapsed")]
+    if collapsed:
+        lines.append(
+            "- Collapsed runs (one class predicted on validation, or a diverged loss), kept in the table and in "
+            "these means: " + ", ".join(f"{r['prompts']} per block seed {r['seed']}" for r in collapsed) + "."
+        )
     return lines
 
 
@@ -180,6 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=112)
     parser.add_argument("--images", type=int, default=attention.PULL_SAMPLE_IMAGES)
     parser.add_argument("--masked-images", type=int, default=128)
+    parser.add_argument("--lr", default="auto", help="'auto' (chosen on validation, the default) or a number")
+    parser.add_argument("--precision", default="auto", choices=PRECISION_CHOICES)
     parser.add_argument("--store", default=str(paths.data_dir() / "benchmarks" / "pull" / "pull.sqlite"))
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
@@ -194,9 +263,9 @@ def main(argv=None) -> int:
         epochs=args.epochs,
         eval_every=args.epochs,
         batch_size=16,
-        lr=1e-2,
+        lr=parse_lr(args.lr),
         warmup_epochs=1.0,
-        precision="fp32",
+        precision=args.precision,
         placement="deep",
         measure_latency=False,
     )
@@ -229,14 +298,28 @@ def main(argv=None) -> int:
             ("epochs", args.epochs, 10),
             ("shots", args.shots, 32),
             ("resolution", args.resolution, 112),
+            ("images", args.images, attention.PULL_SAMPLE_IMAGES),
+            ("masked-images", args.masked_images, 128),
+            ("lr", args.lr, "auto"),
+            ("precision", args.precision, "auto"),
         )
         if value != default
     )
-    body = section(results, settings, command, (time.perf_counter() - started) / 60, loads)
+    kept = dict(
+        results=results,
+        settings=settings,
+        command=command,
+        minutes=(time.perf_counter() - started) / 60,
+        loads=loads,
+        where=machine(),
+        date=today(),
+    )
+    body = section(**kept)
     print(HEADING + "\n\n" + "\n".join(body))
     if not args.no_write:
+        OUTPUT.write_text(json.dumps(kept, indent=1, default=float) + "\n")
         write_section(HEADING, "\n".join(body))
-        log("wrote docs/results.md")
+        log(f"wrote docs/results.md and {OUTPUT.relative_to(OUTPUT.parents[2])}")
     return 0
 
 
