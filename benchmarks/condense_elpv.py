@@ -275,13 +275,12 @@ def pull_sentence(rows) -> str:
             f" Across {min(counts):.0f} to {max(counts):.0f} prompts per block (on average) the CLS pull ranges "
             f"{min(pulls):.0f}-{max(pulls):.0f} % while the uniform share ranges {min(uniform):.0f}-{max(uniform):.0f} %"
         )
-        if max(pulls) - min(pulls) < (max(uniform) - min(uniform)) / 2:
-            text += (
-                ": pull hardly follows the prompt count, far above the prompts' share when they are few and "
-                "below it when they are many: it saturates early, as accuracy does."
-            )
-        else:
-            text += "."
+        # p/T is not the yardstick for what training did: untrained prompts in the same blocks already draw
+        # far more than p/T from the frozen backbone. Only the comparison with untrained prompts says it.
+        text += (
+            ". These figures include the frozen backbone's own pull towards any prompt, so they cannot say what "
+            "training did: see 'Prompt pull against untrained prompts' for trained against untrained prompts."
+        )
     missing = [e.get("parent_id", e.get("run_id")) for e in rows if e.get("pull") is None]
     missing += [c["run_id"] for e in rows for c in e["condensed"] if c.get("pull") is None]
     if missing:
