@@ -184,11 +184,12 @@ def test_a_warm_worker_loads_the_demo_setting_then_waits(tmp_path):
     assert "warmed up in" in text and "warm-up skipped" not in text, text[-2000:]
     # the demo's linear probe will find its frozen features encoded (kept on disk by the worker)
     assert list((paths.cache_dir() / "features").glob("*.pt"))
-    # and every run of the demo will find its GMAC count and its latency in this machine's cost cache
+    # and every run of the demo will find its GMAC count and its latency in this machine's cost cache (the
+    # cache dir is shared by the session's tests: other tests' architectures may be there too)
     entries = json.loads(cost.default_cost_cache_path().read_text())
     for section in ("gmacs", "latency"):
         counted = {json.loads(key)["architecture"] for key in entries[section]}
-        assert counted == {train.architecture_key(config) for config in presets.demo_configs()}, section
+        assert counted >= {train.architecture_key(config) for config in presets.demo_configs()}, section
     deadline = time.time() + 60
     while worker.worker_alive(store) and time.time() < deadline:
         time.sleep(0.2)
