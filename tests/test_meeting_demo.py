@@ -2,7 +2,14 @@
 
 import pytest
 
-from benchmarks.meeting_demo import FLOOR_CONVENTION, demo_floor, phase_split, run_work, section
+from benchmarks.meeting_demo import (
+    FLOOR_CONVENTION,
+    demo_floor,
+    phase_split,
+    run_work,
+    section,
+    warm_up_seconds,
+)
 
 
 def test_phases_run_from_their_first_event_to_the_next_phase_and_the_last_to_the_finish():
@@ -115,14 +122,25 @@ def test_the_docs_section_states_the_floor_its_split_its_peak_and_its_convention
         "peak_gflops_bf16": 245.5,
         "gmacs_total": 4910.0,
     }
-    text = section(result(floor_s=40.0, efficiency_vs_floor=0.5, floor=floor, floor_convention=FLOOR_CONVENTION))
+    text = section(
+        result(warm_up_s=31.5, floor_s=40.0, efficiency_vs_floor=0.5, floor=floor, floor_convention=FLOOR_CONVENTION)
+    )
     assert "| 40.0 s (training 30.0, evaluation 8.0, probe encoding 2.0) |" in text
     assert "| efficiency vs the floor (floor / complete) | 0.5 |" in text
     assert "| 19.25 |" in text  # the run's own floor beside its measured phases
     assert "245.5 GFLOP/s (bf16; fp32 104.6, bf16 245.5" in text
     assert FLOOR_CONVENTION in text and "2 x training images" in FLOOR_CONVENTION
+    assert "(as before a meeting; its warm-up took 31.5 s)" in text
 
 
 def test_a_result_measured_before_the_floor_existed_still_makes_a_section():
     text = section(result())
     assert "| click -> demo complete | 80.0 s | 60 s |" in text and "floor:" not in text
+    assert "(as before a meeting), then one press" in text
+
+
+def test_the_warm_up_time_is_the_workers_own_line_and_none_before_it_is_written():
+    log = "worker 12: nice 5, 2 torch threads\nwarmed up in 27.3 s\n"
+    assert warm_up_seconds(log) == 27.3
+    assert warm_up_seconds("worker 12: nice 5, 2 torch threads\n") is None
+    assert warm_up_seconds("warm-up skipped: disk gone\n") is None
