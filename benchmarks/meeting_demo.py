@@ -292,7 +292,8 @@ def section(result: dict) -> str:
     if floor:
         lines += [
             f"| compute floor: the demo's arithmetic at this CPU's best matmul peak | {result['floor_s']} s "
-            f"(training {floor['train_s']}, evaluation {floor['eval_s']}, probe encoding {floor['encode_s']}) | |",
+            f"(training {floor['train_s']}, evaluation {floor['eval_s']}, probe encoding {floor['encode_s']}, which the "
+            "warm worker does before the press) | |",
             f"| efficiency vs the floor (floor / complete) | {result['efficiency_vs_floor']} | |",
         ]
     lines += [

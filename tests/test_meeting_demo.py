@@ -125,7 +125,7 @@ def test_the_docs_section_states_the_floor_its_split_its_peak_and_its_convention
     text = section(
         result(warm_up_s=31.5, floor_s=40.0, efficiency_vs_floor=0.5, floor=floor, floor_convention=FLOOR_CONVENTION)
     )
-    assert "| 40.0 s (training 30.0, evaluation 8.0, probe encoding 2.0) |" in text
+    assert "| 40.0 s (training 30.0, evaluation 8.0, probe encoding 2.0, which the warm worker does before" in text
     assert "| efficiency vs the floor (floor / complete) | 0.5 |" in text
     assert "| 19.25 |" in text  # the run's own floor beside its measured phases
     assert "245.5 GFLOP/s (bf16; fp32 104.6, bf16 245.5" in text
