@@ -16,6 +16,11 @@ and waits until every run of the demo has finished. Prints:
                      phase), cost (GMAC counts, latency) and the precision it trained in
   verdict            the Budget explorer's recommendation sentence as the browser shows it once the
                      demo is complete (quoted in docs/results.md by --write-docs)
+  floor_s            the seconds the demo's arithmetic needs at this machine's best measured matmul peak
+                     (FLOOR_CONVENTION below; the peak is vptdash.bench's, measured before the server
+                     starts), with its split in `floor` and per run as each run's `floor_s`
+  efficiency_vs_floor floor_s / demo_complete_s: how far the demo is from what this CPU can do at all
+  warm_up_s          how long the worker's warm-up took before the press (its log's "warmed up in")
   machine            CPU model, the flags that decide bf16 speed, threads, load average at the start
 
 Targets (2 cores): first point within 15 s, demo complete within 60 s. Timings are only comparable
@@ -27,10 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -44,6 +52,7 @@ from tests.browser_support import (  # noqa: E402
     wait_healthy,
     wait_idle,
 )
+from vptdash.bench import matmul_peak_gflops  # noqa: E402
 from vptdash.engine.precision import cpu_description  # noqa: E402
 from vptdash.engine.train import RunConfig  # noqa: E402
 from vptdash.runs import worker  # noqa: E402
@@ -77,6 +86,78 @@ def phase_split(run: dict, events: list[dict]) -> dict:
     return split
 
 
+# A prompt-tuning step over B images costs about twice their forward MACs: the forward, plus a backward
+# that carries gradients back to the prompts through every activation (as many MACs again) and computes no
+# weight gradient (the backbone is frozen). Evaluation and the probe's frozen encoding are forwards.
+TRAIN_PASSES = 2
+FLOOR_CONVENTION = (
+    "floor = 2 FLOP/MAC x sum over the demo's runs of GMACs/image x (2 x training images + evaluated images + "
+    "encoded images) / best matmul peak (GFLOP/s, the larger of fp32 and bf16); GMACs/image = the run's stored "
+    "executed-graph count (costs['gmacs']); a training step over B images costs about 2x their forward MACs "
+    "(the forward, plus the input-gradient backward to the prompts; the frozen weights get no weight gradient); "
+    "evaluated = validation passes x validation images + test images, 1x each; encoded = the linear probe's "
+    "frozen features, 1x per image (train, validation and test; its fit and evaluation read cached features "
+    "and are not counted). Cost measurement (GMAC count, latency) is not the demo's arithmetic and is not "
+    "counted; the warm worker encodes the probe's features before the press, so the press itself needs "
+    "floor_s - floor.encode_s"
+)
+
+
+def run_work(run: dict, events: list[dict]) -> dict:
+    """What one stored demo run pushed through its executed graph: its GMACs per image and the images of
+    each phase. Training images = epochs trained (all candidates) x training images; validation passes are
+    the run's "val" events (never thinned in the store). The demo never searches a learning rate, whose
+    rung validations these would not count."""
+    config = RunConfig.from_dict(run["config"] or {})
+    sizes = (run.get("metrics") or {}).get("split_sizes") or {}
+    gmacs = float(run["costs"]["gmacs"])
+    if config.is_linear_probe:
+        return {"gmacs": gmacs, "train_images": 0, "eval_images": 0, "encode_images": sum(sizes.values())}
+    epochs = int(run["timings"]["epochs_trained_all_candidates"])
+    val_passes = sum(1 for event in events if event.get("phase") == "val")
+    return {
+        "gmacs": gmacs,
+        "train_images": epochs * sizes["train"],
+        "eval_images": val_passes * sizes["val"] + sizes["test"],
+        "encode_images": 0,
+    }
+
+
+def floor_seconds(work: dict, peak_gflops: float) -> dict:
+    """Seconds per phase and in all of one run's `run_work` at `peak_gflops` (FLOOR_CONVENTION)."""
+    seconds_per_gmac = 2 / peak_gflops  # 1 MAC = 2 FLOPs
+    phases = {
+        "train_s": TRAIN_PASSES * work["train_images"] * work["gmacs"] * seconds_per_gmac,
+        "eval_s": work["eval_images"] * work["gmacs"] * seconds_per_gmac,
+        "encode_s": work["encode_images"] * work["gmacs"] * seconds_per_gmac,
+    }
+    return {"floor_s": sum(phases.values()), **phases}
+
+
+def demo_floor(works: list[dict], peak_gflops_fp32: float, peak_gflops_bf16: float) -> dict:
+    """The whole demo's floor at the better of the two measured peaks, with its phases summed over runs."""
+    peak = max(peak_gflops_fp32, peak_gflops_bf16)
+    per_run = [floor_seconds(work, peak) for work in works]
+    totals = {key: sum(run[key] for run in per_run) for key in ("floor_s", "train_s", "eval_s", "encode_s")}
+    return {
+        **totals,
+        "peak_gflops": peak,
+        "peak_precision": "bf16" if peak_gflops_bf16 >= peak_gflops_fp32 else "fp32",
+        "peak_gflops_fp32": peak_gflops_fp32,
+        "peak_gflops_bf16": peak_gflops_bf16,
+        "gmacs_total": sum(
+            w["gmacs"] * (TRAIN_PASSES * w["train_images"] + w["eval_images"] + w["encode_images"]) for w in works
+        ),
+        "per_run_s": [run["floor_s"] for run in per_run],
+    }
+
+
+def warm_up_seconds(log: str) -> float | None:
+    """The warm worker's own "warmed up in X s" line; None when it has not finished (or was skipped)."""
+    found = re.search(r"warmed up in ([0-9.]+) s", log)
+    return float(found.group(1)) if found else None
+
+
 def read_verdict(page, timeout_s: float = 30.0) -> str | None:
     """The recommendation sentence the open Budget explorer shows once the last run is in: its page
     redraws when the store changes, so wait for the sentence to appear and settle."""
@@ -103,6 +184,10 @@ def measure(timeout_s: float, width: int = 1600, height: int = 1000) -> dict:
     home = Path(tempfile.mkdtemp(prefix="vptdash-demo-"))
     port = free_port()
     machine = {**cpu_description(), "load_average": os.getloadavg(), "cores": os.cpu_count()}
+    # The engine's own peak measurement (`python -m vptdash bench`), before the server starts: the floor
+    # is the demo's arithmetic at the better of the two.
+    peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+    print(f"matmul peaks: fp32 {peaks['fp32']:.1f}, bf16 {peaks['bf16']:.1f} GFLOP/s", file=sys.stderr, flush=True)
     server = start_server(home, port, home / "streamlit.log")
     try:
         wait_healthy(port, server)
@@ -114,12 +199,15 @@ def measure(timeout_s: float, width: int = 1600, height: int = 1000) -> dict:
             store = RunStore(home / "data" / "runs.sqlite")
             # As in a meeting, the dashboard is open before the press: its worker has had time to warm up
             # (ui.jobqueue starts one that loads the demo's backbone and images, then waits).
+            # It now also counts and times the demo's runs: give it longer than the minute it used to take.
             warm_log = worker.log_path(store)
-            deadline = time.time() + 120
+            deadline = time.time() + 300
             while time.time() < deadline and "warmed up in" not in (
                 warm_log.read_text(errors="replace") if warm_log.exists() else ""
             ):
                 page.wait_for_timeout(500)
+            warm_up_s = warm_up_seconds(warm_log.read_text(errors="replace") if warm_log.exists() else "")
+            print(f"worker warm-up: {warm_up_s} s", file=sys.stderr, flush=True)
             before = time.time()
             page.get_by_role("button", name="Run the meeting demo").click()
             clicked = time.time()
@@ -137,8 +225,12 @@ def measure(timeout_s: float, width: int = 1600, height: int = 1000) -> dict:
                 page.wait_for_timeout(200)  # the page keeps polling the store, as in a meeting
             verdict = read_verdict(page) if complete is not None else None
             browser.close()
-        rows = []
+        rows, works = [], []
         for run in sorted(demo_runs(store, before), key=lambda r: r["id"]):
+            events = store.progress(run["id"])
+            costs = run.get("costs") or {}
+            work = run_work(run, events) if run["status"] == "done" else None
+            works.append(work)
             rows.append(
                 {
                     "id": run["id"],
@@ -148,14 +240,28 @@ def measure(timeout_s: float, width: int = 1600, height: int = 1000) -> dict:
                     if run.get("started_at")
                     else None,
                     "precision": (run.get("metrics") or {}).get("precision") or (run["config"] or {}).get("precision"),
-                    **phase_split(run, store.progress(run["id"])),
+                    **phase_split(run, events),
+                    "gmacs_cached": costs.get("gmacs_cached"),
+                    "latency_cached": costs.get("latency_cached"),
+                    **({} if work is None else work),
                 }
             )
     finally:
         stop_all(server, home)
+    floor = None
+    if complete is not None and works and all(work is not None for work in works):
+        floor = demo_floor(works, peaks["fp32"], peaks["bf16"])
+        for row, seconds in zip(rows, floor.pop("per_run_s")):
+            row["floor_s"] = round(seconds, 2)
+        floor = {key: round(value, 2) if isinstance(value, float) else value for key, value in floor.items()}
     return {
         "first_point_s": None if first_done is None else round(first_done, 1),
         "demo_complete_s": None if complete is None else round(complete, 1),
+        "floor_s": None if floor is None else floor["floor_s"],
+        "efficiency_vs_floor": None if floor is None else round(floor["floor_s"] / complete, 3),
+        "floor": floor,
+        "floor_convention": FLOOR_CONVENTION,
+        "warm_up_s": warm_up_s,
         "runs": rows,
         "verdict": verdict,
         "machine": machine,
@@ -173,22 +279,41 @@ def section(result: dict) -> str:
     lines = [
         f"`python benchmarks/meeting_demo.py --json --write-docs` ({result['date']}; {m['cpu']}, {m['cores']} cores, "
         f"{m['threads']} threads, flags {' '.join(m['flags']) or 'none'}, torch {m['torch']}, load average {load} "
-        "at the start). Fresh data dir, the dashboard open until its worker had warmed up (as before a meeting), "
-        "then one press, the Budget explorer open in headless Chromium.",
+        "at the start). Fresh data dir, the dashboard open until its worker had warmed up (as before a meeting"
+        + (f"; its warm-up took {result['warm_up_s']} s" if result.get("warm_up_s") is not None else "")
+        + "), then one press, the Budget explorer open in headless Chromium.",
         "",
         "| figure | measured | target |",
         "|---|---|---|",
         f"| click -> first new point | {result['first_point_s']} s | 15 s |",
         f"| click -> demo complete | {result['demo_complete_s']} s | 60 s |",
+    ]
+    floor = result.get("floor")  # absent from results measured before the floor was added
+    if floor:
+        lines += [
+            f"| compute floor: the demo's arithmetic at this CPU's best matmul peak | {result['floor_s']} s "
+            f"(training {floor['train_s']}, evaluation {floor['eval_s']}, probe encoding {floor['encode_s']}, which the "
+            "warm worker does before the press) | |",
+            f"| efficiency vs the floor (floor / complete) | {result['efficiency_vs_floor']} | |",
+        ]
+    lines += [
         "",
-        "| run | precision | queue wait, s | setup, s | train (incl. validation and test), s | cost, s |",
-        "|---|---|---|---|---|---|",
+        "| run | precision | queue wait, s | setup, s | train (incl. validation and test), s | cost, s | floor, s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in result["runs"]:
         lines.append(
             f"| {run['label']} | {run['precision']} | {run['queue_wait_s']} | {run.get('setup_s')} | "
-            f"{run.get('train_s')} | {run.get('cost_s')} |"
+            f"{run.get('train_s')} | {run.get('cost_s')} | {run.get('floor_s')} |"
         )
+    if floor:
+        lines += [
+            "",
+            f"The floor's peak: {floor['peak_gflops']} GFLOP/s ({floor['peak_precision']}; fp32 "
+            f"{floor['peak_gflops_fp32']}, bf16 {floor['peak_gflops_bf16']}: `vptdash.bench.matmul_peak_gflops`, "
+            f"square 2048 matmuls, measured just before the server started); {floor['gmacs_total']} GMACs in all. "
+            f"Convention: {result['floor_convention']}.",
+        ]
     return "\n".join(lines)
 
 

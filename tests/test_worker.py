@@ -1,14 +1,16 @@
+import json
 import os
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from vptdash.engine import paths
+from vptdash.engine import cost, paths, train
 from vptdash.engine.train import RunConfig
-from vptdash.runs import reference, worker
+from vptdash.runs import presets, reference, worker
 from vptdash.runs.jobs import submit_run
 from vptdash.runs.store import RunStore
 from vptdash.ui import jobqueue
@@ -82,10 +84,96 @@ def test_warm_up_runs_once_before_the_first_job_and_a_failing_one_only_costs_a_l
     assert "warm-up skipped: disk gone" in err and "second line" not in err and "Traceback" not in err
 
 
+@pytest.fixture
+def cost_spies(monkeypatch, tmp_path):
+    """This test's own cost cache, and how often fvcore counted and the latency timer ran."""
+    monkeypatch.setattr(cost, "default_cost_cache_path", lambda: tmp_path / "costs.json")
+    calls = {"fvcore": 0, "latency": 0}
+    real_fvcore, real_latency = cost.fvcore_gmacs, cost.latency_costs
+
+    def fvcore_spy(*args, **kwargs):
+        calls["fvcore"] += 1
+        return real_fvcore(*args, **kwargs)
+
+    def latency_spy(*args, **kwargs):
+        calls["latency"] += 1
+        return real_latency(*args, **kwargs)
+
+    monkeypatch.setattr(cost, "fvcore_gmacs", fvcore_spy)
+    monkeypatch.setattr(cost, "latency_costs", latency_spy)
+    return calls
+
+
+def test_a_warm_up_that_counts_ahead_leaves_the_run_no_cost_phase_to_pay(image_folder, cost_spies):
+    """What the warm-up counts and times is what the run's cost phase then reads: the run stores the same
+    figures, marked as taken from the cache, and neither fvcore nor the timer runs again."""
+    store = RunStore()
+    config = tiny(image_folder, num_prompts=2, placement="deep", measure_latency=True)
+    run_id = submit_run(store, config)
+    ahead = {}
+    assert worker.serve(store, idle_exit_s=0.2, poll_s=0.05, warm=lambda: ahead.update(train.count_ahead(config))) == 0
+    assert cost_spies == {"fvcore": 1, "latency": 1}  # once, in the warm-up
+    assert not ahead["gmacs_cached"] and not ahead["latency_cached"]  # the warm-up measured them itself
+    row = store.get_run(run_id)
+    assert row["status"] == "done", row["error"]
+    stored = row["costs"]
+    assert stored["gmacs_cached"] is True and stored["latency_cached"] is True
+    assert stored["gmacs"] == ahead["gmacs"] and stored["latency_ms_b1"] == ahead["latency_ms_b1"]
+    # another architecture (more prompts) was not counted ahead: its run counts and times for itself
+    other = submit_run(store, tiny(image_folder, num_prompts=4, placement="deep", measure_latency=True))
+    assert worker.serve(store, idle_exit_s=0.2, poll_s=0.05) == 0
+    assert cost_spies == {"fvcore": 2, "latency": 2}
+    assert store.get_run(other)["costs"]["gmacs_cached"] is False
+
+
+def stub_warm_up_steps(monkeypatch, steps: list, count_ahead=None) -> None:
+    """warm_demo's steps recorded in `steps` instead of run (no real backbone or ELPV): only presets' own
+    names are replaced, so a job the worker runs afterwards uses the real engine."""
+    monkeypatch.setattr(presets, "backbones", SimpleNamespace(load_backbone=lambda *a: steps.append("backbone")))
+    monkeypatch.setattr(presets, "data", SimpleNamespace(load_and_split=lambda config: steps.append("data")))
+    monkeypatch.setattr(presets, "cost", SimpleNamespace(load_counter=lambda: steps.append("counter")))
+    monkeypatch.setattr(
+        presets,
+        "train",
+        SimpleNamespace(
+            encode_ahead=lambda config: steps.append(("encode", config.label())),
+            count_ahead=count_ahead or (lambda config: steps.append(("count", config))),
+        ),
+    )
+
+
+def test_the_demo_warm_up_encodes_the_probe_first_then_counts_every_demo_run(monkeypatch):
+    steps = []
+    stub_warm_up_steps(monkeypatch, steps)
+    presets.warm_demo()
+    assert steps[:4] == ["backbone", "data", "counter", ("encode", "linear probe")]
+    counted = [step[1] for step in steps[4:]]
+    assert counted == presets.demo_configs()  # every run the press queues, the probe first, nothing else
+
+
+def test_a_failing_cost_count_in_the_warm_up_costs_one_line_and_keeps_the_probe_encoding(
+    image_folder, monkeypatch, capsys
+):
+    def no_counter(config):
+        raise ModuleNotFoundError("No module named 'fvcore'\nmore detail")
+
+    steps = []
+    stub_warm_up_steps(monkeypatch, steps, count_ahead=no_counter)
+    store = RunStore()
+    run_id = submit_run(store, tiny(image_folder))
+    assert worker.serve(store, idle_exit_s=0.2, poll_s=0.05, warm=presets.warm_demo) == 0
+    assert ("encode", "linear probe") in steps  # done before the count failed: the first point still gains
+    row = store.get_run(run_id)
+    assert row["status"] == "done", row["error"]  # the worker served anyway
+    err = capsys.readouterr().err
+    assert "warm-up skipped: No module named 'fvcore'" in err
+    assert "more detail" not in err and "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_a_warm_worker_loads_the_demo_setting_then_waits(tmp_path):
-    """The app's first start: a real `worker --warm` process loads the demo's backbone and images and
-    encodes the probe's features, then waits for jobs (and exits when idle)."""
+    """The app's first start: a real `worker --warm` process loads the demo's backbone and images,
+    encodes the probe's features and counts and times every demo run, then waits for jobs (and exits when idle)."""
     store = RunStore()
     assert worker.ensure_worker(store, idle_exit_s=1, warm=True) is True
     deadline = time.time() + 180
@@ -96,6 +184,12 @@ def test_a_warm_worker_loads_the_demo_setting_then_waits(tmp_path):
     assert "warmed up in" in text and "warm-up skipped" not in text, text[-2000:]
     # the demo's linear probe will find its frozen features encoded (kept on disk by the worker)
     assert list((paths.cache_dir() / "features").glob("*.pt"))
+    # and every run of the demo will find its GMAC count and its latency in this machine's cost cache (the
+    # cache dir is shared by the session's tests: other tests' architectures may be there too)
+    entries = json.loads(cost.default_cost_cache_path().read_text())
+    for section in ("gmacs", "latency"):
+        counted = {json.loads(key)["architecture"] for key in entries[section]}
+        assert counted >= {train.architecture_key(config) for config in presets.demo_configs()}, section
     deadline = time.time() + 60
     while worker.worker_alive(store) and time.time() < deadline:
         time.sleep(0.2)
