@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -149,6 +150,36 @@ def test_the_demo_warm_up_encodes_the_probe_first_then_counts_every_demo_run(mon
     assert steps[:4] == ["backbone", "data", "counter", ("encode", "linear probe")]
     counted = [step[1] for step in steps[4:]]
     assert counted == presets.demo_configs()  # every run the press queues, the probe first, nothing else
+
+
+def test_the_warm_up_stops_between_steps_when_told_and_says_so(image_folder, monkeypatch, capsys):
+    steps = []
+    stub_warm_up_steps(monkeypatch, steps)
+    assert presets.warm_demo(should_stop=lambda: len(steps) >= 3) is False
+    assert steps == ["backbone", "data", "counter"]  # nothing after the step that saw the job
+    steps.clear()
+    assert presets.warm_demo(should_stop=lambda: False) is True and len(steps) == 4 + len(presets.demo_configs())
+    # the worker says it stopped early (not "warmed up"), then serves the waiting job
+    store = RunStore()
+    run_id = submit_run(store, tiny(image_folder))
+    assert worker.serve(store, idle_exit_s=0.2, poll_s=0.05, warm=lambda: False) == 0
+    err = capsys.readouterr().err
+    assert "warm-up stopped after" in err and "a job is waiting" in err and "warmed up in" not in err
+    assert store.get_run(run_id)["status"] == "done"
+
+
+def test_only_a_job_other_than_the_demo_stops_the_demo_warm_up(image_folder):
+    store = RunStore()
+    assert worker.other_job_waiting(store, presets.is_demo_config) is False  # nothing queued
+    for config in presets.demo_configs():
+        assert presets.is_demo_config(config.to_dict())
+        submit_run(store, config)
+    assert worker.other_job_waiting(store, presets.is_demo_config) is False  # the demo's own press: go on
+    assert not presets.is_demo_config({"shots": "many"})  # unreadable: not the demo's
+    other = dataclasses.replace(presets.demo_configs()[1], seed=1)
+    assert not presets.is_demo_config(other.to_dict())
+    submit_run(store, tiny(image_folder))
+    assert worker.other_job_waiting(store, presets.is_demo_config) is True
 
 
 def test_a_failing_cost_count_in_the_warm_up_costs_one_line_and_keeps_the_probe_encoding(

@@ -526,8 +526,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # The worker process itself (never a process that only starts one): yield to the dashboard, use the cores.
     settings = worker.yield_to_ui()
     print(f"worker {os.getpid()}: nice {settings['nice']}, {settings['threads']} torch threads", file=sys.stderr)
-    warm = presets.warm_demo if args.warm else None
-    return worker.serve(RunStore(args.store), idle_exit_s=args.idle_exit, owner=args.follow_owner, warm=warm)
+    store = RunStore(args.store)
+    warm = None
+    if args.warm:
+
+        def warm() -> bool:
+            return presets.warm_demo(should_stop=lambda: worker.other_job_waiting(store, presets.is_demo_config))
+
+    return worker.serve(store, idle_exit_s=args.idle_exit, owner=args.follow_owner, warm=warm)
 
 
 def _add_continual_options(parser: argparse.ArgumentParser) -> None:

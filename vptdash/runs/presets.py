@@ -8,6 +8,7 @@ land beside the reference curves on the Budget explorer.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from vptdash.engine import backbones, cost, data, train
 from vptdash.engine.train import LR_AUTO, RunConfig
@@ -74,7 +75,16 @@ def meeting_sweep_configs() -> list[RunConfig]:
     return with_demo_rates(sweep_configs(demo_base(), list(MEETING_COUNTS), list(DEMO_PLACEMENTS), [0]))
 
 
-def warm_demo() -> None:
+def is_demo_config(config: dict) -> bool:
+    """Whether a stored run configuration is one of the meeting demo's runs."""
+    try:
+        wanted = RunConfig.from_dict(config)
+    except Exception:  # noqa: BLE001 - an unreadable configuration is simply not the demo's
+        return False
+    return any(wanted == demo for demo in demo_configs())
+
+
+def warm_demo(should_stop: Callable[[], bool] | None = None) -> bool:
     """What the demo's jobs would load or measure, done ahead by a waiting worker (`worker --warm`): the
     backbone at the demo's resolution, the image set and its split (decoded and resized once per process),
     the GMAC counter's library, the linear probe's frozen features (train.encode_ahead: the same cache the
@@ -84,15 +94,25 @@ def warm_demo() -> None:
     first job and its setup about 16 s, and each run's cost phase took 4-5 s (benchmarks/meeting_demo.py).
 
     The probe's encoding comes first: it is the first point the presenter waits for. The latency is timed
-    here, on an idle machine before the press, rather than beside the next run's training. A press during
-    the warm-up waits for it to end (the worker runs it before its first job)."""
+    here, on an idle machine before the press, rather than beside the next run's training.
+
+    `should_stop` is asked between steps: a worker passes "a job other than the demo's is waiting", so a
+    presenter who starts a run of their own at once does not wait for the demo's preparation (a press of
+    the demo during the warm-up lets it go on: the demo's runs would do the same work). Returns whether
+    every step ran."""
+    stop = should_stop or (lambda: False)
     base = demo_base()
-    backbones.load_backbone(base.backbone, base.weights, base.resolution)
-    data.load_and_split(base)
-    cost.load_counter()
     configs = demo_configs()
-    for config in configs:
-        if config.is_linear_probe:
-            train.encode_ahead(config)
-    for config in configs:  # the probe first: its cost phase also stands between the press and the first point
-        train.count_ahead(config)
+    steps = [
+        lambda: backbones.load_backbone(base.backbone, base.weights, base.resolution),
+        lambda: data.load_and_split(base),
+        cost.load_counter,
+        *[(lambda c=config: train.encode_ahead(c)) for config in configs if config.is_linear_probe],
+        # the probe first: its cost phase also stands between the press and the first point
+        *[(lambda c=config: train.count_ahead(c)) for config in configs],
+    ]
+    for step in steps:
+        if stop():
+            return False
+        step()
+    return True

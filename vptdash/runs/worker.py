@@ -176,12 +176,12 @@ def serve(
     idle_exit_s: float | None = None,
     poll_s: float = POLL_SECONDS,
     owner: bool = False,
-    warm: Callable[[], None] | None = None,
+    warm: Callable[[], bool | None] | None = None,
 ) -> int:
     """Run queued jobs until idle for `idle_exit_s` (forever when None), and with `owner` until the
     process in the owner file ends (`follow_owner`). `warm` runs once before the first job (loading what
-    the likely first job needs); if it fails, one line says so and the worker serves as usual. Returns an
-    exit code."""
+    the likely first job needs; it returns False when it stopped early for a waiting job); if it fails,
+    one line says so and the worker serves as usual. Returns an exit code."""
     handle = try_lock(lock_path(store))
     if handle is None:
         print("another worker already serves this run store", file=sys.stderr)
@@ -194,8 +194,14 @@ def serve(
         if warm is not None:
             started = time.monotonic()
             try:
-                warm()
-                print(f"warmed up in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+                if warm() is False:
+                    print(
+                        f"warm-up stopped after {time.monotonic() - started:.1f} s: a job is waiting",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                else:
+                    print(f"warmed up in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
             except Exception as exc:  # noqa: BLE001 - only a head start: the job reports real errors
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 print(f"warm-up skipped: {first}", file=sys.stderr, flush=True)
@@ -215,6 +221,12 @@ def serve(
                 dispatcher.close()
     finally:
         handle.close()
+
+
+def other_job_waiting(store: RunStore, wanted: Callable[[dict], bool]) -> bool:
+    """Whether a queued job exists whose configuration `wanted` does not accept (a warm-up for the demo
+    stops for anything but the demo)."""
+    return any(not wanted(row["config"]) for row in store.list_runs(status="queued"))
 
 
 def run_next(store: RunStore, dispatcher: cluster.Dispatcher | None, poll_s: float) -> bool:
