@@ -1,6 +1,7 @@
 """benchmarks/meeting_demo.py: the per-phase split it reads from the run store, and the compute floor."""
 
 import pytest
+import torch
 
 from benchmarks.meeting_demo import (
     FLOOR_CONVENTION,
@@ -10,6 +11,9 @@ from benchmarks.meeting_demo import (
     section,
     warm_up_seconds,
 )
+from vptdash.bench import step_flops
+from vptdash.engine.cost import analytic_gmacs
+from vptdash.engine.train import RunConfig, build_model
 
 
 def test_phases_run_from_their_first_event_to_the_next_phase_and_the_last_to_the_finish():
@@ -144,3 +148,19 @@ def test_the_warm_up_time_is_the_workers_own_line_and_none_before_it_is_written(
     assert warm_up_seconds(log) == 27.3
     assert warm_up_seconds("worker 12: nice 5, 2 torch threads\n") is None
     assert warm_up_seconds("warm-up skipped: disk gone\n") is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("placement", ["deep", "shallow"])
+def test_the_floors_training_convention_is_the_executed_flops_of_a_real_training_step(placement):
+    """A training image counts 2 x its forward MACs: torch's own FLOP counter over one real step (forward and
+    backward, as the engine executes it: frozen weights get no weight gradient) on the demo's backbone at
+    the demo's resolution agrees within 1% with 2 FLOP/MAC x 2 x batch x the analytic executed-graph GMACs."""
+    config = RunConfig(backbone="dinov2_s14", resolution=112, num_prompts=10, placement=placement)
+    model = build_model(config, 2)
+    batch = 8
+    executed = step_flops(
+        model, torch.randn(batch, 3, 112, 112), torch.zeros(batch, dtype=torch.long), from_frozen=False
+    )
+    convention = 2 * 2 * batch * analytic_gmacs(model, 112) * 1e9
+    assert executed == pytest.approx(convention, rel=0.01)
