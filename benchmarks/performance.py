@@ -404,7 +404,7 @@ def time_processes(rounds: list[int], path: Path = PROCESSES_RUNS) -> list[dict]
     runs = json.loads(path.read_text()) if path.exists() else []
     for round_ in rounds:
         for processes in (1, 2):
-            seconds = time_meeting_sweep(processes)
+            seconds, _ = time_meeting_sweep(processes)
             row = {"round": round_, "processes": processes, "threads": torch.get_num_threads(), "seconds": seconds}
             print(json.dumps(row), flush=True)
             runs.append({**row, "commit": _git_commit(), "date": today(), "machine": machine()})

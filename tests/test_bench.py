@@ -1,11 +1,15 @@
 import json
 
+import pytest
 import torch
 
-from vptdash import cli
+from vptdash import bench, cli
 from vptdash.bench import matmul_peak_gflops, step_flops
+from vptdash.engine import paths
 from vptdash.engine.backbones import load_backbone
 from vptdash.engine.prompts import PromptedViT
+from vptdash.engine.train import RunConfig
+from vptdash.runs.store import RunStore
 
 KEYS = (
     "peak_gflops_fp32",
@@ -83,3 +87,29 @@ def test_paired_difference_interval_and_seed_ranges():
     assert abs(stats["high"] - (2.0 + 4.303 / 3**0.5)) < 1e-9 and abs(stats["low"] - (2.0 - 4.303 / 3**0.5)) < 1e-9
     assert paired_difference([0.5])["low"] != paired_difference([0.5])["low"]  # one seed: no interval (NaN)
     assert parse_seeds("0-2,7, 9") == [0, 1, 2, 7, 9]
+
+
+def test_the_timed_sweep_reports_its_floor_from_the_runs_it_stored(image_folder, monkeypatch):
+    """`bench --sweep`'s floor: each stored run's executed-graph GMACs per image x the images it pushed
+    through them (a training image twice, an evaluated or encoded one once), 2 FLOP per MAC, at the better
+    peak; worked here from the stored runs by that definition."""
+    base = dict(backbone="tiny-random", dataset=str(image_folder), resolution=32, epochs=2, batch_size=8, lr=0.01)
+    configs = [
+        RunConfig(**base, tuning="linear", num_prompts=0, measure_latency=False),
+        RunConfig(**base, num_prompts=2, placement="deep", measure_latency=False, eval_every=2),
+    ]
+    monkeypatch.setattr(bench, "meeting_sweep_configs", lambda: configs)
+    seconds, floor = bench.time_meeting_sweep(1, peaks=(100.0, 40.0))  # fp32 is the better peak here
+    assert seconds > 0 and floor["peak_gflops"] == 100.0 and floor["peak_precision"] == "fp32"
+    rows = {row["config"]["num_prompts"]: row for row in RunStore(paths.data_dir() / "bench-sweep.sqlite").list_runs()}
+    probe, prompts = rows[0], rows[2]
+    probe_sizes, sizes = probe["metrics"]["split_sizes"], prompts["metrics"]["split_sizes"]
+    encode = sum(probe_sizes.values()) * probe["costs"]["gmacs"] * 2 / 100.0
+    # 2 epochs x train images, twice; one validation pass (eval_every=2 of 2 epochs) and the test split, once
+    train = 2 * (2 * sizes["train"]) * prompts["costs"]["gmacs"] * 2 / 100.0
+    evaluate = (sizes["val"] + sizes["test"]) * prompts["costs"]["gmacs"] * 2 / 100.0
+    assert floor["encode_s"] == pytest.approx(encode)
+    assert floor["train_s"] == pytest.approx(train)
+    assert floor["eval_s"] == pytest.approx(evaluate)
+    assert floor["floor_s"] == pytest.approx(encode + train + evaluate)
+    assert bench.time_meeting_sweep(1)[1] is None  # no peaks, no floor

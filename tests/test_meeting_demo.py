@@ -5,15 +5,15 @@ import torch
 
 from benchmarks.meeting_demo import (
     FLOOR_CONVENTION,
-    demo_floor,
     phase_split,
-    run_work,
     section,
     warm_up_seconds,
 )
 from vptdash.bench import step_flops
 from vptdash.engine.cost import analytic_gmacs
 from vptdash.engine.train import RunConfig, build_model
+from vptdash.runs.floor import run_work
+from vptdash.runs.floor import runs_floor as demo_floor
 
 
 def test_phases_run_from_their_first_event_to_the_next_phase_and_the_last_to_the_finish():

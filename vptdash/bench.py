@@ -35,6 +35,7 @@ from vptdash.engine.cost import unfused_attention
 from vptdash.engine.precision import block_shapes, choose_precision, cpu_description
 from vptdash.engine.prompts import PromptedViT
 from vptdash.engine.train import RunConfig, autocast, training_precision
+from vptdash.runs import floor
 from vptdash.runs.executors import LocalExecutor
 from vptdash.runs.jobs import new_sweep_id
 from vptdash.runs.presets import meeting_sweep_configs
@@ -195,7 +196,15 @@ def run_bench(
         processes = sweep_processes()
         result["sweep_processes"] = processes
         result["sweep_threads_per_process"] = max(1, torch.get_num_threads() // processes)
-        result["sweep_seconds"] = time_meeting_sweep(processes)
+        result["sweep_seconds"], sweep_floor = time_meeting_sweep(
+            processes, peaks=(result["peak_gflops_fp32"], result["peak_gflops_bf16"])
+        )
+        # What the sweep's arithmetic needs at this machine's best peak (vptdash.runs.floor's convention):
+        # how far sweep_seconds is from what this CPU can do at all. The probe's encoding is counted even
+        # when its features came from the cache, so it is reported apart.
+        result["sweep_floor_s"] = sweep_floor["floor_s"]
+        result["sweep_floor_encode_s"] = sweep_floor["encode_s"]
+        result["sweep_efficiency_vs_floor"] = sweep_floor["floor_s"] / result["sweep_seconds"]
     else:
         result["sweep_seconds"] = None
     return result
@@ -207,9 +216,10 @@ def sweep_processes() -> int:
     return 2 if torch.get_num_threads() >= 2 else 1
 
 
-def time_meeting_sweep(processes: int = 1) -> float:
+def time_meeting_sweep(processes: int = 1, *, peaks: tuple[float, float] | None = None) -> tuple[float, dict | None]:
     """The standard meeting sweep end to end, as `python -m vptdash sweep --processes N` runs it: latency
-    measurement, training, evaluation, GMAC counts, storing."""
+    measurement, training, evaluation, GMAC counts, storing. Returns its seconds and its compute floor at
+    `peaks` (fp32, bf16 GFLOP/s; `floor.runs_floor`), None without peaks."""
     store = RunStore(paths.data_dir() / "bench-sweep.sqlite")
     start = time.perf_counter()
     rows = LocalExecutor(processes).run(store, meeting_sweep_configs(), sweep_id=new_sweep_id(), source="cli")
@@ -217,7 +227,10 @@ def time_meeting_sweep(processes: int = 1) -> float:
     failed = [row["id"] for row in rows if row["status"] != "done"]
     if failed:
         raise RuntimeError(f"meeting sweep runs {failed} did not finish: see `python -m vptdash runs list`")
-    return seconds
+    if peaks is None:
+        return seconds, None
+    works = [floor.run_work(row, store.progress(row["id"])) for row in rows]
+    return seconds, floor.runs_floor(works, *peaks)
 
 
 def main(*, as_json: bool, sweep: bool, steps: int, backbone: str, resolution: int, precision: str = "auto") -> int:
