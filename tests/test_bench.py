@@ -113,3 +113,18 @@ def test_the_timed_sweep_reports_its_floor_from_the_runs_it_stored(image_folder,
     assert floor["eval_s"] == pytest.approx(evaluate)
     assert floor["floor_s"] == pytest.approx(encode + train + evaluate)
     assert bench.time_meeting_sweep(1)[1] is None  # no peaks, no floor
+
+
+def test_a_sweep_of_several_processes_is_floored_at_their_combined_peak(monkeypatch):
+    """Two 1-thread processes side by side may multiply faster than one 2-thread process: the floor takes
+    the larger rate (a floor must not understate the machine), and restores the thread count."""
+    def peak(dtype, seconds):
+        return {torch.float32: 60.0, torch.bfloat16: 100.0}[dtype]  # per process share
+
+    monkeypatch.setattr(bench, "matmul_peak_gflops", peak)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    assert bench.sweep_peaks(104.0, 245.0, 2, 0.1) == (120.0, 245.0)  # 2 x 60 beats 104; 2 x 100 does not beat 245
+    assert set_to == [1, 2]
+    assert bench.sweep_peaks(104.0, 245.0, 1, 0.1) == (104.0, 245.0)  # one process: the all-thread peaks

@@ -196,18 +196,37 @@ def run_bench(
         processes = sweep_processes()
         result["sweep_processes"] = processes
         result["sweep_threads_per_process"] = max(1, torch.get_num_threads() // processes)
-        result["sweep_seconds"], sweep_floor = time_meeting_sweep(
-            processes, peaks=(result["peak_gflops_fp32"], result["peak_gflops_bf16"])
-        )
-        # What the sweep's arithmetic needs at this machine's best peak (vptdash.runs.floor's convention):
-        # how far sweep_seconds is from what this CPU can do at all. The probe's encoding is counted even
-        # when its features came from the cache, so it is reported apart.
+        peaks = sweep_peaks(result["peak_gflops_fp32"], result["peak_gflops_bf16"], processes, peak_seconds)
+        result["sweep_seconds"], sweep_floor = time_meeting_sweep(processes, peaks=peaks)
+        # What the sweep's arithmetic needs at the best rate its processes could reach together
+        # (vptdash.runs.floor's convention): how far sweep_seconds is from what this CPU can do at all. The
+        # probe's encoding is counted even when its features came from the cache, so it is reported apart.
+        result["sweep_peak_gflops"] = sweep_floor["peak_gflops"]
         result["sweep_floor_s"] = sweep_floor["floor_s"]
         result["sweep_floor_encode_s"] = sweep_floor["encode_s"]
         result["sweep_efficiency_vs_floor"] = sweep_floor["floor_s"] / result["sweep_seconds"]
     else:
         result["sweep_seconds"] = None
     return result
+
+
+def sweep_peaks(fp32: float, bf16: float, processes: int, seconds: float) -> tuple[float, float]:
+    """The best matmul rates (fp32, bf16) a sweep of `processes` processes could reach together: with one,
+    the all-thread peaks measured here; with several, also `processes` x the peak of one process's share of
+    the threads (1-thread matmuls skip the threads' synchronisation, so side by side they can beat one
+    2-thread matmul). The larger of the two, as a floor must not understate the machine."""
+    if processes <= 1:
+        return fp32, bf16
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // processes))
+    try:
+        share = (
+            matmul_peak_gflops(torch.float32, seconds=seconds),
+            matmul_peak_gflops(torch.bfloat16, seconds=seconds),
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return max(fp32, processes * share[0]), max(bf16, processes * share[1])
 
 
 def sweep_processes() -> int:
