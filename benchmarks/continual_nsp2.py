@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -205,6 +206,37 @@ def section(rows: list[dict], settings: dict, command: str, wall_minutes: float,
     return lines
 
 
+def profile(configs: list[ContinualConfig], target_epochs: int) -> int:
+    """Each configuration run once, in this process and outside any store: seconds per phase, and the
+    same run estimated at `target_epochs` epochs per task. Only the training phases ("inputs": augmented
+    images and their patch embedding, "train": forward, backward, projected step) grow with the epochs:
+    every epoch runs the same steps on the same number of images. Data, encoding, evaluation, NCM, the
+    null-space statistics and the projectors are per task or per run, so they stay as measured."""
+    log(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start")
+    total_estimate = 0.0
+    phases_order = ("data", "encode", "ncm", "inputs", "train", "null_space", "projectors", "evaluate")
+    print("| run | steps | s/step | " + " | ".join(phases_order) + f" | total s | est. s at {target_epochs} epochs |")
+    print("|---|---|---|" + "---|" * len(phases_order) + "---|---|")
+    for config in configs:
+        result = continual.run_continual(config)
+        timings, phases = result.timings, result.timings["phases"]
+        growing = phases.get("inputs", 0.0) + phases.get("train", 0.0)
+        estimate = timings["train_seconds"] + growing * (target_epochs / config.epochs - 1)
+        total_estimate += estimate
+        steps = max(1, timings["steps"])
+        print(
+            f"| {config.method} seed {config.seed} | {timings['steps']} | {growing / steps:.3f} | "
+            + " | ".join(f"{phases.get(name, 0.0):.1f}" for name in phases_order)
+            + f" | {timings['train_seconds']:.1f} | {estimate:.0f} |",
+            flush=True,
+        )
+    print(
+        f"\nEstimated total at {target_epochs} epochs per task: {total_estimate / 60:.1f} min for "
+        f"{len(configs)} runs ({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end)."
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
@@ -216,7 +248,28 @@ def main(argv=None) -> int:
     parser.add_argument("--max-test", type=int, default=None, help="test images per class (default: all 10)")
     parser.add_argument("--store", default=str(paths.data_dir() / "benchmarks" / "continual.sqlite"))
     parser.add_argument("--no-write", action="store_true", help="print the section, do not touch docs/results.md")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core machine 2 threads ran 2-10x slower, see the docstring)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run each configuration once outside the store, print where its time went and an estimate "
+        "of the same run at --profile-epochs; touches neither the store nor the docs",
+    )
+    parser.add_argument(
+        "--profile-epochs",
+        type=int,
+        default=continual.RECIPES["official"]["epochs"],
+        help="epochs per task the --profile estimate extrapolates to (default: the official recipe's)",
+    )
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     settings = dict(
@@ -234,6 +287,8 @@ def main(argv=None) -> int:
     )
     base = continual.recipe_config("official", **settings)
     settings = base.to_dict()
+    if args.profile:
+        return profile(continual.continual_configs(base, methods, seeds), args.profile_epochs)
     Path(args.store).parent.mkdir(parents=True, exist_ok=True)
     store = RunStore(args.store)
     rows, loads, started = [], [os.getloadavg()[0]], time.perf_counter()
