@@ -10,6 +10,32 @@ ELPV is not benchmarked here: 4 ordinal classes make at most 2 tasks of 2 classe
 logit scale decides most of the measured forgetting (`continual.ELPV_NOTE`).
 Runs go into their own run store (default: <data dir>/benchmarks/continual.sqlite); finished runs with
 the same configuration are reused, so an interrupted benchmark resumes.
+
+    python benchmarks/continual_nsp2.py --profile --seeds 0 --epochs 1   # where the time goes; estimate at 20 epochs
+
+Where the time goes (measured 2026-11-26 on the 2-core AMD EPYC, load average 5-7 from other jobs, two of
+them niced background benchmarks; the times are indicative, the ratios were measured back to back):
+- Threads decided everything. With torch's default of 2 threads on 2 shared cores every parallel op
+  waits for the slower thread, and a core is often busy elsewhere: a training step at 56 px, batch 8
+  took 1.8-3.0 s with 2 threads and 0.27 s with 1 (interleaved in one process); at 112 px, batch 32,
+  7.4-7.6 s and 3.2-3.6 s; a 384 x 384 float64 eigh (the NSP2 projector) 150-170 ms and 36-51 ms.
+  So the benchmark runs with 1 thread (--threads). Threads change no figure beyond float rounding.
+- Evaluation after each task runs only the seen tasks' test images (the later tasks' images entered no
+  metric), and the final nearest-class-mean accuracy reuses the last evaluation's test features.
+  With 1 thread the figures are bit-identical to the earlier code's; with 2 threads only the feature
+  drift differs, by about 1e-7 (relative).
+- Not worth changing: the projectors (eigh per block and task: about 1 s a run), the augmentation
+  (under 1 % of a step) and the null-space statistics (about 4 % of an NSP2 run at 112 px). A training
+  step is matrix products (aten::addmm and aten::mm: 78 % of a 112 px step), so the rest is training.
+- The reduced run of the stored section (--seeds 0 --resolution 56 --epochs 1 --shots 8 --batch-size 8
+  --max-test 5): sequential / NSP2 / joint took 110 / 112 / 44 s with the earlier code and 2 threads,
+  17 / 21 / 14 s now (back to back, load average 6-7).
+- The default run, from `--profile --seeds 0 --epochs 1` extrapolated to 20 epochs (only the training
+  steps grow with the epochs; data, evaluation, NCM, null-space statistics and projectors do not):
+  2.1 s per step of batch 32 at 112 px with 1 thread (load average 5); sequential 600 steps, 23 min a
+  run; NSP2 600 steps, 24 min; joint 580 steps, 22.5 min: about 70 min for one seed of the three, 3.5 h
+  for the default 3 seeds. Training steps are 88-92 % of each estimate. At another moment (load average
+  7) the same step took 3.2-3.6 s, which would make one seed about 105 min.
 """
 
 from __future__ import annotations
