@@ -34,7 +34,7 @@ them niced background benchmarks; the times are indicative, the ratios were meas
   steps grow with the epochs; data, evaluation, NCM, null-space statistics and projectors do not):
   2.1 s per step of batch 32 at 112 px with 1 thread (load average 5); sequential 600 steps, 23 min a
   run; NSP2 600 steps, 24 min; joint 580 steps, 22.5 min: about 70 min for one seed of the three, 3.5 h
-  for the default 3 seeds. Training steps are 88-92 % of each estimate. At another moment (load average
+  for the default 3 seeds. Training steps are 88-94 % of each estimate. At another moment (load average
   7) the same step took 3.2-3.6 s, which would make one seed about 105 min.
 """
 
