@@ -19,6 +19,8 @@ them niced background benchmarks; the times are indicative, the ratios were meas
   waits for the slower thread, and a core is often busy elsewhere: a training step at 56 px, batch 8
   took 1.8-3.0 s with 2 threads and 0.27 s with 1 (interleaved in one process); at 112 px, batch 32,
   7.4-7.6 s and 3.2-3.6 s; a 384 x 384 float64 eigh (the NSP2 projector) 150-170 ms and 36-51 ms.
+  With only the two niced jobs running (load average 3.5) 2 threads still lost: 4.3-5.4 s against
+  2.2-2.5 s at 112 px, 0.6-1.4 s against 0.19 s at 56 px.
   So the benchmark runs with 1 thread (--threads). Threads change no figure beyond float rounding.
 - Evaluation after each task runs only the seen tasks' test images (the later tasks' images entered no
   metric), and the final nearest-class-mean accuracy reuses the last evaluation's test features.
