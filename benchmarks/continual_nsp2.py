@@ -10,6 +10,34 @@ ELPV is not benchmarked here: 4 ordinal classes make at most 2 tasks of 2 classe
 logit scale decides most of the measured forgetting (`continual.ELPV_NOTE`).
 Runs go into their own run store (default: <data dir>/benchmarks/continual.sqlite); finished runs with
 the same configuration are reused, so an interrupted benchmark resumes.
+
+    python benchmarks/continual_nsp2.py --profile --seeds 0 --epochs 1   # where the time goes; estimate at 20 epochs
+
+Where the time goes (measured 2026-11-26 on the 2-core AMD EPYC, load average 5-7 from other jobs, two of
+them niced background benchmarks; the times are indicative, the ratios were measured back to back):
+- Threads decided everything. With torch's default of 2 threads on 2 shared cores every parallel op
+  waits for the slower thread, and a core is often busy elsewhere: a training step at 56 px, batch 8
+  took 1.8-3.0 s with 2 threads and 0.27 s with 1 (interleaved in one process); at 112 px, batch 32,
+  7.4-7.6 s and 3.2-3.6 s; a 384 x 384 float64 eigh (the NSP2 projector) 150-170 ms and 36-51 ms.
+  With only the two niced jobs running (load average 3.5) 2 threads still lost: 4.3-5.4 s against
+  2.2-2.5 s at 112 px, 0.6-1.4 s against 0.19 s at 56 px.
+  So the benchmark runs with 1 thread (--threads). Threads change no figure beyond float rounding.
+- Evaluation after each task runs only the seen tasks' test images (the later tasks' images entered no
+  metric), and the final nearest-class-mean accuracy reuses the last evaluation's test features.
+  With 1 thread the figures are bit-identical to the earlier code's; with 2 threads only the feature
+  drift differs, by about 1e-7 (relative).
+- Not worth changing: the projectors (eigh per block and task: about 1 s a run), the augmentation
+  (under 1 % of a step) and the null-space statistics (about 4 % of an NSP2 run at 112 px). A training
+  step is matrix products (aten::addmm and aten::mm: 78 % of a 112 px step), so the rest is training.
+- The reduced run of the stored section (--seeds 0 --resolution 56 --epochs 1 --shots 8 --batch-size 8
+  --max-test 5): sequential / NSP2 / joint took 110 / 112 / 44 s with the earlier code and 2 threads,
+  17 / 21 / 14 s now (back to back, load average 6-7).
+- The default run, from `--profile --seeds 0 --epochs 1` extrapolated to 20 epochs (only the training
+  steps grow with the epochs; data, evaluation, NCM, null-space statistics and projectors do not):
+  2.1 s per step of batch 32 at 112 px with 1 thread (load average 5); sequential 600 steps, 23 min a
+  run; NSP2 600 steps, 24 min; joint 580 steps, 22.5 min: about 70 min for one seed of the three, 3.5 h
+  for the default 3 seeds. Training steps are 88-94 % of each estimate. At another moment (load average
+  7) the same step took 3.2-3.6 s, which would make one seed about 105 min.
 """
 
 from __future__ import annotations
@@ -21,6 +49,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -205,6 +234,37 @@ def section(rows: list[dict], settings: dict, command: str, wall_minutes: float,
     return lines
 
 
+def profile(configs: list[ContinualConfig], target_epochs: int) -> int:
+    """Each configuration run once, in this process and outside any store: seconds per phase, and the
+    same run estimated at `target_epochs` epochs per task. Only the training phases ("inputs": augmented
+    images and their patch embedding, "train": forward, backward, projected step) grow with the epochs:
+    every epoch runs the same steps on the same number of images. Data, encoding, evaluation, NCM, the
+    null-space statistics and the projectors are per task or per run, so they stay as measured."""
+    log(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} at the start")
+    total_estimate = 0.0
+    phases_order = ("data", "encode", "ncm", "inputs", "train", "null_space", "projectors", "evaluate")
+    print("| run | steps | s/step | " + " | ".join(phases_order) + f" | total s | est. s at {target_epochs} epochs |")
+    print("|---|---|---|" + "---|" * len(phases_order) + "---|---|")
+    for config in configs:
+        result = continual.run_continual(config)
+        timings, phases = result.timings, result.timings["phases"]
+        growing = phases.get("inputs", 0.0) + phases.get("train", 0.0)
+        estimate = timings["train_seconds"] + growing * (target_epochs / config.epochs - 1)
+        total_estimate += estimate
+        steps = max(1, timings["steps"])
+        print(
+            f"| {config.method} seed {config.seed} | {timings['steps']} | {growing / steps:.3f} | "
+            + " | ".join(f"{phases.get(name, 0.0):.1f}" for name in phases_order)
+            + f" | {timings['train_seconds']:.1f} | {estimate:.0f} |",
+            flush=True,
+        )
+    print(
+        f"\nEstimated total at {target_epochs} epochs per task: {total_estimate / 60:.1f} min for "
+        f"{len(configs)} runs ({torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} at the end)."
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
@@ -216,7 +276,28 @@ def main(argv=None) -> int:
     parser.add_argument("--max-test", type=int, default=None, help="test images per class (default: all 10)")
     parser.add_argument("--store", default=str(paths.data_dir() / "benchmarks" / "continual.sqlite"))
     parser.add_argument("--no-write", action="store_true", help="print the section, do not touch docs/results.md")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core machine 2 threads ran 2-10x slower, see the docstring)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run each configuration once outside the store, print where its time went and an estimate "
+        "of the same run at --profile-epochs; touches neither the store nor the docs",
+    )
+    parser.add_argument(
+        "--profile-epochs",
+        type=int,
+        default=continual.RECIPES["official"]["epochs"],
+        help="epochs per task the --profile estimate extrapolates to (default: the official recipe's)",
+    )
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     settings = dict(
@@ -234,6 +315,8 @@ def main(argv=None) -> int:
     )
     base = continual.recipe_config("official", **settings)
     settings = base.to_dict()
+    if args.profile:
+        return profile(continual.continual_configs(base, methods, seeds), args.profile_epochs)
     Path(args.store).parent.mkdir(parents=True, exist_ok=True)
     store = RunStore(args.store)
     rows, loads, started = [], [os.getloadavg()[0]], time.perf_counter()

@@ -474,3 +474,75 @@ def test_page_renders_and_shows_a_finished_experiment(four_classes, monkeypatch)
     assert not at.exception, [e.message for e in at.exception]
     charts = at.get("plotly_chart")
     assert len(charts) == 4  # heatmaps, lines over tasks, summary bars, who-forgot diagnostics
+
+
+# ------------------------------------------------------------------------------------ fast paths
+def _full_pass(model, image_set, index, mean, std):
+    """Pooled features of these images through the whole prompted model, one image set, no shortcuts."""
+    with torch.no_grad(), model.whole_blocks():  # every block computes every row
+        return model.eval().forward_features(data.normalize(image_set.images[index], mean, std))
+
+
+def test_evaluating_the_seen_tasks_equals_a_pass_over_every_test_image(four_classes):
+    """After task 1 of 2 only task 1's test images run; its figures must be those of the whole test set."""
+    config = tiny(four_classes, method="sequential", max_test_per_class=None)
+    image_set, split, test_index, task_classes, model, mean, std = continual.prepare(config)
+    model.eval().head.active = 1
+    order = [c for classes in task_classes for c in classes]
+    labels = torch.tensor([order.index(int(c)) for c in image_set.labels[test_index]])  # arrival-order labels
+    tasks = torch.tensor([0 if label < len(task_classes[0]) else 1 for label in labels.tolist()])
+    assert (tasks == 1).any()  # the later task's images exist and must be left out, not lost
+    encoded = train.encode_frozen_split(model, config.run_config(depth=4), image_set, test_index, mean, std)
+    offsets = [0, len(task_classes[0]), len(order)]
+
+    rows, features = continual.evaluate_seen(model, encoded, labels, tasks, 1, offsets, config)
+
+    full = _full_pass(model, image_set, test_index, mean, std)
+    logits = model.head(full)
+    mine = tasks == 0
+    assert set(rows) == {0} and len(features) == int(mine.sum())
+    torch.testing.assert_close(rows[0]["features"], full[mine], rtol=1e-5, atol=1e-5)
+    predicted = logits[mine].argmax(dim=1)
+    assert rows[0]["accuracy"] == pytest.approx(float((predicted == labels[mine]).float().mean()))
+    recalls = [float((predicted[labels[mine] == c] == c).float().mean()) for c in labels[mine].unique().tolist()]
+    assert rows[0]["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    own = logits[mine][:, offsets[0] : offsets[1]].argmax(dim=1)
+    assert rows[0]["task_il_accuracy"] == pytest.approx(float((own == labels[mine]).float().mean()))
+
+
+@pytest.mark.parametrize("method", ["nsp2", "joint"])
+def test_final_figures_equal_a_fresh_pass_with_the_final_prompts(four_classes, method):
+    """The last row of the matrix and the final nearest-class-mean accuracy (which reuses the last
+    evaluation's features) against the model rebuilt from the stored prompts and heads, every image
+    through the whole model. A large lr moves the features far enough that, for NSP2, the test images'
+    features before training give another NCM accuracy (checked): reusing stale features fails here."""
+    config = tiny(four_classes, method=method, lr=0.5)
+    result = continual.run_continual(config)
+    image_set, split, test_index, task_classes, model, mean, std = continual.prepare(config)
+    untrained_test_features = _full_pass(model, image_set, test_index, mean, std)
+    model.load_trainable_state(result.trainable_state)
+    order = [c for classes in task_classes for c in classes]
+    relabel = lambda index: torch.tensor([order.index(int(c)) for c in image_set.labels[index]])  # noqa: E731
+    train_labels, test_labels = relabel(split.train), relabel(test_index)
+    train_features = _full_pass(model, image_set, split.train, mean, std)
+    test_features = _full_pass(model, image_set, test_index, mean, std)
+
+    expected_ncm = continual.ncm_accuracy(train_features, train_labels, test_features, test_labels)
+    assert result.metrics["ncm_accuracy"] == pytest.approx(expected_ncm)
+    if method == "nsp2":  # one method shows the check can tell fresh features from stale ones (same code for all)
+        stale = continual.ncm_accuracy(train_features, train_labels, untrained_test_features, test_labels)
+        assert stale != pytest.approx(expected_ncm)
+    predicted = model.head(test_features).argmax(dim=1)
+    sizes = [len(c) for c in task_classes]
+    for j in range(len(task_classes)):
+        mine = (test_labels >= sum(sizes[:j])) & (test_labels < sum(sizes[: j + 1]))
+        expected = float((predicted[mine] == test_labels[mine]).float().mean())
+        assert result.metrics["accuracy_matrix"][-1][j] == pytest.approx(expected)
+
+
+def test_run_timings_say_where_the_time_went(four_classes):
+    result = continual.run_continual(tiny(four_classes, method="nsp2"))
+    phases = result.timings["phases"]
+    assert {"data", "encode", "ncm", "inputs", "train", "null_space", "projectors", "evaluate"} <= set(phases)
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert sum(phases.values()) <= result.timings["train_seconds"] + 1e-6

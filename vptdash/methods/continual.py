@@ -56,6 +56,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -647,21 +648,24 @@ class _Cancelled(Exception):
     pass
 
 
-def run_continual(
-    config: ContinualConfig, *, on_event: EventCallback | None = None, should_cancel: CancelCheck | None = None
-) -> ContinualResult:
-    """Train the tasks in turn with `config.method` and measure the accuracy matrix.
+class PhaseClock:
+    """Seconds spent per phase of a run (`with clock("train"): ...`), summed over its entries; stored
+    with the run's timings, so a slow run says where its time went."""
 
-    Events: {"phase": "setup"|"train"|"epoch"|"task"|"test", "task", "tasks", "epoch", "step",
-    "total_steps", "loss", "elapsed_s", "eta_s"}; a "task" event carries that row of the matrix.
-    Cancelling returns status "cancelled" with the rows measured so far."""
-    emit = on_event or (lambda event: None)
-    cancelled = should_cancel or (lambda: False)
-    config.validate()
-    started = time.perf_counter()
-    torch.manual_seed(config.seed)
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
 
-    emit({"phase": "setup", "message": "loading data and backbone", "elapsed_s": 0.0})
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def prepare(config: ContinualConfig):
+    """The data (drawn on first use for a generated set), its split, the task classes and the model."""
     image_set = data.load_image_set(resolve_dataset(config.dataset), config.resolution, cell_type=config.cell_type)
     num_classes = len(image_set.class_names)
     task_classes = split_classes(num_classes, config.tasks, config.arrival_order(num_classes))
@@ -677,11 +681,32 @@ def run_continual(
     backbone = backbones.load_backbone(config.backbone, config.weights, config.resolution)
     run_config = config.run_config(depth=len(backbone.blocks))
     model = train.build_model(run_config, num_classes=2)
-    dim = model.embed_dim
-    model.head = TaskHeads(dim, [len(c) for c in task_classes], config.seed)
+    model.head = TaskHeads(model.embed_dim, [len(c) for c in task_classes], config.seed)
     if config.prompt_init == "uniform-1":
         init_prompts_uniform(model, config.seed)
     mean, std = backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"]
+    return image_set, split, test_index, task_classes, model, mean, std
+
+
+def run_continual(
+    config: ContinualConfig, *, on_event: EventCallback | None = None, should_cancel: CancelCheck | None = None
+) -> ContinualResult:
+    """Train the tasks in turn with `config.method` and measure the accuracy matrix.
+
+    Events: {"phase": "setup"|"train"|"epoch"|"task"|"test", "task", "tasks", "epoch", "step",
+    "total_steps", "loss", "elapsed_s", "eta_s"}; a "task" event carries that row of the matrix.
+    Cancelling returns status "cancelled" with the rows measured so far."""
+    emit = on_event or (lambda event: None)
+    cancelled = should_cancel or (lambda: False)
+    config.validate()
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    clock = PhaseClock()
+
+    emit({"phase": "setup", "message": "loading data and backbone", "elapsed_s": 0.0})
+    with clock("data"):
+        image_set, split, test_index, task_classes, model, mean, std = prepare(config)
+    dim = model.embed_dim
 
     # Global labels follow the arrival order: task t owns the columns [offset_t, offset_t + n_t).
     order = [c for classes in task_classes for c in classes]
@@ -692,16 +717,19 @@ def run_continual(
     task_of_label = torch.tensor([t for t, classes in enumerate(task_classes) for _ in classes])
 
     emit({"phase": "setup", "message": "encoding frozen layers once", "elapsed_s": time.perf_counter() - started})
+    run_config = config.run_config(depth=model.depth)
     encode = lambda index: train.encode_frozen_split(model, run_config, image_set, index, mean, std)  # noqa: E731
-    train_enc, test_enc = encode(split.train), encode(test_index)
+    with clock("encode"):
+        train_enc, test_enc = encode(split.train), encode(test_index)
     train_labels, test_labels = labels[split.train], labels[test_index]
     train_images = image_set.images[split.train] if config.augment else None
-    ncm_initial = ncm_accuracy(
-        _features(model, train_enc, config.precision),
-        train_labels,
-        _features(model, test_enc, config.precision),
-        test_labels,
-    )
+    with clock("ncm"):
+        ncm_initial = ncm_accuracy(
+            _features(model, train_enc, config.precision),
+            train_labels,
+            _features(model, test_enc, config.precision),
+            test_labels,
+        )
     train_task, test_task = task_of_label[train_labels], task_of_label[test_labels]
     cache_seconds = time.perf_counter() - started
 
@@ -720,7 +748,8 @@ def run_continual(
     memory = NullSpaceMemory(model.placement, dim, model.prompt_counts) if config.method == "nsp2" else None
     progress = {"step": 0, "loop_started": time.perf_counter()}
     status = "done"
-    context = _TrainContext(config, model, emit, cancelled, started, total_steps, progress)
+    context = _TrainContext(config, model, emit, cancelled, started, total_steps, progress, clock)
+    last_features = None  # the test features of the last evaluation, if it covered every task
 
     try:
         for stage_index, stage in enumerate(stages):
@@ -730,7 +759,8 @@ def run_continual(
             enc, y = train_enc[in_stage], train_labels[in_stage]
             projections = None
             if memory is not None and memory.tasks:
-                projections = memory.projectors(config.eta, config.null_threshold, config.projector_norm)
+                with clock("projectors"):
+                    projections = memory.projectors(config.eta, config.null_threshold, config.projector_norm)
                 nullity.append(
                     {
                         "task": last_task + 1,
@@ -750,30 +780,20 @@ def run_continual(
                 inputs, y - columns[0], columns, heads, projections, stage_index, T, steps_per_epoch[stage_index]
             )
             if memory is not None and last_task < T - 1:
-                memory.add_task(model, enc)
-            features = _features(model, test_enc, config.precision)
-            with torch.no_grad():
-                logits = model.head(features)
-            predictions = logits.argmax(dim=1)
-            for j in range(last_task + 1):
-                mask = test_task == j
-                if not mask.any():
-                    continue
-                correct = predictions[mask] == test_labels[mask]
-                matrix[last_task][j] = float(correct.float().mean())
-                balanced[last_task][j] = float(
-                    np.mean(
-                        [
-                            float(correct[test_labels[mask] == c].float().mean())
-                            for c in test_labels[mask].unique().tolist()
-                        ]
-                    )
+                with clock("null_space"):
+                    memory.add_task(model, enc)
+            with clock("evaluate"):
+                rows, features = evaluate_seen(model, test_enc, test_labels, test_task, last_task + 1, offsets, config)
+            last_features = features if len(features) == len(test_labels) else None
+            for j, row in rows.items():
+                matrix[last_task][j], balanced[last_task][j], task_il[last_task][j] = (
+                    row["accuracy"],
+                    row["balanced_accuracy"],
+                    row["task_il_accuracy"],
                 )
-                own = logits[mask][:, offsets[j] : offsets[j + 1]].argmax(dim=1) + offsets[j]
-                task_il[last_task][j] = float((own == test_labels[mask]).float().mean())
                 if j not in reference_features:
-                    reference_features[j] = features[mask]
-                moved = (features[mask] - reference_features[j]).norm(dim=1) / reference_features[j].norm(dim=1)
+                    reference_features[j] = row["features"]
+                moved = (row["features"] - reference_features[j]).norm(dim=1) / reference_features[j].norm(dim=1)
                 drift[last_task][j] = float(moved.mean())
             emit(
                 {
@@ -795,16 +815,14 @@ def run_continual(
     summary_til = accuracy_metrics(task_il)
     summary_balanced = accuracy_metrics(balanced)
     finished = status == "done"
-    ncm_final = (
-        ncm_accuracy(
-            _features(model, train_enc, config.precision),
-            train_labels,
-            _features(model, test_enc, config.precision),
-            test_labels,
-        )
-        if finished
-        else None
-    )
+    ncm_final = None
+    if finished:
+        with clock("ncm"):
+            # The last task's evaluation already ran every test image through the final model.
+            test_features = last_features if last_features is not None else _features(model, test_enc, config.precision)
+            ncm_final = ncm_accuracy(
+                _features(model, train_enc, config.precision), train_labels, test_features, test_labels
+            )
     just_learned = [matrix[t][t] for t in range(T)] if config.method != "joint" else []
     just_learned_til = [task_il[t][t] for t in range(T)] if config.method != "joint" else []
     metrics = {
@@ -836,6 +854,7 @@ def run_continual(
         "cache_seconds": cache_seconds,
         "steps": progress["step"],
         "threads": torch.get_num_threads(),
+        "phases": {name: round(seconds, 3) for name, seconds in clock.seconds.items()},
     }
     if status == "done":
         emit(
@@ -926,12 +945,52 @@ def _features(model: PromptedViT, encoded: torch.Tensor, precision: str) -> torc
     return torch.cat(chunks) if chunks else torch.empty(0, model.embed_dim)
 
 
+def evaluate_seen(
+    model: PromptedViT,
+    test_enc: torch.Tensor,
+    test_labels: torch.Tensor,
+    test_task: torch.Tensor,
+    seen: int,
+    offsets: Sequence[int],
+    config: ContinualConfig,
+) -> tuple[dict[int, dict[str, Any]], torch.Tensor]:
+    """One row of the accuracy matrices after `seen` tasks: per task j < seen with test images, its
+    accuracy among every seen class, balanced accuracy, accuracy among its own classes (task given)
+    and its images' pooled features. Returns (rows, the features of every seen task's test image).
+
+    Only the seen tasks' test images run through the model: the later tasks' images enter no metric
+    yet (the head has no columns for them), and each image's features do not depend on the others in
+    its batch, so the figures are those of a pass over the whole test set."""
+    keep = test_task < seen
+    labels, tasks = test_labels[keep], test_task[keep]
+    features = _features(model, test_enc[keep], config.precision)
+    with torch.no_grad():
+        logits = model.head(features)
+    predictions = logits.argmax(dim=1)
+    rows: dict[int, dict[str, Any]] = {}
+    for j in range(seen):
+        mask = tasks == j
+        if not mask.any():
+            continue
+        correct = predictions[mask] == labels[mask]
+        own = logits[mask][:, offsets[j] : offsets[j + 1]].argmax(dim=1) + offsets[j]
+        rows[j] = {
+            "accuracy": float(correct.float().mean()),
+            "balanced_accuracy": float(
+                np.mean([float(correct[labels[mask] == c].float().mean()) for c in labels[mask].unique().tolist()])
+            ),
+            "task_il_accuracy": float((own == labels[mask]).float().mean()),
+            "features": features[mask],
+        }
+    return rows, features
+
+
 class _TrainContext:
     """The training loop of one stage (one task, or every task at once for joint training)."""
 
-    def __init__(self, config, model, emit, cancelled, started, total_steps, progress):
+    def __init__(self, config, model, emit, cancelled, started, total_steps, progress, clock):
         self.config, self.model, self.emit, self.cancelled = config, model, emit, cancelled
-        self.started, self.total_steps, self.progress = started, total_steps, progress
+        self.started, self.total_steps, self.progress, self.clock = started, total_steps, progress, clock
 
     def train_stage(self, inputs, local_labels, columns, heads, projections, stage_index, tasks, steps_per_epoch):
         """inputs: index tensor -> that batch's frozen-prefix encodings (cached, or augmented afresh)."""
@@ -955,15 +1014,18 @@ class _TrainContext:
                 lr = train.lr_at(step, total, warmup, config.lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with train.autocast(config.precision):
-                    logits = model.forward_from_frozen(inputs(index))
-                scaled = logits.float()[:, columns[0] : columns[1]] / config.temperature
-                loss = nn.functional.cross_entropy(scaled, local_labels[index])
-                if reference is not None and config.ln_loss_weight:
-                    loss = loss + config.ln_loss_weight * ln_consistency_loss(prompt_params, reference)
-                model.zero_grad(set_to_none=True)
-                loss.backward()
-                projected_step(optimizer, prompt_params, model.placement, projections)
+                with self.clock("inputs"):
+                    batch = inputs(index)
+                with self.clock("train"):
+                    with train.autocast(config.precision):
+                        logits = model.forward_from_frozen(batch)
+                    scaled = logits.float()[:, columns[0] : columns[1]] / config.temperature
+                    loss = nn.functional.cross_entropy(scaled, local_labels[index])
+                    if reference is not None and config.ln_loss_weight:
+                        loss = loss + config.ln_loss_weight * ln_consistency_loss(prompt_params, reference)
+                    model.zero_grad(set_to_none=True)
+                    loss.backward()
+                    projected_step(optimizer, prompt_params, model.placement, projections)
                 step += 1
                 self.progress["step"] += 1
                 losses.append(float(loss.detach()))
