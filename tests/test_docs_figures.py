@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import common, performance, results_elpv, row_selection_costs
+from benchmarks import common, performance, pull_elpv, results_elpv, row_selection_costs
 from vptdash.runs.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,10 +36,6 @@ UNSTORED = {
         "## Cost levers: bilinear prompts and layer skipping",
     ): "levers_elpv.py's store is not in the repository",
     ("results", "## Continual learning"): "continual_nsp2.py's store is not in the repository",
-    ("results", "## Prompt pull against untrained prompts"): (
-        "pull_elpv.py's reduced first run (one count, one seed) wrote it before sections were kept; its store "
-        "is not in the repository"
-    ),
     (
         "performance",
         "## bf16 autocast vs fp32 on ELPV",
@@ -127,6 +123,14 @@ def test_row_selection_costs_section_is_generated_from_its_stored_counts():
     stored = json.loads(row_selection_costs.OUTPUT.read_text())
     expected = row_selection_costs.section(stored["rows"], stored["backbone"], stored["resolution"], stored["date"])
     assert doc_section("results", row_selection_costs.HEADING) == expected.strip()
+
+
+def test_pull_section_is_generated_from_its_stored_measurements():
+    """Every figure of the prompt-pull section, its per-seed summary and its reading come from
+    benchmarks/data/pull_elpv.json (the measurements of every run, kept by pull_elpv.py)."""
+    stored = json.loads(pull_elpv.OUTPUT.read_text())
+    expected = "\n".join(pull_elpv.section(**stored))
+    assert doc_section("results", pull_elpv.HEADING) == expected.strip()
 
 
 def test_bench_table_is_the_raw_json_printed_beside_it():
