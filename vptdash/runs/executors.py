@@ -57,8 +57,8 @@ class LocalExecutor:
     benchmarks/performance.py; `--sections processes` measures the few-shot meeting sweep). Latency must
     not be measured beside another run, so with N > 1 it is measured first, once per architecture, on the
     still quiet machine (or taken from the machine's cost cache, shared with one-process runs), and written
-    into each run of that architecture. A worker process that dies
-    (killed, out of memory) fails only the run it had; a fresh process takes the runs still waiting."""
+    into each run of that architecture. A worker process that dies (killed, out of memory) fails only the
+    run it had; a fresh process takes the runs still waiting."""
 
     def __init__(self, processes: int = 1):
         if processes < 1:
