@@ -52,3 +52,25 @@ def make_image_folder(
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture
+def cost_spies(monkeypatch, tmp_path):
+    """This test's own cost cache, and how often fvcore counted and the latency timer ran (both still run)."""
+    from vptdash.engine import cost  # here, not at the top: conftest loads before any test imports vptdash
+
+    monkeypatch.setattr(cost, "default_cost_cache_path", lambda: tmp_path / "costs.json")
+    calls = {"fvcore": 0, "latency": 0}
+    real_fvcore, real_latency = cost.fvcore_gmacs, cost.latency_costs
+
+    def fvcore_spy(*args, **kwargs):
+        calls["fvcore"] += 1
+        return real_fvcore(*args, **kwargs)
+
+    def latency_spy(*args, **kwargs):
+        calls["latency"] += 1
+        return real_latency(*args, **kwargs)
+
+    monkeypatch.setattr(cost, "fvcore_gmacs", fvcore_spy)
+    monkeypatch.setattr(cost, "latency_costs", latency_spy)
+    return calls

@@ -156,25 +156,10 @@ def test_bf16_training_steps_use_explicit_attention_and_restore_it():
     assert not torch.allclose(0.1 * approx.float(), reference, atol=tolerance, rtol=0)
 
 
-def test_a_second_run_of_an_architecture_reuses_its_count_and_latency(image_folder, monkeypatch, tmp_path):
+def test_a_second_run_of_an_architecture_reuses_its_count_and_latency(image_folder, cost_spies):
     """fvcore and the latency timer run once per architecture: a run with another seed reuses them, a run
     with another prompt count does not."""
-    from vptdash.engine import cost
-
-    monkeypatch.setattr(cost, "default_cost_cache_path", lambda: tmp_path / "costs.json")
-    calls = {"fvcore": 0, "latency": 0}
-    real_fvcore, real_latency = cost.fvcore_gmacs, cost.latency_costs
-
-    def fvcore_spy(*args, **kwargs):
-        calls["fvcore"] += 1
-        return real_fvcore(*args, **kwargs)
-
-    def latency_spy(*args, **kwargs):
-        calls["latency"] += 1
-        return real_latency(*args, **kwargs)
-
-    monkeypatch.setattr(cost, "fvcore_gmacs", fvcore_spy)
-    monkeypatch.setattr(cost, "latency_costs", latency_spy)
+    calls = cost_spies
     first = run_training(tiny_config(image_folder, epochs=1, measure_latency=True))
     second = run_training(tiny_config(image_folder, epochs=1, measure_latency=True, seed=5, lr=3e-3))
     assert calls == {"fvcore": 1, "latency": 1}

@@ -85,26 +85,6 @@ def test_warm_up_runs_once_before_the_first_job_and_a_failing_one_only_costs_a_l
     assert "warm-up skipped: disk gone" in err and "second line" not in err and "Traceback" not in err
 
 
-@pytest.fixture
-def cost_spies(monkeypatch, tmp_path):
-    """This test's own cost cache, and how often fvcore counted and the latency timer ran."""
-    monkeypatch.setattr(cost, "default_cost_cache_path", lambda: tmp_path / "costs.json")
-    calls = {"fvcore": 0, "latency": 0}
-    real_fvcore, real_latency = cost.fvcore_gmacs, cost.latency_costs
-
-    def fvcore_spy(*args, **kwargs):
-        calls["fvcore"] += 1
-        return real_fvcore(*args, **kwargs)
-
-    def latency_spy(*args, **kwargs):
-        calls["latency"] += 1
-        return real_latency(*args, **kwargs)
-
-    monkeypatch.setattr(cost, "fvcore_gmacs", fvcore_spy)
-    monkeypatch.setattr(cost, "latency_costs", latency_spy)
-    return calls
-
-
 def test_a_warm_up_that_counts_ahead_leaves_the_run_no_cost_phase_to_pay(image_folder, cost_spies):
     """What the warm-up counts and times is what the run's cost phase then reads: the run stores the same
     figures, marked as taken from the cache, and neither fvcore nor the timer runs again."""
