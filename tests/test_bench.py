@@ -118,6 +118,7 @@ def test_the_timed_sweep_reports_its_floor_from_the_runs_it_stored(image_folder,
 def test_a_sweep_of_several_processes_is_floored_at_their_combined_peak(monkeypatch):
     """Two 1-thread processes side by side may multiply faster than one 2-thread process: the floor takes
     the larger rate (a floor must not understate the machine), and restores the thread count."""
+
     def peak(dtype, seconds):
         return {torch.float32: 60.0, torch.bfloat16: 100.0}[dtype]  # per process share
 
