@@ -35,7 +35,6 @@ UNSTORED = {
         "results",
         "## Cost levers: bilinear prompts and layer skipping",
     ): "levers_elpv.py's store is not in the repository",
-    ("results", "## Continual learning"): "continual_nsp2.py's store is not in the repository",
     (
         "performance",
         "## bf16 autocast vs fp32 on ELPV",
