@@ -1,5 +1,6 @@
 """Precision chosen by measurement: the faster of fp32 and bf16 at the run's shapes, cached per machine."""
 
+import pytest
 import torch
 
 from vptdash.engine import precision
@@ -50,6 +51,30 @@ def test_a_forced_precision_is_used_as_given_and_nothing_is_measured(tmp_path):
         choice = precision.choose_precision(forced, SHAPES, measure=fake(1, 1000, calls), cache_path=tmp_path / "f")
         assert choice.precision == forced and choice.gflops_fp32 is None
     assert calls == [] and not (tmp_path / "f").exists()
+
+
+def test_the_machine_setting_decides_auto_without_measuring_and_a_request_still_wins(tmp_path, monkeypatch):
+    calls = []
+    # bf16 measures 1000x faster here, so only the setting can make "auto" fp32
+    for value, expected in (("fp32", "fp32"), (" BF16 ", "bf16")):
+        monkeypatch.setenv("VPTDASH_PRECISION", value)
+        choice = precision.choose_precision("auto", SHAPES, measure=fake(1, 1000, calls), cache_path=tmp_path / "m")
+        assert choice.precision == expected and "VPTDASH_PRECISION" in choice.reason
+    monkeypatch.setenv("VPTDASH_PRECISION", "fp32")
+    assert precision.choose_precision("bf16", SHAPES, measure=fake(1, 1000, calls)).precision == "bf16"
+    assert calls == []
+    monkeypatch.setenv("VPTDASH_PRECISION", "auto")
+    assert (
+        precision.choose_precision("auto", SHAPES, measure=fake(1, 1000, calls), cache_path=tmp_path / "a").precision
+        == "bf16"
+    )
+    assert len(calls) == 2
+
+
+def test_a_bad_machine_setting_is_named(monkeypatch):
+    monkeypatch.setenv("VPTDASH_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="VPTDASH_PRECISION must be one of auto, fp32, bf16, got 'fp16'"):
+        precision.choose_precision("auto", SHAPES, measure=fake(1, 1, []))
 
 
 def test_a_corrupt_cache_is_measured_again(tmp_path):

@@ -5,7 +5,10 @@ ran bf16 matmuls 6.5x faster than fp32, a Xeon with avx512_bf16 but no AMX ran t
 speed, an AMD EPYC 2.7x faster. So `precision="auto"` times fp32 and bf16 matrix products at the
 shapes of the run (the linear layers of a ViT block for its batch and tokens), once per machine and
 shape, keeps the answer in the cache dir, and trains in whichever is faster. A forced "fp32" or
-"bf16" is used as given.
+"bf16" is used as given. `VPTDASH_PRECISION=fp32` (or bf16) makes "auto" mean that precision on this
+machine without measuring: for a machine whose owner knows better than a short matmul timing (a laptop
+that throttles), and for timing one machine as another (an AMX Xeon forced to fp32 stands in for a CPU
+without fast bf16).
 
 The cache key names the CPU model, its relevant flags, the thread count and the torch version, so a
 changed machine (or a laptop on battery with fewer threads) measures again.
@@ -30,6 +33,7 @@ PRECISIONS = ("fp32", "bf16")
 CHOICES = ("auto", *PRECISIONS)
 # bf16 must beat fp32 by this factor to be chosen: within measurement noise fp32 wins (exact numerics).
 BF16_MARGIN = 1.10
+FORCE_ENV = "VPTDASH_PRECISION"
 FLAGS_OF_INTEREST = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
 Shapes = Sequence[tuple[int, int, int]]
 
@@ -120,6 +124,16 @@ def _write_cache(path: Path, entries: dict) -> None:
         pass
 
 
+def machine_override() -> str | None:
+    """The precision `VPTDASH_PRECISION` sets for "auto" on this machine, or None (unset, empty or auto)."""
+    value = os.environ.get(FORCE_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in PRECISIONS:
+        raise ValueError(f"{FORCE_ENV} must be one of {', '.join(CHOICES)}, got {value!r}")
+    return value
+
+
 def cache_key(shapes: Shapes, machine: dict | None = None) -> str:
     return json.dumps({"machine": machine or cpu_description(), "shapes": [list(s) for s in shapes]}, sort_keys=True)
 
@@ -138,6 +152,9 @@ def choose_precision(
         raise ValueError(f"precision must be one of {', '.join(CHOICES)}, got {requested!r}")
     if requested != "auto":
         return PrecisionChoice(requested, f"{requested} as requested")
+    forced = machine_override()
+    if forced:
+        return PrecisionChoice(forced, f"{forced}: set for this machine by {FORCE_ENV} (not measured)")
     measure = measure or (lambda dtype, s: matmul_gflops(dtype, s))
     path = cache_path or _cache_file()
     key = cache_key(shapes)

@@ -17,7 +17,8 @@ from vptdash.engine.train import RunConfig
 TRAIN_PASSES = 2
 CONVENTION = (
     "floor = 2 FLOP/MAC x sum over the runs of GMACs/image x (2 x training images + evaluated images + "
-    "encoded images) / best matmul peak (GFLOP/s, the larger of fp32 and bf16); GMACs/image = the run's stored "
+    "encoded images) / best matmul peak (GFLOP/s, the larger of fp32 and bf16, or the one precision "
+    "VPTDASH_PRECISION sets for the machine); GMACs/image = the run's stored "
     "executed-graph count (costs['gmacs']); a training step over B images costs about 2x their forward MACs "
     "(the forward, plus the input-gradient backward to the prompts; the frozen weights get no weight gradient); "
     "evaluated = validation passes x validation images + test images, 1x each; encoded = the linear probe's "
@@ -57,15 +58,26 @@ def floor_seconds(work: dict, peak_gflops: float) -> dict:
     return {"floor_s": sum(phases.values()), **phases}
 
 
-def runs_floor(works: list[dict], peak_gflops_fp32: float, peak_gflops_bf16: float) -> dict:
-    """The floor of several runs at the better of the two measured peaks, with its phases summed over runs."""
-    peak = max(peak_gflops_fp32, peak_gflops_bf16)
+def runs_floor(
+    works: list[dict], peak_gflops_fp32: float, peak_gflops_bf16: float, *, precision: str | None = None
+) -> dict:
+    """The floor of several runs at the better of the two measured peaks, with its phases summed over runs.
+    `precision`: the one precision the machine is set to (`precision.machine_override()`): only its peak
+    counts, as on a CPU that has only that one fast (an AMX Xeon forced to fp32 stands in for one without)."""
+    peaks = {"fp32": peak_gflops_fp32, "bf16": peak_gflops_bf16}
+    if precision is None:
+        peak_precision = "bf16" if peak_gflops_bf16 >= peak_gflops_fp32 else "fp32"
+    elif precision in peaks:
+        peak_precision = precision
+    else:
+        raise ValueError(f"precision must be fp32, bf16 or None, got {precision!r}")
+    peak = peaks[peak_precision]
     per_run = [floor_seconds(work, peak) for work in works]
     totals = {key: sum(run[key] for run in per_run) for key in ("floor_s", "train_s", "eval_s", "encode_s")}
     return {
         **totals,
         "peak_gflops": peak,
-        "peak_precision": "bf16" if peak_gflops_bf16 >= peak_gflops_fp32 else "fp32",
+        "peak_precision": peak_precision,
         "peak_gflops_fp32": peak_gflops_fp32,
         "peak_gflops_bf16": peak_gflops_bf16,
         "gmacs_total": sum(
