@@ -165,8 +165,13 @@ BENCH_HEADING = "## `python -m vptdash bench --json --sweep`"
 
 
 def bench_machine_key(run: dict) -> str:
-    """One column per kind of machine: the CPU model and the flags bf16 speed depends on."""
-    return run["machine"].split(",")[0] + " " + " ".join(sorted(run.get("cpu_flags") or []))
+    """One column per kind of machine: the CPU model, what its bf16 speed depends on (AMX, avx512_bf16, or
+    neither) and the precision the machine was set to (VPTDASH_PRECISION=fp32 on an AMX Xeon stands in for a
+    CPU without fast bf16, so it gets a column of its own)."""
+    flags = set(run.get("cpu_flags") or [])
+    bf16 = "amx" if any(f.startswith("amx") for f in flags) else "avx512_bf16" if "avx512_bf16" in flags else "no bf16"
+    setting = run["result"].get("precision_setting") or "auto"
+    return f"{run['machine'].split(',')[0]} {bf16} precision={setting}"
 
 
 def keep_bench_run(result: dict, machine_text: str, load: str) -> list[dict]:
@@ -174,7 +179,8 @@ def keep_bench_run(result: dict, machine_text: str, load: str) -> list[dict]:
     runs = json.loads(BENCH_RUNS.read_text())["runs"] if BENCH_RUNS.is_file() else []
     flags = (result.get("cpu") or {}).get("flags") or []
     run = {"date": today(), "machine": machine_text, "cpu_flags": flags, "load": load, "note": "", "result": result}
-    runs = [r for r in runs if bench_machine_key(r) != bench_machine_key(run)] + [run]
+    # A run marked "keep" stays: the Interpretation cites its figures (an earlier version of the code).
+    runs = [r for r in runs if r.get("keep") or bench_machine_key(r) != bench_machine_key(run)] + [run]
     BENCH_RUNS.write_text(json.dumps({"runs": runs}, indent=1))
     return runs
 

@@ -1,12 +1,18 @@
 """benchmarks/meeting_demo.py: the per-phase split it reads from the run store, and the compute floor."""
 
+import json
+
 import pytest
 import torch
 
 from benchmarks.meeting_demo import (
     FLOOR_CONVENTION,
+    keep_result,
+    machine_kind,
     phase_split,
     section,
+    sections,
+    stored_results,
     warm_up_seconds,
 )
 from vptdash.bench import step_flops
@@ -94,6 +100,14 @@ def test_the_floor_is_the_demos_macs_at_the_better_peak():
     # where fp32 peaks higher, the floor is taken at fp32's peak: 5320 / 532
     faster_fp32 = demo_floor(works, peak_gflops_fp32=532.0, peak_gflops_bf16=266.0)
     assert faster_fp32["floor_s"] == pytest.approx(10.0) and faster_fp32["peak_precision"] == "fp32"
+    # a machine set to fp32 (standing in for a CPU without fast bf16) is held to fp32's peak: 5320 / 100
+    forced = demo_floor(works, peak_gflops_fp32=100.0, peak_gflops_bf16=266.0, precision="fp32")
+    assert forced["floor_s"] == pytest.approx(53.2) and (forced["peak_gflops"], forced["peak_precision"]) == (
+        100.0,
+        "fp32",
+    )
+    with pytest.raises(ValueError, match="fp16"):
+        demo_floor(works, 100.0, 266.0, precision="fp16")
 
 
 def result(**extra) -> dict:
@@ -164,3 +178,24 @@ def test_the_floors_training_convention_is_the_executed_flops_of_a_real_training
     )
     convention = 2 * 2 * batch * analytic_gmacs(model, 112) * 1e9
     assert executed == pytest.approx(convention, rel=0.01)
+
+
+def test_results_are_kept_one_per_kind_of_machine_and_summarised_side_by_side(tmp_path):
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps(result()))  # a file from before there were several: one result
+    assert [r["demo_complete_s"] for r in stored_results(path)] == [80.0]
+    amx = result(demo_complete_s=36.8)
+    amx["machine"] = {**amx["machine"], "cpu": "Intel Xeon", "flags": ["amx_bf16", "avx512_bf16"]}
+    forced = json.loads(json.dumps(amx))
+    forced["machine"]["precision_setting"] = "fp32"
+    forced["demo_complete_s"] = 58.0
+    assert machine_kind(amx) == "Intel Xeon, AMX" and machine_kind(forced) == "Intel Xeon, AMX, VPTDASH_PRECISION=fp32"
+    keep_result(amx, path)
+    keep_result(forced, path)
+    newer = result(demo_complete_s=70.0)  # the same kind as the first: replaces it, goes last
+    kept = keep_result(newer, path)
+    assert [r["demo_complete_s"] for r in kept] == [36.8, 58.0, 70.0]
+    assert stored_results(path) == kept
+    text = sections(kept)
+    assert "| click -> demo complete | 36.8 s | 58.0 s | 70.0 s | 60 s |" in text
+    assert text.count("### (") == 3 and "### (2) Intel Xeon, AMX, VPTDASH_PRECISION=fp32" in text
