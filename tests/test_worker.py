@@ -254,8 +254,9 @@ def test_a_started_worker_runs_below_its_parent_with_every_core(image_folder):
 
 
 def kill_worker_mid_run(store, run_id) -> int:
-    """Start a real worker on `store`, wait until it has written progress for `run_id`, SIGKILL it."""
-    assert worker.ensure_worker(store, idle_exit_s=30) is True
+    """Start a real worker on `store` (one lane: the runs queued behind `run_id` wait for it), wait until it
+    has written progress for `run_id`, SIGKILL it."""
+    assert worker.ensure_worker(store, idle_exit_s=30, lanes=1) is True
     deadline = time.time() + 90
     while time.time() < deadline and not store.progress(run_id):  # mid-run: training has begun
         time.sleep(0.1)

@@ -533,7 +533,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         def warm() -> bool:
             return presets.warm_demo(should_stop=lambda: worker.other_job_waiting(store, presets.is_demo_config))
 
-    return worker.serve(store, idle_exit_s=args.idle_exit, owner=args.follow_owner, warm=warm)
+    lanes = worker.default_lanes() if args.lanes is None else args.lanes
+    return worker.serve(store, idle_exit_s=args.idle_exit, owner=args.follow_owner, warm=warm, lanes=lanes)
 
 
 def _add_continual_options(parser: argparse.ArgumentParser) -> None:
@@ -734,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="the engine's precision (auto: whichever measures faster on this machine; the naive loop is fp32)",
     )
-    worker = sub.add_parser("worker", help="the dashboard's background worker: runs queued jobs one at a time")
+    worker = sub.add_parser("worker", help="the dashboard's background worker: runs the queued jobs")
     worker.add_argument("--store", default=None)
     worker.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
     worker.add_argument(
@@ -746,6 +747,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--warm",
         action="store_true",
         help="before waiting for jobs, load what the meeting demo needs (libraries, backbone, image set)",
+    )
+    worker.add_argument(
+        "--lanes",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="runs side by side when several are queued, the cores split between them (default: 2 from two "
+        "cores on, else 1)",
     )
     return parser
 

@@ -266,7 +266,44 @@ def _cache_check(gmacs_analytic: float, params_total: int, resolution: int) -> d
     return {"gmacs_analytic": gmacs_analytic, "params_total": params_total, "resolution": resolution}
 
 
+# Threads latency is measured (and cached) with while set by `latency_threads`; None: the process's own.
+_latency_threads: int | None = None
+
+
+@contextmanager
+def latency_threads(threads: int):
+    """Inside, latency is timed and looked up with `threads` torch threads, whatever the caller trains
+    with: a run in one of the worker's two lanes trains with half the cores, but its latency is a figure
+    of the machine (all of the worker's threads), the same as a run alone stores and the warm-up caches."""
+    global _latency_threads
+    before = _latency_threads
+    _latency_threads = threads
+    try:
+        yield
+    finally:
+        _latency_threads = before
+
+
+@contextmanager
+def _torch_threads(threads: int | None):
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def _latency_through(
+    cache: CostCache | None, architecture: str | None, check: dict, model: PromptedViT, resolution: int, precision: str
+) -> dict[str, Any]:
+    with _torch_threads(_latency_threads):
+        return _latency_through_threads(cache, architecture, check, model, resolution, precision)
+
+
+def _latency_through_threads(
     cache: CostCache | None, architecture: str | None, check: dict, model: PromptedViT, resolution: int, precision: str
 ) -> dict[str, Any]:
     latency_key = _latency_key(architecture, precision) if cache else None

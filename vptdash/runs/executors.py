@@ -14,11 +14,7 @@ progress curve and the trained prompts + head.
 from __future__ import annotations
 
 import multiprocessing
-import signal
-import sys
-import types
 from collections import deque
-from contextlib import contextmanager
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Protocol, Sequence
 
@@ -30,6 +26,7 @@ from vptdash.engine.train import RunConfig, architecture_key, build_model
 from vptdash.runs import worker
 from vptdash.runs.cluster import ClusterRunner, ClusterSettings
 from vptdash.runs.jobs import execute_run, kind_of, run_now
+from vptdash.runs.lanes import death_reason, spawning_without_main_module
 from vptdash.runs.store import RunStore
 
 Echo = Callable[[dict], None]
@@ -117,31 +114,6 @@ def _serve_runs(store_path: str, connection: Connection, threads: int) -> None:
         connection.send(run_id)
 
 
-def death_reason(exitcode: int | None) -> str:
-    """What a run whose worker process died stores as its error."""
-    if exitcode is not None and exitcode < 0:
-        try:
-            how = f"was killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            how = f"was killed by signal {-exitcode}"
-    else:
-        how = f"exited with code {exitcode}"
-    return f"worker process died: the process running it {how} (out of memory, or stopped by hand?)"
-
-
-@contextmanager
-def _spawning_without_main_module():
-    """Spawned workers need only vptdash. By default spawn re-runs the parent's `__main__` in each child,
-    which breaks when that is a script without a main guard (a Streamlit page under AppTest, a notebook
-    export). Processes started inside this block see a blank `__main__` instead."""
-    main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = main
-
-
 def _run_in_processes(
     store: RunStore,
     configs: list[RunConfig],
@@ -179,7 +151,7 @@ def _run_in_processes(
         if process is None:
             connection, child_end = context.Pipe()
             process = context.Process(target=_serve_runs, args=(str(store.path), child_end, threads), daemon=True)
-            with _spawning_without_main_module():
+            with spawning_without_main_module():
                 process.start()
             started.append(process)
             child_end.close()

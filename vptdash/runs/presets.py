@@ -84,6 +84,22 @@ def is_demo_config(config: dict) -> bool:
     return any(wanted == demo for demo in demo_configs())
 
 
+def demo_setting_steps(base: RunConfig) -> list[Callable[[], object]]:
+    """Loading the demo's backbone at its resolution, then its image set and split (each kept in the
+    process once loaded)."""
+    return [
+        lambda: backbones.load_backbone(base.backbone, base.weights, base.resolution),
+        lambda: data.load_and_split(base),
+    ]
+
+
+def load_demo_setting() -> None:
+    """What a second lane of the worker (`runs.lanes`) loads while it waits: the demo's backbone and
+    images. The counting and the probe's features are the first lane's (the cost cache is on disk)."""
+    for step in demo_setting_steps(demo_base()):
+        step()
+
+
 def warm_demo(should_stop: Callable[[], bool] | None = None) -> bool:
     """What the demo's jobs would load or measure, done ahead by a waiting worker (`worker --warm`): the
     backbone at the demo's resolution, the image set and its split (decoded and resized once per process),
@@ -104,8 +120,7 @@ def warm_demo(should_stop: Callable[[], bool] | None = None) -> bool:
     base = demo_base()
     configs = demo_configs()
     steps = [
-        lambda: backbones.load_backbone(base.backbone, base.weights, base.resolution),
-        lambda: data.load_and_split(base),
+        *demo_setting_steps(base),
         cost.load_counter,
         *[(lambda c=config: train.encode_ahead(c)) for config in configs if config.is_linear_probe],
         # the probe first: its cost phase also stands between the press and the first point

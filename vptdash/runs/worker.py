@@ -1,4 +1,4 @@
-"""The dashboard's background worker: one process, one job at a time, a queue behind it.
+"""The dashboard's background worker: one process, a queue behind it.
 
 Training inside the Streamlit script would die with every rerun, so the app only queues runs in the
 store and makes sure this worker is alive. The worker survives reruns, page switches and closed tabs,
@@ -10,6 +10,10 @@ owner instead: `ensure_worker` writes the calling process's pid (the Streamlit s
 file next to the lock, and a worker it started exits within seconds of that process ending; the run
 it was executing is stored as cancelled, queued runs stay queued. A server that finds a worker still
 alive writes its own pid there and so adopts it (`adopt`).
+
+With `lanes=2` (the dashboard's worker on a machine with two cores or more) it runs two queued runs side
+by side, one in this process and one in a helper process, with the cores split between them
+(`runs.lanes`: why, and what was measured); a run alone gets every core.
 """
 
 from __future__ import annotations
@@ -25,13 +29,16 @@ from pathlib import Path
 
 import torch
 
+from vptdash.engine.cost import latency_threads
 from vptdash.runs import cluster
 from vptdash.runs.jobs import execute_run
+from vptdash.runs.lanes import HELPER_KINDS, HelperLane
 from vptdash.runs.store import RunStore
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `vptdash/`, for `python -m vptdash`
 
 POLL_SECONDS = 0.5
+HELPER_WARM_TIMEOUT_S = 120.0
 OWNER_POLL_SECONDS = 1.0
 STOPPED_WITH_OWNER = "stopped: the dashboard that started this worker ended"
 # How much lower than the process that started it a worker runs: the dashboard's server (and whoever
@@ -170,6 +177,11 @@ def yield_to_ui(workers: int = 1, *, threads: int | None = None, niceness: int =
     return {"nice": os.nice(0), "threads": torch.get_num_threads()}
 
 
+def default_lanes(cores: int | None = None) -> int:
+    """Runs side by side for the dashboard's worker: two from two cores on, else one."""
+    return 2 if (available_cores() if cores is None else cores) >= 2 else 1
+
+
 def serve(
     store: RunStore,
     *,
@@ -177,11 +189,15 @@ def serve(
     poll_s: float = POLL_SECONDS,
     owner: bool = False,
     warm: Callable[[], bool | None] | None = None,
+    lanes: int = 1,
 ) -> int:
     """Run queued jobs until idle for `idle_exit_s` (forever when None), and with `owner` until the
     process in the owner file ends (`follow_owner`). `warm` runs once before the first job (loading what
     the likely first job needs; it returns False when it stopped early for a waiting job); if it fails,
-    one line says so and the worker serves as usual. Returns an exit code."""
+    one line says so and the worker serves as usual. `lanes=2`: two runs side by side when two are
+    queued (`runs.lanes`). Returns an exit code."""
+    if lanes not in (1, 2):
+        raise ValueError(f"lanes must be 1 or 2, got {lanes}")
     handle = try_lock(lock_path(store))
     if handle is None:
         print("another worker already serves this run store", file=sys.stderr)
@@ -191,6 +207,7 @@ def serve(
     try:
         # A run left 'running' by a worker that was killed can never finish: mark it failed now.
         store.fail_orphaned_runs()
+        helper = HelperLane(store, follow=follow_owner if owner else None) if lanes == 2 else None
         if warm is not None:
             started = time.monotonic()
             try:
@@ -201,6 +218,12 @@ def serve(
                         flush=True,
                     )
                 else:
+                    if helper is not None:
+                        # The second lane loads after the warm-up's latency timing (which needs an idle
+                        # machine), and before the worker says it is ready: the demo's second run then
+                        # starts the moment it is pressed.
+                        helper.start(warm=True)
+                        helper.wait_warm(HELPER_WARM_TIMEOUT_S)
                     print(f"warmed up in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
             except Exception as exc:  # noqa: BLE001 - only a head start: the job reports real errors
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -210,15 +233,19 @@ def serve(
         try:
             while True:
                 dispatcher = cluster.dispatcher_for(store, dispatcher)
-                if run_next(store, dispatcher, poll_s):
+                if run_next(store, dispatcher, poll_s, helper=helper):
                     idle_since = time.monotonic()
                     continue
-                if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                if helper is not None and helper.busy:
+                    idle_since = time.monotonic()
+                elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                     return 0
                 time.sleep(poll_s)
         finally:
             if dispatcher is not None:
                 dispatcher.close()
+            if helper is not None:
+                helper.close()
     finally:
         handle.close()
 
@@ -229,22 +256,43 @@ def other_job_waiting(store: RunStore, wanted: Callable[[dict], bool]) -> bool:
     return any(not wanted(row["config"]) for row in store.list_runs(status="queued"))
 
 
-def run_next(store: RunStore, dispatcher: cluster.Dispatcher | None, poll_s: float) -> bool:
+def run_next(
+    store: RunStore, dispatcher: cluster.Dispatcher | None, poll_s: float, *, helper: HelperLane | None = None
+) -> bool:
     """Where queued jobs run. With a Ray cluster configured (the dashboard's setting or
     VPTDASH_RAY_ADDRESS) the dispatcher keeps several training runs on it at once and stores each as it
-    comes back; without one, the next job runs here, in this process. False when nothing was queued."""
+    comes back; without one, the next job runs here, in this process, and with a `helper` lane that is
+    free, the job after it (a training run) runs there at the same time, the threads split between them.
+    False when nothing was queued."""
     if dispatcher is not None:
         return dispatcher.step(poll_s)
     job = store.claim_next_queued(worker_pid=os.getpid())
     if job is None:
         return False
-    execute_run(store, job["id"])
+    threads = torch.get_num_threads()  # this worker's share of the cores, set once at its start
+    own = threads
+    if helper is not None and threads >= 2:
+        if not helper.busy:
+            other = store.claim_next_queued(worker_pid=helper.pid, kinds=HELPER_KINDS)
+            if other is not None:
+                helper.give(other["id"], threads // 2, latency_threads=threads)
+        if helper.busy:
+            own = threads - helper.threads
+    torch.set_num_threads(own)
+    try:
+        with latency_threads(threads):  # latency is the machine's figure, timed with all of the worker's threads
+            execute_run(store, job["id"])
+    finally:
+        torch.set_num_threads(threads)
     return True
 
 
-def ensure_worker(store: RunStore, *, idle_exit_s: float | None = 600.0, warm: bool = False) -> bool:
+def ensure_worker(
+    store: RunStore, *, idle_exit_s: float | None = 600.0, warm: bool = False, lanes: int | None = None
+) -> bool:
     """Start a detached worker process unless one is already serving this store. With `warm`, the worker
-    loads what the meeting demo needs (`worker --warm`) before it waits for jobs.
+    loads what the meeting demo needs (`worker --warm`) before it waits for jobs; `lanes` (default: the
+    worker's own choice, `default_lanes`) is how many runs it may run side by side.
 
     Returns True when a new worker was started. The worker exits after `idle_exit_s` without work,
     or within seconds of this process ending, so nothing lingers after a meeting; the app starts it
@@ -258,6 +306,8 @@ def ensure_worker(store: RunStore, *, idle_exit_s: float | None = 600.0, warm: b
         command += ["--idle-exit", str(idle_exit_s)]
     if warm:
         command.append("--warm")
+    if lanes is not None:
+        command += ["--lanes", str(lanes)]
     log = open(log_path(store), "ab")
     package_root = str(PACKAGE_ROOT)
     env = {**os.environ, "PYTHONPATH": package_root + os.pathsep + os.environ.get("PYTHONPATH", "")}
