@@ -131,6 +131,7 @@ def measure(timeout_s: float, width: int = 1600, height: int = 1000) -> dict:
         "load_average": os.getloadavg(),
         "cores": os.cpu_count(),
         "precision_setting": machine_override() or "auto",  # VPTDASH_PRECISION, which the server inherits
+        "worker_lanes": worker.default_lanes(),  # runs side by side in the dashboard's worker (runs.lanes)
     }
     # The engine's own peak measurement (`python -m vptdash bench`), before the server starts: the floor
     # is the demo's arithmetic at the better of the two.
@@ -310,6 +311,9 @@ def sections(results: list[dict]) -> str:
         row("compute floor", "floor_s", " s"),
         row("efficiency vs the floor", "efficiency_vs_floor"),
         row("worker warm-up before the press", "warm_up_s", " s"),
+        "| runs side by side in the worker | "
+        + " | ".join(str(r["machine"].get("worker_lanes") or "1 (before the second lane existed)") for r in results)
+        + " | |",
     ]
     for index, result in enumerate(results, 1):
         lines += ["", f"### ({index}) {machine_kind(result)}", "", section(result)]
