@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import os
 import platform
 import re
@@ -125,3 +126,22 @@ def recount_store_costs(store: RunStore, *, latency: bool = True) -> None:
     recount_costs(rows, latency=latency)
     for row in rows:
         store.update_results(row["id"], costs=row["costs"])
+
+
+def checkpoint_in(store: RunStore, path: Path) -> int:
+    """Import the finished runs kept in `path` (a JSON export) that `store` lacks: a long benchmark's runs
+    travel with the repository, so it continues on another machine or session. Returns how many were new."""
+    if not path.exists():
+        return 0
+    added = store.import_runs(json.loads(path.read_text()), source="cli")
+    print(f"checkpoint: {added} finished runs imported from {path.name}", flush=True)
+    return added
+
+
+def checkpoint_out(store: RunStore, path: Path, **filters) -> None:
+    """Write the store's finished runs (`filters` as in `RunStore.list_runs`) to `path`, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = store.export_runs(status="done", include_progress=False, **filters)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rows, separators=(",", ":")))
+    os.replace(tmp, path)

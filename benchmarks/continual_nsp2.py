@@ -53,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, today, write_section  # noqa: E402
+from benchmarks.common import checkpoint_in, checkpoint_out, machine, today, write_section  # noqa: E402
 from vptdash.engine import paths  # noqa: E402
 from vptdash.methods import continual  # noqa: E402
 from vptdash.methods.continual import ContinualConfig  # noqa: E402
@@ -63,6 +63,9 @@ HEADING = "## Continual learning"
 # Two-sided 95 % quantiles of Student's t, df 1..10; beyond 10 df the last one (errs wide).
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 DATASET = "textures-30"
+# Finished runs travel with the repository (a machine's data dir does not outlive it), so the seeds of
+# the faithful recipe, about half an hour each per method, can be added over several sessions.
+CHECKPOINT = Path(__file__).resolve().parent / "data" / "continual_runs.json"
 # The paper (ViT-B/16 IN-21k, 10-split CIFAR-100): sequential VPT 87.3 / 12.3, NSP2 91.7 / 3.3.
 PAPER_SEQ_FORGETTING, PAPER_NSP_FORGETTING = 12.3, 3.3
 PAPER = (
@@ -319,6 +322,7 @@ def main(argv=None) -> int:
         return profile(continual.continual_configs(base, methods, seeds), args.profile_epochs)
     Path(args.store).parent.mkdir(parents=True, exist_ok=True)
     store = RunStore(args.store)
+    checkpoint_in(store, CHECKPOINT)
     rows, loads, started = [], [os.getloadavg()[0]], time.perf_counter()
     for config in continual.continual_configs(base, methods, seeds):
         row = finished(store, config)
@@ -335,6 +339,7 @@ def main(argv=None) -> int:
 
             row = continual.run_continual_now(store, config, sweep_id=f"bench-{DATASET}", echo=echo)
             loads.append(os.getloadavg()[0])
+            checkpoint_out(store, CHECKPOINT, kind=continual.KIND)
             if row["status"] != "done":
                 log(f"  {row['status']}: {row.get('error')}")
                 return 1

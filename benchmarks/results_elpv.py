@@ -16,7 +16,6 @@ is measured once per distinct budget in a separate quiet pass, since it does not
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,16 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, measure_latencies, pm, recount_store_costs, today, write_section  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    checkpoint_in,
+    checkpoint_out,
+    machine,
+    measure_latencies,
+    pm,
+    recount_store_costs,
+    today,
+    write_section,
+)
 from vptdash.engine import paths  # noqa: E402
 from vptdash.engine.train import RunConfig  # noqa: E402
 from vptdash.runs.store import RunStore  # noqa: E402
@@ -164,20 +172,8 @@ def markdown(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+# Finished runs travel with the repository, so a long grid can continue on another machine or session.
 CHECKPOINT = Path(__file__).resolve().parent / "data" / "results_elpv_runs.json"
-
-
-def checkpoint_in(store: RunStore) -> None:
-    """Finished runs travel with the repository, so a long grid can continue on another machine/session."""
-    if CHECKPOINT.exists():
-        added = store.import_runs(json.loads(CHECKPOINT.read_text()), source="cli")
-        print(f"checkpoint: {added} finished runs imported from {CHECKPOINT.name}", flush=True)
-
-
-def checkpoint_out(store: RunStore) -> None:
-    CHECKPOINT.parent.mkdir(exist_ok=True)
-    rows = store.export_runs(status="done", include_progress=False)
-    CHECKPOINT.write_text(json.dumps(rows, separators=(",", ":")))
 
 
 def main() -> None:
@@ -198,13 +194,13 @@ def main() -> None:
     tasks, seeds = args.tasks.split(","), [int(s) for s in args.seeds.split(",")]
     store = RunStore(args.store)
 
-    checkpoint_in(store)
+    checkpoint_in(store, CHECKPOINT)
     if args.part in ("a", "all"):
         for task in tasks:
             print("python -m vptdash " + " ".join(sweep_command(task, seeds, "STORE")), flush=True)
             for seed in seeds:  # one seed at a time, checkpointed into the repo after each
                 cli.main(sweep_command(task, [seed], args.store))
-                checkpoint_out(store)
+                checkpoint_out(store, CHECKPOINT)
     if args.part in ("b", "all"):
         frame_a = summarise(table(store, lambda shots: shots == 64))
         for task in tasks:
@@ -217,12 +213,12 @@ def main() -> None:
                 if not already_done(store, argv):
                     print("python -m vptdash " + " ".join(argv), flush=True)
                     cli.main(argv)
-                    checkpoint_out(store)
+                    checkpoint_out(store, CHECKPOINT)
 
     if args.recount_costs:
         recount_store_costs(store, latency=False)  # latency: measure_latencies, next
     measure_latencies(store)
-    checkpoint_out(store)  # the stored runs carry the costs the section shows (tests/test_docs_figures.py)
+    checkpoint_out(store, CHECKPOINT)  # the stored runs carry the costs the section shows (tests/test_docs_figures.py)
     summary_a = summarise(table(store, lambda shots: shots == 64))
     summary_b = summarise(table(store, lambda shots: shots is None))
     print(markdown(summary_a))
