@@ -181,6 +181,13 @@ def section(rows: list[dict], settings: dict, command: str, wall_minutes: float,
         f"on 2 cores while it ran: times are indicative). Date: {today()}.",
         f"Command: `{command}` ({len(rows)} runs, {wall_minutes:.0f} min of wall time in this invocation; finished "
         "runs in the benchmark's store are reused).",
+        "Seeds finished: "
+        + "; ".join(
+            f"{continual.METHOD_LABELS[m].split(' (')[0]} {', '.join(str(r['config']['seed']) for r in entries)}"
+            for m, entries in by_method.items()
+            if entries
+        )
+        + ".",
         "",
         f"Settings: generated `{DATASET}` (10 patterns × 3 scales; {' / '.join(map(str, example['metrics']['test_sizes']))} "
         f"test images per task), {settings['tasks']} tasks of 6 classes in an order shuffled per seed, "
@@ -286,6 +293,11 @@ def main(argv=None) -> int:
         help="torch threads (default 1: on a shared 2-core machine 2 threads ran 2-10x slower, see the docstring)",
     )
     parser.add_argument(
+        "--stored-only",
+        action="store_true",
+        help="train nothing: write the section from the asked runs that have finished (store or checkpoint)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="run each configuration once outside the store, print where its time went and an estimate "
@@ -326,6 +338,9 @@ def main(argv=None) -> int:
     rows, loads, started = [], [os.getloadavg()[0]], time.perf_counter()
     for config in continual.continual_configs(base, methods, seeds):
         row = finished(store, config)
+        if row is None and args.stored_only:
+            log(f"{config.label()}: not finished yet, left out")
+            continue
         if row is None:
             log(f"{config.label()} ...")
             last = [0.0]
