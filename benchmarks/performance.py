@@ -4,7 +4,8 @@
    vs naive reference at block 0 and in late blocks, achieved GFLOP/s, the meeting sweep end to end.
 2. bf16 autocast vs fp32 on ELPV: the meeting-demo recipe (binary, 16 shots, 20 epochs), 10 deep prompts
    and the linear probe, 3 seeds each, test accuracy in both precisions.
-3. The profile of one engine training step (bf16 and fp32): where the remaining time goes.
+3. The profile of one engine training step (bf16 and fp32): where the remaining time goes; `profile-b8`
+   the same at batch 8, the few-shot recipe's step.
 
 4. bf16 vs fp32 on the full training split (1,706 images), where seed-to-seed noise is far smaller than at
    16 shots: 10 deep prompts and the linear probe, 5 epochs, as many seeds as asked (docs/performance.md
@@ -62,7 +63,7 @@ PARITY_SETTINGS = {"10 deep prompts": dict(num_prompts=10, placement="deep"), "l
 # The full training split: 1,706 images instead of 32, so one seed's accuracy moves by tenths of a point,
 # not by ten points; 5 epochs at batch 32 (267 steps) keep a run to a few minutes.
 FULL_SPLIT = dict(shots=None, epochs=5, batch_size=32, lr=1e-2, val_fraction=0.1)
-SECTIONS = ("bench", "parity", "profile", "parity-full", "parity-summary", "processes")
+SECTIONS = ("bench", "parity", "profile", "profile-b8", "parity-full", "parity-summary", "processes")
 PROCESSES_RUNS = ROOT / "benchmarks" / "data" / "sweep_processes.json"
 # Every full-split pair ever trained, so more seeds can be added later without training the first again.
 PARITY_FULL_RUNS = ROOT / "benchmarks" / "data" / "parity_full_runs.json"
@@ -353,6 +354,16 @@ def main() -> None:
             "## Profile of one training step",
             f"{header} Standard configuration (dinov2_s14, 112 px, 10 "
             "deep prompts, batch 32), 3 steps after a warm-up, top operators by self CPU time.\n\n"
+            + "\n\n".join(f"### {p}\n\n```\n{table}\n```" for p, table in profiles.items()),
+            PERFORMANCE_MD,
+        )
+    if "profile-b8" in sections:
+        profiles = {p: profile_table(p, batch=8, steps=10) for p in ("bf16", "fp32")}
+        write_section(
+            "## Profile of one training step at batch 8",
+            f"{header} The few-shot recipe's step (dinov2_s14, 112 px, 10 deep prompts, batch 8, as the meeting "
+            "demo trains), 10 steps after a warm-up, top operators by self CPU time; "
+            f"load average {os.getloadavg()[0]:.1f} at the end.\n\n"
             + "\n\n".join(f"### {p}\n\n```\n{table}\n```" for p, table in profiles.items()),
             PERFORMANCE_MD,
         )

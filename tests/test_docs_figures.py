@@ -52,6 +52,7 @@ READINGS = {
         ("performance", "## bf16 autocast vs fp32 on ELPV, full training split"),
         ("performance", "## bf16 vs fp32, full training split: the pairs summarised"),
         ("performance", "## Profile of one training step"),
+        ("performance", "## Profile of one training step at batch 8"),
         ("results", "## Costs after row selection"),  # GMACs per placement after row selection
         "benchmarks/performance.py",  # 1.15x: two 1-thread processes against one 2-thread, per pair
     ],
