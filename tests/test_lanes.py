@@ -41,12 +41,16 @@ def test_two_queued_runs_go_side_by_side_with_one_thread_each(image_folder, two_
     assert torch.get_num_threads() == 2  # the worker's own threads are back for the next run
 
 
-def test_a_run_alone_gets_every_core_and_one_lane_keeps_the_queue_in_order(image_folder, two_threads):
+def test_a_run_alone_gets_every_core_and_one_lane_keeps_the_queue_in_order(image_folder, two_threads, monkeypatch):
+    starts = []
+    start = lanes.HelperLane.start
+    monkeypatch.setattr(lanes.HelperLane, "start", lambda self, **kw: (starts.append(kw), start(self, **kw))[1])
     store = RunStore()
     alone = submit_run(store, tiny(image_folder))
     assert worker.serve(store, idle_exit_s=0.2, poll_s=0.05, lanes=2) == 0
     row = store.get_run(alone)
     assert row["status"] == "done" and row["worker_pid"] == os.getpid() and row["timings"]["threads"] == 2
+    assert starts == []  # no helper was started for a run alone
     ids = [submit_run(store, tiny(image_folder, num_prompts=n)) for n in (1, 2)]
     assert worker.serve(store, idle_exit_s=0.2, poll_s=0.05, lanes=1) == 0
     first, second = (store.get_run(i) for i in ids)

@@ -272,7 +272,8 @@ def run_next(
     threads = torch.get_num_threads()  # this worker's share of the cores, set once at its start
     own = threads
     if helper is not None and threads >= 2:
-        if not helper.busy:
+        # Only with a second training run waiting: a helper is spawned (or woken) for nothing else.
+        if not helper.busy and any(row["kind"] in HELPER_KINDS for row in store.list_runs(status="queued")):
             other = store.claim_next_queued(worker_pid=helper.pid, kinds=HELPER_KINDS)
             if other is not None:
                 helper.give(other["id"], threads // 2, latency_threads=threads)
