@@ -121,3 +121,31 @@ def test_a_warmed_helper_says_so_before_its_first_run(image_folder):
     finally:
         helper.close()
     assert helper.process is None or not helper.process.is_alive()
+
+
+def test_latency_is_timed_on_the_quiet_machine_before_two_runs_share_it(image_folder, two_threads):
+    # no cost_spies: the helper is another process, which reads the cost cache of this test's VPTDASH_HOME
+    store = RunStore()
+    ids = [submit_run(store, tiny(image_folder, num_prompts=n, measure_latency=True)) for n in (1, 2)]
+    assert worker.serve(store, idle_exit_s=0.2, poll_s=0.05, lanes=2) == 0
+    rows = [store.get_run(i) for i in ids]
+    assert [r["status"] for r in rows] == ["done", "done"]
+    assert [r["timings"]["threads"] for r in rows] == [1, 1]  # they did share the machine
+    # both read latency timed before either trained, with the worker's 2 threads
+    assert [(r["costs"]["latency_cached"], r["costs"]["latency_threads"]) for r in rows] == [(True, 2), (True, 2)]
+
+
+def test_a_run_with_latency_to_time_waits_for_the_busy_helper_and_then_runs_alone(image_folder, two_threads):
+    store = RunStore()
+    busy = submit_run(store, tiny(image_folder, epochs=60))
+    helper = lanes.HelperLane(store)
+    try:
+        helper.give(store.claim_next_queued(worker_pid=helper.pid)["id"], 1)
+        timed = submit_run(store, tiny(image_folder, num_prompts=3, measure_latency=True))
+        assert worker.run_next(store, None, 0.05, helper=helper) is True
+        first, second = store.get_run(busy), store.get_run(timed)
+        assert first["status"] == "done" and second["status"] == "done"
+        assert second["timings"]["threads"] == 2  # alone, after the helper's run
+        assert second["costs"]["latency_cached"] is False and second["costs"]["latency_threads"] == 2
+    finally:
+        helper.close()

@@ -261,6 +261,18 @@ def cached_latency_costs(
     return _latency_through(cache, architecture, check, model, resolution, precision)
 
 
+def latency_in_cache(
+    model: PromptedViT, resolution: int, *, architecture: str, precision: str = "fp32", cache_path: Path | None = None
+) -> bool:
+    """Whether `cached_latency_costs` would read this architecture's latency from the cache (measuring
+    nothing), with the threads `latency_threads` sets."""
+    cache = CostCache(cache_path or default_cost_cache_path())
+    check = _cache_check(analytic_gmacs(model, resolution), count_parameters(model)["params_total"], resolution)
+    with _torch_threads(_latency_threads):
+        key = _latency_key(architecture, precision)
+    return cache.get("latency", key, check, LATENCY_KEYS) is not None
+
+
 def _cache_check(gmacs_analytic: float, params_total: int, resolution: int) -> dict:
     """What a reused entry must agree with: the analytic count follows the executed graph exactly."""
     return {"gmacs_analytic": gmacs_analytic, "params_total": params_total, "resolution": resolution}

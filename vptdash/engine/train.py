@@ -730,6 +730,16 @@ def count_ahead(config: RunConfig) -> dict[str, Any]:
     return config_costs(config, model, measure=config.measure_latency)
 
 
+def latency_ready(config: RunConfig) -> bool:
+    """Whether a run of `config` has no latency to time: it measures none, or this machine's cost cache
+    holds its architecture's (a run that must time it should do so on a quiet machine)."""
+    if not config.measure_latency:
+        return True
+    image_set, _ = data.load_and_split(config)
+    model = build_model(config, len(image_set.class_names))
+    return cost.latency_in_cache(model, config.resolution, architecture=architecture_key(config))
+
+
 def run_training(
     config: RunConfig,
     *,

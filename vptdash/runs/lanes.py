@@ -155,6 +155,11 @@ class HelperLane:
                 return False
         return False
 
+    def wait_idle(self, poll_s: float) -> None:
+        """Wait until the helper has finished (or lost) the run in hand."""
+        while self.busy:
+            time.sleep(poll_s)
+
     def give(self, run_id: int, threads: int, *, latency_threads: int | None = None) -> None:
         """Hand the helper a run already claimed in its name (`pid`), to train with `threads`; its latency
         is timed (or read from the cost cache) with `latency_threads`, by default `threads`."""

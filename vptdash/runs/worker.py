@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
+from vptdash.engine import train
 from vptdash.engine.cost import latency_threads
+from vptdash.engine.train import RunConfig
 from vptdash.runs import cluster
 from vptdash.runs.jobs import execute_run
 from vptdash.runs.lanes import HELPER_KINDS, HelperLane
@@ -256,6 +258,40 @@ def other_job_waiting(store: RunStore, wanted: Callable[[dict], bool]) -> bool:
     return any(not wanted(row["config"]) for row in store.list_runs(status="queued"))
 
 
+def _config_of(row: dict) -> RunConfig | None:
+    if row["kind"] not in HELPER_KINDS:
+        return None
+    try:
+        return RunConfig.from_dict(row["config"])
+    except Exception:  # noqa: BLE001 - an invalid configuration fails as its own run, with its own message
+        return None
+
+
+def time_latency_ahead(rows: list[dict]) -> None:
+    """Put the latency of these stored training runs' architectures into the cost cache (`train.count_ahead`,
+    with this process's threads), those not there yet; a run that cannot be built fails later on its own."""
+    for row in rows:
+        config = _config_of(row)
+        if config is None or not config.measure_latency:
+            continue
+        try:
+            train.count_ahead(config)
+        except Exception:  # noqa: BLE001 - only a head start: the run reports real errors
+            continue
+
+
+def latency_ready(row: dict) -> bool:
+    """Whether a stored run has no latency left to time (`train.latency_ready`); a run that cannot be
+    built counts as ready: it fails at once, timing nothing."""
+    config = _config_of(row)
+    if config is None:
+        return True
+    try:
+        return train.latency_ready(config)
+    except Exception:  # noqa: BLE001 - see above
+        return True
+
+
 def run_next(
     store: RunStore, dispatcher: cluster.Dispatcher | None, poll_s: float, *, helper: HelperLane | None = None
 ) -> bool:
@@ -272,11 +308,16 @@ def run_next(
     threads = torch.get_num_threads()  # this worker's share of the cores, set once at its start
     own = threads
     if helper is not None and threads >= 2:
-        # Only with a second training run waiting: a helper is spawned (or woken) for nothing else.
-        if not helper.busy and any(row["kind"] in HELPER_KINDS for row in store.list_runs(status="queued")):
+        waiting = [row for row in store.list_runs(status="queued") if row["kind"] in HELPER_KINDS]
+        if not helper.busy and waiting:
+            # Two runs are about to share the machine: time the latency they and the runs queued behind
+            # them still need now, while it is quiet (a timing beside a training run would be inflated).
+            time_latency_ahead([job, *waiting])
             other = store.claim_next_queued(worker_pid=helper.pid, kinds=HELPER_KINDS)
             if other is not None:
                 helper.give(other["id"], threads // 2, latency_threads=threads)
+        elif helper.busy and not latency_ready(job):
+            helper.wait_idle(poll_s)  # this run times its latency alone, with every core
         if helper.busy:
             own = threads - helper.threads
     torch.set_num_threads(own)
