@@ -228,7 +228,9 @@ def section(result: dict) -> str:
     lines = [
         f"`python benchmarks/meeting_demo.py --json --write-docs` ({result['date']}; {m['cpu']}, {m['cores']} cores, "
         f"{m['threads']} threads, flags {' '.join(m['flags']) or 'none'}, torch {m['torch']}, load average {load} "
-        "at the start). Fresh data dir, the dashboard open until its worker had warmed up (as before a meeting"
+        "at the start"
+        + (f"; {result['note']}" if result.get("note") else "")
+        + "). Fresh data dir, the dashboard open until its worker had warmed up (as before a meeting"
         + (f"; its warm-up took {result['warm_up_s']} s" if result.get("warm_up_s") is not None else "")
         + "), then one press, the Budget explorer open in headless Chromium.",
         "",
@@ -346,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON line (the default prints it too)")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds to wait for the demo to finish")
     parser.add_argument("--write-docs", action="store_true", help="write its section of docs/performance.md")
+    parser.add_argument("--note", help="what else the machine was doing, stated with the result")
     parser.add_argument(
         "--from", dest="from_file", type=Path, help="a JSON result (the script's output) instead of measuring"
     )
@@ -358,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
             result = json.loads(text.splitlines()[-1])
     else:
         result = measure(args.timeout)
+    if args.note:
+        result["note"] = args.note
     if args.write_docs:
         write_section(HEADING, sections(keep_result(result)), PERFORMANCE_MD)
         write_section(VERDICT_HEADING, verdict_section(result), RESULTS_MD)

@@ -6,7 +6,7 @@ other training thread at its next barrier, so the UI's few percent of CPU cost a
 than a few percent. Two 1-thread runs side by side do not wait for each other. Measured on a 2-core AMX
 Xeon set to fp32, without a dashboard: one demo prompt run took about 23 s alone with 2 threads, the two
 side by side with 1 thread each about 44 s; in the meeting demo, with the dashboard open in a browser,
-each 2-thread run took about 30 s (so 61.7 s for the demo) and the two side by side finished after 54.9 s
+each 2-thread run took about 30 s (so 61.7 s for the demo) and the two side by side finished after 54.0 s
 (`benchmarks/meeting_demo.py`, docs/performance.md).
 
 The worker process stays the first lane and keeps what it has warmed in memory (the probe's cached
