@@ -409,6 +409,10 @@ def _paper_section(content: dict, frames: dict) -> str:
             if part
         )
         seeds = f"{row['n_seeds']} seed{'s' if row['n_seeds'] != 1 else ''}"
+        low, high = row["accuracy_low"], row["accuracy_high"]
+        inside = [name for name, accuracy in PAPER if low == low and low <= accuracy <= high]
+        if inside:  # the mean is on one side, but the seeds do not tell it apart from the paper's figure
+            where += f"; its 95% interval includes {', '.join(inside)}"
         note = ""
         if row["n_seeds"] > 1 and row["accuracy_std"] == 0:
             note = (
