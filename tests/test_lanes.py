@@ -149,3 +149,19 @@ def test_a_run_with_latency_to_time_waits_for_the_busy_helper_and_then_runs_alon
         assert second["costs"]["latency_cached"] is False and second["costs"]["latency_threads"] == 2
     finally:
         helper.close()
+
+
+def test_a_helper_that_died_before_it_was_handed_a_run_fails_that_run_with_its_reason(image_folder):
+    store = RunStore()
+    run_id = submit_run(store, tiny(image_folder))
+    helper = lanes.HelperLane(store)
+    try:
+        claimed = store.claim_next_queued(worker_pid=helper.pid)
+        os.kill(helper.process.pid, signal.SIGKILL)
+        helper.process.join(10)
+        helper.give(claimed["id"], 1)  # no exception reaches the worker's loop
+        assert not helper.busy
+        row = store.get_run(run_id)
+        assert row["status"] == "failed" and "killed by SIGKILL" in row["error"]
+    finally:
+        helper.close()

@@ -43,7 +43,9 @@ HELPER_KINDS = ("train", "probe")
 
 def death_reason(exitcode: int | None) -> str:
     """What a run whose worker process died stores as its error."""
-    if exitcode is not None and exitcode < 0:
+    if exitcode is None:
+        return "worker process died: the process running it stopped answering (out of memory, or stopped by hand?)"
+    if exitcode < 0:
         try:
             how = f"was killed by {signal.Signals(-exitcode).name}"
         except ValueError:
@@ -161,11 +163,21 @@ class HelperLane:
             time.sleep(poll_s)
 
     def give(self, run_id: int, threads: int, *, latency_threads: int | None = None) -> None:
-        """Hand the helper a run already claimed in its name (`pid`), to train with `threads`; its latency
-        is timed (or read from the cost cache) with `latency_threads`, by default `threads`."""
-        self.start()
-        self.connection.send(("run", run_id, threads, latency_threads or threads))
+        """Hand the helper a run already claimed in its name (`pid`, which starts it), to train with
+        `threads`; its latency is timed (or read from the cost cache) with `latency_threads`, by default
+        `threads`. A helper that has died since fails the run with the reason."""
         self.run_id, self.threads = run_id, threads
+        try:
+            if self.process is None or not self.process.is_alive():
+                raise BrokenPipeError  # not restarted here: the run was claimed in the dead helper's name
+            self.connection.send(("run", run_id, threads, latency_threads or threads))
+        except OSError:  # it died since it was started: the run fails with the reason, as any death does
+            if self.process is not None:
+                self.process.join(5)
+                self._died()
+            else:
+                self.store.finish_run(run_id, "failed", error=death_reason(None))
+                self.run_id = None
 
     def poll(self) -> None:
         """Take in what the helper has answered; a helper that died fails the run it had."""
