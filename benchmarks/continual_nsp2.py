@@ -173,12 +173,26 @@ def observations(by_method: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def section(rows: list[dict], settings: dict, command: str, wall_minutes: float, loads: list[float]) -> list[str]:
+def section(
+    rows: list[dict],
+    settings: dict,
+    command: str,
+    wall_minutes: float,
+    loads: list[float],
+    *,
+    stored_only: bool = False,
+) -> list[str]:
     by_method = {m: [r for r in rows if r["config"]["method"] == m] for m in continual.METHODS}
     example = rows[0]
+    trained_on = sorted({r["timings"].get("machine") or "not recorded" for r in rows})
     lines = [
-        f"Machine: {machine()}, shared with other developers' jobs (load average {min(loads):.0f}–{max(loads):.0f} "
-        f"on 2 cores while it ran: times are indicative). Date: {today()}.",
+        (
+            f"Written on {today()} from the finished runs (`--stored-only`: nothing trained in this invocation). "
+            f"Trained on: {'; '.join(trained_on)}, one thread each beside other jobs: times are indicative."
+            if stored_only
+            else f"Machine: {machine()}, shared with other developers' jobs (load average {min(loads):.0f}–"
+            f"{max(loads):.0f} on 2 cores while it ran: times are indicative). Date: {today()}."
+        ),
         f"Command: `{command}` ({len(rows)} runs, {wall_minutes:.0f} min of wall time in this invocation; finished "
         "runs in the benchmark's store are reused).",
         "Seeds finished: "
@@ -354,6 +368,9 @@ def main(argv=None) -> int:
 
             row = continual.run_continual_now(store, config, sweep_id=f"bench-{DATASET}", echo=echo)
             loads.append(os.getloadavg()[0])
+            if row["status"] == "done":  # where it ran travels with it in the checkpoint
+                store.update_results(row["id"], timings={"machine": machine(), "load_average_end": loads[-1]})
+                row = store.get_run(row["id"])
             checkpoint_out(store, CHECKPOINT, kind=continual.KIND)
             if row["status"] != "done":
                 log(f"  {row['status']}: {row.get('error')}")
@@ -376,7 +393,9 @@ def main(argv=None) -> int:
         )
         if value != default
     )
-    body = section(rows, settings, command, (time.perf_counter() - started) / 60, loads)
+    if args.stored_only:
+        command += " --stored-only"
+    body = section(rows, settings, command, (time.perf_counter() - started) / 60, loads, stored_only=args.stored_only)
     text = HEADING + "\n\n" + "\n".join(body)
     print(text)
     if not args.no_write:
