@@ -268,9 +268,7 @@ def latency_in_cache(
     nothing), with the threads `latency_threads` sets."""
     cache = CostCache(cache_path or default_cost_cache_path())
     check = _cache_check(analytic_gmacs(model, resolution), count_parameters(model)["params_total"], resolution)
-    with _torch_threads(_latency_threads):
-        key = _latency_key(architecture, precision)
-    return cache.get("latency", key, check, LATENCY_KEYS) is not None
+    return cache.get("latency", _latency_key(architecture, precision), check, LATENCY_KEYS) is not None
 
 
 def _cache_check(gmacs_analytic: float, params_total: int, resolution: int) -> dict:
@@ -349,9 +347,10 @@ def _count_key(architecture: str) -> str:
 
 def _latency_key(architecture: str, precision: str) -> str:
     """Latency also depends on the machine (CPU model and flags, threads, torch) and the precision."""
-    return json.dumps(
-        {"architecture": architecture, "machine": cpu_description(), "precision": precision}, sort_keys=True
-    )
+    machine = cpu_description()
+    if _latency_threads is not None:  # timed with these threads (`latency_threads`), whatever runs now
+        machine = {**machine, "threads": _latency_threads}
+    return json.dumps({"architecture": architecture, "machine": machine, "precision": precision}, sort_keys=True)
 
 
 class CostCache:
