@@ -393,9 +393,29 @@ def main(argv=None) -> int:
         )
         if value != default
     )
+    unpaired: list[dict] = []
     if args.stored_only:
         command += " --stored-only"
+        # Comparisons pair methods seed by seed: only seeds every asked method has finished are shown.
+        complete = set.intersection(
+            *({r["config"]["seed"] for r in rows if r["config"]["method"] == m} for m in methods)
+        )
+        unpaired = [r for r in rows if r["config"]["seed"] not in complete]
+        rows = [r for r in rows if r["config"]["seed"] in complete]
+        if not rows:
+            log("no seed has finished for every method: nothing to write")
+            return 1
     body = section(rows, settings, command, (time.perf_counter() - started) / 60, loads, stored_only=args.stored_only)
+    if unpaired:
+        body.insert(
+            3,
+            "Also finished, left out until every method has its seed: "
+            + "; ".join(
+                f"{continual.METHOD_LABELS[r['config']['method']].split(' (')[0]} seed {r['config']['seed']}"
+                for r in unpaired
+            )
+            + ".",
+        )
     text = HEADING + "\n\n" + "\n".join(body)
     print(text)
     if not args.no_write:
