@@ -257,7 +257,7 @@ def cached_latency_costs(
     measures up front, once per architecture, is then reused by every later run or sweep on this machine.
     "latency_cached" says whether the figures came from the cache."""
     cache = CostCache(cache_path or default_cost_cache_path())
-    check = _cache_check(analytic_gmacs(model, resolution), count_parameters(model)["params_total"], resolution)
+    check = _model_check(model, resolution)
     return _latency_through(cache, architecture, check, model, resolution, precision)
 
 
@@ -267,8 +267,12 @@ def latency_in_cache(
     """Whether `cached_latency_costs` would read this architecture's latency from the cache (measuring
     nothing), with the threads `latency_threads` sets."""
     cache = CostCache(cache_path or default_cost_cache_path())
-    check = _cache_check(analytic_gmacs(model, resolution), count_parameters(model)["params_total"], resolution)
+    check = _model_check(model, resolution)
     return cache.get("latency", _latency_key(architecture, precision), check, LATENCY_KEYS) is not None
+
+
+def _model_check(model: PromptedViT, resolution: int) -> dict:
+    return _cache_check(analytic_gmacs(model, resolution), count_parameters(model)["params_total"], resolution)
 
 
 def _cache_check(gmacs_analytic: float, params_total: int, resolution: int) -> dict:
@@ -309,18 +313,12 @@ def _torch_threads(threads: int | None):
 def _latency_through(
     cache: CostCache | None, architecture: str | None, check: dict, model: PromptedViT, resolution: int, precision: str
 ) -> dict[str, Any]:
-    with _torch_threads(_latency_threads):
-        return _latency_through_threads(cache, architecture, check, model, resolution, precision)
-
-
-def _latency_through_threads(
-    cache: CostCache | None, architecture: str | None, check: dict, model: PromptedViT, resolution: int, precision: str
-) -> dict[str, Any]:
     latency_key = _latency_key(architecture, precision) if cache else None
     latency = cache.get("latency", latency_key, check, LATENCY_KEYS) if cache else None
     cached = latency is not None
     if latency is None:
-        latency = latency_costs(model, resolution, precision=precision)
+        with _torch_threads(_latency_threads):  # the key names these threads: time with them
+            latency = latency_costs(model, resolution, precision=precision)
         if cache:
             cache.put("latency", latency_key, check, latency)
     return {**latency, "latency_cached": cached}
