@@ -204,3 +204,16 @@ def test_cached_tokens_are_not_differentiated_at_the_first_prompted_block():
     rows = tokens = 1 + 16  # block 0's kept rows: CLS and patches (deep: the prompt outputs are not read)
     length = tokens + 5
     assert step_flops(True) - step_flops(False) == 2 * 4 * DIM * (rows * DIM + tokens * 2 * DIM + rows * length)
+
+
+def test_the_training_forward_traces_whole_under_torch_compile():
+    """torch.compile sees one graph, not one per linear (benchmarks/compile_step.py measures what it saves)."""
+    model = PromptedViT(vit(), 3, num_prompts=5, placement="deep", seed=0)
+    for block in model.backbone.blocks:
+        block.attn.fused_attn = False
+    encoded = model.encode_frozen(torch.randn(2, 3, IMG, IMG))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows.autocast_weight(model.backbone.blocks[0].mlp.fc1.weight)  # a cached cast exists: still no break
+        explained = torch._dynamo.explain(model.forward_from_frozen)(encoded)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1

@@ -58,6 +58,10 @@ def autocast_weight(weight: torch.Tensor | None) -> torch.Tensor | None:
     frozen weight (``load_state_dict``, ``copy_``) bumps its version and so invalidates the copy."""
     if weight is None or weight.requires_grad or not weight.is_floating_point():
         return weight
+    # Under torch.compile the cache below is untraceable (a graph break at every linear), and inductor
+    # fuses autocast's casts into its kernels anyway.
+    if torch.compiler.is_compiling():
+        return weight
     device = weight.device.type
     if not torch.is_autocast_enabled(device) or weight.dtype == torch.get_autocast_dtype(device):
         return weight

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vptdash.engine import backbones, cost, data, features
+from vptdash.engine import backbones, compiled, cost, data, features
 from vptdash.engine.precision import PrecisionChoice, block_shapes, choose_precision
 from vptdash.engine.prompts import (
     PROMPT_TYPES,
@@ -811,7 +811,10 @@ def run_training(
         "epochs_completed": len(outcome.epoch_seconds),
         "epochs_trained_all_candidates": outcome.candidate_epochs,
         "threads": torch.get_num_threads(),
+        **context.compile,
     }
+    if context.compile["compiled"] and "compile_first_step_s" in context.compile:
+        compiled.remember(architecture_key(config), config.batch_size, config.precision)
     split_sizes = split.sizes()
     common = {
         "split_sizes": split_sizes,
@@ -888,6 +891,9 @@ class _RunContext:
     emit: EventCallback
     cancelled: CancelCheck
     started: float
+    # Whether the training step is compiled (`engine.compiled`), why, and the first compiled step's seconds.
+    compile: dict[str, Any] = field(default_factory=lambda: {"compiled": False, "compile_reason": None})
+    candidates: list["_Candidate"] = field(default_factory=list)  # every model of the search, compiled or not
 
     @property
     def num_classes(self) -> int:
@@ -929,6 +935,39 @@ class _Candidate:
         self.last_val: dict[str, Any] | None = None
         self.last_val_predictions: torch.Tensor | None = None
         self.last_loss = float("nan")
+        self.compiled_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def _loss(self, index: torch.Tensor, *, through_compiled: bool = False) -> torch.Tensor:
+        """One step's loss, its gradients computed."""
+        config, inputs = self.context.config, self.inputs["train"]
+        with training_precision(self.model, config.precision):
+            if through_compiled and self.compiled_forward is not None:
+                logits = self.compiled_forward(inputs.encoded[index])
+            else:
+                logits = inputs.logits(index)
+        loss = nn.functional.cross_entropy(logits.float(), self.context.labels["train"][index])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss
+
+    def _compiled_loss(self, index: torch.Tensor) -> torch.Tensor:
+        """`_loss`, falling back to eager for good when the compile fails (nothing stepped yet: the
+        optimizer steps after this returns, and gradients are set afresh)."""
+        first = "compile_first_step_s" not in self.context.compile
+        started = time.perf_counter()
+        try:
+            loss = self._loss(index, through_compiled=True)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: the run goes on eagerly
+            self.context.compile.update(
+                compiled=False, compile_reason=f"compile failed, trained eagerly: {type(error).__name__}: {error}"[:300]
+            )
+            self.compiled_forward = None
+            for other in self.context.candidates:
+                other.compiled_forward = None
+            return self._loss(index)
+        if first:
+            self.context.compile["compile_first_step_s"] = time.perf_counter() - started
+        return loss
 
     def train_epoch(self, on_step: Callable[["_Candidate", float, float], None]) -> bool:
         """One epoch; False when cancelled before it ended."""
@@ -944,11 +983,8 @@ class _Candidate:
             lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            with training_precision(self.model, config.precision):
-                logits = self.inputs["train"].logits(index)
-            loss = nn.functional.cross_entropy(logits.float(), context.labels["train"][index])
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            full = self.compiled_forward is not None and len(index) == config.batch_size
+            loss = self._compiled_loss(index) if full else self._loss(index)
             self.optimizer.step()
             value = float(loss.detach())
             self.step += 1
@@ -994,6 +1030,34 @@ class _Candidate:
         }
 
 
+def _plan_compile(context: _RunContext, candidates: list[_Candidate], total_steps: int) -> None:
+    """Compile every candidate's training step when the run is long enough to pay for it (`compiled.decide`)."""
+    config = context.config
+    context.candidates = candidates
+    first = candidates[0]
+    full_batches = first.n_train // config.batch_size  # a partial last batch runs eagerly (static shapes)
+    images = total_steps * config.batch_size * full_batches // max(1, first.steps_per_epoch)
+    key = architecture_key(config)
+    decision = compiled.decide(
+        config.precision,
+        images,
+        warm=compiled.compiled_before(key, config.batch_size, config.precision),
+        from_cache=first.inputs["train"].cached and full_batches > 0,
+    )
+    context.compile.update(compiled=decision.compile, compile_reason=decision.reason)
+    if not decision.compile:
+        return
+    context.emit(
+        {
+            "phase": "setup",
+            "message": f"compiling the training step once ({decision.reason})",
+            "elapsed_s": time.perf_counter() - context.started,
+        }
+    )
+    for candidate in candidates:
+        candidate.compiled_forward = compiled.compile_forward(candidate.model.forward_from_frozen)
+
+
 def _train_with_search(context: _RunContext, model: PromptedViT, initial_state) -> _Outcome:
     """Train at a fixed rate, or at every candidate rate with successive halving on validation."""
     config, emit, started = context.config, context.emit, context.started
@@ -1013,13 +1077,16 @@ def _train_with_search(context: _RunContext, model: PromptedViT, initial_state) 
         total += alive * steps_per_epoch
         alive = rungs.get(epoch, alive)
     progress = {"step": 0, "total": total}
+    _plan_compile(context, candidates, total)
     loop_started = time.perf_counter()
     active = list(candidates)
     record: dict[float, dict[str, Any]] = {}
 
     def eta() -> float:
         done = max(1, progress["step"])
-        return (time.perf_counter() - loop_started) / done * (progress["total"] - progress["step"])
+        # The compile happens once, in the first step: it says nothing about the steps left.
+        elapsed = time.perf_counter() - loop_started - context.compile.get("compile_first_step_s", 0.0)
+        return max(0.0, elapsed) / done * (progress["total"] - progress["step"])
 
     def on_step(candidate: _Candidate, loss: float, lr: float) -> None:
         progress["step"] += 1
