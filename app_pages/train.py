@@ -525,6 +525,8 @@ def result_card(run: dict) -> None:
     elif metrics.get("lr_source") and wording.number(metrics.get("lr")) is not None:
         how = "chosen on validation" if metrics["lr_source"] == "validation" else "fixed"
         st.caption(f"Learning rate {metrics['lr']:g}, {how}.")
+    if engine := wording.engine_line(metrics, run.get("timings")):
+        st.caption(wording.md_escape(engine))
     if metrics.get("collapsed"):
         st.error("Collapsed: this run is not a usable model.", icon="⚠️")
         st.text(str(metrics.get("collapse_reason") or ""))  # names classes (user folder names): shown as plain text

@@ -63,6 +63,27 @@ def test_bench_prints_the_json_keys_last(capsys):
     assert result["precision"] == "fp32" and result["precision_reason"] == "fp32 as requested"
     best = max(result["peak_gflops_fp32"], result["peak_gflops_bf16"])
     assert result["efficiency_vs_best_peak"] == result["engine_gflops"] / best  # the definition
+    # fp32 long runs train eagerly (the compile hardly pays in fp32): nothing compiled is reported
+    assert result["long_runs_compile"] is False and not any(k.endswith("_compiled") for k in result)
+
+
+def test_bench_times_the_compiled_step_where_long_runs_compile(capsys, monkeypatch):
+    from vptdash.engine import compiled
+
+    through = []
+    monkeypatch.setattr(compiled, "compile_forward", lambda forward: lambda x: through.append(1) or forward(x))
+    monkeypatch.setenv(compiled.COMPILE_ENV, "on")
+    argv = ["bench", "--json", "--backbone", "tiny-random", "--resolution", "32", "--steps", "1", "--precision", "fp32"]
+    assert cli.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["long_runs_compile"] is True and through
+    for suffix in ("", "_late"):
+        assert result[f"compile_seconds{suffix}"] > 0
+        ratio = result[f"naive_images_per_s{suffix}"] / result[f"engine_images_per_s{suffix}_compiled"]
+        assert result[f"speedup_vs_naive{suffix}_compiled"] == pytest.approx(1 / ratio)
+    assert "engine_images_per_s_b8_compiled" not in result  # short few-shot runs never compile
+    best = max(result["peak_gflops_fp32"], result["peak_gflops_bf16"])
+    assert result["efficiency_vs_best_peak_compiled"] == result["engine_gflops_compiled"] / best
 
 
 def test_parity_record_keeps_pairs_across_invocations(tmp_path):

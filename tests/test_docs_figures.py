@@ -53,8 +53,10 @@ READINGS = {
         ("performance", "## bf16 vs fp32, full training split: the pairs summarised"),
         ("performance", "## Profile of one training step"),
         ("performance", "## Profile of one training step at batch 8"),
+        ("performance", "## torch.compile: when it would pay"),
         ("results", "## Costs after row selection"),  # GMACs per placement after row selection
         "benchmarks/performance.py",  # 1.15x: two 1-thread processes against one 2-thread, per pair
+        "vptdash/engine/compiled.py",  # the compile rule's thresholds, in trained images
     ],
     ("results", "## Reading the core-engine results"): [("results", "## Core engine: ELPV at 112 px")],
 }

@@ -34,3 +34,19 @@ def test_a_delta_is_signed_scaled_and_silent_when_it_prints_as_zero():
     assert wording.signed_delta(0.7501, 0.75, "{:+.1f} pts", 100) is None  # prints +0.0: no arrow
     assert wording.signed_delta(None, 0.75, "{:+.1f} pts", 100) is None
     assert wording.signed_delta(1.5, 1.25, "{:+.2f} ms") == "+0.25 ms"
+
+
+def test_a_run_says_how_it_computed_and_why():
+    metrics = {
+        "precision": "bf16",
+        "precision_reason": "bf16: matmuls at this run's shapes ran 7.42x faster than fp32 here",
+    }
+    timings = {"compiled": True, "compile_reason": "compiled: 36,288 training images", "compile_first_step_s": 41.25}
+    line = wording.engine_line(metrics, timings)
+    assert line == (
+        "Trained in bf16 (bf16: matmuls at this run's shapes ran 7.42x faster than fp32 here). Training step "
+        "compiled: 36,288 training images; compiling and the first step took 41.2 s."
+    )
+    eager = wording.engine_line({"precision": "fp32"}, {"compiled": False, "compile_reason": "not compiled: short"})
+    assert eager == "Trained in fp32. Training step not compiled: short."
+    assert wording.engine_line({}, {}) is None  # runs stored before either was recorded

@@ -21,7 +21,7 @@ import time
 from contextlib import nullcontext
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from vptdash.engine import data, paths
+from vptdash.engine import compiled, data, paths
 from vptdash.engine.backbones import load_backbone
 from vptdash.engine.cost import unfused_attention
 from vptdash.engine.precision import block_shapes, choose_precision, cpu_description, machine_override
@@ -83,15 +83,23 @@ def engine_batches(model: PromptedViT, images: torch.Tensor, precision: str):
 
 
 def time_engine_steps(
-    model: PromptedViT, encoded: torch.Tensor, labels: torch.Tensor, *, precision: str, steps: int
+    model: PromptedViT,
+    encoded: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    precision: str,
+    steps: int,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """Seconds per step of the engine's inner loop (as in `train.run_training`'s loop)."""
+    """Seconds per step of the engine's inner loop (as in `train.run_training`'s loop), through `forward`
+    (the compiled step) when given."""
+    forward = forward or model.forward_from_frozen
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
     times = []
     for step in range(steps + 1):
         start = time.perf_counter()
         with training_precision(model, precision):
-            logits = model.forward_from_frozen(encoded)
+            logits = forward(encoded)
         loss = nn.functional.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -99,6 +107,21 @@ def time_engine_steps(
         if step:  # the first step warms caches and allocators
             times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+def time_compiled_steps(
+    model: PromptedViT, encoded: torch.Tensor, labels: torch.Tensor, *, precision: str, steps: int
+) -> tuple[float, float]:
+    """(seconds per step, seconds of the compile and its first step) of the compiled step a long run
+    trains with (`engine.compiled`): inductor's cache may already hold it, as it would for a run."""
+    forward = compiled.compile_forward(model.forward_from_frozen)
+    start = time.perf_counter()
+    with training_precision(model, precision):
+        logits = forward(encoded)
+    nn.functional.cross_entropy(logits.float(), labels).backward()  # the backward graph compiles here
+    model.zero_grad(set_to_none=True)
+    compile_s = time.perf_counter() - start
+    return time_engine_steps(model, encoded, labels, precision=precision, steps=steps, forward=forward), compile_s
 
 
 def time_naive_steps(model: PromptedViT, files: list[str], labels: torch.Tensor, resolution: int, steps: int) -> float:
@@ -169,6 +192,10 @@ def run_bench(
     mlp_dim = int(model_backbone.blocks[0].mlp.fc1.out_features)
     choice = choose_precision(precision, block_shapes(batch * tokens, int(model_backbone.embed_dim), mlp_dim))
     result["precision"], result["precision_reason"] = choice.precision, choice.reason
+    # A long run (the full split) compiles its step when that pays here: the batch-32 figures are also
+    # timed through the compiled step then (keys ending "_compiled"); short runs train eagerly.
+    long_run = compiled.decide(choice.precision, compiled.COLD_MIN_IMAGES, warm=False, from_cache=True)
+    result["long_runs_compile"], result["long_runs_compile_reason"] = long_run.compile, long_run.reason
 
     for size, batch_suffix in ((batch, ""), (small_batch, "_b8")):
         images, labels = image_set.images[:size], image_set.labels[:size]
@@ -187,6 +214,14 @@ def run_bench(
             result[f"naive_images_per_s{suffix}"] = size / naive_s
             result[f"speedup_vs_naive{suffix}"] = naive_s / engine_s
             result[f"engine_gflops{suffix}"] = flops / engine_s / 1e9
+            if long_run.compile and not batch_suffix:
+                compiled_s, compile_s = time_compiled_steps(
+                    model, encoded, labels, precision=choice.precision, steps=steps
+                )
+                result[f"compile_seconds{suffix}"] = compile_s
+                result[f"engine_images_per_s{suffix}_compiled"] = size / compiled_s
+                result[f"speedup_vs_naive{suffix}_compiled"] = naive_s / compiled_s
+                result[f"engine_gflops{suffix}_compiled"] = flops / compiled_s / 1e9
     result["efficiency_vs_bf16_peak"] = result["engine_gflops"] / result["peak_gflops_bf16"]
     # Against the better of the two precisions' peaks: on a CPU whose bf16 is slow, the bf16 peak flatters.
     # A machine set to one precision (VPTDASH_PRECISION) is timed as a CPU that has only that one fast.
@@ -196,6 +231,8 @@ def run_bench(
         result[f"peak_gflops_{setting}"] if setting else max(result["peak_gflops_fp32"], result["peak_gflops_bf16"])
     )
     result["efficiency_vs_best_peak"] = result["engine_gflops"] / best_peak
+    if "engine_gflops_compiled" in result:
+        result["efficiency_vs_best_peak_compiled"] = result["engine_gflops_compiled"] / best_peak
     if sweep:
         processes = sweep_processes()
         result["sweep_processes"] = processes

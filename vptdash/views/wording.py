@@ -140,6 +140,23 @@ def run_label(run: dict) -> str:
         return "run"
 
 
+def engine_line(metrics: dict, timings: dict) -> str | None:
+    """How the run computed, and why: its precision (measured or set) and whether its training step was
+    compiled, from what the engine stored. None when neither was recorded (older runs)."""
+    metrics, timings = metrics or {}, timings or {}
+    parts = []
+    if metrics.get("precision"):
+        reason = metrics.get("precision_reason")
+        parts.append(f"Trained in {metrics['precision']}" + (f" ({reason})" if reason else ""))
+    if timings.get("compile_reason"):
+        text = str(timings["compile_reason"])
+        seconds = number(timings.get("compile_first_step_s"))
+        if timings.get("compiled") and seconds is not None:
+            text += f"; compiling and the first step took {seconds:.1f} s"
+        parts.append("Training step " + text)
+    return ". ".join(parts) + "." if parts else None
+
+
 def clip_summary(metrics: dict, costs: dict) -> str:
     """A CLIP prompt run's figures beyond the card: base / novel accuracy, and the text tower's cost,
     which is paid once per class set, not per image."""
