@@ -31,6 +31,7 @@ def test_train_json_has_every_key(image_folder, capsys):
     # both compute conventions: every token through every block costs more than the rows actually computed
     assert result["gmacs_full_graph"] > result["gmacs"] > 0
     assert result["precision"] in ("fp32", "bf16")  # "auto" resolved by measurement
+    assert result["compiled"] is False and result["compile_reason"].startswith("not compiled")  # a short run
     row = RunStore().get_run(result["run_id"])
     assert row["config"]["placement"] == "0,2" and row["config"]["shots"] is None  # whole training split
     assert row["artifact_path"] and Path(row["artifact_path"]).exists()

@@ -42,6 +42,8 @@ JSON_KEYS = (
     "lr_source",
     "collapsed",
     "precision",
+    "compiled",
+    "compile_reason",
     "run_id",
     "status",
 )
