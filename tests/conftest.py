@@ -17,6 +17,8 @@ def isolated_home(tmp_path_factory, monkeypatch):
     shared_cache.mkdir(exist_ok=True)
     (home / "cache").symlink_to(shared_cache, target_is_directory=True)
     monkeypatch.setenv("VPTDASH_HOME", str(home))
+    # torch.compile's cache too (importing vptdash pointed it at the user's cache, before any test ran)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(home / "inductor"))
     # No background loading and no warm worker process started by the app in tests (tests/test_worker.py
     # tests the warm worker itself).
     monkeypatch.setenv("VPTDASH_NO_WARMUP", "1")

@@ -135,3 +135,18 @@ def test_the_eta_leaves_out_the_one_time_compile(image_folder, monkeypatch):
     assert steps[1]["total_steps"] - steps[1]["step"] >= 8
     # With the 1.5 s counted as a step's time, 8+ steps left would read as 6 s or more.
     assert steps[1]["eta_s"] < 1.0
+
+
+def test_inductors_cache_sits_beside_vptdashs_unless_the_user_chose_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = "import vptdash, os; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env["VPTDASH_HOME"] = str(tmp_path)
+    chosen = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip() == str(tmp_path / "cache" / "inductor")
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "mine")
+    kept = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert kept.stdout.strip() == str(tmp_path / "mine")

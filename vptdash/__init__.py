@@ -19,4 +19,11 @@ import os
 # run-to-run spread, so passive stays: it loses 40% at worst and wins 4x under load.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# torch.compile's cache (long runs compile their step: vptdash.engine.compiled) beside vptdash's other
+# caches unless the user chose one. Set before torch is imported: inductor fixes its default (a folder in
+# /tmp, gone after a reboot) the first time anything asks for it.
+from vptdash.engine import paths as _paths  # noqa: E402 - after the OpenMP default, imports no torch
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_paths.cache_location() / "inductor"))
+
 __version__ = "0.1.0"

@@ -69,11 +69,13 @@ def decide(precision: str, images: int, *, warm: bool, from_cache: bool, chosen:
 
 
 def _cache_dir() -> Path:
-    return paths.cache_dir() / "inductor"
+    """inductor's cache folder, wherever it is (`vptdash/__init__.py` puts it beside vptdash's caches
+    unless the user set TORCHINDUCTOR_CACHE_DIR): the note of what compiled lives with what it describes."""
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or paths.cache_location() / "inductor")
 
 
 def _marker() -> Path:
-    return _cache_dir() / "compiled-steps.json"
+    return _cache_dir() / "vptdash-compiled-steps.json"
 
 
 def _step_key(architecture: str, batch: int, precision: str) -> str:
@@ -109,9 +111,6 @@ def remember(architecture: str, batch: int, precision: str) -> None:
 
 
 def compile_forward(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`torch.compile(forward)` with inductor's cache kept beside vptdash's other caches (unless the
-    user set TORCHINDUCTOR_CACHE_DIR). Compiling happens at the first call; shapes are static, so the
-    caller sends only full batches through it (a new batch shape would compile again)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_cache_dir()))
-    _cache_dir().mkdir(parents=True, exist_ok=True)
+    """`torch.compile(forward)`. Compiling happens at the first call; shapes are static, so the caller
+    sends only full batches through it (a new batch shape would compile again)."""
     return torch.compile(forward, dynamic=False)

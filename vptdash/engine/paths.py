@@ -27,10 +27,15 @@ def data_dir() -> Path:
     return path
 
 
-def cache_dir() -> Path:
-    """Converted weights and decoded datasets: safe to delete, rebuilt on demand."""
+def cache_location() -> Path:
+    """Where `cache_dir` is, without creating it."""
     home = _home_override()
-    path = home / "cache" if home else Path(platformdirs.user_cache_dir(APP_NAME))
+    return home / "cache" if home else Path(platformdirs.user_cache_dir(APP_NAME))
+
+
+def cache_dir() -> Path:
+    """Converted weights, decoded datasets, compiled training steps: safe to delete, rebuilt on demand."""
+    path = cache_location()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
