@@ -202,7 +202,7 @@ def verdicts(result: dict) -> list[str]:
             saved = row["cold"]["eager_step_s"] - row["cold"]["compiled_step_s"]
             net = steps * saved - (row[phase]["compile_and_first_step_s"] - row["cold"]["eager_step_s"])
             verdict = "never pays" if even is None else ("pays" if steps >= even else "does not pay")
-            parts.append(f"{phase}: {verdict} ({net:+.0f} s for the run)")
+            parts.append(f"{phase}: {verdict} ({round(net):+d} s for the run)")
         out.append(f"- {what}, {steps} steps at batch {batch} in {result['trains_in']}: " + "; ".join(parts) + ".")
     return out
 
