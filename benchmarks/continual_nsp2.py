@@ -86,8 +86,10 @@ def finished(store: RunStore, config: ContinualConfig) -> dict | None:
     return None
 
 
-def interval(values: list[float | None], scale: float = 100.0) -> str:
-    """mean [95 % t-interval over seeds]; the mean alone for one seed (no interval: say so)."""
+def interval(values: list[float | None], scale: float = 100.0, *, accuracy: bool = True) -> str:
+    """mean [95 % t-interval over seeds]; the mean alone for one seed (no interval: say so). An accuracy's
+    interval is cut at 0 and 100 % (a t-interval over 3 seeds near 100 % reaches past what can happen);
+    a forgetting (best earlier minus final: negative when a task improved later) is not cut."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
@@ -95,7 +97,10 @@ def interval(values: list[float | None], scale: float = 100.0) -> str:
     if len(values) < 2:
         return f"{mean:.1f} (1 seed)"
     half = T95[min(len(values) - 1, len(T95)) - 1] * float(np.std(values, ddof=1)) / np.sqrt(len(values)) * scale
-    return f"{mean:.1f} [{mean - half:.1f}, {mean + half:.1f}]"
+    low, high = mean - half, mean + half
+    if accuracy:
+        low, high = max(low, 0.0), min(high, scale)
+    return f"{mean:.1f} [{low:.1f}, {high:.1f}]"
 
 
 def paired_interval(a: list[float], b: list[float], scale: float = 100.0) -> tuple[float, float | None]:
@@ -214,7 +219,7 @@ def section(
         "Frobenius norm, LayerNorm consistency loss. Joint: one training on all tasks' images for the same "
         "number of epochs.",
         "",
-        "Columns in % (mean [95 % t-interval over seeds]): *avg accuracy* after the last task, class-incremental; "
+        "Columns in % (mean [95 % t-interval over seeds], accuracies' intervals cut at 0 and 100): *avg accuracy* after the last task, class-incremental; "
         "*forgetting*: mean over old tasks of best earlier minus final accuracy; *task given*: prediction among "
         "the task's own classes; *learning*: each task right after it was learned; *NCM*: nearest-class-mean "
         "accuracy over all classes on the pooled features (no head), with untrained prompts and after the last task.",
@@ -228,8 +233,8 @@ def section(
             continue
         lines.append(
             f"| {continual.METHOD_LABELS[method]} | {interval(metric(entries, 'avg_accuracy'))} | "
-            f"{interval(metric(entries, 'forgetting'))} | {interval(metric(entries, 'avg_accuracy_task_il'))} | "
-            f"{interval(metric(entries, 'forgetting_task_il'))} | "
+            f"{interval(metric(entries, 'forgetting'), accuracy=False)} | {interval(metric(entries, 'avg_accuracy_task_il'))} | "
+            f"{interval(metric(entries, 'forgetting_task_il'), accuracy=False)} | "
             f"{interval(metric(entries, 'learning_accuracy')) if method != 'joint' else '—'} | "
             f"{interval(metric(entries, 'ncm_accuracy_initial'))} | {interval(metric(entries, 'ncm_accuracy'))} | "
             f"{np.mean([r['timings']['train_seconds'] for r in entries]) / 60:.1f} |"
