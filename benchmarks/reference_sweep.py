@@ -333,7 +333,8 @@ def docs_sections(content: dict) -> tuple[str, str]:
         "every run). Epochs and batch: 16 images per class 20 x 8, 64 per class 20 x 16, full split 10 x 32.",
         "Machines: " + _machines(content) + ".",
         "",
-        "Accuracy and balanced accuracy: mean over the seeds that did not collapse, [95% t interval]; std is "
+        "Accuracy and balanced accuracy: mean over the seeds that did not collapse, [95% t interval, cut at 0 and "
+        "100]; std is "
         "the seed standard deviation (points). Collapsed runs (one class on validation, or a diverged loss) "
         "are counted, never averaged in. GMACs per image: executed graph (what runs here) / full graph "
         "(every token through every block, the convention of published tables). The verdict under each "

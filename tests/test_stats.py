@@ -334,3 +334,14 @@ def test_per_image_comparisons_of_balanced_accuracy_use_each_images_class():
     assert (
         math.isnan(nothing.difference) and nothing.method == stats.NO_INTERVAL and (nothing.n_a, nothing.n_b) == (0, 2)
     )
+
+
+def test_an_accuracys_interval_is_cut_to_what_can_happen():
+    # two seeds at 90% and 100%: t(1) = 12.706, s = 0.0707, half-width 12.706 * 0.0707 / sqrt(2) = 0.635
+    cut = stats.mean_interval([0.9, 1.0], bounds=(0.0, 1.0))
+    assert cut.mean == pytest.approx(0.95)
+    assert cut.low == pytest.approx(0.95 - 0.6353, abs=1e-3) and cut.high == 1.0
+    low = stats.mean_interval([0.0, 0.1], bounds=(0.0, 1.0))
+    assert low.low == 0.0 and low.high == pytest.approx(0.05 + 0.6353, abs=1e-3)
+    free = stats.mean_interval([0.9, 1.0])  # a difference of accuracies has no such bound
+    assert free.high == pytest.approx(0.95 + 0.6353, abs=1e-3)

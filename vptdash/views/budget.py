@@ -494,8 +494,8 @@ def aggregate_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
         first = group.iloc[0]
         collapsed = group["collapsed"].fillna(False).astype(bool)
         kept, dropped = group[~collapsed], group[collapsed]
-        accuracy = stats.mean_interval(list(kept["accuracy"]))
-        balanced = stats.mean_interval(list(kept["balanced_accuracy"]))
+        accuracy = stats.mean_interval(list(kept["accuracy"]), bounds=(0.0, 1.0))
+        balanced = stats.mean_interval(list(kept["balanced_accuracy"]), bounds=(0.0, 1.0))
         records.append(
             {
                 "config_key": key,

@@ -107,8 +107,10 @@ def _finite(values: Sequence[Any]) -> list[float]:
     return out
 
 
-def mean_interval(values: Sequence[Any]) -> Interval:
-    """Mean and 95% t interval (mean ± t(n-1) · s / sqrt(n), s with n-1) of the finite values."""
+def mean_interval(values: Sequence[Any], bounds: tuple[float, float] | None = None) -> Interval:
+    """Mean and 95% t interval (mean ± t(n-1) · s / sqrt(n), s with n-1) of the finite values; with
+    `bounds` (an accuracy's 0 and 1) the interval is cut to them: a few seeds near a bound give a t
+    interval reaching past what can happen."""
     numbers = _finite(values)
     n = len(numbers)
     if n == 0:
@@ -118,7 +120,10 @@ def mean_interval(values: Sequence[Any]) -> Interval:
         return Interval(mean, math.nan, math.nan, 1)
     sd = math.sqrt(sum((x - mean) ** 2 for x in numbers) / (n - 1))
     half = t95(n - 1) * sd / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, n)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Interval(mean, low, high, n)
 
 
 def welch_interval(a: Sequence[Any], b: Sequence[Any]) -> Interval:
