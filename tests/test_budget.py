@@ -901,3 +901,20 @@ def test_within_noise_names_the_best_of_a_tie_as_the_best():
     rec = decide(rows)
     assert rec.verdict == budget.VERDICT_WITHIN_NOISE and rec.best["label"] == "20 deep prompts"
     assert "(the best, 20 deep prompts: +1.0 points, 95% CI -11.9 to +13.9)" in rec.sentence
+
+
+def test_a_verdict_below_the_majority_class_says_so():
+    # 4-class ELPV at 16 images per class: the probe (46%) and prompts (45%) under the 57.4% majority class
+    rows = [
+        dict(r, metrics={**r["metrics"], "majority_accuracy": 0.574})
+        for r in probe_runs([0.46, 0.47, 0.45]) + seeded(1, [0.44, 0.47, 0.44])
+    ]
+    rec = decide(rows)
+    assert rec.verdict == budget.VERDICT_WITHIN_NOISE
+    assert rec.sentence.endswith(
+        "More images or seeds would tell them apart. None of them beats always answering the most common class "
+        "(57.4% of the test set); balanced accuracy shows what they learned."
+    )
+    above = [dict(r, metrics={**r["metrics"], "majority_accuracy": 0.45}) for r in rows]
+    assert "most common class" not in decide(above).sentence  # the best (46%) is above 45%
+    assert "most common class" not in decide(rows, metric="balanced_accuracy_mean").sentence  # chance is 1/K there

@@ -813,6 +813,25 @@ def _probe_index(frame: pd.DataFrame, metrics: pd.Series) -> Any:
 def recommend(
     frame: pd.DataFrame, tolerance_points: float = 1.0, *, cost: str = "gmacs", metric: str = "accuracy_mean"
 ) -> Recommendation | None:
+    """The configuration the data supports, with one sentence a manager can repeat (`_recommend`), and
+    one more when, in plain accuracy, no configuration beats always answering the most common class:
+    a verdict among configurations must not read as if any of them were useful."""
+    result = _recommend(frame, tolerance_points, cost=cost, metric=metric)
+    if result is None or metric != "accuracy_mean" or "majority_accuracy" not in frame:
+        return result
+    majority = pd.to_numeric(frame["majority_accuracy"], errors="coerce").max()
+    best = _number(result.best.get(metric))
+    if majority == majority and best == best and best <= majority:
+        result.sentence += (
+            f" None of them beats always answering the most common class ({100 * majority:.1f}% of the test "
+            "set); balanced accuracy shows what they learned."
+        )
+    return result
+
+
+def _recommend(
+    frame: pd.DataFrame, tolerance_points: float = 1.0, *, cost: str = "gmacs", metric: str = "accuracy_mean"
+) -> Recommendation | None:
     """The configuration the data supports, with one sentence a manager can repeat. None when no row
     has the metric (a configuration whose runs all collapsed has none, so it is never recommended).
 
