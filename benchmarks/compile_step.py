@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,8 +43,8 @@ HEADING = "## torch.compile: when it would pay"
 def child(batch: int, precision: str, threads: int, steps: int) -> dict:
     """One process: compile, then eager and compiled steps interleaved. Prints nothing but its JSON."""
     import torch
-    from torch import nn
 
+    from vptdash.bench import timed_step
     from vptdash.engine.backbones import load_backbone
     from vptdash.engine.prompts import PromptedViT
     from vptdash.engine.train import training_precision
@@ -58,18 +57,7 @@ def child(batch: int, precision: str, threads: int, steps: int) -> dict:
     labels = torch.randint(0, 2, (batch,))
     with torch.no_grad():
         encoded = model.encode_frozen(images).float()
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
-
-    def step(forward) -> float:
-        start = time.perf_counter()
-        with training_precision(model, precision):
-            logits = forward(encoded)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return time.perf_counter() - start
-
+    step = timed_step(model, encoded, labels, precision=precision)  # bench's engine step, one optimizer
     compiled = torch.compile(model.forward_from_frozen)
     compile_s = step(compiled)  # tracing, inductor's code generation and C++ builds, and the first step
     eager_times, compiled_times = [], []

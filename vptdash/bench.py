@@ -93,10 +93,20 @@ def time_engine_steps(
 ) -> float:
     """Seconds per step of the engine's inner loop (as in `train.run_training`'s loop), through `forward`
     (the compiled step) when given."""
-    forward = forward or model.forward_from_frozen
+    step = timed_step(model, encoded, labels, precision=precision)
+    times = [step(forward or model.forward_from_frozen) for _ in range(steps + 1)]
+    times = times[1:]  # the first step warms caches and allocators
+    return sorted(times)[len(times) // 2]
+
+
+def timed_step(
+    model: PromptedViT, encoded: torch.Tensor, labels: torch.Tensor, *, precision: str
+) -> Callable[[Callable[[torch.Tensor], torch.Tensor]], float]:
+    """One engine training step on this batch (AdamW, as `train.run_training` steps), through the forward
+    it is given (eager or compiled, sharing one optimizer), returning its seconds."""
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
-    times = []
-    for step in range(steps + 1):
+
+    def step(forward: Callable[[torch.Tensor], torch.Tensor]) -> float:
         start = time.perf_counter()
         with training_precision(model, precision):
             logits = forward(encoded)
@@ -104,9 +114,9 @@ def time_engine_steps(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step:  # the first step warms caches and allocators
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        return time.perf_counter() - start
+
+    return step
 
 
 def time_compiled_steps(
@@ -115,12 +125,7 @@ def time_compiled_steps(
     """(seconds per step, seconds of the compile and its first step) of the compiled step a long run
     trains with (`engine.compiled`): inductor's cache may already hold it, as it would for a run."""
     forward = compiled.compile_forward(model.forward_from_frozen)
-    start = time.perf_counter()
-    with training_precision(model, precision):
-        logits = forward(encoded)
-    nn.functional.cross_entropy(logits.float(), labels).backward()  # the backward graph compiles here
-    model.zero_grad(set_to_none=True)
-    compile_s = time.perf_counter() - start
+    compile_s = timed_step(model, encoded, labels, precision=precision)(forward)  # forward and backward compile
     return time_engine_steps(model, encoded, labels, precision=precision, steps=steps, forward=forward), compile_s
 
 
