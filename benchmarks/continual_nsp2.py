@@ -58,10 +58,9 @@ from vptdash.engine import paths  # noqa: E402
 from vptdash.methods import continual  # noqa: E402
 from vptdash.methods.continual import ContinualConfig  # noqa: E402
 from vptdash.runs.store import RunStore  # noqa: E402
+from vptdash.views import stats  # noqa: E402
 
 HEADING = "## Continual learning"
-# Two-sided 95 % quantiles of Student's t, df 1..10; beyond 10 df the last one (errs wide).
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 DATASET = "textures-30"
 # Finished runs travel with the repository (a machine's data dir does not outlive it), so the seeds of
 # the faithful recipe, about half an hour each per method, can be added over several sessions.
@@ -87,29 +86,23 @@ def finished(store: RunStore, config: ContinualConfig) -> dict | None:
 
 
 def interval(values: list[float | None], scale: float = 100.0, *, accuracy: bool = True) -> str:
-    """mean [95 % t-interval over seeds]; the mean alone for one seed (no interval: say so). An accuracy's
-    interval is cut at 0 and 100 % (a t-interval over 3 seeds near 100 % reaches past what can happen);
-    a forgetting (best earlier minus final: negative when a task improved later) is not cut."""
-    values = [v for v in values if v is not None]
-    if not values:
+    """mean [95 % t-interval over seeds] (`stats.mean_interval`); the mean alone for one seed (no interval:
+    say so). An accuracy's interval is cut at 0 and 100 % (a t-interval over 3 seeds near 100 % reaches past
+    what can happen); a forgetting (best earlier minus final: negative when a task improved later) is not."""
+    found = stats.mean_interval([v for v in values if v is not None], bounds=(0.0, 1.0) if accuracy else None)
+    if found.n == 0:
         return "n/a"
-    mean = float(np.mean(values)) * scale
-    if len(values) < 2:
-        return f"{mean:.1f} (1 seed)"
-    half = T95[min(len(values) - 1, len(T95)) - 1] * float(np.std(values, ddof=1)) / np.sqrt(len(values)) * scale
-    low, high = mean - half, mean + half
-    if accuracy:
-        low, high = max(low, 0.0), min(high, scale)
-    return f"{mean:.1f} [{low:.1f}, {high:.1f}]"
+    if found.n < 2:
+        return f"{scale * found.mean:.1f} (1 seed)"
+    return f"{scale * found.mean:.1f} [{scale * found.low:.1f}, {scale * found.high:.1f}]"
 
 
 def paired_interval(a: list[float], b: list[float], scale: float = 100.0) -> tuple[float, float | None]:
     """Mean of a - b over seeds (same seed = same class order and images) and its 95 % half-width."""
-    diffs = [x - y for x, y in zip(a, b) if x is not None and y is not None]
-    mean = float(np.mean(diffs)) * scale
-    if len(diffs) < 2:
-        return mean, None
-    return mean, T95[min(len(diffs) - 1, len(T95)) - 1] * float(np.std(diffs, ddof=1)) / np.sqrt(len(diffs)) * scale
+    found = stats.mean_interval([x - y for x, y in zip(a, b) if x is not None and y is not None])
+    if found.n < 2:
+        return scale * found.mean, None
+    return scale * found.mean, scale * (found.high - found.mean)
 
 
 def metric(rows: list[dict], key: str) -> list[float | None]:
