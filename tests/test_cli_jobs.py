@@ -178,8 +178,12 @@ def test_an_interrupted_sweep_resumes_with_only_the_missing_configurations(image
 
     watcher = threading.Thread(target=interrupt_mid_run, daemon=True)
     watcher.start()
+    sigint_before = signal.getsignal(signal.SIGINT)
     assert cli.main(common) == 130  # Ctrl-C: the run in progress is stored as cancelled, one line, exit 130
     assert fired.is_set()
+    # the bookkeeping ignored a second Ctrl-C; afterwards this process's Ctrl-C works again (it did not,
+    # and a later interrupted command in the same process then ran to its end)
+    assert signal.getsignal(signal.SIGINT) is sigint_before
     first = store.list_runs()
     assert not [r for r in first if r["status"] == "running"]  # nothing left looking alive
     first_done = {config_key(r): r["id"] for r in first if r["status"] == "done"}

@@ -778,8 +778,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.given_options = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
     runs_here = args.command in _RUNS_HERE
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     if runs_here:
         signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(args, runs_here)
+    finally:  # main may be called again in this process (tests, scripts): leave its signals as they were
+        for sig, handler in previous.items():
+            if signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
+
+
+def _main(args: argparse.Namespace, runs_here: bool) -> int:
     try:
         return _dispatch(args)
     except ConfigError as exc:  # an impossible budget: say why, store nothing, no traceback
