@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from vptdash import cli
 from vptdash.engine.train import RunConfig
@@ -154,7 +155,18 @@ def config_key(row: dict) -> str:
     return json.dumps(RunConfig.from_dict(row["config"]).to_dict(), sort_keys=True)
 
 
-def test_an_interrupted_sweep_resumes_with_only_the_missing_configurations(image_folder, tmp_path):
+@pytest.fixture
+def ctrl_c_as_at_a_terminal():
+    """Python's Ctrl-C handler for SIGINT while the test runs. A non-interactive shell that starts pytest in
+    the background (CI's does) leaves SIGINT ignored, and then the Ctrl-C the test sends does nothing."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_an_interrupted_sweep_resumes_with_only_the_missing_configurations(
+    image_folder, tmp_path, ctrl_c_as_at_a_terminal
+):
     """Ctrl-C (a real SIGINT to the main thread) while the sweep's third run trains; `--resume` then runs
     the configurations without a finished run, each once."""
     store_path = tmp_path / "runs.sqlite"
