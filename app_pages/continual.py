@@ -275,6 +275,8 @@ def show_results(rows: list[dict]) -> None:
         col.caption(f"± {wording.fmt_pct(std)} · {forgetting}")
     by_method = {m: [r for r in done if r["config"].get("method") == m] for m in continual.METHODS}
     matrices = {m: continual.mean_matrix(rs, matrix_key) for m, rs in by_method.items() if rs}
+    if not any(matrices.values()):
+        st.info("These runs were trained before this view was measured: run the experiment again to see it.")
     look.show_plotly(continual_charts.accuracy_heatmaps(matrices, tasks), key="cl_heatmaps")
     look.show_plotly(continual_charts.accuracy_lines(matrices, tasks), key="cl_lines")
     look.show_plotly(

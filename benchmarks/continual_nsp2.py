@@ -77,12 +77,25 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def finished(store: RunStore, config: ContinualConfig) -> dict | None:
+# A finished run is reused only if it measured these (runs of older code did not: they are trained again,
+# and kept in the store).
+MEASURED = ("ncm_task_il_matrix",)
+
+
+def finished(store: RunStore, config: ContinualConfig, *, any_code: bool = False) -> dict | None:
+    """The newest finished run of `config` that measured everything the section shows; with `any_code`,
+    failing that, the newest of any code version (its missing figures print as n/a)."""
     wanted = config.to_dict()
-    for row in store.list_runs(status="done", kind=continual.KIND):
-        if all(row["config"].get(k) == v for k, v in wanted.items()):
-            return row
-    return None
+    same = [
+        row
+        for row in store.list_runs(status="done", kind=continual.KIND)
+        if all(row["config"].get(k) == v for k, v in wanted.items())
+    ]
+    same.sort(key=lambda row: row["created_at"], reverse=True)
+    complete = [row for row in same if all(row["metrics"].get(key) is not None for key in MEASURED)]
+    if complete:
+        return complete[0]
+    return same[0] if any_code and same else None
 
 
 def interval(values: list[float | None], scale: float = 100.0, *, accuracy: bool = True) -> str:
@@ -90,6 +103,8 @@ def interval(values: list[float | None], scale: float = 100.0, *, accuracy: bool
     say so). An accuracy's interval is cut at 0 and 100 % (a t-interval over 3 seeds near 100 % reaches past
     what can happen); a forgetting (best earlier minus final: negative when a task improved later) is not."""
     found = stats.mean_interval([v for v in values if v is not None], bounds=(0.0, 1.0) if accuracy else None)
+    if 0 < found.n < len(values):  # runs of older code did not measure it
+        return f"{interval([v for v in values if v is not None], scale, accuracy=accuracy)} ({found.n} of {len(values)} runs)"
     if found.n == 0:
         return "n/a"
     if found.n < 2:
@@ -161,6 +176,23 @@ def observations(by_method: dict[str, list[dict]]) -> list[str]:
             f"- Nearest-class-mean accuracy over all {len(entries[0]['metrics']['class_names'])} classes, "
             f"{name}: {before:.1f} with untrained prompts → {after:.1f} after the last task ({after - before:+.1f})."
         )
+    n_seq, n_nsp = metric(seq, "ncm_forgetting_task_il"), metric(nsp, "ncm_forgetting_task_il")
+    if all(v is not None for v in n_seq + n_nsp):
+        seq_drop = stats.mean_interval(n_seq)
+        diff, half = paired_interval(n_nsp, n_seq)
+        seq_verdict = (
+            "one seed: no interval"
+            if seq_drop.n < 2
+            else "a measurable drop (its 95 % interval excludes 0)"
+            if seq_drop.low > 0
+            else "not distinguishable from no drop (its 95 % interval includes 0)"
+        )
+        lines.append(
+            "- Features, task given (nearest class mean among each old task's own classes, no head), from right "
+            f"after the task was learned to after the last task: sequential loses {interval(n_seq, accuracy=False)} "
+            f"points, {seq_verdict}; NSP2 {interval(n_nsp, accuracy=False)}; NSP2 − sequential {diff:+.1f}"
+            + (f" (±{half:.1f})." if half is not None else " (one seed).")
+        )
     l_seq, l_nsp = metric(seq, "learning_accuracy"), metric(nsp, "learning_accuracy")
     lines.append(
         f"- Learning accuracy (each task right after it was learned, class-incremental): NSP2 "
@@ -215,11 +247,13 @@ def section(
         "Columns in % (mean [95 % t-interval over seeds], accuracies' intervals cut at 0 and 100): *avg accuracy* after the last task, class-incremental; "
         "*forgetting*: mean over old tasks of best earlier minus final accuracy; *task given*: prediction among "
         "the task's own classes; *learning*: each task right after it was learned; *NCM*: nearest-class-mean "
-        "accuracy over all classes on the pooled features (no head), with untrained prompts and after the last task.",
+        "accuracy over all classes on the pooled features (no head), with untrained prompts and after the last task; "
+        "*features*: nearest class mean among each task's own classes, measured after every task (right after "
+        "learning, after the last task, and the forgetting between them).",
         "",
         "| method | avg accuracy | forgetting | task given: avg | task given: forgetting | learning | NCM before | "
-        "NCM after | minutes per run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "NCM after | features: right after | features: after last | features: forgetting | minutes per run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, entries in by_method.items():
         if not entries:
@@ -230,6 +264,9 @@ def section(
             f"{interval(metric(entries, 'forgetting_task_il'), accuracy=False)} | "
             f"{interval(metric(entries, 'learning_accuracy')) if method != 'joint' else '—'} | "
             f"{interval(metric(entries, 'ncm_accuracy_initial'))} | {interval(metric(entries, 'ncm_accuracy'))} | "
+            f"{interval(metric(entries, 'ncm_learning_task_il')) if method != 'joint' else '—'} | "
+            f"{interval(metric(entries, 'avg_ncm_task_il'))} | "
+            f"{interval(metric(entries, 'ncm_forgetting_task_il'), accuracy=False) if method != 'joint' else '—'} | "
             f"{np.mean([r['timings']['train_seconds'] for r in entries]) / 60:.1f} |"
         )
     lines += ["", *observations(by_method), ""]
@@ -349,7 +386,7 @@ def main(argv=None) -> int:
     checkpoint_in(store, CHECKPOINT)
     rows, loads, started = [], [os.getloadavg()[0]], time.perf_counter()
     for config in continual.continual_configs(base, methods, seeds):
-        row = finished(store, config)
+        row = finished(store, config, any_code=args.stored_only)
         if row is None and args.stored_only:
             log(f"{config.label()}: not finished yet, left out")
             continue

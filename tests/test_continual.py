@@ -259,6 +259,22 @@ def test_nearest_class_mean_by_hand():
     assert continual.ncm_accuracy(train, train_labels, test[:0], torch.tensor([], dtype=torch.long)) is None
 
 
+def test_nearest_class_mean_per_task_by_hand():
+    """Task 0 owns classes 0 and 1, task 1 class 2. Test image 2 (task 0, class 1) lies nearest class 2's
+    mean: wrong among every class, right among its own task's; image 3 (task 0, class 0) is nearer class 1
+    and wrong either way."""
+    train = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    train_labels, train_task = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1])
+    test = torch.tensor([[1.0, 0.1, 0.0], [0.1, 1.0, 0.0], [0.0, 0.5, 1.0], [0.2, 1.0, 0.0], [0.0, 0.1, 1.0]])
+    test_labels, test_task = torch.tensor([0, 1, 1, 0, 2]), torch.tensor([0, 0, 0, 0, 1])
+    rows = continual.ncm_by_task(train, train_labels, train_task, test, test_labels, test_task)
+    assert rows == {0: (pytest.approx(2 / 4), pytest.approx(3 / 4)), 1: (1.0, 1.0)}
+    # a task without training classes in the means (not seen yet) gets no entry
+    rows = continual.ncm_by_task(train[:2], train_labels[:2], train_task[:2], test, test_labels, test_task)
+    assert set(rows) == {0}
+    assert continual.ncm_by_task(train[:0], train_labels[:0], train_task[:0], test, test_labels, test_task) == {}
+
+
 def test_augmentation_keeps_the_shape_and_is_reproducible():
     images = torch.rand(4, 3, 16, 16)
     a = continual.augment_images(images, torch.Generator().manual_seed(0))
@@ -475,6 +491,19 @@ def test_page_renders_and_shows_a_finished_experiment(four_classes, monkeypatch)
     charts = at.get("plotly_chart")
     assert len(charts) == 4  # heatmaps, lines over tasks, summary bars, who-forgot diagnostics
 
+    # the features' own forgetting (nearest class mean after every task), and runs of code that did not
+    # measure it: said so, not shown as "no finished run"
+    at.segmented_control(key="cl_view").set_value("features").run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert "before this view was measured" not in " ".join(i.value for i in at.info)
+    heatmap = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert any(v is not None for trace in heatmap["data"] for row in trace["z"] for v in row)
+    for row in store.list_runs(kind=continual.KIND):
+        store.update_results(row["id"], metrics={"ncm_task_il_matrix": None})
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert "before this view was measured" in " ".join(i.value for i in at.info)
+
 
 # ------------------------------------------------------------------------------------ fast paths
 def _full_pass(model, image_set, index, mean, std):
@@ -538,6 +567,20 @@ def test_final_figures_equal_a_fresh_pass_with_the_final_prompts(four_classes, m
         mine = (test_labels >= sum(sizes[:j])) & (test_labels < sum(sizes[: j + 1]))
         expected = float((predicted[mine] == test_labels[mine]).float().mean())
         assert result.metrics["accuracy_matrix"][-1][j] == pytest.approx(expected)
+        # nearest class mean among task j's own classes, from the definition: cosine to the class means
+        train_n = torch.nn.functional.normalize(train_features, dim=1)
+        own = list(range(sum(sizes[:j]), sum(sizes[: j + 1])))
+        means = torch.nn.functional.normalize(torch.stack([train_n[train_labels == c].mean(0) for c in own]), dim=1)
+        nearest = torch.tensor(own)[(torch.nn.functional.normalize(test_features[mine], dim=1) @ means.T).argmax(1)]
+        expected_ncm_own = float((nearest == test_labels[mine]).float().mean())
+        assert result.metrics["ncm_task_il_matrix"][-1][j] == pytest.approx(expected_ncm_own)
+    ncm_rows = result.metrics["ncm_task_il_matrix"]
+    if method == "joint":  # trained once: only the last row is measured, nothing to forget
+        assert all(v is None for row in ncm_rows[:-1] for v in row) and result.metrics["ncm_forgetting_task_il"] is None
+    else:  # each row measured after its task, on the tasks seen so far
+        assert all((v is not None) == (j <= i) for i, row in enumerate(ncm_rows) for j, v in enumerate(row))
+        first = ncm_rows[0][0]
+        assert result.metrics["ncm_forgetting_task_il"] == pytest.approx(first - ncm_rows[-1][0])
 
 
 def test_run_timings_say_where_the_time_went(four_classes):

@@ -119,6 +119,9 @@ SUMMARY_KEYS = (
     "learning_accuracy",
     "ncm_accuracy",
     "ncm_accuracy_initial",
+    "avg_ncm_task_il",
+    "ncm_forgetting_task_il",
+    "ncm_learning_task_il",
 )
 # Ways to read the results: (matrix, average after the last task, forgetting, what it means).
 VIEWS = {
@@ -140,6 +143,14 @@ VIEWS = {
         "forgetting_task_il",
         "Accuracy when the task is known and the prediction is among its own classes: what the "
         "features still know, without the confusion between tasks.",
+    ),
+    "features": (
+        "ncm_task_il_matrix",
+        "avg_ncm_task_il",
+        "ncm_forgetting_task_il",
+        "Nearest class mean among the task's own classes (class means of the pooled training features, no "
+        "head), measured after each task: a drop is the features forgetting what separated an old task's "
+        "classes. Frozen features would give a constant column.",
     ),
 }
 EVAL_BATCH = 128
@@ -743,6 +754,9 @@ def run_continual(
     balanced = [[None] * T for _ in range(T)]
     task_il = [[None] * T for _ in range(T)]
     drift = [[None] * T for _ in range(T)]
+    ncm_matrix = [[None] * T for _ in range(T)]
+    ncm_task_il = [[None] * T for _ in range(T)]
+    last_train_features = None  # the training features of the last NCM, if it covered every task
     reference_features: dict[int, torch.Tensor] = {}
     nullity: list[dict] = []
     memory = NullSpaceMemory(model.placement, dim, model.prompt_counts) if config.method == "nsp2" else None
@@ -785,6 +799,20 @@ def run_continual(
             with clock("evaluate"):
                 rows, features = evaluate_seen(model, test_enc, test_labels, test_task, last_task + 1, offsets, config)
             last_features = features if len(features) == len(test_labels) else None
+            with clock("ncm"):
+                seen_train, seen_test = train_task <= last_task, test_task <= last_task
+                train_features = _features(model, train_enc[seen_train], config.precision)
+                by_task = ncm_by_task(
+                    train_features,
+                    train_labels[seen_train],
+                    train_task[seen_train],
+                    features,
+                    test_labels[seen_test],
+                    test_task[seen_test],
+                )
+            last_train_features = train_features if bool(seen_train.all()) else None
+            for j, (among_seen, own) in by_task.items():
+                ncm_matrix[last_task][j], ncm_task_il[last_task][j] = among_seen, own
             for j, row in rows.items():
                 matrix[last_task][j], balanced[last_task][j], task_il[last_task][j] = (
                     row["accuracy"],
@@ -814,17 +842,19 @@ def run_continual(
     summary = accuracy_metrics(matrix)
     summary_til = accuracy_metrics(task_il)
     summary_balanced = accuracy_metrics(balanced)
+    summary_ncm = accuracy_metrics(ncm_task_il)
     finished = status == "done"
     ncm_final = None
     if finished:
         with clock("ncm"):
             # The last task's evaluation already ran every test image through the final model.
             test_features = last_features if last_features is not None else _features(model, test_enc, config.precision)
-            ncm_final = ncm_accuracy(
-                _features(model, train_enc, config.precision), train_labels, test_features, test_labels
-            )
+            if last_train_features is None:
+                last_train_features = _features(model, train_enc, config.precision)
+            ncm_final = ncm_accuracy(last_train_features, train_labels, test_features, test_labels)
     just_learned = [matrix[t][t] for t in range(T)] if config.method != "joint" else []
     just_learned_til = [task_il[t][t] for t in range(T)] if config.method != "joint" else []
+    ncm_just_learned = [ncm_task_il[t][t] for t in range(T)] if config.method != "joint" else []
     metrics = {
         "method": config.method,
         "tasks": [[image_set.class_names[c] for c in classes] for classes in task_classes],
@@ -843,6 +873,11 @@ def run_continual(
         "learning_accuracy_task_il": _mean_finite(just_learned_til),
         "ncm_accuracy": ncm_final,
         "ncm_accuracy_initial": ncm_initial,
+        "ncm_matrix": ncm_matrix,
+        "ncm_task_il_matrix": ncm_task_il,
+        "avg_ncm_task_il": summary_ncm["avg_accuracy"],
+        "ncm_forgetting_task_il": summary_ncm["forgetting"],
+        "ncm_learning_task_il": _mean_finite(ncm_just_learned),
         "recipe": config.recipe,
         "nullity": nullity,
         "train_sizes": [int((train_task == t).sum()) for t in range(T)],
@@ -896,6 +931,40 @@ def ncm_accuracy(
     means = nn.functional.normalize(means, dim=1)
     predicted = classes[(test_n @ means.T).argmax(dim=1)]
     return float((predicted == test_labels).float().mean())
+
+
+def ncm_by_task(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    train_task: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    test_task: torch.Tensor,
+) -> dict[int, tuple[float, float]]:
+    """Nearest-class-mean accuracy of each task's test images (cosine to the class means of the training
+    features, as `ncm_accuracy`): task -> (among every class in the training features, among the task's
+    own classes). The second is what the features still separate within an old task, whatever the
+    later classes look like; the first also counts confusion with later classes."""
+    out: dict[int, tuple[float, float]] = {}
+    if not len(train_labels):
+        return out
+    train_n = nn.functional.normalize(train_features.float(), dim=1)
+    test_n = nn.functional.normalize(test_features.float(), dim=1)
+    classes = train_labels.unique()
+    means = nn.functional.normalize(torch.stack([train_n[train_labels == c].mean(dim=0) for c in classes]), dim=1)
+    class_task = torch.stack([train_task[train_labels == c][0] for c in classes])
+    similarity = test_n @ means.T
+    for j in test_task.unique().tolist():
+        mine, own = test_task == j, class_task == j
+        if not own.any():
+            continue
+        among_all = classes[similarity[mine].argmax(dim=1)]
+        among_own = classes[own][similarity[mine][:, own].argmax(dim=1)]
+        out[int(j)] = (
+            float((among_all == test_labels[mine]).float().mean()),
+            float((among_own == test_labels[mine]).float().mean()),
+        )
+    return out
 
 
 def augment_images(images: torch.Tensor, generator: torch.Generator, min_scale: float = 0.5) -> torch.Tensor:
