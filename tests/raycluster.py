@@ -57,15 +57,36 @@ class LocalCluster:
         )
         log.close()
         process.temp_dir = temp
-        self.nodes.append(process)
+        process.name = name
         return process
 
     def start(self, workers: int = 1, timeout: float = 60.0) -> "LocalCluster":
-        self._start("head", head=True)
+        self.nodes.append(self._start("head", head=True))
         self._wait_for_gcs(timeout)
         for index in range(workers):
-            self._start(f"node{index + 1}", head=False)
+            self.nodes.append(self._start(f"node{index + 1}", head=False))
         return self
+
+    def wait_for_nodes(self, ray, timeout: float = 120.0) -> None:
+        """Until every started node has joined (alive in `ray.nodes()`; `ray` connected to this cluster).
+        A worker node whose `ray start` exited first is started once more: its ports were free when picked,
+        and another process on a busy machine may have taken one since. Without this wait a test that
+        needs the second node found only the head, and timed out with no reason given."""
+        deadline = time.monotonic() + timeout
+        restarted: set[int] = set()
+        while sum(1 for node in ray.nodes() if node.get("Alive")) < len(self.nodes):
+            for index, node in enumerate(self.nodes):
+                if node.poll() is None:
+                    continue
+                tail = (self.root / f"{node.name}.log").read_text(errors="replace")[-2000:]
+                if index == 0 or index in restarted:
+                    raise RuntimeError(f"ray {node.name} exited (code {node.returncode}): {tail}")
+                restarted.add(index)
+                print(f"ray {node.name} exited (code {node.returncode}), starting it again: {tail}", file=sys.stderr)
+                self.nodes[index] = self._start(node.name, head=False)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.nodes)} Ray nodes started, not all joined within {timeout:.0f} s")
+            time.sleep(0.2)
 
     def _wait_for_gcs(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -34,6 +34,7 @@ def two_nodes(tmp_path_factory):
         # warm Ray workers instead of each importing torch again in new ones.
         settings = cluster.ClusterSettings(address=local.address)
         cluster.ClusterRunner(RunStore(tmp_path_factory.mktemp("driver") / "runs.sqlite"), settings).connect()
+        local.wait_for_nodes(ray)
         yield local
     finally:
         if ray.is_initialized():
@@ -130,7 +131,11 @@ def test_a_node_killed_mid_sweep_loses_no_run(two_nodes, isolated_home):
     thread = serve_in_background(store)
     deadline = time.monotonic() + 120
     while not node_busy(two_nodes.nodes[1]):
-        assert time.monotonic() < deadline, "the second node never started a run"
+        alive = two_nodes.nodes[1].poll() is None
+        assert time.monotonic() < deadline, (
+            f"the second node never started a run (its process {'alive' if alive else 'exited'}; "
+            f"runs: {[r['status'] for r in store.list_runs(sweep_id=sweep_id)]})"
+        )
         time.sleep(0.1)
     two_nodes.kill(two_nodes.nodes[1])
     thread.join(timeout=180)
