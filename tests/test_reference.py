@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 from safetensors.torch import save_file
 
@@ -114,3 +115,21 @@ def test_reference_grid_spans_data_sizes():
     assert len(configs) == 2 * 3 * 3 * (1 + 4 * 2)  # the probe once per seed, not once per placement
     assert {c.shots for c in configs} == {16, 64, None}
     assert len({reference_sweep.run_key(c) for c in configs}) == len(configs)
+
+
+def test_the_seed_spread_line_sorts_configurations_by_the_target_and_names_what_the_probe_explains():
+    frame = pd.DataFrame(
+        [
+            {"label": "linear probe", "n_seeds": 3, "num_prompts": 0, "balanced_accuracy_std": 0.005},
+            {"label": "10 deep prompts", "n_seeds": 3, "num_prompts": 10, "balanced_accuracy_std": 0.029},
+            {"label": "1 deep prompts", "n_seeds": 3, "num_prompts": 1, "balanced_accuracy_std": 0.015},
+            {"label": "5 deep prompts", "n_seeds": 1, "num_prompts": 5, "balanced_accuracy_std": float("nan")},
+        ]
+    )
+    (line,) = [t for t in reference_sweep._spread_lines(frame, "balanced_accuracy_mean", "64") if t]
+    assert "within it linear probe (0.5), 1 deep prompts (1.5); above it 10 deep prompts (2.9)." in line
+    assert "5 deep prompts" not in line  # one seed: no spread to judge
+    assert "its 0.5 points are the seeds' different draws of training images" in line
+    (line,) = [t for t in reference_sweep._spread_lines(frame, "balanced_accuracy_mean", "full") if t]
+    assert "Every seed trains on the same images here" in line
+    assert reference_sweep._spread_lines(frame[frame["n_seeds"] < 2], "balanced_accuracy_mean", "64") == []
