@@ -104,7 +104,9 @@ def interval(values: list[float | None], scale: float = 100.0, *, accuracy: bool
     what can happen); a forgetting (best earlier minus final: negative when a task improved later) is not."""
     found = stats.mean_interval([v for v in values if v is not None], bounds=(0.0, 1.0) if accuracy else None)
     if 0 < found.n < len(values):  # runs of older code did not measure it
-        return f"{interval([v for v in values if v is not None], scale, accuracy=accuracy)} ({found.n} of {len(values)} runs)"
+        measured = [v for v in values if v is not None]
+        shown = f"{scale * found.mean:.1f}" if found.n < 2 else interval(measured, scale, accuracy=accuracy)
+        return f"{shown} ({found.n} of {len(values)} runs)"
     if found.n == 0:
         return "n/a"
     if found.n < 2:
