@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import checkpoint_in, checkpoint_out, machine, today, write_section  # noqa: E402
-from benchmarks.continual_nsp2 import CHECKPOINT, DATASET, finished  # noqa: E402
+from benchmarks.continual_nsp2 import CHECKPOINT, DATASET, benchmark_config, finished  # noqa: E402
 from vptdash.engine import paths  # noqa: E402
 from vptdash.methods import continual  # noqa: E402
 from vptdash.runs.store import RunStore  # noqa: E402
@@ -64,24 +64,6 @@ def settings(class_names: list[str]) -> list[tuple[str, dict, tuple[str, ...]]]:
             ("sequential", "nsp2"),
         ),
     ]
-
-
-def base_config(**overrides) -> continual.ContinualConfig:
-    """The continual benchmark's configuration (`continual_nsp2.py`: official recipe, 20 epochs, batch 32)."""
-    values = dict(
-        backbone="dinov2_s14",
-        dataset=DATASET,
-        tasks=5,
-        shots=30,
-        resolution=112,
-        epochs=continual.RECIPES["official"]["epochs"],
-        batch_size=32,
-        max_test_per_class=None,
-        lr=1e-2,
-        weight_decay=1e-4,
-        precision="fp32",
-    )
-    return continual.recipe_config("official", **{**values, **overrides})
 
 
 def pct(value: float | None) -> str:
@@ -152,7 +134,7 @@ def main(argv=None) -> int:
         for method in methods:
             rows = []
             for seed in seeds:
-                config = base_config(**overrides, method=method, seed=seed)
+                config = benchmark_config(**overrides, method=method, seed=seed)
                 row = finished(store, config)
                 if row is None:
                     print(f"{what}: {config.label()} ...", file=sys.stderr, flush=True)

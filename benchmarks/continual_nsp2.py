@@ -82,6 +82,25 @@ def log(text: str) -> None:
 MEASURED = ("ncm_task_il_matrix",)
 
 
+def benchmark_config(**overrides) -> ContinualConfig:
+    """The benchmark's configuration (official recipe, textures-30, 5 tasks, 30 images per class, 112 px),
+    with `overrides` (method, seed, resolution, ...)."""
+    values = dict(
+        backbone="dinov2_s14",
+        dataset=DATASET,
+        tasks=5,
+        shots=30,
+        resolution=112,
+        epochs=continual.RECIPES["official"]["epochs"],
+        batch_size=32,
+        max_test_per_class=None,
+        lr=1e-2,
+        weight_decay=1e-4,
+        precision="fp32",
+    )
+    return continual.recipe_config("official", **{**values, **overrides})
+
+
 def finished(store: RunStore, config: ContinualConfig, *, any_code: bool = False) -> dict | None:
     """The newest finished run of `config` that measured everything the section shows; with `any_code`,
     failing that, the newest of any code version (its missing figures print as n/a)."""
@@ -366,20 +385,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
-    settings = dict(
-        backbone="dinov2_s14",
-        dataset=DATASET,
-        tasks=5,
+    base = benchmark_config(
         shots=args.shots,
         resolution=args.resolution,
         epochs=args.epochs,
         batch_size=args.batch_size,
         max_test_per_class=args.max_test,
-        lr=1e-2,
-        weight_decay=1e-4,
-        precision="fp32",
     )
-    base = continual.recipe_config("official", **settings)
     settings = base.to_dict()
     if args.profile:
         return profile(continual.continual_configs(base, methods, seeds), args.profile_epochs)
