@@ -60,7 +60,9 @@ with controls:
             format_func=options.get,
             key="cl_dataset",
             help="ELPV has 4 classes (2 tasks of 2). The generated textures-30 set has 30 (5 tasks of 6, the "
-            "benchmark's setting); textures-10 has 10 (up to 5 tasks of 2). Uploads with at least 4 classes work too.",
+            "benchmark's setting); textures-10 has 10 (up to 5 tasks of 2). cues-30 has 5 families of 6 classes "
+            "whose cues conflict (5 tasks: one family each), where later tasks can make the features forget. "
+            "Uploads with at least 4 classes work too.",
         )
         if spec == "elpv":
             st.info(continual.ELPV_NOTE, icon="ℹ️")
@@ -96,7 +98,7 @@ with controls:
             )
             if shuffle:
                 order = None
-                preview = continual.ContinualConfig(seed=0).arrival_order(len(names))
+                preview = continual.ContinualConfig(dataset=spec, tasks=int(tasks), seed=0).arrival_order(len(names))
                 st.caption("Seed 0's order, for example:")
             else:
                 picked = st.multiselect(

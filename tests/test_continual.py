@@ -16,7 +16,7 @@ from vptdash import cli
 from vptdash.engine import backbones, data, train
 from vptdash.engine.prompts import PromptedViT
 from vptdash.engine.train import ConfigError
-from vptdash.methods import continual
+from vptdash.methods import continual, cues
 from vptdash.methods.continual import (
     ContinualConfig,
     NullSpaceMemory,
@@ -247,6 +247,71 @@ def test_class_order_is_shuffled_with_the_seed():
     assert orders[0] == ContinualConfig(seed=0).arrival_order(30)  # reproducible
     assert len({tuple(o) for o in orders}) == 3
     assert ContinualConfig(seed=1, class_order=[1, 0, 2, 3]).arrival_order(4) == [1, 0, 2, 3]
+
+
+def test_a_grouped_set_keeps_each_group_one_task_in_a_seeded_order():
+    groups = cues.family_groups()
+    names = cues.class_names()
+    assert sorted(c for g in groups for c in g) == list(range(30)) and [len(g) for g in groups] == [6] * 5
+    assert all(len({names[c].rsplit("-", 1)[0] for c in g}) == 1 for g in groups)  # one family each
+    family_orders = set()
+    for seed in range(4):
+        order = ContinualConfig(dataset=cues.NAME, tasks=5, seed=seed).arrival_order(30)
+        tasks = split_classes(30, 5, order)
+        assert sorted(sorted(t) for t in tasks) == sorted(sorted(g) for g in groups)
+        family_orders.add(tuple(groups.index(sorted(t)) for t in tasks))
+    assert len(family_orders) > 1  # the families' order follows the seed
+    # Any other split mixes the families freely: the plain seeded permutation.
+    plain = [int(c) for c in np.random.default_rng([0, 1993]).permutation(30)]
+    assert ContinualConfig(dataset=cues.NAME, tasks=3, seed=0).arrival_order(30) == plain
+    assert ContinualConfig(dataset="textures-30", tasks=5, seed=0).arrival_order(30) == plain
+
+
+def _dominant_angle(image: np.ndarray) -> float:
+    """Orientation (degrees, 0-180) along which the image changes most: the structure tensor's axis."""
+    gy, gx = np.gradient(image)
+    return float(np.rad2deg(0.5 * np.arctan2(2 * (gx * gy).sum(), (gx * gx - gy * gy).sum())) % 180)
+
+
+def _peak_frequency(image: np.ndarray) -> float:
+    """Cycles per image of the strongest component of the spectrum."""
+    spectrum = np.abs(np.fft.fftshift(np.fft.fft2(image - image.mean())))
+    row, col = np.unravel_index(spectrum.argmax(), spectrum.shape)
+    centre = image.shape[0] // 2
+    return float(np.hypot(row - centre, col - centre))
+
+
+def test_cue_conflict_classes_differ_in_their_cue_and_vary_in_the_others():
+    rng = np.random.default_rng(3)
+    for k, angle in enumerate(cues.ANGLES):  # angle: the stripes' orientation is the class's, to +-3 degrees
+        for _ in range(3):
+            found = _dominant_angle(cues.draw("angle", k, 128, rng))
+            assert min(abs(found - angle), 180 - abs(found - angle)) <= 4, (k, found)
+    for k, freq in enumerate(cues.FREQUENCIES):  # frequency: the spectrum peaks at the class's frequency
+        angles = []
+        for _ in range(4):
+            image = cues.draw("frequency", k, 128, rng)
+            assert abs(_peak_frequency(image) - freq) <= 1.0, (k, _peak_frequency(image))
+            angles.append(_dominant_angle(image))
+        assert np.ptp(angles) > 20  # while the angle varies inside the class
+    for k, density in enumerate(cues.DENSITIES):  # density: the share of 4x4 cells that are dots
+        share = np.mean(
+            [cues.draw("density", k, 128, rng).reshape(32, 4, 32, 4).mean(axis=(1, 3)) > 0.5 for _ in range(4)]
+        )
+        # each of 4 x 1024 cells is a dot with probability `density`: 4 binomial standard deviations
+        assert abs(share - density) < 4 * np.sqrt(density * (1 - density) / 4096), (k, share)
+    with pytest.raises(KeyError):
+        cues.draw("colour", 0, 32, rng)
+
+
+def test_cue_conflict_set_is_drawn_once_as_thirty_class_folders(tmp_path):
+    folder = cues.make_cues(tmp_path / "cues", per_class=2, size=32)
+    image_set = data.load_image_set(folder, 32)
+    assert image_set.class_names == cues.class_names() and len(image_set.class_names) == 30
+    assert set(image_set.class_counts().values()) == {2}
+    stamp = (folder / "angle-1" / "000.png").stat().st_mtime_ns
+    assert cues.make_cues(folder) == folder and (folder / "angle-1" / "000.png").stat().st_mtime_ns == stamp
+    assert cues.NAME in continual.GENERATED_DATASETS
 
 
 def test_nearest_class_mean_by_hand():
@@ -549,6 +614,7 @@ def test_final_figures_equal_a_fresh_pass_with_the_final_prompts(four_classes, m
     result = continual.run_continual(config)
     image_set, split, test_index, task_classes, model, mean, std = continual.prepare(config)
     untrained_test_features = _full_pass(model, image_set, test_index, mean, std)
+    untrained_train_features = _full_pass(model, image_set, split.train, mean, std)
     model.load_trainable_state(result.trainable_state)
     order = [c for classes in task_classes for c in classes]
     relabel = lambda index: torch.tensor([order.index(int(c)) for c in image_set.labels[index]])  # noqa: E731
@@ -568,12 +634,21 @@ def test_final_figures_equal_a_fresh_pass_with_the_final_prompts(four_classes, m
         expected = float((predicted[mine] == test_labels[mine]).float().mean())
         assert result.metrics["accuracy_matrix"][-1][j] == pytest.approx(expected)
         # nearest class mean among task j's own classes, from the definition: cosine to the class means
-        train_n = torch.nn.functional.normalize(train_features, dim=1)
         own = list(range(sum(sizes[:j]), sum(sizes[: j + 1])))
-        means = torch.nn.functional.normalize(torch.stack([train_n[train_labels == c].mean(0) for c in own]), dim=1)
-        nearest = torch.tensor(own)[(torch.nn.functional.normalize(test_features[mine], dim=1) @ means.T).argmax(1)]
-        expected_ncm_own = float((nearest == test_labels[mine]).float().mean())
-        assert result.metrics["ncm_task_il_matrix"][-1][j] == pytest.approx(expected_ncm_own)
+
+        def ncm_own(train_f, test_f):
+            train_n = torch.nn.functional.normalize(train_f, dim=1)
+            means = torch.stack([train_n[train_labels == c].mean(0) for c in own])
+            similarity = (
+                torch.nn.functional.normalize(test_f[mine], dim=1) @ torch.nn.functional.normalize(means, dim=1).T
+            )
+            return float((torch.tensor(own)[similarity.argmax(1)] == test_labels[mine]).float().mean())
+
+        assert result.metrics["ncm_task_il_matrix"][-1][j] == pytest.approx(ncm_own(train_features, test_features))
+        untrained = ncm_own(untrained_train_features, untrained_test_features)  # before the first task
+        assert result.metrics["ncm_task_il_untrained"][j] == pytest.approx(untrained)
+    untrained_by_task = result.metrics["ncm_task_il_untrained"]
+    assert result.metrics["avg_ncm_task_il_untrained"] == pytest.approx(np.mean(untrained_by_task))
     ncm_rows = result.metrics["ncm_task_il_matrix"]
     if method == "joint":  # trained once: only the last row is measured, nothing to forget
         assert all(v is None for row in ncm_rows[:-1] for v in row) and result.metrics["ncm_forgetting_task_il"] is None

@@ -47,7 +47,9 @@ same figures with task identity given ("task-IL": argmax within the task's own c
 accuracy (each task tested right after it was learned: the diagonal of `A`); nearest-class-mean
 accuracy over all classes on the pooled features, before the first task and after the last (class means
 from the training images, no head involved: a drop means the features themselves got worse for old
-classes); and `feature_drift`, how far the pooled features of old tasks' test images moved.
+classes); the same among each task's own classes, with untrained prompts and after every task (what the
+prompts added to the frozen features, and whether later tasks took it away); and `feature_drift`, how far
+the pooled features of old tasks' test images moved.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from torch import nn
 from vptdash.engine import backbones, data, paths, train
 from vptdash.engine.prompts import PromptConfigError, PromptedViT, parse_placement
 from vptdash.engine.train import ConfigError
+from vptdash.methods import cues
 from vptdash.runs.jobs import ProgressWriter, claim_job, fail_job, register_kind
 from vptdash.runs.store import RunStore
 
@@ -122,6 +125,7 @@ SUMMARY_KEYS = (
     "avg_ncm_task_il",
     "ncm_forgetting_task_il",
     "ncm_learning_task_il",
+    "avg_ncm_task_il_untrained",
 )
 # Ways to read the results: (matrix, average after the last task, forgetting, what it means).
 VIEWS = {
@@ -162,7 +166,11 @@ GENERATED_DATASETS = {
     "speckle), 60 images each: 5 tasks of 2 classes",
     "textures-30": "Generated textures, 30 classes (the 10 patterns at 3 scales: coarse, medium, fine), "
     "40 images each: 5 tasks of 6 classes",
+    cues.NAME: "Generated cue conflict, 30 classes (5 families of 6: stripe angle, ring centre, dot density, "
+    "stripe frequency, plaid angle), 40 images each: 5 tasks, one family each, in an order shuffled with the seed",
 }
+# Sets whose classes come in groups meant to arrive together: a shuffled order keeps each group one task.
+TASK_GROUPS = {cues.NAME: cues.family_groups()}
 # Classes per generated set: (pattern, scale) pairs; scale None = the original frequency range.
 ORIGINAL_BAND = (5.0, 9.0)  # textures-10's frequency range: its images stay as they were drawn
 TEXTURE_SCALES = {"coarse": (2.5, 4.5), "medium": (5.0, 8.0), "fine": (9.5, 14.0)}
@@ -236,11 +244,17 @@ class ContinualConfig:
         return f"{METHOD_LABELS.get(self.method, self.method)}{recipe}, {self.tasks} tasks, seed {self.seed}"
 
     def arrival_order(self, num_classes: int) -> list[int] | None:
-        """The class order tasks take: the given one, else shuffled with the seed, else None (folder order)."""
+        """The class order tasks take: the given one, else shuffled with the seed (a set in `TASK_GROUPS`
+        split into as many tasks as it has groups: the groups' order and each group's classes shuffled, so
+        that each group stays one task), else None (folder order)."""
         if self.class_order is not None:
             return [int(c) for c in self.class_order]
         if self.shuffle_classes:
-            return [int(c) for c in np.random.default_rng([self.seed, 1993]).permutation(num_classes)]
+            rng = np.random.default_rng([self.seed, 1993])
+            groups = TASK_GROUPS.get(self.dataset)
+            if groups and len(groups) == self.tasks and sum(map(len, groups)) == num_classes:
+                return [int(c) for g in rng.permutation(len(groups)) for c in rng.permutation(groups[g])]
+            return [int(c) for c in rng.permutation(num_classes)]
         return None
 
     def validate(self) -> "ContinualConfig":
@@ -377,6 +391,8 @@ def resolve_dataset(spec: str) -> str | Path:
     """A generated set's name -> its folder (drawn on first use); anything else unchanged."""
     if spec == "textures-30":
         return make_textures(generated_dataset_path(spec), classes=30, per_class=40)
+    if spec == cues.NAME:
+        return cues.make_cues(generated_dataset_path(spec))
     if spec in GENERATED_DATASETS:
         return make_textures(generated_dataset_path(spec))
     return spec
@@ -734,14 +750,15 @@ def run_continual(
         train_enc, test_enc = encode(split.train), encode(test_index)
     train_labels, test_labels = labels[split.train], labels[test_index]
     train_images = image_set.images[split.train] if config.augment else None
-    with clock("ncm"):
-        ncm_initial = ncm_accuracy(
-            _features(model, train_enc, config.precision),
-            train_labels,
-            _features(model, test_enc, config.precision),
-            test_labels,
-        )
     train_task, test_task = task_of_label[train_labels], task_of_label[test_labels]
+    with clock("ncm"):
+        initial_train = _features(model, train_enc, config.precision)
+        initial_test = _features(model, test_enc, config.precision)
+        ncm_initial = ncm_accuracy(initial_train, train_labels, initial_test, test_labels)
+        # What the features separate within each task before any training: what prompts can add to it.
+        initial_by_task = ncm_by_task(initial_train, train_labels, train_task, initial_test, test_labels, test_task)
+        ncm_task_il_initial = [initial_by_task.get(t, (None, None))[1] for t in range(len(task_classes))]
+        del initial_train, initial_test
     cache_seconds = time.perf_counter() - started
 
     T = len(task_classes)
@@ -878,6 +895,8 @@ def run_continual(
         "avg_ncm_task_il": summary_ncm["avg_accuracy"],
         "ncm_forgetting_task_il": summary_ncm["forgetting"],
         "ncm_learning_task_il": _mean_finite(ncm_just_learned),
+        "ncm_task_il_untrained": ncm_task_il_initial,
+        "avg_ncm_task_il_untrained": _mean_finite(ncm_task_il_initial),
         "recipe": config.recipe,
         "nullity": nullity,
         "train_sizes": [int((train_task == t).sum()) for t in range(T)],

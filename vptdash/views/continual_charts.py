@@ -200,6 +200,7 @@ DIAGNOSTICS = {
     "avg_accuracy_task_il": "After the last task (task given)",
     "ncm_accuracy_initial": "Nearest class mean, untrained prompts",
     "ncm_accuracy": "Nearest class mean, after the last task",
+    "avg_ncm_task_il_untrained": "Nearest class mean, task given, untrained prompts",
     "ncm_learning_task_il": "Nearest class mean, task given, right after learning",
     "avg_ncm_task_il": "Nearest class mean, task given, after the last task",
 }
