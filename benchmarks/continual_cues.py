@@ -102,9 +102,9 @@ def section(rows: list[dict], command: str, minutes: float, loads: list[float]) 
     run_minutes = [r["timings"]["train_seconds"] / 60 for r in rows]
     body = [
         f"Written on {today()} by `{command}` ({len(rows)} runs, {minutes:.0f} min of wall time in this invocation; "
-        f"finished runs are reused). Trained on: {'; '.join(trained_on)}, one thread; a run took "
-        f"{min(run_minutes):.1f}-{max(run_minutes):.1f} min (load average {min(loads):.1f}-{max(loads):.1f} "
-        "when this invocation's runs ended).",
+        f"finished runs are reused). Trained on: {'; '.join(trained_on)}; a run took "
+        f"{min(run_minutes):.1f}-{max(run_minutes):.1f} min on one thread, beside other benchmark runs (load "
+        f"average {min(loads):.1f}-{max(loads):.1f} when the runs ended): times are indicative.",
         "",
         f"Generated `{cues.NAME}`: 5 families of 6 classes, each family's classes told apart by one cue while the "
         "others vary at random inside every class ("
@@ -176,6 +176,7 @@ def observations(group: dict[str, list[dict]]) -> list[str]:
             ("forgetting", "class-incremental forgetting"),
             ("avg_accuracy", "class-incremental accuracy"),
             ("ncm_learning_task_il", "the features right after learning"),
+            ("avg_ncm_task_il", "the features after the last task"),
         ):
             diff, half = paired_interval(metric(nsp, key), metric(seq, key))
             ci = "one seed: no interval" if half is None else f"95 % CI {diff - half:+.1f} to {diff + half:+.1f}"
