@@ -197,6 +197,9 @@ def sweep(configs: list[RunConfig], checkpoint: Path, *, resume: bool) -> dict:
     for position, config in enumerate(todo, 1):
         size = "full split" if config.shots is None else f"{config.shots} shots"
         label = f"{config.dataset}, {size}, {config.label()}, seed {config.seed}"
+        if run_key(config) in {row["dedupe_key"] for row in read_checkpoint(checkpoint)["runs"]}:
+            print(f"[{position}/{len(todo)}] {label}: finished meanwhile by another sweep, skipped", flush=True)
+            continue
         t0 = time.perf_counter()
         row = run_one(config)
         seconds = time.perf_counter() - t0

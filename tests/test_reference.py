@@ -108,6 +108,35 @@ def test_reference_sweep_appends_each_run_and_resumes(tmp_path, monkeypatch):
     assert len(json.loads(checkpoint.read_text())["runs"]) == 2
 
 
+def test_a_run_another_sweep_finished_meanwhile_is_not_trained_again(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "checkpoint.json"
+    configs = reference_sweep.grid(["elpv-binary"], ["16"], [0, 10], ["deep"], [0])
+    ran = []
+
+    def row_of(config):
+        metrics = {"accuracy": 0.5, "balanced_accuracy": 0.5, "lr": 1e-3, "lr_source": "validation", "collapsed": False}
+        key = reference_sweep.run_key(config)
+        return {
+            "config": config.to_dict(),
+            "status": "done",
+            "metrics": metrics,
+            "timings": {"machine": {}},
+            "dedupe_key": key,
+        }
+
+    def fake_run(config):  # while this sweep trains its first run, a parallel sweep finishes the second
+        ran.append(config)
+        content = reference_sweep.read_checkpoint(checkpoint)
+        content["runs"].append(row_of(configs[1]))
+        reference_sweep.write_json(checkpoint, content)
+        return row_of(config)
+
+    monkeypatch.setattr(reference_sweep, "run_one", fake_run)
+    reference_sweep.sweep(configs, checkpoint, resume=True)
+    assert ran == [configs[0]]
+    assert len(json.loads(checkpoint.read_text())["runs"]) == 2
+
+
 def test_reference_grid_spans_data_sizes():
     configs = reference_sweep.grid(
         ["elpv-binary", "elpv"], ["16", "64", "full"], [0, 1, 5, 10, 50], ["shallow", "deep"], [0, 1, 2]
