@@ -569,6 +569,19 @@ def test_page_renders_and_shows_a_finished_experiment(four_classes, monkeypatch)
     assert not at.exception, [e.message for e in at.exception]
     assert "before this view was measured" in " ".join(i.value for i in at.info)
 
+    # The cue-conflict set's preview: each of the 5 tasks is one family (its images are not drawn here)
+    read_names = continual.dataset_class_names
+    monkeypatch.setattr(
+        continual,
+        "dataset_class_names",
+        lambda spec, *a: cues.class_names() if spec == cues.NAME else read_names(spec, *a),
+    )
+    at.selectbox(key="cl_dataset").set_value(cues.NAME).run()
+    assert not at.exception, [e.message for e in at.exception]
+    (preview,) = [c.value for c in at.caption if c.value.startswith("**T1**")]
+    tasks = [part.split("** ", 1)[1].split(", ") for part in preview.split(" → ")]
+    assert len(tasks) == 5 and all(len({name.rsplit("-", 1)[0] for name in task}) == 1 for task in tasks)
+
 
 # ------------------------------------------------------------------------------------ fast paths
 def _full_pass(model, image_set, index, mean, std):
