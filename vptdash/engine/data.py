@@ -45,6 +45,7 @@ __all__ = [
     "Limits",
     "Split",
     "clear_memory_cache",
+    "draw_image_folder",
     "extract_zip_safely",
     "load_image_set",
     "normalize",
@@ -193,6 +194,30 @@ def extract_zip_safely(zip_path: Path, dest: Path, limits: Limits = Limits()) ->
             shutil.rmtree(partial, ignore_errors=True)
             raise
     return dest
+
+
+def draw_image_folder(
+    folder: Path, class_names: Sequence[str], per_class: int, draw: Callable[[int], np.ndarray]
+) -> Path:
+    """A generated set as an ImageFolder (a folder of PNGs per class; `draw(c)` gives one grey image of class
+    c, values in [0, 1]), drawn once: into a private sibling first, then renamed into place, so a concurrent
+    reader sees no folder or a whole one. Returns the folder."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return folder
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    for c, name in enumerate(class_names):
+        (partial / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = (np.clip(draw(c), 0, 1) * 255).round().astype(np.uint8)
+            Image.fromarray(pixels).save(partial / name / f"{i:03d}.png")
+    try:
+        os.replace(partial, folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # another process drew it first
+    return folder
 
 
 def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -55,8 +55,6 @@ the pooled features of old tasks' test images moved.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -453,23 +451,11 @@ def _texture(kind: int, size: int, rng: np.random.Generator, band: tuple[float, 
 
 def make_textures(folder: Path, *, classes: int = 10, per_class: int = 60, size: int = 128, seed: int = 0) -> Path:
     """Draw the textures set as an ImageFolder (class folders of PNGs), once; returns the folder."""
-    folder = Path(folder)
-    if folder.is_dir():
-        return folder
-    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    specs = texture_classes(classes)
     rng = np.random.default_rng(seed)
-    for name, kind, band in texture_classes(classes):
-        (partial / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = (_texture(kind, size, rng, band) * 255).round().astype(np.uint8)
-            Image.fromarray(pixels).save(partial / name / f"{i:03d}.png")
-    try:
-        os.replace(partial, folder)  # atomic: a concurrent reader sees no folder or a whole one
-    except OSError:
-        if not folder.is_dir():
-            raise
-        shutil.rmtree(partial, ignore_errors=True)  # another process drew it first
-    return folder
+    return data.draw_image_folder(
+        folder, [name for name, _, _ in specs], per_class, lambda c: _texture(specs[c][1], size, rng, specs[c][2])
+    )
 
 
 # ============================================================================ metrics

@@ -13,13 +13,12 @@ apart almost perfectly, so prompts have nothing there for later tasks to take aw
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+
+from vptdash.engine import data
 
 NAME = "cues-30"
 CLASSES_PER_FAMILY = 6
@@ -107,22 +106,8 @@ def draw(family: str, k: int, size: int, rng: np.random.Generator) -> np.ndarray
 
 def make_cues(folder: Path, *, per_class: int = PER_CLASS, size: int = SIZE, seed: int = 0) -> Path:
     """Draw the set as an ImageFolder (class folders of PNGs), once; returns the folder."""
-    folder = Path(folder)
-    if folder.is_dir():
-        return folder
-    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    classes = [(family, k) for family in FAMILIES for k in range(CLASSES_PER_FAMILY)]
     rng = np.random.default_rng(seed)
-    for family in FAMILIES:
-        for k in range(CLASSES_PER_FAMILY):
-            target = partial / f"{family}-{k + 1}"
-            target.mkdir(parents=True, exist_ok=True)
-            for i in range(per_class):
-                pixels = (draw(family, k, size, rng) * 255).round().astype(np.uint8)
-                Image.fromarray(pixels).save(target / f"{i:03d}.png")
-    try:
-        os.replace(partial, folder)  # atomic: a concurrent reader sees no folder or a whole one
-    except OSError:
-        if not folder.is_dir():
-            raise
-        shutil.rmtree(partial, ignore_errors=True)  # another process drew it first
-    return folder
+    return data.draw_image_folder(
+        folder, [f"{family}-{k + 1}" for family, k in classes], per_class, lambda c: draw(*classes[c], size, rng)
+    )
