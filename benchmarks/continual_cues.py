@@ -20,7 +20,6 @@ invocations (say one per core, with different --methods or --seeds) can run side
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import checkpoint_in, checkpoint_out, machine, today, write_section  # noqa: E402
+from benchmarks.common import checkpoint_in, today, write_section  # noqa: E402
 from benchmarks.continual_nsp2 import (  # noqa: E402
     CHECKPOINT,
     PAPER,
@@ -41,6 +40,7 @@ from benchmarks.continual_nsp2 import (  # noqa: E402
     interval,
     metric,
     paired_interval,
+    train_and_record,
 )
 from vptdash.engine import paths  # noqa: E402
 from vptdash.methods import continual, cues  # noqa: E402
@@ -231,14 +231,8 @@ def main(argv=None) -> int:
                 continue
             if row is None:
                 log(f"{config.label()} ...")
-                row = continual.run_continual_now(store, config, sweep_id=f"bench-{cues.NAME}")
-                loads.append(os.getloadavg()[0])
-                if row["status"] == "done":
-                    store.update_results(row["id"], timings={"machine": machine(), "load_average_end": loads[-1]})
-                    row = store.get_run(row["id"])
-                checkpoint_out(store, CHECKPOINT, kind=continual.KIND)
+                row = train_and_record(store, config, f"bench-{cues.NAME}", loads)
                 if row["status"] != "done":
-                    log(f"  {row['status']}: {row.get('error')}")
                     return 1
             m = row["metrics"]
             log(

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import checkpoint_in, checkpoint_out, machine, today, write_section  # noqa: E402
-from benchmarks.continual_nsp2 import CHECKPOINT, DATASET, benchmark_config, finished  # noqa: E402
+from benchmarks.common import checkpoint_in, today, write_section  # noqa: E402
+from benchmarks.continual_nsp2 import CHECKPOINT, DATASET, benchmark_config, finished, train_and_record  # noqa: E402
 from vptdash.engine import paths  # noqa: E402
 from vptdash.methods import continual  # noqa: E402
 from vptdash.runs.store import RunStore  # noqa: E402
@@ -139,13 +139,8 @@ def main(argv=None) -> int:
                 row = finished(store, config)
                 if row is None:
                     print(f"{what}: {config.label()} ...", file=sys.stderr, flush=True)
-                    row = continual.run_continual_now(store, config, sweep_id=f"features-{DATASET}")
-                    if row["status"] == "done":
-                        store.update_results(row["id"], timings={"machine": machine()})
-                        row = store.get_run(row["id"])
-                    checkpoint_out(store, CHECKPOINT, kind=continual.KIND)
+                    row = train_and_record(store, config, f"features-{DATASET}", [])
                     if row["status"] != "done":
-                        print(f"  {row['status']}: {row.get('error')}", file=sys.stderr)
                         return 1
                 rows.append(row)
             table.append(row_text(what, method, rows))

@@ -101,6 +101,20 @@ def benchmark_config(**overrides) -> ContinualConfig:
     return continual.recipe_config("official", **{**values, **overrides})
 
 
+def train_and_record(store: RunStore, config: ContinualConfig, sweep_id: str, loads: list[float], echo=None) -> dict:
+    """Train `config` now; a finished run records where it ran (machine, load average at its end, also
+    appended to `loads`), and the checkpoint is exported, so the run travels with the repository."""
+    row = continual.run_continual_now(store, config, sweep_id=sweep_id, echo=echo)
+    loads.append(os.getloadavg()[0])
+    if row["status"] == "done":
+        store.update_results(row["id"], timings={"machine": machine(), "load_average_end": loads[-1]})
+        row = store.get_run(row["id"])
+    checkpoint_out(store, CHECKPOINT, kind=continual.KIND)
+    if row["status"] != "done":
+        log(f"  {row['status']}: {row.get('error')}")
+    return row
+
+
 def finished(store: RunStore, config: ContinualConfig, *, any_code: bool = False) -> dict | None:
     """The newest finished run of `config` that measured everything the section shows; with `any_code`,
     failing that, the newest of any code version (its missing figures print as n/a)."""
@@ -415,14 +429,8 @@ def main(argv=None) -> int:
                         f"  {event.get('phase')} task {event.get('task')} step {event.get('step')}/{event.get('total_steps')}"
                     )
 
-            row = continual.run_continual_now(store, config, sweep_id=f"bench-{DATASET}", echo=echo)
-            loads.append(os.getloadavg()[0])
-            if row["status"] == "done":  # where it ran travels with it in the checkpoint
-                store.update_results(row["id"], timings={"machine": machine(), "load_average_end": loads[-1]})
-                row = store.get_run(row["id"])
-            checkpoint_out(store, CHECKPOINT, kind=continual.KIND)
+            row = train_and_record(store, config, f"bench-{DATASET}", loads, echo=echo)
             if row["status"] != "done":
-                log(f"  {row['status']}: {row.get('error')}")
                 return 1
         m = row["metrics"]
         log(

@@ -78,21 +78,25 @@ def test_fresh_install_has_a_trained_reference_run_the_attention_page_can_load(t
 
 
 # ------------------------------------------------------------------------------------ the script
+def _finished_row(config):
+    """What `reference_sweep.run_one` returns for a finished run, with made-up figures."""
+    metrics = {"accuracy": 0.5, "balanced_accuracy": 0.5, "lr": 1e-3, "lr_source": "validation", "collapsed": False}
+    key = reference_sweep.run_key(config)
+    return {
+        "config": config.to_dict(),
+        "status": "done",
+        "metrics": metrics,
+        "timings": {"machine": {}},
+        "dedupe_key": key,
+    }
+
+
 def test_reference_sweep_appends_each_run_and_resumes(tmp_path, monkeypatch):
     ran = []
 
     def fake_run(config):
         ran.append(config)
-        key = reference_sweep.run_key(config)
-        metrics = {"accuracy": 0.5, "balanced_accuracy": 0.5, "lr": 1e-3, "lr_source": "validation"}
-        metrics["collapsed"] = False
-        return {
-            "config": config.to_dict(),
-            "status": "done",
-            "metrics": metrics,
-            "timings": {"machine": {}},
-            "dedupe_key": key,
-        }
+        return _finished_row(config)
 
     monkeypatch.setattr(reference_sweep, "run_one", fake_run)
     checkpoint = tmp_path / "checkpoint.json"
@@ -113,23 +117,12 @@ def test_a_run_another_sweep_finished_meanwhile_is_not_trained_again(tmp_path, m
     configs = reference_sweep.grid(["elpv-binary"], ["16"], [0, 10], ["deep"], [0])
     ran = []
 
-    def row_of(config):
-        metrics = {"accuracy": 0.5, "balanced_accuracy": 0.5, "lr": 1e-3, "lr_source": "validation", "collapsed": False}
-        key = reference_sweep.run_key(config)
-        return {
-            "config": config.to_dict(),
-            "status": "done",
-            "metrics": metrics,
-            "timings": {"machine": {}},
-            "dedupe_key": key,
-        }
-
     def fake_run(config):  # while this sweep trains its first run, a parallel sweep finishes the second
         ran.append(config)
         content = reference_sweep.read_checkpoint(checkpoint)
-        content["runs"].append(row_of(configs[1]))
+        content["runs"].append(_finished_row(configs[1]))
         reference_sweep.write_json(checkpoint, content)
-        return row_of(config)
+        return _finished_row(config)
 
     monkeypatch.setattr(reference_sweep, "run_one", fake_run)
     reference_sweep.sweep(configs, checkpoint, resume=True)
