@@ -419,6 +419,24 @@ def test_a_cheaper_configuration_is_within_the_tolerance_only_as_the_data_shows(
     assert rec.sentence.endswith("The gap to the best: -1.0 points (95% CI -9.6 to +7.6).")
 
 
+def test_a_cheaper_configuration_that_also_beats_the_probe_is_named():
+    # 10 deep vs the probe: differences 0.12, 0.15, 0.09 -> +12.0 points, s = 3 points,
+    # 95% CI 12.0 -/+ 4.303 * 3 / sqrt(3) = +4.5 to +19.5. Against 50 deep (the best, 2 points higher on
+    # average) its gap is not shown within 1 point, so 50 deep is chosen; the cheaper winner is still named.
+    probe = probe_runs([0.70, 0.72, 0.74])
+    best = seeded(1, [0.84, 0.87, 0.87], num_prompts=50, gmacs=4.0)
+    cheaper = seeded(10, [0.82, 0.87, 0.83], num_prompts=10, gmacs=1.03)
+    rec = decide(probe + best + cheaper)
+    assert rec.verdict == budget.VERDICT_BEATS_PROBE and rec.chosen["label"] == "50 deep prompts"
+    assert rec.sentence.endswith(
+        " 10 deep prompts also beats it (+12.0 points, 95% CI +4.5 to +19.5) at +3% compute, but is not shown to "
+        "be within 1 point of the best."
+    )
+    # a cheaper configuration within noise of the probe is not named as beating it
+    shaky = seeded(10, [0.70, 0.90, 0.70], num_prompts=10, gmacs=1.03)
+    assert "also beats it" not in decide(probe + best + shaky).sentence
+
+
 def test_a_cheaper_configuration_within_noise_of_the_probe_is_flagged():
     probe = probe_runs([0.70, 0.72, 0.74])
     best = seeded(1, [0.84, 0.87, 0.87], num_prompts=50, gmacs=4.0)  # +14 points, beyond noise

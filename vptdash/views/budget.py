@@ -975,6 +975,19 @@ def _recommend(
             f" It is within {_points(float(tolerance_points))} of the best, {_describe(best)} "
             f"({_signed_points(chosen_vs_best.difference)}, {_ci(chosen_vs_best)})."
         )
+    if lead.low > 0:
+        # A cheaper configuration that also beats the probe was passed over only because the data does not
+        # show it within the tolerance of the best: a manager weighing cost should still hear of it.
+        cheaper = [i for i in winners if costs[i] == costs[i] and costs[i] < costs[chosen_index]]
+        if cheaper:
+            other_index = min(cheaper, key=lambda i: float(costs[i]))
+            other = vs_probe[other_index]
+            other_cost = _relative_cost(_number(frame.loc[other_index].get(cost)), _number(probe.get(cost)), cost)
+            sentence += (
+                f" {_capital(_describe(frame.loc[other_index]))} also beats it ({_signed_points(other.difference)}, "
+                f"{_ci(other)}){other_cost}, but is not shown to be within {_points(float(tolerance_points))} of "
+                "the best."
+            )
     result.sentence = sentence + unjudged
     return result
 
