@@ -38,6 +38,7 @@ from benchmarks.continual_nsp2 import (  # noqa: E402
     benchmark_config,
     finished,
     interval,
+    log,
     metric,
     paired_interval,
     train_and_record,
@@ -50,10 +51,6 @@ HEADING = "## Continual learning where the features can forget"
 RESOLUTION = 56
 # Figures a finished run must have to be reused (runs of older code lack the untrained-prompt column).
 MEASURED = ("ncm_task_il_matrix", "ncm_task_il_untrained")
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def config_for(method: str, seed: int):
