@@ -140,8 +140,9 @@ def bf16_step(model: PromptedViT, images: torch.Tensor):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_frozen_weights_cast_once_give_autocasts_own_results_bit_for_bit(monkeypatch):
-    model = PromptedViT(vit(), 3, num_prompts=5, placement="deep", seed=0)
+@pytest.mark.parametrize("placement", ["deep", "shallow"])
+def test_frozen_weights_cast_once_give_autocasts_own_results_bit_for_bit(monkeypatch, placement):
+    model = PromptedViT(vit(), 3, num_prompts=5, placement=placement, seed=0)
     images = torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
     cached, cached_grads = bf16_step(model, images)
     monkeypatch.setattr(rows, "autocast_weight", lambda weight: weight)  # autocast casts on every call
@@ -149,6 +150,25 @@ def test_frozen_weights_cast_once_give_autocasts_own_results_bit_for_bit(monkeyp
     assert torch.equal(cached, plain)
     for name, grad in plain_grads.items():
         assert torch.equal(cached_grads[name], grad), name
+
+
+@pytest.mark.parametrize("placement", ["deep", "shallow"])
+def test_every_blocks_frozen_matmul_weights_are_cast_once(monkeypatch, placement):
+    """Blocks that keep every row (all but the first and last of shallow prompts) take the cached casts
+    too: called as timm modules they would leave every cast to autocast, repeated on every call."""
+    model = PromptedViT(vit(), 3, num_prompts=5, placement=placement, seed=0)
+    seen = set()
+    cast_once = rows.autocast_weight
+
+    def recording(weight):
+        seen.add(id(weight))
+        return cast_once(weight)
+
+    monkeypatch.setattr(rows, "autocast_weight", recording)
+    bf16_step(model, torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(1)))
+    for index, block in enumerate(model.backbone.blocks):
+        for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+            assert id(block.get_submodule(name).weight) in seen, f"block {index} {name}"
 
 
 def test_a_frozen_weight_is_cast_once_and_trainable_ones_never():

@@ -24,7 +24,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from vptdash.engine.rows import block_rows, prompted_block_rows, supports_row_selection
+from vptdash.engine.rows import block_rows, prompted_block_rows, supports_row_selection, whole_rows
 
 TUNING_MODES = ("prompt", "linear", "full")
 PROMPT_TYPES = ("standard", "bilinear", "bilinear-whitened")
@@ -405,8 +405,10 @@ class PromptedViT(nn.Module):
 
     def _run_block(self, index: int, x: torch.Tensor, prompts_in_x: int, rows: str) -> tuple[torch.Tensor, int]:
         block = self.backbone.blocks[index]
-        if not drops_rows(rows, prompts_in_x) or not self._selects_rows(index):
+        if not self._selects_rows(index):
             return block(x), prompts_in_x
+        if not drops_rows(rows, prompts_in_x):
+            return whole_rows(block, x), prompts_in_x
         if rows == "cls":
             return block_rows(block, x, [slice(0, 1)]), 0
         prefix = self.num_prefix_tokens

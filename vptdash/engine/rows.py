@@ -30,6 +30,12 @@ Under autocast, the path's matmuls take frozen weights already cast to the autoc
 keeps tensors that require grad. The cast is the same round-to-nearest autocast does, so results are
 bit-identical; a bf16 training step was about 4% faster (dinov2_s14, 112 px, 10 deep prompts, batch 32:
 0.339 s instead of 0.353, median of 8 interleaved timings).
+
+Blocks that keep every row (between the first and the last block of shallow prompts) take this path too
+(`whole_rows`), for the cached casts; wherever the query rows are every token row, their query and
+key/value come from one fused projection (one cast of the normed rows, one larger matmul). Measured on a
+2-core AMX Xeon, one thread, bf16 steps of 10 prompts interleaved with the previous code, medians of 12:
+shallow prompts 7.8% faster at batch 8 and 3.1% at batch 32; deep prompts 1.2% and 2.5%.
 """
 
 from __future__ import annotations
@@ -90,6 +96,14 @@ def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mlp.drop2(_linear(mlp.fc2, mlp.norm(mlp.drop1(mlp.act(_linear(mlp.fc1, x))))))
 
 
+def _qkv(attn: Attention, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, kv) of the same rows from the fused projection: one matmul and one cast of `normed` where
+    two `_project` calls would cast it twice (and two smaller matmuls use the matrix units less well)."""
+    width = attn.qkv.out_features // 3
+    q, kv = _linear(attn.qkv, normed).split([width, 2 * width], dim=-1)
+    return q, kv
+
+
 def _project(attn: Attention, normed: torch.Tensor, part: str) -> torch.Tensor:
     """The query ("q") or key/value ("kv") part of the fused qkv projection, for these rows only."""
     width = attn.qkv.out_features // 3
@@ -124,6 +138,14 @@ def _finish(block: Block, residual: torch.Tensor, queries: torch.Tensor | None, 
     """Attention output added to the residual rows, then the MLP half of the block."""
     out = residual + block.drop_path1(block.ls1(_attend(block.attn, queries, q, kv)))
     return out + block.drop_path2(block.ls2(_mlp(block.mlp, block.norm2(out))))
+
+
+def whole_rows(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)``, every row, on this module's path: the frozen weights cast once under autocast (timm's
+    modules leave every cast to autocast, which repeats it on every call) and one fused qkv matmul."""
+    normed = block.norm1(x)
+    q, kv = _qkv(block.attn, normed)
+    return _finish(block, x, normed, q, kv)
 
 
 def block_rows(block: Block, x: torch.Tensor, keep: list[slice]) -> torch.Tensor:
@@ -167,14 +189,18 @@ def prompted_block_rows(
     attn = block.attn
     normed = block.norm1(tokens)
     normed_prompts = block.norm1(prompts).unsqueeze(0).expand(batch, -1, -1)
-    kv = with_prompts(_project(attn, normed, "kv"), _project(attn, normed_prompts, "kv"))
+    if read == "cls":
+        queries, residual = normed[:, :1], tokens[:, :1]
+        q, kv_tokens = _project(attn, queries, "q"), _project(attn, normed, "kv")
+    else:  # every token row is a query row: their q and kv come from one projection
+        q, kv_tokens = _qkv(attn, normed)
+        queries, residual = normed, tokens
     if read == "all":
+        q_prompts, kv_prompts = _qkv(attn, normed_prompts)
+        q = with_prompts(q, q_prompts)
         gated = getattr(attn, "gate", None) is not None  # the only reader of the normed query rows
         queries = with_prompts(normed, normed_prompts) if gated else None
         residual = with_prompts(tokens, prompts.unsqueeze(0).expand(batch, -1, -1))
-        q = with_prompts(_project(attn, normed, "q"), _project(attn, normed_prompts, "q"))
     else:
-        keep = slice(0, 1) if read == "cls" else slice(None)
-        queries, residual = normed[:, keep], tokens[:, keep]
-        q = _project(attn, queries, "q")
-    return _finish(block, residual, queries, q, kv)
+        kv_prompts = _project(attn, normed_prompts, "kv")
+    return _finish(block, residual, queries, q, with_prompts(kv_tokens, kv_prompts))
