@@ -33,9 +33,10 @@ bit-identical; a bf16 training step was about 4% faster (dinov2_s14, 112 px, 10 
 
 Blocks that keep every row (between the first and the last block of shallow prompts) take this path too
 (`whole_rows`), for the cached casts; wherever the query rows are every token row, their query and
-key/value come from one fused projection (one cast of the normed rows, one larger matmul). Measured on a
-2-core AMX Xeon, one thread, bf16 steps of 10 prompts interleaved with the previous code, medians of 12:
-shallow prompts 7.8% faster at batch 8 and 3.1% at batch 32; deep prompts 1.2% and 2.5%.
+key/value come from one fused projection (one cast of the normed rows, one larger matmul). Measured once on
+a 2-core AMX Xeon, one thread, the other core busy, bf16 steps of 10 prompts interleaved with the previous
+code, medians of 12 (no interval): shallow prompts 7.8% faster at batch 8 and 3.1% at batch 32; deep
+prompts 1.2% and 2.5%, the deep figures within what such timings vary by.
 """
 
 from __future__ import annotations
