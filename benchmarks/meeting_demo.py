@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -121,7 +122,7 @@ def demo_runs(store: RunStore, after: float) -> list[dict]:
     return [run for run in store.list_runs() if run["created_at"] >= after and run["source"] == "live"]
 
 
-def measure(timeout_s: float, width: int = 1600, height: int = 1000) -> dict:
+def measure(timeout_s: float, width: int = 1600, height: int = 1000, *, keep_home: bool = False) -> dict:
     from playwright.sync_api import sync_playwright  # noqa: PLC0415 - only this script needs a browser
 
     home = Path(tempfile.mkdtemp(prefix="vptdash-demo-"))
@@ -197,6 +198,10 @@ def measure(timeout_s: float, width: int = 1600, height: int = 1000) -> dict:
             )
     finally:
         stop_all(server, home)
+        if keep_home:
+            print(f"data dir kept: {home}", file=sys.stderr, flush=True)
+        else:  # a fresh home holds its own copy of the weights and decoded images (about 180 MB)
+            shutil.rmtree(home, ignore_errors=True)
     floor = None
     if complete is not None and works and all(work is not None for work in works):
         floor = runs_floor(works, peaks["fp32"], peaks["bf16"], precision=machine_override())
@@ -350,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-docs", action="store_true", help="write its section of docs/performance.md")
     parser.add_argument("--note", help="what else the machine was doing, stated with the result")
     parser.add_argument(
+        "--keep-home", action="store_true", help="keep the fresh data dir (its run store and worker log) afterwards"
+    )
+    parser.add_argument(
         "--from", dest="from_file", type=Path, help="a JSON result (the script's output) instead of measuring"
     )
     args = parser.parse_args(argv)
@@ -360,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             result = json.loads(text.splitlines()[-1])
     else:
-        result = measure(args.timeout)
+        result = measure(args.timeout, keep_home=args.keep_home)
     if args.note:
         result["note"] = args.note
     if args.write_docs:

@@ -15,5 +15,10 @@ fi
 .venv/bin/lint-imports --no-cache >/dev/null || { .venv/bin/lint-imports --no-cache; exit 1; }
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
-export VPTDASH_HOME=${VPTDASH_HOME:-$(mktemp -d)}
-exec .venv/bin/python -m pytest -q "$@"
+if [ -z "${VPTDASH_HOME:-}" ]; then
+  # A data dir of the suite's own, removed afterwards (pytest's exit status is kept).
+  VPTDASH_HOME=$(mktemp -d)
+  export VPTDASH_HOME
+  trap 'rm -rf "$VPTDASH_HOME"' EXIT
+fi
+.venv/bin/python -m pytest -q "$@"

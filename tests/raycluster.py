@@ -7,6 +7,7 @@ node signals only that group: `ray stop` would stop every Ray process of this us
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -119,6 +120,8 @@ class LocalCluster:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            # Ray leaves its session (logs, sockets, spilled objects) behind: a few MB a node on every run.
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
 
 
 def session_members(sid: int) -> list[int]:
