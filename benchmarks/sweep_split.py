@@ -4,11 +4,12 @@ seconds as the run store keeps them, summed over the runs.
     VPTDASH_HOME=$(mktemp -d) python benchmarks/sweep_split.py [--processes 2] [--note "..."] [--write-docs]
     python benchmarks/sweep_split.py --from RESULT.json --write-docs   # a result printed before
 
-It runs the sweep `python -m vptdash bench --sweep` times (`bench.time_meeting_sweep`: the same configs and
-executor) in the data dir VPTDASH_HOME names. In a fresh one the latency of each of the sweep's
-architectures is timed, as on a machine that never ran it (elsewhere the cost cache answers); the weights
-and decoded images are prepared there first, before any timing starts. Prints one JSON line. The runs'
-seconds are process seconds: with N processes the runs' phase lasts about their sum / N.
+It runs the sweep `python -m vptdash bench --sweep` times (`bench.run_meeting_sweep`) in the data dir
+VPTDASH_HOME names, the latency phase its executor begins with timed apart just before. In a fresh data
+dir that phase times each of the sweep's architectures, as on a machine that never ran it (elsewhere the
+cost cache answers); the weights and decoded images are prepared there first, before any timing starts.
+Prints one JSON line. The runs' seconds are process seconds: with N processes the runs' phase lasts
+about their sum / N.
 """
 
 from __future__ import annotations
@@ -22,16 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import ROOT, machine, today, write_section  # noqa: E402
-from vptdash.bench import sweep_processes  # noqa: E402
-from vptdash.engine import paths  # noqa: E402
+from benchmarks.common import ROOT, machine, write_section  # noqa: E402
+from vptdash.bench import run_meeting_sweep, sweep_processes  # noqa: E402
 from vptdash.engine.cost import default_cost_cache_path  # noqa: E402
 from vptdash.engine.precision import cpu_description  # noqa: E402
 from vptdash.engine.train import RunConfig  # noqa: E402
-from vptdash.runs.executors import LocalExecutor, latency_by_architecture  # noqa: E402
-from vptdash.runs.jobs import new_sweep_id  # noqa: E402
+from vptdash.runs.executors import latency_by_architecture  # noqa: E402
 from vptdash.runs.presets import load_demo_setting, meeting_sweep_configs  # noqa: E402
-from vptdash.runs.store import RunStore  # noqa: E402
 
 PERFORMANCE_MD = ROOT / "docs" / "performance.md"
 HEADING = "## Where the meeting sweep's time goes"
@@ -57,20 +55,17 @@ def split(rows: list[dict]) -> dict:
 def measure(processes: int) -> dict:
     fresh = not default_cost_cache_path().exists()  # nothing counted or timed in this data dir before
     load_demo_setting()  # weights and decoded images: a fresh data dir prepares them here, not inside a timing
-    configs = meeting_sweep_configs()
-    store = RunStore(paths.data_dir() / "sweep-split.sqlite")
     load = os.getloadavg()
+    started_at = time.gmtime()
     start = time.perf_counter()
-    latency_by_architecture(configs)  # what the executor does first; it then reads these from the cost cache
+    # What the sweep's executor does first, timed apart: the sweep then reads these from the cost cache.
+    latency_by_architecture(meeting_sweep_configs())
     latency_s = time.perf_counter() - start
-    rows = LocalExecutor(processes).run(store, configs, sweep_id=new_sweep_id(), source="cli")
+    _, rows, _ = run_meeting_sweep(processes)
     total_s = time.perf_counter() - start
-    failed = [row["id"] for row in rows if row["status"] != "done"]
-    if failed:
-        raise SystemExit(f"meeting sweep runs {failed} did not finish: see the store {store.path}")
     result = split(rows)
     return {
-        "date": today(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", started_at),
         "machine": machine(),
         "cpu": cpu_description(),
         "load_average_at_start": [round(value, 2) for value in load],

@@ -281,10 +281,10 @@ def sweep_processes() -> int:
     return 2 if torch.get_num_threads() >= 2 else 1
 
 
-def time_meeting_sweep(processes: int = 1, *, peaks: tuple[float, float] | None = None) -> tuple[float, dict | None]:
+def run_meeting_sweep(processes: int = 1) -> tuple[float, list[dict], RunStore]:
     """The standard meeting sweep end to end, as `python -m vptdash sweep --processes N` runs it: latency
-    measurement, training, evaluation, GMAC counts, storing. Returns its seconds and its compute floor at
-    `peaks` (fp32, bf16 GFLOP/s; `floor.runs_floor`), None without peaks."""
+    measurement, training, evaluation, GMAC counts, storing. Returns its seconds, its finished runs (as
+    stored) and their store."""
     store = RunStore(paths.data_dir() / "bench-sweep.sqlite")
     start = time.perf_counter()
     rows = LocalExecutor(processes).run(store, meeting_sweep_configs(), sweep_id=new_sweep_id(), source="cli")
@@ -292,6 +292,13 @@ def time_meeting_sweep(processes: int = 1, *, peaks: tuple[float, float] | None 
     failed = [row["id"] for row in rows if row["status"] != "done"]
     if failed:
         raise RuntimeError(f"meeting sweep runs {failed} did not finish: see `python -m vptdash runs list`")
+    return seconds, rows, store
+
+
+def time_meeting_sweep(processes: int = 1, *, peaks: tuple[float, float] | None = None) -> tuple[float, dict | None]:
+    """`run_meeting_sweep`'s seconds and its compute floor at `peaks` (fp32, bf16 GFLOP/s;
+    `floor.runs_floor`), None without peaks."""
+    seconds, rows, store = run_meeting_sweep(processes)
     if peaks is None:
         return seconds, None
     works = [floor.run_work(row, store.progress(row["id"])) for row in rows]
