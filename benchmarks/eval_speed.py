@@ -5,8 +5,9 @@
 
 Variants: `train.evaluate` with each of `--batches` (the engine's own is `train.EVAL_BATCH`), and with
 `--explicit` also under `training_precision` (attention as explicit matmuls, as training steps run it).
-Run it under both OpenMP wait policies to compare those (the policy is read when torch loads:
-`OMP_WAIT_POLICY=PASSIVE python benchmarks/eval_speed.py`, vptdash/__init__.py). Rounds interleave the variants, so load from
+Run it under several OpenMP wait settings to compare those (read when torch loads:
+`OMP_WAIT_POLICY=PASSIVE python benchmarks/eval_speed.py`; vptdash/__init__.py sets its own unless one is
+given). Rounds interleave the variants, so load from
 other processes falls on all of them; the median per variant is printed with the load average, and the
 logits of every variant are compared with the first (they must agree: only the batching differs).
 """
@@ -23,7 +24,10 @@ import time
 from pathlib import Path
 
 # As the OpenMP runtime saw it: read before anything imports torch (importing vptdash sets a default).
-WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "unset")
+WAIT_POLICY = (
+    " ".join(f"{name}={os.environ[name]}" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if os.environ.get(name))
+    or "unset (libgomp's own: this script loads torch before vptdash could set one)"
+)
 
 import torch  # noqa: E402
 
@@ -57,7 +61,7 @@ def main() -> None:
     parser.add_argument("--explicit", action="store_true", help="also time explicit attention")
     args = parser.parse_args()
     wait = WAIT_POLICY
-    print(f"# {machine()}; OMP_WAIT_POLICY {wait}; load average at start {os.getloadavg()}", flush=True)
+    print(f"# {machine()}; OpenMP wait {wait}; load average at start {os.getloadavg()}", flush=True)
     cases = {}
     for placement in args.placements.split(","):
         config = dataclasses.replace(

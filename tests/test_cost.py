@@ -306,6 +306,31 @@ def test_latency_is_keyed_by_machine_threads_and_precision(spies, tmp_path, monk
     assert spies == {"fvcore": 1, "latency": 3}  # the count is the machine's business no longer
 
 
+def test_latency_is_keyed_by_the_openmp_wait_setting(spies, tmp_path, monkeypatch):
+    """Passive waiting doubled batch-1 latency on a quiet machine: a figure timed under one wait setting
+    is not reused under another."""
+    from vptdash.engine import openmp
+
+    path = tmp_path / "costs.json"
+    model = PromptedViT(small_vit(), 4, num_prompts=5, placement="deep")
+    monkeypatch.setattr(openmp, "in_force", lambda: "GOMP_SPINCOUNT=10000")
+    run_costs(model, RES, architecture=_arch(), cache_path=path)
+    run_costs(model, RES, architecture=_arch(), cache_path=path)
+    assert spies["latency"] == 1
+    monkeypatch.setattr(openmp, "in_force", lambda: "OMP_WAIT_POLICY=PASSIVE")
+    run_costs(model, RES, architecture=_arch(), cache_path=path)
+    assert spies["latency"] == 2
+
+
+def test_stored_latency_names_the_wait_setting_it_was_timed_under(monkeypatch):
+    from vptdash.engine import cost, openmp
+
+    timing = {"median_ms_per_image": 1.0, "p25_ms_per_image": 1.0, "p75_ms_per_image": 1.0, "threads": 2}
+    monkeypatch.setattr(cost, "measure_latency", lambda *a, **k: timing)
+    monkeypatch.setattr(openmp, "in_force", lambda: "GOMP_SPINCOUNT=3000")
+    assert cost.latency_costs(None, RES)["latency_openmp_wait"] == "GOMP_SPINCOUNT=3000"
+
+
 def test_a_parallel_sweeps_up_front_latency_shares_the_cache_with_single_runs(spies, tmp_path):
     """A sweep with several processes times each architecture up front; a one-process run of the same
     architecture later (or earlier) reuses that timing instead of measuring again, and the other way round."""

@@ -218,16 +218,41 @@ def test_evaluation_runs_only_the_blocks_after_the_cached_prefix(image_folder):
         assert torch.equal(model(images).argmax(dim=1), predictions)
 
 
-@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_openmp_threads_wait_passively_unless_the_user_chose(given, expected):
-    """Set by `import vptdash`, before torch loads its OpenMP runtime (which reads it only then)."""
+@pytest.mark.parametrize(
+    ("given", "torch_first", "expected_env", "in_force"),
+    [
+        ({}, False, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000"}, "GOMP_SPINCOUNT=10000"),
+        (
+            {"OMP_WAIT_POLICY": "PASSIVE"},
+            False,
+            {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None},
+            "OMP_WAIT_POLICY=PASSIVE",
+        ),
+        (
+            {"GOMP_SPINCOUNT": "300000"},
+            False,
+            {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "300000"},
+            "GOMP_SPINCOUNT=300000",
+        ),
+        # torch loaded first: its runtime read the environment without the setting; processes it starts get it.
+        ({}, True, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000"}, "default"),
+    ],
+)
+def test_openmp_threads_spin_briefly_unless_the_user_chose(given, torch_first, expected_env, in_force):
+    """Set by `import vptdash`, before torch loads its OpenMP runtime (which reads it only then); a wait
+    setting of the user's, either variable, is left as it is; what is in force is what the runtime read."""
+    import json
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given:
-        env["OMP_WAIT_POLICY"] = given
-    code = "import os, vptdash.engine.train; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(given)
+    code = (
+        ("import torch; " if torch_first else "")
+        + "import json, os, vptdash.engine.train; from vptdash.engine import openmp, precision; "
+        "print(json.dumps([{k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}, "
+        "openmp.in_force(), precision.cpu_description()['openmp_wait']]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == expected
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [expected_env, in_force, in_force]

@@ -39,6 +39,7 @@ import timm
 import torch
 from torch import nn
 
+from vptdash.engine import openmp
 from vptdash.engine.paths import cache_dir
 from vptdash.engine.precision import cpu_description
 from vptdash.engine.prompts import PromptedViT, patch_size_of
@@ -205,6 +206,7 @@ def latency_costs(model: PromptedViT, resolution: int, *, precision: str = "fp32
         "latency_ms_b32_p75": b32["p75_ms_per_image"],
         "latency_threads": b1["threads"],
         "latency_precision": precision,
+        "latency_openmp_wait": openmp.in_force(),
     }
 
 

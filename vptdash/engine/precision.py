@@ -10,8 +10,8 @@ machine without measuring: for a machine whose owner knows better than a short m
 that throttles), and for timing one machine as another (an AMX Xeon forced to fp32 stands in for a CPU
 without fast bf16).
 
-The cache key names the CPU model, its relevant flags, the thread count and the torch version, so a
-changed machine (or a laptop on battery with fewer threads) measures again.
+The cache key names the CPU model, its relevant flags, the thread count, the OpenMP wait setting and the
+torch version, so a changed machine (or a laptop on battery with fewer threads) measures again.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from vptdash.engine import openmp
 from vptdash.engine.paths import cache_dir
 
 PRECISIONS = ("fp32", "bf16")
@@ -53,7 +54,8 @@ class PrecisionChoice:
 
 
 def cpu_description() -> dict:
-    """CPU model, the flags that decide bf16 speed, threads and torch version: the cache key's parts."""
+    """CPU model, the flags that decide bf16 speed, threads, OpenMP wait setting and torch version: the
+    cache key's parts."""
     model, flags = None, set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -70,6 +72,7 @@ def cpu_description() -> dict:
         "cpu": model,
         "flags": sorted(f for f in FLAGS_OF_INTEREST if f in flags),
         "threads": torch.get_num_threads(),
+        "openmp_wait": openmp.in_force(),
         "torch": torch.__version__,
     }
 
