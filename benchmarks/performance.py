@@ -196,9 +196,12 @@ def bench_runs_markdown(runs: list[dict]) -> str:
     ]
     for index, run in enumerate(runs, 1):
         note = f" Note: {run['note']}." if run.get("note") else ""
+        # Runs since the bench named it say which OpenMP wait setting they ran under (earlier ones: their note).
+        wait = (run["result"].get("cpu") or {}).get("openmp_wait")
         lines.append(
             f"- ({index}) {run['date']}; {run['machine']}; flags {' '.join(run.get('cpu_flags') or []) or 'none'}; "
-            f"{run['load']}.{note}"
+            + (f"OpenMP wait {wait}; " if wait else "")
+            + f"{run['load']}.{note}"
         )
     keys = []
     for run in reversed(runs):

@@ -86,7 +86,9 @@ def section(result: dict) -> str:
     processes = result["processes"]
     lines = [
         f"`python benchmarks/sweep_split.py --write-docs` ({result['date']}; {result['machine']}; flags "
-        f"{' '.join(cpu['flags']) or 'none'}; load average {load} at the start"
+        f"{' '.join(cpu['flags']) or 'none'}; "
+        + (f"OpenMP wait {cpu['openmp_wait']}; " if cpu.get("openmp_wait") else "")
+        + f"load average {load} at the start"
         + (f"; {result['note']}" if result.get("note") else "")
         + "). The standard meeting sweep (`bench --sweep`'s) "
         + (

@@ -55,6 +55,7 @@ READINGS = {
         ("performance", "## Profile of one training step at batch 8"),
         ("performance", "## torch.compile: when it would pay"),
         ("performance", "## Where the meeting sweep's time goes"),
+        ("performance", "## OpenMP wait policy, one training step side by side"),
         ("results", "## Costs after row selection"),  # GMACs per placement after row selection
         "benchmarks/performance.py",  # 1.15x: two 1-thread processes against one 2-thread, per pair
         "vptdash/engine/compiled.py",  # the compile rule's thresholds, in trained images

@@ -2,11 +2,12 @@
 
 `torch.compile` (inductor) fuses what eager autocast does between the matmuls: the bf16 casts, GELU,
 layer norm, softmax. Measured on a 2-core AMX Xeon (`benchmarks/compile_step.py`, docs/performance.md,
-"torch.compile: when it would pay"): a bf16 step runs 1.22-1.34x faster (batch 8-32), an fp32 step
-1.05x, and the compile costs about 40 s the first time on a machine and about 3 s once inductor's cache
-holds the graph. So it pays only for long bf16 runs: break-even at roughly 10,000-13,500 trained images
-cold (1,265 steps at batch 8 ... 421 at batch 32) and under 1,000 warm. The meeting demo's runs (640
+"torch.compile: when it would pay"): a bf16 step runs 1.23-1.31x faster (batch 8-32), an fp32 step
+1.05x, and the compile costs about 56-66 s the first time on a machine and about 4-5 s once inductor's
+cache holds the graph. So it pays only for long bf16 runs: break-even at roughly 13,800-18,200 trained
+images cold (1,731 steps at batch 8 ... 567 at batch 32) and 900-1,300 warm. The meeting demo's runs (640
 images) never compile; the reference's full-split runs (about 36,000 with the learning-rate search) do.
+The rule compiles from 18,500 trained images cold and 1,500 warm (below).
 
 The rule (`decide`) is that measurement turned into thresholds, in trained images so it holds across
 batch sizes; `VPTDASH_COMPILE=on|off` overrides it. A compile that fails (no C++ compiler on a laptop,
@@ -28,10 +29,10 @@ from vptdash.engine import paths
 COMPILE_ENV = "VPTDASH_COMPILE"
 SETTINGS = ("auto", "on", "off")
 # Trained images (steps x batch, every candidate of the learning-rate search counted) from which the
-# compile pays: the measured cold break-even at batch 32 (the highest in images), and the warm one
-# rounded up, with margin for a slower CPU whose compile takes longer.
-COLD_MIN_IMAGES = 13_500
-WARM_MIN_IMAGES = 1_000
+# compile pays: the highest measured break-even of the three batches in images (batch 32's, cold and
+# warm), rounded up.
+COLD_MIN_IMAGES = 18_500
+WARM_MIN_IMAGES = 1_500
 
 
 @dataclass
