@@ -6,10 +6,10 @@
 Variants: `train.evaluate` with each of `--batches` (the engine's own is `train.EVAL_BATCH`), and with
 `--explicit` also under `training_precision` (attention as explicit matmuls, as training steps run it).
 Run it under several OpenMP wait settings to compare those (read when torch loads:
-`OMP_WAIT_POLICY=PASSIVE python benchmarks/eval_speed.py`; vptdash/__init__.py sets its own unless one is
-given). Rounds interleave the variants, so load from
-other processes falls on all of them; the median per variant is printed with the load average, and the
-logits of every variant are compared with the first (they must agree: only the batching differs).
+`OMP_WAIT_POLICY=PASSIVE python benchmarks/eval_speed.py`; without one, vptdash's own applies). Rounds
+interleave the variants, so load from other processes falls on all of them; the median per variant is printed
+with the load average, and the logits of every variant are compared with the first (they must agree: only
+the batching differs).
 """
 
 from __future__ import annotations
@@ -23,18 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-# As the OpenMP runtime saw it: read before anything imports torch (importing vptdash sets a default).
-WAIT_POLICY = (
-    " ".join(f"{name}={os.environ[name]}" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if os.environ.get(name))
-    or "unset (libgomp's own: this script loads torch before vptdash could set one)"
-)
-
-import torch  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# benchmarks.common imports vptdash before torch, so the OpenMP wait setting the dashboard runs with applies
+# unless the command line sets one (vptdash.engine.openmp).
 from benchmarks.common import machine  # noqa: E402
-from vptdash.engine import data  # noqa: E402
+
+# isort: split
+import torch  # noqa: E402
+
+from vptdash.engine import data, openmp  # noqa: E402
 from vptdash.engine.train import (  # noqa: E402
     SplitInputs,
     build_model,
@@ -60,7 +58,7 @@ def main() -> None:
     parser.add_argument("--batches", default="32,128", help="inference batch sizes to compare")
     parser.add_argument("--explicit", action="store_true", help="also time explicit attention")
     args = parser.parse_args()
-    wait = WAIT_POLICY
+    wait = openmp.in_force()
     print(f"# {machine()}; OpenMP wait {wait}; load average at start {os.getloadavg()}", flush=True)
     cases = {}
     for placement in args.placements.split(","):
