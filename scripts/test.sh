@@ -19,6 +19,9 @@ if [ -z "${VPTDASH_HOME:-}" ]; then
   # A data dir of the suite's own, removed afterwards (pytest's exit status is kept).
   VPTDASH_HOME=$(mktemp -d)
   export VPTDASH_HOME
+  # The local Ray clusters of the cluster tests keep their session dirs there too (Ray's own default,
+  # /tmp/ray, keeps every session).
+  export RAY_TMPDIR="${RAY_TMPDIR:-$VPTDASH_HOME}"
   trap 'rm -rf "$VPTDASH_HOME"' EXIT
 fi
 .venv/bin/python -m pytest -q "$@"
