@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import DATA, machine, write_section  # noqa: E402
+from vptdash.engine import openmp  # noqa: E402
 from vptdash.engine.precision import cpu_description  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +81,7 @@ def measure(args) -> dict:
         batch=args.batch,
         steps=args.steps,
     )
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    clean = {k: v for k, v in os.environ.items() if k not in openmp.VARIABLES}
     steps: dict[str, list[float]] = {name: [] for name in POLICIES}
     latency: dict[str, list[list[float]]] = {name: [] for name in POLICIES}
     spinners = [subprocess.Popen([sys.executable, "-c", SPINNER]) for _ in range(args.busy)]
